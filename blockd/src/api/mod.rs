@@ -1,0 +1,161 @@
+//! The gRPC control plane: tonic services of `blockd.v1` on top of the engine.
+//!
+//! This module owns the edge between clients and the engine:
+//! - every request is validated into a `blockd_proto::model` type first, so bad input is
+//!   `INVALID_ARGUMENT` before the engine sees it;
+//! - engine calls are blocking, so each runs on tokio's blocking pool ([`ApiContext::run`]),
+//!   never on a runtime worker, inside the RPC's tracing span;
+//! - engine errors become gRPC statuses in one place ([`error`]), every variant matched;
+//! - every RPC runs in a `tracing` span named after it, carrying `volume`/`snapshot`/
+//!   `image`/`pool` fields, and is counted in `/metrics` by method and code.
+//!
+//! It owns no state of its own beyond [`ApiContext`]: the engine is the single source of
+//! truth (idempotency, export bookkeeping, naming rules all live there).
+//!
+//! ```text
+//!  blockctl / csi-shim ──unix socket──▶ tonic ──▶ PoolApi | VolumeApi | SnapshotApi
+//!                                              │   ExportApi | DaemonApi
+//!                                              ▼
+//!                           validate (model::TryFrom) ─▶ spawn_blocking(engine.op)
+//! ```
+
+mod convert;
+mod daemon;
+pub mod error;
+mod exports;
+mod pools;
+mod snapshots;
+mod volumes;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use blockd_proto::v1::daemon_service_server::DaemonServiceServer;
+use blockd_proto::v1::export_service_server::ExportServiceServer;
+use blockd_proto::v1::pool_service_server::PoolServiceServer;
+use blockd_proto::v1::snapshot_service_server::SnapshotServiceServer;
+use blockd_proto::v1::volume_service_server::VolumeServiceServer;
+use tonic::service::Routes;
+use tonic::Status;
+use tracing::Instrument;
+
+use crate::engine::{self, Engine};
+use crate::metrics::Metrics;
+
+pub use daemon::DaemonApi;
+pub use exports::ExportApi;
+pub use pools::PoolApi;
+pub use snapshots::SnapshotApi;
+pub use volumes::VolumeApi;
+
+/// Facts about the running daemon that `GetStatus` reports.
+#[derive(Debug, Clone)]
+pub struct DaemonInfo {
+    pub state_dir: PathBuf,
+    pub api_socket: PathBuf,
+    /// Absolute: it goes into NBD URIs.
+    pub nbd_socket: PathBuf,
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    pub started: Instant,
+}
+
+/// What every service shares. Cheap to clone.
+#[derive(Clone)]
+pub struct ApiContext {
+    pub engine: Engine,
+    pub metrics: Metrics,
+    pub info: Arc<DaemonInfo>,
+    /// The NBD server, told to close the connections of an image that stops being
+    /// exported. None when the daemon serves no NBD (tests of the API alone).
+    pub nbd: Option<crate::nbd::Server>,
+}
+
+impl std::fmt::Debug for ApiContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiContext")
+            .field("engine", &self.engine)
+            .field("info", &self.info)
+            .field("nbd", &self.nbd.is_some())
+            .finish()
+    }
+}
+
+impl ApiContext {
+    pub fn new(engine: Engine, metrics: Metrics, info: DaemonInfo) -> Self {
+        ApiContext {
+            engine,
+            metrics,
+            info: Arc::new(info),
+            nbd: None,
+        }
+    }
+
+    /// Lets unexport close the image's open NBD connections.
+    pub fn with_nbd(mut self, server: crate::nbd::Server) -> Self {
+        self.nbd = Some(server);
+        self
+    }
+
+    /// Runs a blocking engine call on the blocking pool, inside the current span.
+    pub(crate) async fn run<T, F>(&self, f: F) -> Result<T, Status>
+    where
+        F: FnOnce(&Engine) -> engine::Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let engine = self.engine.clone();
+        let span = tracing::Span::current();
+        match tokio::task::spawn_blocking(move || span.in_scope(|| f(&engine))).await {
+            Ok(result) => result.map_err(Status::from),
+            Err(join) => Err(error::join_error(join)),
+        }
+    }
+
+    /// Runs one RPC: in `span`, timed, counted by method and code, its failure logged
+    /// once here (where the error is handled by turning it into a status).
+    pub(crate) async fn rpc<T>(
+        &self,
+        method: &'static str,
+        span: tracing::Span,
+        body: impl Future<Output = Result<T, Status>>,
+    ) -> Result<T, Status> {
+        async {
+            let start = Instant::now();
+            let result = body.await;
+            let code = match &result {
+                Ok(_) => tonic::Code::Ok,
+                Err(status) => status.code(),
+            };
+            self.metrics.record_rpc(method, code, start.elapsed());
+            if let Err(status) = &result {
+                if error::is_server_fault(status.code()) {
+                    tracing::error!(code = ?status.code(), error = status.message(), "request failed");
+                } else {
+                    tracing::info!(code = ?status.code(), error = status.message(), "request refused");
+                }
+            }
+            result
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+/// Every `blockd.v1` service, ready to add to a tonic server.
+pub fn routes(ctx: &ApiContext) -> Routes {
+    Routes::new(PoolServiceServer::new(PoolApi::new(ctx.clone())))
+        .add_service(VolumeServiceServer::new(VolumeApi::new(ctx.clone())))
+        .add_service(SnapshotServiceServer::new(SnapshotApi::new(ctx.clone())))
+        .add_service(ExportServiceServer::new(ExportApi::new(ctx.clone())))
+        .add_service(DaemonServiceServer::new(DaemonApi::new(ctx.clone())))
+}
+
+/// The fully qualified names of the services [`routes`] serves (for health and logs).
+pub const SERVICE_NAMES: &[&str] = &[
+    "blockd.v1.PoolService",
+    "blockd.v1.VolumeService",
+    "blockd.v1.SnapshotService",
+    "blockd.v1.ExportService",
+    "blockd.v1.DaemonService",
+];

@@ -1,0 +1,641 @@
+//! The io_uring engine (production).
+//!
+//! ```text
+//!  submit(ops) ─► take a ring from the pool ─► waves of non-conflicting ops
+//!                                               │  push one SQE per op (≤ RING_ENTRIES in flight)
+//!                                               │  submit_and_wait, reap CQEs by user_data
+//!                                               │  short transfer ─► resubmit the remainder
+//!                                               ▼
+//!                                 all CQEs reaped ─► ring back to the pool ─► return
+//! ```
+//!
+//! Rings: one per I/O thread, taken from a pool for the duration of a call (a thread that
+//! finds the pool empty sets up a new ring), so concurrent callers never share a
+//! submission queue. `SINGLE_ISSUER`/`DEFER_TASKRUN` are not used because a pooled ring
+//! moves between threads. Both descriptors of the [`Target`] are registered as fixed
+//! files on every ring: slot [`BUFFERED_SLOT`] and slot [`DIRECT_SLOT`]. Buffers are not
+//! registered: they belong to the caller and change with every call.
+//!
+//! Invariants:
+//! - no call returns, and no ring goes back to the pool, while the kernel may still use
+//!   one of the caller's buffers: every pushed SQE has had its CQE reaped. If that cannot
+//!   be guaranteed (a broken ring, a panic mid-flight) the process aborts rather than let
+//!   the kernel write into freed memory;
+//! - ops of one batch that overlap an earlier op of the batch (and either writes) run in a
+//!   later wave, after it completed, so a batch behaves as if executed in order — as with
+//!   the sync engine — while independent ops are in flight together;
+//! - `flush` is an `IORING_OP_FSYNC` (DATASYNC) pushed only after every write of earlier
+//!   `submit` calls has completed (`submit` is synchronous), since io_uring does not order
+//!   an fsync against writes still in flight.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use io_uring::{opcode, register::Probe, types, IoUring};
+use parking_lot::{Condvar, Mutex};
+
+use super::file::Target;
+use super::{check_range, BlockDevice, DeviceError, IoEngine, IoOp, Result, IO_ALIGN};
+
+/// Submission queue size of each ring, and the most SQEs one call keeps in flight.
+const RING_ENTRIES: u32 = 128;
+/// Largest transfer of one SQE (its length is a u32); a multiple of IO_ALIGN so that the
+/// pieces of an aligned op stay aligned.
+const MAX_SQE_LEN: usize = 1 << 30;
+/// Idle rings kept in the pool; more are closed when returned.
+const MAX_IDLE_RINGS: usize = 64;
+/// Fixed-file slot of the buffered descriptor.
+const BUFFERED_SLOT: u32 = 0;
+/// Fixed-file slot of the O_DIRECT descriptor (the buffered one again when there is none).
+const DIRECT_SLOT: u32 = 1;
+/// user_data of the fsync SQE (data ops use their index in the batch).
+const FSYNC_TAG: u64 = u64::MAX;
+
+const _: () = assert!(MAX_SQE_LEN.is_multiple_of(IO_ALIGN) && MAX_SQE_LEN <= u32::MAX as usize);
+
+/// A [`BlockDevice`] served by io_uring.
+pub struct UringDevice {
+    target: Target,
+    pool: RingPool,
+}
+
+impl fmt::Debug for UringDevice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UringDevice")
+            .field("target", &self.target)
+            .field("rings", &self.pool.created.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl UringDevice {
+    /// Sets up the first ring (checking that the kernel supports the opcodes used) and
+    /// registers the target's descriptors. Fails with [`DeviceError::Open`] when io_uring
+    /// is unavailable (old kernel, seccomp, memlock limit), so that callers can fall back
+    /// to the sync engine.
+    pub fn new(target: Target) -> Result<UringDevice> {
+        let buffered = target.buffered_file().as_raw_fd();
+        let direct = target
+            .direct_file()
+            .map_or(buffered, |file| file.as_raw_fd());
+        let pool = RingPool {
+            idle: Mutex::new(Vec::new()),
+            returned: Condvar::new(),
+            created: AtomicUsize::new(0),
+            fds: [buffered, direct],
+        };
+        let open_err = |source: io::Error| DeviceError::Open {
+            path: target.path().display().to_string(),
+            source,
+        };
+        let ring = pool.setup_ring().map_err(open_err)?;
+        probe_opcodes(&ring).map_err(open_err)?;
+        pool.created.store(1, Ordering::Relaxed);
+        pool.idle.lock().push(ring);
+        tracing::debug!(path = %target.path().display(), direct = target.has_direct(), "io_uring engine set up");
+        Ok(UringDevice { target, pool })
+    }
+
+    /// The file or block device behind this device.
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    /// The fixed-file slot an I/O goes through.
+    fn slot_for(&self, offset: u64, addr: *const u8, len: usize) -> u32 {
+        if self.target.direct_eligible(offset, addr, len) {
+            DIRECT_SLOT
+        } else {
+            BUFFERED_SLOT
+        }
+    }
+
+    /// Runs one wave of ops that do not conflict with each other, resubmitting short
+    /// transfers, until every pushed SQE has completed.
+    fn run_wave(
+        &self,
+        ring: &mut IoUring,
+        transfers: &mut [Transfer],
+        wave: &[usize],
+    ) -> Result<()> {
+        let mut queue: VecDeque<usize> = wave.iter().copied().collect();
+        let mut in_flight = InFlight(0);
+        let mut first_err: Option<DeviceError> = None;
+        loop {
+            if first_err.is_none() {
+                let mut sq = ring.submission();
+                while in_flight.0 < RING_ENTRIES as usize {
+                    let Some(&index) = queue.front() else { break };
+                    let entry = self.sqe_for(&transfers[index], index);
+                    // SAFETY: the SQE points into a buffer borrowed by `submit` for the
+                    // whole call, at `done..done + len` within its bounds; `in_flight`
+                    // counts it until its CQE is reaped, and this function does not return
+                    // (and aborts on unwind) before every counted SQE has completed.
+                    if unsafe { sq.push(&entry) }.is_err() {
+                        break;
+                    }
+                    queue.pop_front();
+                    in_flight.0 += 1;
+                }
+            }
+            if in_flight.0 == 0 {
+                // Nothing pushed and nothing pending: the queue is empty or we stopped on
+                // an error.
+                break;
+            }
+            if let Err(err) = enter(ring) {
+                abort_in_flight(&err, in_flight.0);
+            }
+            for cqe in ring.completion() {
+                in_flight.0 -= 1;
+                // Data SQEs carry their index in `transfers` (see `sqe_for`).
+                let index = cqe.user_data() as usize;
+                let Some(transfer) = transfers.get_mut(index) else {
+                    continue;
+                };
+                match usize::try_from(cqe.result()) {
+                    Err(_) => {
+                        let errno = -cqe.result();
+                        if errno == libc::EINTR || errno == libc::EAGAIN {
+                            queue.push_back(index);
+                        } else {
+                            first_err.get_or_insert(DeviceError::Io {
+                                op: transfer.op_name(),
+                                source: io::Error::from_raw_os_error(errno),
+                            });
+                        }
+                    }
+                    Ok(0) => {
+                        let kind = if transfer.write {
+                            io::ErrorKind::WriteZero
+                        } else {
+                            io::ErrorKind::UnexpectedEof
+                        };
+                        first_err.get_or_insert(DeviceError::Io {
+                            op: transfer.op_name(),
+                            source: kind.into(),
+                        });
+                    }
+                    Ok(n) => {
+                        transfer.done += n;
+                        if transfer.done < transfer.len {
+                            queue.push_back(index);
+                        }
+                    }
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    fn sqe_for(&self, transfer: &Transfer, index: usize) -> io_uring::squeue::Entry {
+        let offset = transfer.offset + transfer.done as u64;
+        // In bounds of the buffer: done < len.
+        let addr = transfer.addr.wrapping_add(transfer.done);
+        let len = (transfer.len - transfer.done).min(MAX_SQE_LEN);
+        let fd = types::Fixed(self.slot_for(offset, addr, len));
+        let entry = if transfer.write {
+            opcode::Write::new(fd, addr, len as u32)
+                .offset(offset)
+                .build()
+        } else {
+            opcode::Read::new(fd, addr, len as u32)
+                .offset(offset)
+                .build()
+        };
+        entry.user_data(index as u64)
+    }
+}
+
+impl BlockDevice for UringDevice {
+    fn size(&self) -> u64 {
+        self.target.size()
+    }
+
+    fn engine(&self) -> IoEngine {
+        IoEngine::Uring
+    }
+
+    fn punch_zeroes(&self) -> bool {
+        self.target.punch_zeroes()
+    }
+
+    fn submit(&self, ops: &mut [IoOp<'_>]) -> Result<()> {
+        for op in ops.iter() {
+            check_range(op.offset(), op.len() as u64, self.size())?;
+        }
+        let mut transfers: Vec<Transfer> = ops
+            .iter_mut()
+            .filter(|op| !op.is_empty())
+            .map(|op| match op {
+                IoOp::Read { offset, buf } => Transfer {
+                    offset: *offset,
+                    addr: buf.as_mut_ptr(),
+                    len: buf.len(),
+                    done: 0,
+                    write: false,
+                },
+                IoOp::Write { offset, buf } => Transfer {
+                    offset: *offset,
+                    // Only read by the kernel for a write.
+                    addr: buf.as_ptr().cast_mut(),
+                    len: buf.len(),
+                    done: 0,
+                    write: true,
+                },
+            })
+            .collect();
+        if transfers.is_empty() {
+            return Ok(());
+        }
+        let mut ring = self.pool.take()?;
+        let mut wave: Vec<usize> = Vec::new();
+        for index in 0..transfers.len() {
+            if wave
+                .iter()
+                .any(|&earlier| transfers[earlier].conflicts(&transfers[index]))
+            {
+                self.run_wave(ring.get(), &mut transfers, &wave)?;
+                wave.clear();
+            }
+            wave.push(index);
+        }
+        self.run_wave(ring.get(), &mut transfers, &wave)
+    }
+
+    fn flush(&self) -> Result<()> {
+        let mut pooled = self.pool.take()?;
+        let ring = pooled.get();
+        let entry = opcode::Fsync::new(types::Fixed(BUFFERED_SLOT))
+            .flags(types::FsyncFlags::DATASYNC)
+            .build()
+            .user_data(FSYNC_TAG);
+        let flush_err = |source: io::Error| DeviceError::Io {
+            op: "flush",
+            source,
+        };
+        loop {
+            // SAFETY: an fsync SQE references no memory; the ring is exclusively ours and
+            // its submission queue is empty (every call drains it before returning).
+            unsafe { ring.submission().push(&entry) }
+                .map_err(|_| flush_err(io::Error::other("submission queue unexpectedly full")))?;
+            if let Err(err) = enter(ring) {
+                // No buffer is involved, so the broken ring can simply be closed.
+                pooled.discard();
+                return Err(flush_err(err));
+            }
+            let result = ring
+                .completion()
+                .find(|cqe| cqe.user_data() == FSYNC_TAG)
+                .map(|cqe| cqe.result());
+            match result {
+                Some(0) => return Ok(()),
+                Some(res) if -res == libc::EINTR || -res == libc::EAGAIN => continue,
+                Some(res) => return Err(flush_err(io::Error::from_raw_os_error(-res))),
+                // `enter` waited for a completion and only this SQE was in flight.
+                None => {
+                    pooled.discard();
+                    return Err(flush_err(io::Error::other("fsync completion missing")));
+                }
+            }
+        }
+    }
+
+    fn punch(&self, offset: u64, len: u64) -> Result<()> {
+        // Deallocation is rare and not latency-critical: the synchronous syscall is enough.
+        self.target.punch(offset, len)
+    }
+}
+
+/// One op of a batch as the ring sees it: raw address and progress.
+struct Transfer {
+    offset: u64,
+    addr: *mut u8,
+    len: usize,
+    /// Bytes already transferred (short reads/writes are resubmitted from here).
+    done: usize,
+    write: bool,
+}
+
+impl Transfer {
+    fn op_name(&self) -> &'static str {
+        if self.write {
+            "write"
+        } else {
+            "read"
+        }
+    }
+
+    /// Whether running `self` and `later` concurrently could differ from running them in
+    /// order: they overlap and at least one writes.
+    fn conflicts(&self, later: &Transfer) -> bool {
+        let self_end = self.offset + self.len as u64;
+        let later_end = later.offset + later.len as u64;
+        (self.write || later.write) && self.offset < later_end && later.offset < self_end
+    }
+}
+
+/// The number of SQEs the kernel may still be executing with a caller's buffer.
+///
+/// Dropping it while non-zero (a panic between push and reap) would let the caller free
+/// buffers the kernel still writes into, so that aborts instead.
+struct InFlight(usize);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.0 != 0 {
+            tracing::error!(
+                in_flight = self.0,
+                "io_uring operations abandoned in flight, aborting"
+            );
+            std::process::abort();
+        }
+    }
+}
+
+/// Submits pending SQEs and waits for at least one completion, retrying transient errors.
+///
+/// Another error means the ring is broken; the caller decides what that costs (see
+/// [`abort_in_flight`]).
+fn enter(ring: &mut IoUring) -> io::Result<()> {
+    loop {
+        match ring.submit_and_wait(1) {
+            Ok(_) => return Ok(()),
+            Err(err) => match err.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                // CQ overflow backlog: completions are already there to reap.
+                Some(libc::EBUSY) if !ring.completion().is_empty() => return Ok(()),
+                Some(libc::EAGAIN) | Some(libc::EBUSY) => std::thread::yield_now(),
+                _ => return Err(err),
+            },
+        }
+    }
+}
+
+/// Called when the ring broke while operations were in flight with the caller's buffers:
+/// returning (or unwinding) would let the caller free memory the kernel may still write
+/// into, which cannot be made safe, so the process stops.
+fn abort_in_flight(err: &io::Error, in_flight: usize) -> ! {
+    tracing::error!(error = %err, in_flight, "io_uring_enter failed with operations in flight, aborting");
+    std::process::abort()
+}
+
+fn probe_opcodes(ring: &IoUring) -> io::Result<()> {
+    let mut probe = Probe::new();
+    ring.submitter().register_probe(&mut probe)?;
+    for (code, name) in [
+        (opcode::Read::CODE, "READ"),
+        (opcode::Write::CODE, "WRITE"),
+        (opcode::Fsync::CODE, "FSYNC"),
+    ] {
+        if !probe.is_supported(code) {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("io_uring does not support IORING_OP_{name}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Rings not in use, shared by the threads calling into one device.
+struct RingPool {
+    idle: Mutex<Vec<IoUring>>,
+    /// Signalled when a ring goes back to the pool (for threads that could not set up one).
+    returned: Condvar,
+    created: AtomicUsize,
+    /// Descriptors to register in the fixed slots of every ring.
+    fds: [RawFd; 2],
+}
+
+impl RingPool {
+    fn setup_ring(&self) -> io::Result<IoUring> {
+        let ring = IoUring::builder().setup_clamp().build(RING_ENTRIES)?;
+        ring.submitter().register_files(&self.fds)?;
+        Ok(ring)
+    }
+
+    /// Takes an idle ring or sets up a new one; when setting up fails (memlock or
+    /// resource limits), waits for another thread to return one.
+    fn take(&self) -> Result<PooledRing<'_>> {
+        if let Some(ring) = self.idle.lock().pop() {
+            return Ok(PooledRing {
+                ring: Some(ring),
+                pool: self,
+            });
+        }
+        match self.setup_ring() {
+            Ok(ring) => {
+                let rings = self.created.fetch_add(1, Ordering::Relaxed) + 1;
+                tracing::debug!(rings, "Set up another io_uring ring");
+                Ok(PooledRing {
+                    ring: Some(ring),
+                    pool: self,
+                })
+            }
+            Err(err) => {
+                if self.created.load(Ordering::Relaxed) == 0 {
+                    return Err(DeviceError::Io {
+                        op: "io_uring setup",
+                        source: err,
+                    });
+                }
+                tracing::debug!(error = %err, "Cannot set up another io_uring ring, waiting for one");
+                let mut idle = self.idle.lock();
+                loop {
+                    if let Some(ring) = idle.pop() {
+                        return Ok(PooledRing {
+                            ring: Some(ring),
+                            pool: self,
+                        });
+                    }
+                    self.returned.wait(&mut idle);
+                }
+            }
+        }
+    }
+}
+
+/// A ring taken from the pool; goes back on drop.
+struct PooledRing<'a> {
+    /// Always `Some` until dropped.
+    ring: Option<IoUring>,
+    pool: &'a RingPool,
+}
+
+impl PooledRing<'_> {
+    fn get(&mut self) -> &mut IoUring {
+        self.ring.as_mut().expect("ring present until drop")
+    }
+}
+
+impl PooledRing<'_> {
+    /// Closes a ring in an unknown state instead of returning it to the pool.
+    fn discard(mut self) {
+        if self.ring.take().is_some() {
+            self.pool.created.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for PooledRing<'_> {
+    fn drop(&mut self) {
+        let Some(ring) = self.ring.take() else { return };
+        let mut idle = self.pool.idle.lock();
+        if idle.len() < MAX_IDLE_RINGS {
+            idle.push(ring);
+            drop(idle);
+            self.pool.returned.notify_one();
+        } else {
+            drop(idle);
+            self.pool.created.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::file::DirectIo;
+    use crate::device::AlignedBuf;
+
+    fn device(size: u64) -> Option<(tempfile::TempDir, UringDevice)> {
+        let dir = tempfile::tempdir().unwrap();
+        let target = Target::open(&dir.path().join("data"), Some(size)).unwrap();
+        match UringDevice::new(target) {
+            Ok(dev) => Some((dir, dev)),
+            Err(err) if crate::device::tests::uring_unavailable(&err) => {
+                eprintln!("skipping: io_uring is not available here: {err}");
+                None
+            }
+            Err(err) => panic!("io_uring setup failed: {err:?}"),
+        }
+    }
+
+    #[test]
+    fn uring_engine_reports_itself() {
+        let Some((_dir, dev)) = device(1 << 20) else {
+            return;
+        };
+        assert_eq!(dev.engine(), IoEngine::Uring);
+        assert_eq!(dev.size(), 1 << 20);
+        assert!(dev.punch_zeroes());
+    }
+
+    #[test]
+    fn uring_batch_larger_than_the_ring() {
+        let Some((_dir, dev)) = device(4 << 20) else {
+            return;
+        };
+        // 3 * RING_ENTRIES ops, half aligned, half not.
+        let count = 3 * RING_ENTRIES as usize;
+        let mut bufs: Vec<AlignedBuf> = (0..count)
+            .map(|i| {
+                let mut buf = AlignedBuf::zeroed(IO_ALIGN);
+                buf.fill(i as u8);
+                buf
+            })
+            .collect();
+        let mut ops: Vec<IoOp<'_>> = bufs
+            .iter()
+            .enumerate()
+            .map(|(i, buf)| IoOp::Write {
+                offset: (i * IO_ALIGN + (i % 2) * 7) as u64,
+                buf: if i % 2 == 0 {
+                    &buf[..]
+                } else {
+                    &buf[..IO_ALIGN - 7]
+                },
+            })
+            .collect();
+        dev.submit(&mut ops).unwrap();
+        drop(ops);
+        for buf in bufs.iter_mut() {
+            buf.fill(0xEE);
+        }
+        let mut ops: Vec<IoOp<'_>> = bufs
+            .iter_mut()
+            .enumerate()
+            .map(|(i, buf)| IoOp::Read {
+                offset: (i * IO_ALIGN) as u64,
+                buf: &mut buf[..],
+            })
+            .collect();
+        dev.submit(&mut ops).unwrap();
+        drop(ops);
+        for (i, buf) in bufs.iter().enumerate() {
+            let skip = (i % 2) * 7;
+            assert!(buf[skip..].iter().all(|&b| b == i as u8), "op {i}");
+        }
+    }
+
+    #[test]
+    fn uring_many_threads_use_separate_rings() {
+        let Some((_dir, dev)) = device(1 << 20) else {
+            return;
+        };
+        std::thread::scope(|s| {
+            for t in 0..8u8 {
+                let dev = &dev;
+                s.spawn(move || {
+                    for round in 0..50u64 {
+                        let data = [t; 100];
+                        let offset = u64::from(t) * 100_000 + round * 100;
+                        dev.write_at(offset, &data).unwrap();
+                        let mut back = [0u8; 100];
+                        dev.read_at(offset, &mut back).unwrap();
+                        assert_eq!(back, data);
+                    }
+                    dev.flush().unwrap();
+                });
+            }
+        });
+        assert!(dev.pool.created.load(Ordering::Relaxed) >= 1);
+    }
+
+    #[test]
+    fn uring_buffered_only_target_passes_the_suite() {
+        let dir = tempfile::tempdir().unwrap();
+        let target =
+            Target::open_with(&dir.path().join("data"), Some(4 << 20), DirectIo::Off).unwrap();
+        match UringDevice::new(target) {
+            Ok(dev) => crate::device::tests::run_suite(&dev, true),
+            Err(err) if crate::device::tests::uring_unavailable(&err) => {
+                eprintln!("skipping: io_uring is not available here: {err}");
+            }
+            Err(err) => panic!("io_uring setup failed: {err:?}"),
+        }
+    }
+
+    #[test]
+    fn uring_overlapping_ops_in_one_batch_run_in_order() {
+        let Some((_dir, dev)) = device(1 << 20) else {
+            return;
+        };
+        let first = AlignedBuf::zeroed(2 * IO_ALIGN);
+        let mut second = AlignedBuf::zeroed(IO_ALIGN);
+        second.fill(2);
+        let mut back = vec![9u8; 3 * IO_ALIGN];
+        let mut ops = [
+            IoOp::Write {
+                offset: 0,
+                buf: &first,
+            },
+            IoOp::Write {
+                offset: 4096,
+                buf: &second,
+            },
+            IoOp::Read {
+                offset: 0,
+                buf: &mut back,
+            },
+        ];
+        dev.submit(&mut ops).unwrap();
+        assert!(back[..4096].iter().all(|&b| b == 0));
+        assert!(back[4096..8192].iter().all(|&b| b == 2));
+        assert!(back[8192..].iter().all(|&b| b == 0));
+    }
+}

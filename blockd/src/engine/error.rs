@@ -1,0 +1,116 @@
+//! Engine errors: one enum for every engine operation, with an errno for the data path
+//! and enough context (object kind and name) for a person to act on the message.
+
+use crate::device::DeviceError;
+use crate::meta::MetaError;
+
+/// What kind of object an error is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObjectKind {
+    Pool,
+    Volume,
+    Snapshot,
+    Image,
+}
+
+impl std::fmt::Display for ObjectKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ObjectKind::Pool => "pool",
+            ObjectKind::Volume => "volume",
+            ObjectKind::Snapshot => "snapshot",
+            ObjectKind::Image => "image",
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{kind} {name:?} not found")]
+    NotFound { kind: ObjectKind, name: String },
+
+    #[error("{kind} {name:?} already exists {detail}")]
+    AlreadyExists {
+        kind: ObjectKind,
+        name: String,
+        detail: String,
+    },
+
+    #[error("Invalid {kind} name {name:?}: {reason}")]
+    InvalidName {
+        kind: ObjectKind,
+        name: String,
+        reason: &'static str,
+    },
+
+    #[error("Invalid size for {name:?}: {reason}")]
+    InvalidSize { name: String, reason: String },
+
+    #[error("I/O at offset {offset} length {len} is beyond the end of {image:?} ({size} bytes)")]
+    OutOfRange {
+        image: String,
+        offset: u64,
+        len: u64,
+        size: u64,
+    },
+
+    #[error("Pool {pool:?} is full: no free chunk for a write to {image:?}")]
+    NoSpace { pool: String, image: String },
+
+    #[error("{image:?} is a read-only snapshot image")]
+    ReadOnly { image: String },
+
+    #[error("Refusing to shrink volume {name:?} from {size} to {new_size} bytes without force")]
+    ShrinkRefused {
+        name: String,
+        size: u64,
+        new_size: u64,
+    },
+
+    #[error("{kind} {name:?} cannot be changed now: {reason}")]
+    FailedPrecondition {
+        kind: ObjectKind,
+        name: String,
+        reason: String,
+    },
+
+    #[error("Pool {pool:?} does not match its metadata: {reason}")]
+    PoolMismatch { pool: String, reason: String },
+
+    #[error("Metadata is inconsistent: {0}")]
+    Corrupt(String),
+
+    #[error("The engine stopped after a fatal I/O error and must be restarted: {0}")]
+    Failed(String),
+
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+}
+
+impl EngineError {
+    /// The errno a protocol (NBD) reply carries for this error.
+    pub fn errno(&self) -> i32 {
+        match self {
+            EngineError::NotFound { .. } => libc::ENOENT,
+            EngineError::AlreadyExists { .. } => libc::EEXIST,
+            EngineError::InvalidName { .. }
+            | EngineError::InvalidSize { .. }
+            | EngineError::OutOfRange { .. } => libc::EINVAL,
+            EngineError::NoSpace { .. } => libc::ENOSPC,
+            EngineError::ReadOnly { .. } => libc::EPERM,
+            EngineError::ShrinkRefused { .. } | EngineError::FailedPrecondition { .. } => {
+                libc::EBUSY
+            }
+            EngineError::PoolMismatch { .. }
+            | EngineError::Corrupt(_)
+            | EngineError::Failed(_)
+            | EngineError::Meta(_) => libc::EIO,
+            EngineError::Device(e) => e.errno(),
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, EngineError>;

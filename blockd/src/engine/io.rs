@@ -1,0 +1,478 @@
+//! The data path: read, write, write-zeroes, discard and block status on an image.
+//!
+//! Every operation splits its byte range into per-chunk pieces, decides what to do for
+//! each piece under the state lock (no I/O there), then does the device I/O as one batch
+//! with the lock released, and finally records new mappings in the overlay.
+//!
+//! Locks, always taken in this order and each at most once per operation (a second shared
+//! acquisition could queue behind a waiting exclusive one and deadlock):
+//! lineage `gate` (writers shared; snapshot/shrink exclusive) -> pool `reclaim` (all data
+//! I/O shared; release of freed chunks exclusive) -> `state` (short, never across I/O).
+//! A commit is never started while holding `gate` or `reclaim` shared.
+
+use crate::device::{AlignedBuf, IoOp};
+use crate::meta::keys::{self, ZERO};
+use crate::meta::Cf;
+
+use super::error::{EngineError, Result};
+use super::state::{Resolved, State};
+use super::types::Extent;
+use super::{Engine, ImageHandle, PoolRt};
+
+/// One chunk's share of a request.
+#[derive(Debug, Clone, Copy)]
+struct Piece {
+    chunk: u64,
+    /// Offset within the chunk.
+    at: u64,
+    len: u64,
+    /// Offset within the request.
+    pos: usize,
+}
+
+fn pieces(offset: u64, len: u64, chunk_size: u64) -> impl Iterator<Item = Piece> {
+    let end = offset + len;
+    let mut cur = offset;
+    std::iter::from_fn(move || {
+        if cur >= end {
+            return None;
+        }
+        let chunk = cur / chunk_size;
+        let at = cur % chunk_size;
+        let n = (chunk_size - at).min(end - cur);
+        let p = Piece {
+            chunk,
+            at,
+            len: n,
+            pos: (cur - offset) as usize,
+        };
+        cur += n;
+        Some(p)
+    })
+}
+
+/// What a write does with one piece.
+#[derive(Debug)]
+enum WritePlan {
+    /// The head alone owns `phys`: overwrite in place.
+    InPlace { piece: Piece, phys: u64 },
+    /// Write into freshly reserved `phys`, merging the old content `source` around the
+    /// piece unless the piece covers the whole chunk.
+    Fresh {
+        piece: Piece,
+        phys: u64,
+        source: Resolved,
+    },
+}
+
+impl Engine {
+    fn check_range(st: &State, h: &ImageHandle, offset: u64, len: u64) -> Result<u64> {
+        let img = Self::live_image(st, h)?;
+        match offset.checked_add(len) {
+            Some(end) if end <= img.size => Ok(img.size),
+            _ => Err(EngineError::OutOfRange {
+                image: h.name.to_string(),
+                offset,
+                len,
+                size: img.size,
+            }),
+        }
+    }
+
+    fn head_epoch(st: &State, h: &ImageHandle) -> u64 {
+        h.epoch.unwrap_or_else(|| st.lineages[&h.lineage].rec.e_head)
+    }
+
+    /// Reads `buf.len()` bytes at `offset`.
+    pub fn read(&self, h: &ImageHandle, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let pool = &self.inner.pools[h.pool];
+        let cs = pool.chunk_size;
+        let _reclaim = pool.reclaim.read();
+        // (piece, resolved) pairs, decided under the lock.
+        let plan: Vec<(Piece, Resolved)> = {
+            let st = self.inner.state.lock();
+            Self::check_range(&st, h, offset, buf.len() as u64)?;
+            let epoch = Self::head_epoch(&st, h);
+            pieces(offset, buf.len() as u64, cs)
+                .map(|p| (p, st.resolve(h.lineage, epoch, p.chunk, cs)))
+                .collect()
+        };
+        // Coalesce pieces that are physically contiguous into one I/O each.
+        let mut ops: Vec<(usize, usize, u64)> = Vec::new(); // (pos, len, device offset)
+        for (p, r) in &plan {
+            let (pos, len) = (p.pos, p.len as usize);
+            match *r {
+                Resolved::Zero => buf[pos..pos + len].fill(0),
+                Resolved::Data { phys, valid } => {
+                    let data_len = valid.saturating_sub(p.at).min(p.len) as usize;
+                    buf[pos + data_len..pos + len].fill(0);
+                    if data_len == 0 {
+                        continue;
+                    }
+                    let dev_off = pool.offset(phys) + p.at;
+                    if let Some(last) = ops.last_mut() {
+                        if last.0 + last.1 == pos && last.2 + last.1 as u64 == dev_off {
+                            last.1 += data_len;
+                            continue;
+                        }
+                    }
+                    ops.push((pos, data_len, dev_off));
+                }
+            }
+        }
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let mut io: Vec<IoOp<'_>> = Vec::with_capacity(ops.len());
+        let mut rest: &mut [u8] = buf;
+        let mut consumed = 0usize;
+        for (pos, len, dev_off) in ops {
+            let tail = std::mem::take(&mut rest);
+            let (_, tail) = tail.split_at_mut(pos - consumed);
+            let (mine, tail) = tail.split_at_mut(len);
+            rest = tail;
+            consumed = pos + len;
+            io.push(IoOp::Read {
+                offset: dev_off,
+                buf: mine,
+            });
+        }
+        pool.device.submit(&mut io)?;
+        Ok(())
+    }
+
+    /// Writes `data` at `offset` of a volume head. The new mappings are in the overlay
+    /// when this returns; they become durable at the next commit (`flush`).
+    pub fn write(&self, h: &ImageHandle, offset: u64, data: &[u8]) -> Result<()> {
+        if h.read_only() {
+            return Err(EngineError::ReadOnly {
+                image: h.name.to_string(),
+            });
+        }
+        let gate = {
+            let st = self.inner.state.lock();
+            Self::live_image(&st, h)?;
+            st.lineages[&h.lineage].gate.clone()
+        };
+        let _writer = gate.read();
+        self.write_quiesced(h, offset, data)?;
+        self.maybe_kick_commit();
+        Ok(())
+    }
+
+    /// The write path for callers that already hold the lineage gate.
+    pub(crate) fn write_quiesced(&self, h: &ImageHandle, offset: u64, data: &[u8]) -> Result<()> {
+        let pool = self.inner.pools[h.pool].clone();
+        let _reclaim = pool.reclaim.read();
+        let plans = self.plan_write(&pool, h, offset, data.len() as u64)?;
+        let result = self.execute_write(&pool, &plans, data);
+        self.finish_write(&pool, h, &plans, result.is_ok());
+        result
+    }
+
+    /// Decides in-place vs fresh for every piece and reserves fresh chunks. Waits while
+    /// another writer copies-on-write one of the chunks (ascending chunk order, so two
+    /// writers never wait on each other in a cycle: nothing is reserved before waiting).
+    fn plan_write(&self, pool: &PoolRt, h: &ImageHandle, offset: u64, len: u64) -> Result<Vec<WritePlan>> {
+        let cs = pool.chunk_size;
+        let mut st = self.inner.state.lock();
+        loop {
+            Self::check_writable(&st)?;
+            Self::check_range(&st, h, offset, len)?;
+            let lin = &st.lineages[&h.lineage];
+            let busy = pieces(offset, len, cs).any(|p| lin.cow_inflight.contains(&p.chunk));
+            if busy {
+                self.inner.cow_done.wait(&mut st);
+                continue;
+            }
+            break;
+        }
+        let e_head = st.lineages[&h.lineage].rec.e_head;
+        let mut plans = Vec::new();
+        for p in pieces(offset, len, cs) {
+            let own = st.lineages[&h.lineage].map.get(&(p.chunk, e_head)).copied();
+            match own {
+                Some(phys) if phys != ZERO => plans.push(WritePlan::InPlace { piece: p, phys }),
+                _ => {
+                    let source = st.resolve(h.lineage, e_head, p.chunk, cs);
+                    let Some(phys) = st.allocators[pool.idx].allocate() else {
+                        // Undo this request's reservations.
+                        for plan in &plans {
+                            if let WritePlan::Fresh { piece, phys, .. } = plan {
+                                st.allocators[pool.idx].release(*phys);
+                                st.reserved.remove(&(pool.idx, *phys));
+                                st.lineages.get_mut(&h.lineage).expect("exists").cow_inflight.remove(&piece.chunk);
+                            }
+                        }
+                        return Err(EngineError::NoSpace {
+                            pool: pool.name.clone(),
+                            image: h.name.to_string(),
+                        });
+                    };
+                    st.reserved.insert((pool.idx, phys));
+                    st.lineages
+                        .get_mut(&h.lineage)
+                        .expect("exists")
+                        .cow_inflight
+                        .insert(p.chunk);
+                    plans.push(WritePlan::Fresh { piece: p, phys, source });
+                }
+            }
+        }
+        Ok(plans)
+    }
+
+    fn execute_write(&self, pool: &PoolRt, plans: &[WritePlan], data: &[u8]) -> Result<()> {
+        let cs = pool.chunk_size;
+        pool.dirty.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Copy-on-write sources are read first, in one batch.
+        let mut merged: Vec<Option<AlignedBuf>> = Vec::with_capacity(plans.len());
+        {
+            let mut reads = Vec::new();
+            let mut bufs: Vec<(usize, AlignedBuf, u64, u64)> = Vec::new();
+            for (i, plan) in plans.iter().enumerate() {
+                merged.push(None);
+                if let WritePlan::Fresh { piece, source, .. } = plan {
+                    let whole = piece.at == 0 && piece.len == cs;
+                    match *source {
+                        Resolved::Data { phys, valid } if !whole => {
+                            bufs.push((i, AlignedBuf::zeroed(cs as usize), phys, valid));
+                        }
+                        Resolved::Zero if !whole && !pool.zeroed_free => {
+                            merged[i] = Some(AlignedBuf::zeroed(cs as usize));
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            for (_, buf, phys, valid) in bufs.iter_mut() {
+                reads.push(IoOp::Read {
+                    offset: pool.offset(*phys),
+                    buf: &mut buf[..*valid as usize],
+                });
+            }
+            if !reads.is_empty() {
+                pool.device.submit(&mut reads)?;
+                self.inner
+                    .stats
+                    .cow_copies
+                    .fetch_add(reads.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+            drop(reads);
+            for (i, buf, _, _) in bufs {
+                merged[i] = Some(buf);
+            }
+        }
+        let mut writes: Vec<IoOp<'_>> = Vec::with_capacity(plans.len());
+        // Fill merge buffers first (needs &mut), then borrow everything immutably.
+        for (plan, m) in plans.iter().zip(merged.iter_mut()) {
+            if let (WritePlan::Fresh { piece, .. }, Some(buf)) = (plan, m.as_mut()) {
+                let at = piece.at as usize;
+                buf[at..at + piece.len as usize].copy_from_slice(&data[piece.pos..piece.pos + piece.len as usize]);
+            }
+        }
+        for (plan, m) in plans.iter().zip(merged.iter()) {
+            match plan {
+                WritePlan::InPlace { piece, phys } => writes.push(IoOp::Write {
+                    offset: pool.offset(*phys) + piece.at,
+                    buf: &data[piece.pos..piece.pos + piece.len as usize],
+                }),
+                WritePlan::Fresh { piece, phys, .. } => match m {
+                    Some(buf) => writes.push(IoOp::Write {
+                        offset: pool.offset(*phys),
+                        buf,
+                    }),
+                    None => writes.push(IoOp::Write {
+                        offset: pool.offset(*phys) + piece.at,
+                        buf: &data[piece.pos..piece.pos + piece.len as usize],
+                    }),
+                },
+            }
+        }
+        // Coalescing adjacent writes matters for sequential streams: neighbouring fresh
+        // chunks are usually neighbours on the device too.
+        pool.device.submit(&mut writes)?;
+        Ok(())
+    }
+
+    /// Records completed fresh chunks in the overlay (or gives them back on failure) and
+    /// wakes writers waiting on those chunks.
+    fn finish_write(&self, pool: &PoolRt, h: &ImageHandle, plans: &[WritePlan], ok: bool) {
+        let mut any = false;
+        let mut st = self.inner.state.lock();
+        let e_head = st.lineages[&h.lineage].rec.e_head;
+        for plan in plans {
+            let WritePlan::Fresh { piece, phys, .. } = plan else { continue };
+            any = true;
+            st.reserved.remove(&(pool.idx, *phys));
+            let lin = st.lineages.get_mut(&h.lineage).expect("exists");
+            lin.cow_inflight.remove(&piece.chunk);
+            if ok {
+                lin.map.insert((piece.chunk, e_head), *phys);
+                // An older own entry nothing else reads is garbage now: free it with this
+                // commit rather than waiting for a GC pass.
+                let older = lin
+                    .map
+                    .range((piece.chunk, 0)..(piece.chunk, e_head))
+                    .next_back()
+                    .map(|(&(_, e), &p)| (e, p));
+                let mut freed = None;
+                if let Some((e_old, p_old)) = older {
+                    if !lin.read_in(e_old, e_head) {
+                        lin.map.remove(&(piece.chunk, e_old));
+                        freed = Some((e_old, p_old));
+                    }
+                }
+                st.pending
+                    .put_cf(Cf::Map, keys::map_key(h.lineage, piece.chunk, e_head), keys::map_value(*phys));
+                if let Some((e_old, p_old)) = freed {
+                    st.pending.delete_cf(Cf::Map, keys::map_key(h.lineage, piece.chunk, e_old));
+                    if p_old != ZERO {
+                        st.pending_frees.push((pool.idx, p_old));
+                    }
+                }
+            } else {
+                // Never referenced: it may hold partial data, so it goes through the
+                // same punch-then-release path as any freed chunk.
+                st.pending_frees.push((pool.idx, *phys));
+            }
+        }
+        drop(st);
+        if any {
+            self.inner.cow_done.notify_all();
+        }
+    }
+
+    /// Zeroes a range: whole chunks become holes (freed or hidden by a zero tombstone),
+    /// partial chunks get zeros written unless they already read as zeros.
+    pub fn write_zeroes(&self, h: &ImageHandle, offset: u64, len: u64) -> Result<()> {
+        self.zero_or_discard(h, offset, len, true)
+    }
+
+    /// Discards a range: whole chunks become holes; partially covered chunks are left as
+    /// they are (a discard is advisory, as NBD_CMD_TRIM allows).
+    pub fn discard(&self, h: &ImageHandle, offset: u64, len: u64) -> Result<()> {
+        self.zero_or_discard(h, offset, len, false)
+    }
+
+    fn zero_or_discard(&self, h: &ImageHandle, offset: u64, len: u64, zero_partial: bool) -> Result<()> {
+        if h.read_only() {
+            return Err(EngineError::ReadOnly {
+                image: h.name.to_string(),
+            });
+        }
+        let gate = {
+            let st = self.inner.state.lock();
+            Self::live_image(&st, h)?;
+            st.lineages[&h.lineage].gate.clone()
+        };
+        let _writer = gate.read();
+        self.zero_quiesced(h, offset, len, zero_partial)
+    }
+
+    /// Zeroes `[offset, offset+len)` with the lineage gate already held (used by shrink).
+    pub(crate) fn zero_range_quiesced(&self, h: &ImageHandle, offset: u64, len: u64) -> Result<()> {
+        self.zero_quiesced(h, offset, len, true)
+    }
+
+    fn zero_quiesced(&self, h: &ImageHandle, offset: u64, len: u64, zero_partial: bool) -> Result<()> {
+        let pool = self.inner.pools[h.pool].clone();
+        let cs = pool.chunk_size;
+        let mut partial = Vec::new();
+        {
+            let mut st = self.inner.state.lock();
+            Self::check_writable(&st)?;
+            Self::check_range(&st, h, offset, len)?;
+            for p in pieces(offset, len, cs) {
+                if p.at == 0 && p.len == cs {
+                    while st.lineages[&h.lineage].cow_inflight.contains(&p.chunk) {
+                        self.inner.cow_done.wait(&mut st);
+                    }
+                    Self::hole_chunk(&mut st, &pool, h.lineage, p.chunk);
+                } else if zero_partial {
+                    let e_head = st.lineages[&h.lineage].rec.e_head;
+                    if st.resolve(h.lineage, e_head, p.chunk, cs) != Resolved::Zero {
+                        partial.push(p);
+                    }
+                }
+            }
+        }
+        for p in partial {
+            let zeros = vec![0u8; p.len as usize];
+            self.write_quiesced(h, p.chunk * cs + p.at, &zeros)?;
+        }
+        Ok(())
+    }
+
+    /// Makes one whole chunk of the head read as zeros.
+    fn hole_chunk(st: &mut State, pool: &PoolRt, lineage: u64, chunk: u64) {
+        let cs = pool.chunk_size;
+        let lin = st.lineages.get_mut(&lineage).expect("exists");
+        let e_head = lin.rec.e_head;
+        let own = lin.map.get(&(chunk, e_head)).copied();
+        let older = lin.map.range((chunk, 0)..(chunk, e_head)).next_back().is_some();
+        let parent_covers = lin.rec.parent.is_some_and(|p| chunk * cs < p.limit);
+        match own {
+            Some(ZERO) => {}
+            Some(phys) => {
+                if older || parent_covers {
+                    lin.map.insert((chunk, e_head), ZERO);
+                    st.pending
+                        .put_cf(Cf::Map, keys::map_key(lineage, chunk, e_head), keys::map_value(ZERO));
+                } else {
+                    lin.map.remove(&(chunk, e_head));
+                    st.pending.delete_cf(Cf::Map, keys::map_key(lineage, chunk, e_head));
+                }
+                st.pending_frees.push((pool.idx, phys));
+            }
+            None => {
+                if st.resolve(lineage, e_head, chunk, cs) != Resolved::Zero {
+                    let lin = st.lineages.get_mut(&lineage).expect("exists");
+                    lin.map.insert((chunk, e_head), ZERO);
+                    st.pending
+                        .put_cf(Cf::Map, keys::map_key(lineage, chunk, e_head), keys::map_value(ZERO));
+                }
+            }
+        }
+    }
+
+    /// Holes and data of `[offset, offset+len)`, in chunk granularity, adjacent extents
+    /// of the same kind merged.
+    pub fn block_status(&self, h: &ImageHandle, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let pool = &self.inner.pools[h.pool];
+        let cs = pool.chunk_size;
+        let st = self.inner.state.lock();
+        Self::check_range(&st, h, offset, len)?;
+        let epoch = Self::head_epoch(&st, h);
+        let mut out: Vec<Extent> = Vec::new();
+        for p in pieces(offset, len, cs) {
+            let hole = match st.resolve(h.lineage, epoch, p.chunk, cs) {
+                Resolved::Zero => true,
+                Resolved::Data { valid, .. } => valid <= p.at,
+            };
+            match out.last_mut() {
+                Some(last) if last.hole == hole => last.len += p.len,
+                _ => out.push(Extent { len: p.len, hole }),
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_cover_the_range_exactly() {
+        let v: Vec<_> = pieces(100, 200_000, 65536).collect();
+        assert_eq!(v.first().unwrap().at, 100);
+        assert_eq!(v.iter().map(|p| p.len).sum::<u64>(), 200_000);
+        for w in v.windows(2) {
+            assert_eq!(w[0].pos as u64 + w[0].len, w[1].pos as u64);
+            assert_eq!(w[1].at, 0);
+            assert_eq!(w[0].chunk + 1, w[1].chunk);
+        }
+        assert_eq!(pieces(0, 0, 4096).count(), 0);
+    }
+}

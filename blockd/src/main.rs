@@ -1,0 +1,564 @@
+//! `blockd`: the block-storage daemon.
+//!
+//! Owns the process: configuration ([`blockd::config`]), the state-directory lock, logs,
+//! the engine's lifetime, the gRPC API on a unix socket (with grpc health and reflection),
+//! `/metrics`, the NBD server, and an orderly shutdown.
+//!
+//! Start-up order (each step only once the previous one worked, so a client that can
+//! connect finds a working daemon):
+//! 1. create the state directory and take its lock (`flock` on `DIR/lock`: the kernel
+//!    drops it when the process dies, so a crash never needs manual cleanup);
+//! 2. open the metadata store (`DIR/meta`) and the pools, then the engine, and start its
+//!    background work (group commit timer, GC, resumed flattens);
+//! 3. bind the API socket (a stale one is replaced, a live one refuses the start; mode
+//!    0600), the NBD socket and the metrics listener; serve.
+//!
+//! Shutdown on SIGTERM/SIGINT: stop accepting, let in-flight RPCs and NBD requests
+//! finish (bounded by [`GRACE`]), then `engine.shutdown()` (final commit, background work
+//! stopped), remove the sockets, release the lock. A second signal exits at once: the
+//! commit protocol makes that as safe as a crash.
+
+use std::fs::File;
+use std::future::Future;
+use std::io::{Read, Seek, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use blockd::api::{self, ApiContext, DaemonInfo};
+use blockd::config::{Args, Config, LogFormat};
+use blockd::device;
+use blockd::engine::{Engine, PoolSpec};
+use blockd::meta::rocks::RocksStore;
+use blockd::meta::MetaStore;
+use blockd::metrics::{self, Metrics};
+use clap::Parser;
+use tokio::net::UnixListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic_health::ServingStatus;
+
+/// How long in-flight requests may take to finish after a shutdown signal.
+const GRACE: Duration = Duration::from_secs(30);
+
+fn main() -> ExitCode {
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(err) => return usage_error(err),
+    };
+    let config = match Config::load(args) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("error: {}", one_line(&anyhow::Error::new(err)));
+            return ExitCode::FAILURE;
+        }
+    };
+    init_logging(config.log_format);
+    match run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            let message = one_line(&err);
+            match config_log_format() {
+                // A JSON log stays one JSON object per line.
+                LogFormat::Json => tracing::error!(error = %message, "blockd failed"),
+                LogFormat::Text => eprintln!("error: {message}"),
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+static LOG_FORMAT: std::sync::OnceLock<LogFormat> = std::sync::OnceLock::new();
+
+fn config_log_format() -> LogFormat {
+    LOG_FORMAT.get().copied().unwrap_or_default()
+}
+
+/// Help and version as clap prints them; a usage error on one line, exit code 2.
+fn usage_error(err: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    match err.kind() {
+        ErrorKind::DisplayHelp
+        | ErrorKind::DisplayVersion
+        | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => err.exit(),
+        _ => {
+            let rendered = err.render().to_string();
+            let text: Vec<&str> = rendered
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+                .filter(|l| !l.is_empty())
+                .collect();
+            eprintln!("{}", text.join(" "));
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// An error and its causes on one line, each said once.
+fn one_line(err: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+    }
+    parts.join(": ").replace('\n', " ")
+}
+
+/// Logs go to stderr; `RUST_LOG` (or `BLOCKD_LOG`) filters them, `info` by default.
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let _ = LOG_FORMAT.set(format);
+    let filter = EnvFilter::try_from_env("BLOCKD_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_target(false).init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+    }
+}
+
+fn run(mut config: Config) -> anyhow::Result<()> {
+    config
+        .absolutize()
+        .context("cannot resolve the configured paths")?;
+    std::fs::create_dir_all(&config.state_dir).with_context(|| {
+        format!(
+            "cannot create the state directory {}",
+            config.state_dir.display()
+        )
+    })?;
+    let lock = StateLock::acquire(&config.lock_path(), &config.state_dir)?;
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        state_dir = %config.state_dir.display(),
+        "starting blockd"
+    );
+
+    let meta_dir = config.meta_dir();
+    let meta: Arc<dyn MetaStore> = Arc::new(RocksStore::open(&meta_dir).with_context(|| {
+        format!("cannot open the metadata store {}", meta_dir.display())
+    })?);
+    let mut specs = Vec::new();
+    for pool in config.pools() {
+        let device = device::open_path(
+            &pool.path,
+            Some(pool.size_bytes()),
+            config.io_engine.into(),
+        )
+        .with_context(|| {
+            format!(
+                "cannot open pool {:?} at {}",
+                pool.name,
+                pool.path.display()
+            )
+        })?;
+        specs.push(PoolSpec {
+            name: pool.name.clone(),
+            device,
+            chunk_size: pool.chunk_size_bytes(),
+            path: pool.path.display().to_string(),
+        });
+    }
+    let engine = Engine::open(meta.clone(), specs).context("cannot open the storage engine")?;
+    for pool in engine.pools() {
+        tracing::info!(
+            pool = %pool.name,
+            path = %pool.path,
+            io_engine = %pool.io_engine,
+            capacity_bytes = pool.capacity_bytes,
+            chunk_size_bytes = pool.chunk_size_bytes,
+            health = %pool.health,
+            "pool ready"
+        );
+    }
+    engine.start_background(config.commit_interval());
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("blockd")
+        .build()
+        .context("cannot start the async runtime")?;
+    let served = runtime.block_on(serve(&config, engine.clone(), meta));
+    // Blocking engine calls still running (a long flatten) get a moment to finish; the
+    // engine's shutdown below is safe with them in flight either way.
+    runtime.shutdown_timeout(Duration::from_secs(5));
+
+    let stopped = engine.shutdown().context("engine shutdown failed");
+    drop(engine);
+    drop(lock);
+    served?;
+    stopped?;
+    tracing::info!("blockd stopped");
+    Ok(())
+}
+
+/// Serves the API, NBD and metrics until a shutdown signal, then drains them.
+async fn serve(config: &Config, engine: Engine, meta: Arc<dyn MetaStore>) -> anyhow::Result<()> {
+    let shutdown = Shutdown::new();
+    shutdown.on_signals()?;
+
+    let metrics = Metrics::new();
+    metrics.attach(engine.clone(), meta);
+
+    let api_socket = config.api_socket();
+    let nbd_socket = config.nbd_socket();
+    let info = DaemonInfo {
+        state_dir: config.state_dir.clone(),
+        api_socket: api_socket.clone(),
+        nbd_socket: nbd_socket.clone(),
+        metrics_addr: config.metrics_addr,
+        started: Instant::now(),
+    };
+    #[allow(unused_mut)] // mutated by the NBD wiring below
+    let mut ctx = ApiContext::new(engine.clone(), metrics.clone(), info);
+    let mut tasks = tokio::task::JoinSet::new();
+
+    // ---------------------------------------------------------------------------------
+    // NBD WIRING POINT (lead): start the NBD server on `nbd_socket` here, e.g.
+    //
+    //     let registry = Arc::new(EngineExports::new(engine.clone(), metrics.clone()));
+    //     let nbd = blockd::nbd::Server::new(registry);
+    //     ctx = ctx.with_nbd(nbd.clone());          // unexport closes open connections
+    //     let stop = shutdown.wait();
+    //     let path = nbd_socket.clone();
+    //     tasks.spawn(async move {
+    //         nbd.serve_unix(&path, stop).await.map_err(|e| anyhow!(e).context("NBD server failed"))
+    //     });
+    //
+    // `EngineExports` (engine -> `nbd::ExportRegistry`) must refuse images that
+    // `engine.exported_images()` does not list, and record I/O through
+    // `metrics.image_io(image)`. Export bookkeeping and URIs are already served by the
+    // API (`api::exports`), from `nbd_socket`.
+    // ---------------------------------------------------------------------------------
+    tracing::warn!(
+        nbd_socket = %nbd_socket.display(),
+        "the NBD server is not wired into this build yet: exports are recorded but not served"
+    );
+
+    if let Some(addr) = config.metrics_addr {
+        let listener = metrics::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+        tracing::info!(%addr, "serving metrics at /metrics");
+        let stop = shutdown.wait();
+        let metrics = metrics.clone();
+        tasks.spawn(async move {
+            metrics::serve(listener, metrics, stop)
+                .await
+                .context("metrics server failed")
+        });
+    }
+
+    let listener = bind_api_socket(&api_socket)?;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status("", ServingStatus::Serving)
+        .await;
+    for name in api::SERVICE_NAMES {
+        health.set_service_status(name, ServingStatus::Serving).await;
+    }
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(blockd_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("cannot build the gRPC reflection service")?;
+    let routes = api::routes(&ctx)
+        .add_service(health_service)
+        .add_service(reflection);
+    let stop = {
+        let wait = shutdown.wait();
+        let health = health.clone();
+        async move {
+            wait.await;
+            // Probes see the daemon going away before connections are refused.
+            health.set_service_status("", ServingStatus::NotServing).await;
+        }
+    };
+    let grpc = tonic::transport::Server::builder()
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), stop);
+    let mut grpc = tokio::spawn(grpc);
+    tracing::info!(
+        api_socket = %api_socket.display(),
+        nbd_socket = %nbd_socket.display(),
+        "blockd ready"
+    );
+
+    // Run until a signal, or until a server fails on its own (then shut down too).
+    let mut failure: Option<anyhow::Error> = None;
+    let mut grpc_done = false;
+    tokio::select! {
+        _ = shutdown.wait() => {}
+        res = &mut grpc => {
+            grpc_done = true;
+            failure = Some(match res {
+                Ok(Ok(())) => anyhow!("the gRPC server stopped unexpectedly"),
+                Ok(Err(err)) => anyhow!(err).context("gRPC server failed"),
+                Err(join) => anyhow!(join).context("gRPC server task failed"),
+            });
+        }
+        Some(res) = tasks.join_next() => {
+            failure = Some(match res {
+                Ok(Ok(())) => anyhow!("a server stopped unexpectedly"),
+                Ok(Err(err)) => err,
+                Err(join) => anyhow!(join).context("server task failed"),
+            });
+        }
+    }
+    if let Some(err) = &failure {
+        tracing::error!(error = %one_line(err), "shutting down after a failure");
+    }
+    shutdown.trigger();
+
+    let drain = async {
+        if !grpc_done {
+            match (&mut grpc).await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => tracing::warn!(error = %err, "gRPC server stopped with an error"),
+                Err(join) if join.is_cancelled() => {}
+                Err(join) => tracing::warn!(error = %join, "gRPC server task failed"),
+            }
+        }
+        while let Some(res) = tasks.join_next().await {
+            match res {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => tracing::warn!(error = %one_line(&err), "server stopped with an error"),
+                Err(join) => tracing::warn!(error = %join, "server task failed"),
+            }
+        }
+    };
+    if tokio::time::timeout(GRACE, drain).await.is_err() {
+        tracing::warn!(
+            grace_seconds = GRACE.as_secs(),
+            "in-flight requests did not finish in time; stopping anyway"
+        );
+        grpc.abort();
+        tasks.abort_all();
+    }
+    remove_socket(&api_socket);
+    match failure {
+        Some(err) => Err(err),
+        None => Ok(()),
+    }
+}
+
+/// A shutdown flag that many tasks wait on.
+#[derive(Clone)]
+struct Shutdown {
+    tx: Arc<watch::Sender<bool>>,
+}
+
+impl Shutdown {
+    fn new() -> Self {
+        Shutdown {
+            tx: Arc::new(watch::channel(false).0),
+        }
+    }
+
+    fn trigger(&self) {
+        self.tx.send_replace(true);
+    }
+
+    /// Completes once the shutdown is triggered.
+    fn wait(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.tx.subscribe();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    }
+
+    /// SIGTERM or SIGINT trigger the shutdown; a second one exits at once.
+    fn on_signals(&self) -> anyhow::Result<()> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+        let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut received = 0;
+            loop {
+                let name = tokio::select! {
+                    _ = term.recv() => "SIGTERM",
+                    _ = int.recv() => "SIGINT",
+                };
+                received += 1;
+                if received == 1 {
+                    tracing::info!(signal = name, "shutting down: finishing in-flight work");
+                    this.trigger();
+                } else {
+                    tracing::warn!(signal = name, "second signal: exiting now");
+                    std::process::exit(130);
+                }
+            }
+        });
+        Ok(())
+    }
+}
+
+/// Binds the API socket: a stale socket file (nobody answering) is replaced, a live one
+/// means another process serves there. The socket is created with mode 0600.
+fn bind_api_socket(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create the directory of {}", path.display()))?;
+    }
+    remove_stale_socket(path)?;
+    // The umask covers the window between bind(2) and chmod(2): nobody else can ever
+    // connect. It is process-wide, so restore it at once.
+    // SAFETY: umask only swaps the process's file-creation mask.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = std::os::unix::net::UnixListener::bind(path);
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old) };
+    let listener =
+        bound.with_context(|| format!("cannot listen on the API socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("cannot set the mode of {}", path.display()))?;
+    listener.set_nonblocking(true)?;
+    Ok(UnixListener::from_std(listener)?)
+}
+
+fn remove_stale_socket(path: &Path) -> anyhow::Result<()> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(err) => return Err(err).with_context(|| format!("cannot inspect {}", path.display())),
+    };
+    if !meta.file_type().is_socket() {
+        bail!(
+            "{} exists and is not a socket; refusing to replace it",
+            path.display()
+        );
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        bail!(
+            "socket {} is in use by another running process",
+            path.display()
+        );
+    }
+    tracing::info!(path = %path.display(), "removing stale socket");
+    std::fs::remove_file(path).with_context(|| format!("cannot remove stale socket {}", path.display()))
+}
+
+fn remove_socket(path: &Path) {
+    if let Err(err) = std::fs::remove_file(path) {
+        if err.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(path = %path.display(), error = %err, "cannot remove socket");
+        }
+    }
+}
+
+/// The exclusive lock on a state directory: `flock(LOCK_EX)` on `DIR/lock`, held for the
+/// life of the process and released by the kernel if it dies. The file holds the
+/// holder's pid, for the message a second daemon prints (never trusted for locking).
+struct StateLock {
+    _file: File,
+    path: PathBuf,
+}
+
+impl StateLock {
+    fn acquire(path: &Path, state_dir: &Path) -> anyhow::Result<StateLock> {
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .with_context(|| format!("cannot open the lock file {}", path.display()))?;
+        // SAFETY: flock on a descriptor we own; no memory is involved.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.trim();
+                let who = if holder.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (pid {holder})")
+                };
+                bail!(
+                    "state directory {} is in use by another blockd{who}",
+                    state_dir.display()
+                );
+            }
+            return Err(err).with_context(|| format!("cannot lock {}", path.display()));
+        }
+        file.set_len(0)?;
+        file.rewind()?;
+        writeln!(file, "{}", std::process::id())?;
+        file.sync_data()?;
+        Ok(StateLock {
+            _file: file,
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for StateLock {
+    fn drop(&mut self) {
+        // Leave the file (removing it would race with a daemon that just opened it);
+        // clear the pid so the next message does not name a dead process.
+        if let Ok(file) = std::fs::OpenOptions::new().write(true).open(&self.path) {
+            let _ = file.set_len(0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_lock_on_the_same_dir_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lock");
+        let first = StateLock::acquire(&path, dir.path()).unwrap();
+        let err = StateLock::acquire(&path, dir.path()).err().unwrap();
+        let text = one_line(&err);
+        assert!(text.contains("in use by another blockd"), "{text}");
+        assert!(text.contains(&format!("pid {}", std::process::id())), "{text}");
+        drop(first);
+        StateLock::acquire(&path, dir.path()).unwrap();
+    }
+
+    #[test]
+    fn stale_sockets_are_replaced_and_live_ones_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let live = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let err = remove_stale_socket(&path).unwrap_err();
+        assert!(one_line(&err).contains("in use"), "{err:#}");
+        drop(live);
+        // The file stays behind after the listener is gone: a stale socket.
+        assert!(path.exists());
+        remove_stale_socket(&path).unwrap();
+        assert!(!path.exists());
+
+        std::fs::write(&path, b"not a socket").unwrap();
+        assert!(remove_stale_socket(&path).is_err());
+    }
+
+    #[tokio::test]
+    async fn the_api_socket_is_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/api.sock");
+        let _listener = bind_api_socket(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+}

@@ -1,0 +1,503 @@
+//! How `blockctl` shows API objects: JSON views (stable field names, sizes in bytes) for
+//! scripts and comfy-table tables (sizes in binary units) for people.
+//!
+//! The JSON views are separate from the generated messages on purpose: the field names
+//! that scripts read (see the CLI contract) must not change when the proto evolves.
+
+use blockd_proto::size::format_size;
+use blockd_proto::v1;
+use comfy_table::presets::UTF8_FULL_CONDENSED;
+use comfy_table::{Cell, CellAlignment, ContentArrangement, Table};
+use serde::Serialize;
+
+#[derive(Debug, Serialize)]
+pub struct PoolView {
+    pub name: String,
+    pub path: String,
+    pub uuid: String,
+    pub capacity_bytes: u64,
+    pub allocated_bytes: u64,
+    pub free_bytes: u64,
+    pub provisioned_bytes: u64,
+    pub overprovisioning_ratio: f64,
+    pub chunk_size_bytes: u64,
+    pub io_engine: String,
+    pub volume_count: u64,
+    pub snapshot_count: u64,
+    pub health: String,
+    pub is_default: bool,
+}
+
+impl From<v1::Pool> for PoolView {
+    fn from(p: v1::Pool) -> Self {
+        PoolView {
+            name: p.name,
+            path: p.path,
+            uuid: p.uuid,
+            capacity_bytes: p.capacity_bytes,
+            allocated_bytes: p.allocated_bytes,
+            free_bytes: p.free_bytes,
+            provisioned_bytes: p.provisioned_bytes,
+            overprovisioning_ratio: p.overprovisioning_ratio,
+            chunk_size_bytes: p.chunk_size_bytes,
+            io_engine: p.io_engine,
+            volume_count: p.volume_count,
+            snapshot_count: p.snapshot_count,
+            health: p.health,
+            is_default: p.is_default,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct VolumeView {
+    pub name: String,
+    pub pool: String,
+    pub size_bytes: u64,
+    pub allocated_bytes: u64,
+    pub max_iops: u64,
+    pub max_bandwidth_bytes: u64,
+    pub source_snapshot: Option<String>,
+    pub source_volume: Option<String>,
+    pub has_parent: bool,
+    pub snapshot_count: u64,
+    pub created_unix: u64,
+    pub exported: bool,
+}
+
+impl From<v1::Volume> for VolumeView {
+    fn from(v: v1::Volume) -> Self {
+        let (source_snapshot, source_volume) = match v.source {
+            Some(v1::volume::Source::SourceSnapshot(s)) => (Some(s), None),
+            Some(v1::volume::Source::SourceVolume(s)) => (None, Some(s)),
+            None => (None, None),
+        };
+        let qos = v.qos.unwrap_or_default();
+        VolumeView {
+            name: v.name,
+            pool: v.pool,
+            size_bytes: v.size_bytes,
+            allocated_bytes: v.allocated_bytes,
+            max_iops: qos.max_iops,
+            max_bandwidth_bytes: qos.max_bandwidth_bytes,
+            source_snapshot,
+            source_volume,
+            has_parent: v.has_parent,
+            snapshot_count: v.snapshot_count,
+            created_unix: v.created_unix,
+            exported: v.exported,
+        }
+    }
+}
+
+impl VolumeView {
+    fn source_text(&self) -> String {
+        match (&self.source_snapshot, &self.source_volume) {
+            (Some(s), _) => format!("snapshot {s}"),
+            (None, Some(v)) => format!("volume {v}"),
+            (None, None) => "-".to_string(),
+        }
+    }
+
+    fn qos_text(&self) -> String {
+        let iops = match self.max_iops {
+            0 => None,
+            n => Some(format!("{n} IOPS")),
+        };
+        let bw = match self.max_bandwidth_bytes {
+            0 => None,
+            n => Some(format!("{}/s", format_size(n))),
+        };
+        match (iops, bw) {
+            (None, None) => "unlimited".to_string(),
+            (Some(i), None) => i,
+            (None, Some(b)) => b,
+            (Some(i), Some(b)) => format!("{i}, {b}"),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct SnapshotView {
+    pub name: String,
+    pub volume: String,
+    pub pool: String,
+    pub size_bytes: u64,
+    pub created_unix: u64,
+    pub exported: bool,
+}
+
+impl From<v1::Snapshot> for SnapshotView {
+    fn from(s: v1::Snapshot) -> Self {
+        SnapshotView {
+            name: s.name,
+            volume: s.volume,
+            pool: s.pool,
+            size_bytes: s.size_bytes,
+            created_unix: s.created_unix,
+            exported: s.exported,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct ExportView {
+    pub image: String,
+    pub uri: String,
+    pub read_only: bool,
+}
+
+impl From<v1::ExportInfo> for ExportView {
+    fn from(e: v1::ExportInfo) -> Self {
+        ExportView {
+            image: e.image,
+            uri: e.uri,
+            read_only: e.read_only,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct StatusView {
+    pub version: String,
+    pub pid: u32,
+    pub uptime_seconds: u64,
+    pub state_dir: String,
+    pub api_socket: String,
+    pub nbd_socket: String,
+    pub metrics_addr: Option<String>,
+    pub pool_count: u64,
+    pub volume_count: u64,
+    pub snapshot_count: u64,
+    pub export_count: u64,
+    pub health: String,
+}
+
+impl From<v1::DaemonStatus> for StatusView {
+    fn from(s: v1::DaemonStatus) -> Self {
+        StatusView {
+            version: s.version,
+            pid: s.pid,
+            uptime_seconds: s.uptime_seconds,
+            state_dir: s.state_dir,
+            api_socket: s.api_socket,
+            nbd_socket: s.nbd_socket,
+            metrics_addr: (!s.metrics_addr.is_empty()).then_some(s.metrics_addr),
+            pool_count: s.pool_count,
+            volume_count: s.volume_count,
+            snapshot_count: s.snapshot_count,
+            export_count: s.export_count,
+            health: s.health,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct FsckView {
+    pub clean: bool,
+    pub pools: u64,
+    pub images: u64,
+    pub lineages: u64,
+    pub mapped_chunks: u64,
+    pub double_owned: u64,
+    pub leaked: u64,
+    pub bad_pointers: u64,
+    pub bad_records: u64,
+    pub repaired: u64,
+    pub problems: Vec<String>,
+}
+
+impl From<v1::FsckReport> for FsckView {
+    fn from(r: v1::FsckReport) -> Self {
+        FsckView {
+            clean: r.clean,
+            pools: r.pools,
+            images: r.images,
+            lineages: r.lineages,
+            mapped_chunks: r.mapped_chunks,
+            double_owned: r.double_owned,
+            leaked: r.leaked,
+            bad_pointers: r.bad_pointers,
+            bad_records: r.bad_records,
+            repaired: r.repaired,
+            problems: r.problems,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct GcView {
+    pub entries_removed: u64,
+    pub chunks_freed: u64,
+    pub lineages_removed: u64,
+    pub backlog: u64,
+}
+
+impl From<v1::GcReport> for GcView {
+    fn from(r: v1::GcReport) -> Self {
+        GcView {
+            entries_removed: r.entries_removed,
+            chunks_freed: r.chunks_freed,
+            lineages_removed: r.lineages_removed,
+            backlog: r.backlog,
+        }
+    }
+}
+
+fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED)
+        .set_content_arrangement(ContentArrangement::Dynamic)
+        .set_header(header.iter().map(Cell::new));
+    t
+}
+
+fn right(text: impl ToString) -> Cell {
+    Cell::new(text.to_string()).set_alignment(CellAlignment::Right)
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+/// A two-column key/value table for `show` commands.
+fn details(rows: Vec<(&str, String)>) -> Table {
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED)
+        .set_content_arrangement(ContentArrangement::Dynamic);
+    for (k, v) in rows {
+        t.add_row(vec![Cell::new(k), Cell::new(v)]);
+    }
+    t
+}
+
+fn size_with_bytes(bytes: u64) -> String {
+    format!("{} ({bytes} bytes)", format_size(bytes))
+}
+
+pub fn pools_table(pools: &[PoolView]) -> Table {
+    let mut t = table(&[
+        "NAME",
+        "CAPACITY",
+        "ALLOCATED",
+        "FREE",
+        "PROVISIONED",
+        "RATIO",
+        "CHUNK",
+        "ENGINE",
+        "VOLUMES",
+        "HEALTH",
+    ]);
+    for p in pools {
+        let name = if p.is_default {
+            format!("{} (default)", p.name)
+        } else {
+            p.name.clone()
+        };
+        t.add_row(vec![
+            Cell::new(name),
+            right(format_size(p.capacity_bytes)),
+            right(format_size(p.allocated_bytes)),
+            right(format_size(p.free_bytes)),
+            right(format_size(p.provisioned_bytes)),
+            right(format!("{:.2}", p.overprovisioning_ratio)),
+            right(format_size(p.chunk_size_bytes)),
+            Cell::new(&p.io_engine),
+            right(p.volume_count),
+            Cell::new(&p.health),
+        ]);
+    }
+    t
+}
+
+pub fn pool_details(p: &PoolView) -> Table {
+    details(vec![
+        ("name", p.name.clone()),
+        ("default", yes_no(p.is_default).to_string()),
+        ("path", p.path.clone()),
+        ("uuid", p.uuid.clone()),
+        ("capacity", size_with_bytes(p.capacity_bytes)),
+        ("allocated", size_with_bytes(p.allocated_bytes)),
+        ("free", size_with_bytes(p.free_bytes)),
+        ("provisioned", size_with_bytes(p.provisioned_bytes)),
+        (
+            "over-provisioning",
+            format!("{:.2}", p.overprovisioning_ratio),
+        ),
+        ("chunk size", format_size(p.chunk_size_bytes)),
+        ("io engine", p.io_engine.clone()),
+        ("volumes", p.volume_count.to_string()),
+        ("snapshots", p.snapshot_count.to_string()),
+        ("health", p.health.clone()),
+    ])
+}
+
+pub fn volumes_table(volumes: &[VolumeView]) -> Table {
+    let mut t = table(&[
+        "NAME",
+        "POOL",
+        "SIZE",
+        "ALLOCATED",
+        "SOURCE",
+        "QOS",
+        "SNAPSHOTS",
+        "EXPORTED",
+    ]);
+    for v in volumes {
+        t.add_row(vec![
+            Cell::new(&v.name),
+            Cell::new(&v.pool),
+            right(format_size(v.size_bytes)),
+            right(format_size(v.allocated_bytes)),
+            Cell::new(v.source_text()),
+            Cell::new(v.qos_text()),
+            right(v.snapshot_count),
+            Cell::new(yes_no(v.exported)),
+        ]);
+    }
+    t
+}
+
+pub fn volume_details(v: &VolumeView) -> Table {
+    details(vec![
+        ("name", v.name.clone()),
+        ("pool", v.pool.clone()),
+        ("size", size_with_bytes(v.size_bytes)),
+        ("allocated", size_with_bytes(v.allocated_bytes)),
+        ("source", v.source_text()),
+        ("reads through parent", yes_no(v.has_parent).to_string()),
+        ("qos", v.qos_text()),
+        ("snapshots", v.snapshot_count.to_string()),
+        ("exported", yes_no(v.exported).to_string()),
+        ("created (unix)", v.created_unix.to_string()),
+    ])
+}
+
+pub fn snapshots_table(snapshots: &[SnapshotView]) -> Table {
+    let mut t = table(&["NAME", "VOLUME", "POOL", "SIZE", "EXPORTED"]);
+    for s in snapshots {
+        t.add_row(vec![
+            Cell::new(&s.name),
+            Cell::new(&s.volume),
+            Cell::new(&s.pool),
+            right(format_size(s.size_bytes)),
+            Cell::new(yes_no(s.exported)),
+        ]);
+    }
+    t
+}
+
+pub fn snapshot_details(s: &SnapshotView) -> Table {
+    details(vec![
+        ("name", s.name.clone()),
+        ("volume", s.volume.clone()),
+        ("pool", s.pool.clone()),
+        ("size", size_with_bytes(s.size_bytes)),
+        ("exported", yes_no(s.exported).to_string()),
+        ("created (unix)", s.created_unix.to_string()),
+    ])
+}
+
+pub fn exports_table(exports: &[ExportView]) -> Table {
+    let mut t = table(&["IMAGE", "MODE", "URI"]);
+    for e in exports {
+        t.add_row(vec![
+            Cell::new(&e.image),
+            Cell::new(if e.read_only { "ro" } else { "rw" }),
+            Cell::new(&e.uri),
+        ]);
+    }
+    t
+}
+
+pub fn status_details(s: &StatusView) -> Table {
+    details(vec![
+        ("version", s.version.clone()),
+        ("pid", s.pid.to_string()),
+        ("uptime", format!("{} s", s.uptime_seconds)),
+        ("state dir", s.state_dir.clone()),
+        ("api socket", s.api_socket.clone()),
+        ("nbd socket", s.nbd_socket.clone()),
+        (
+            "metrics",
+            s.metrics_addr
+                .as_ref()
+                .map(|a| format!("http://{a}/metrics"))
+                .unwrap_or_else(|| "off".to_string()),
+        ),
+        ("pools", s.pool_count.to_string()),
+        ("volumes", s.volume_count.to_string()),
+        ("snapshots", s.snapshot_count.to_string()),
+        ("exports", s.export_count.to_string()),
+        ("health", s.health.clone()),
+    ])
+}
+
+pub fn fsck_details(r: &FsckView) -> Table {
+    details(vec![
+        (
+            "result",
+            if r.clean {
+                "consistent".to_string()
+            } else {
+                "INCONSISTENT".to_string()
+            },
+        ),
+        ("pools", r.pools.to_string()),
+        ("images", r.images.to_string()),
+        ("lineages", r.lineages.to_string()),
+        ("mapped chunks", r.mapped_chunks.to_string()),
+        ("double-owned chunks", r.double_owned.to_string()),
+        ("leaked chunks", r.leaked.to_string()),
+        ("bad pointers", r.bad_pointers.to_string()),
+        ("bad records", r.bad_records.to_string()),
+        ("repaired", r.repaired.to_string()),
+    ])
+}
+
+pub fn gc_details(g: &GcView) -> Table {
+    details(vec![
+        ("map entries removed", g.entries_removed.to_string()),
+        ("chunks freed", g.chunks_freed.to_string()),
+        ("lineages removed", g.lineages_removed.to_string()),
+        ("backlog", g.backlog.to_string()),
+    ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn volume_json_has_the_contract_fields() {
+        let v = VolumeView::from(v1::Volume {
+            name: "v".into(),
+            pool: "default".into(),
+            size_bytes: 4096,
+            allocated_bytes: 0,
+            source: Some(v1::volume::Source::SourceSnapshot("s".into())),
+            ..Default::default()
+        });
+        let json = serde_json::to_value(&v).unwrap();
+        for field in ["name", "size_bytes", "allocated_bytes", "pool"] {
+            assert!(json.get(field).is_some(), "{field}");
+        }
+        assert_eq!(json["source_snapshot"], "s");
+        assert_eq!(json["size_bytes"], 4096);
+    }
+
+    #[test]
+    fn tables_show_human_sizes() {
+        let v = VolumeView::from(v1::Volume {
+            name: "v".into(),
+            size_bytes: 10 << 30,
+            ..Default::default()
+        });
+        let text = volumes_table(&[v]).to_string();
+        assert!(text.contains("10 GiB"), "{text}");
+    }
+}

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI and a newcomer run it: installs what is missing, then
+# fmt check, clippy -D warnings, and every test of the workspace.
+#
+# A persistent CARGO_TARGET_DIR outside the clone keeps the RocksDB C++ build between runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/blockd-target}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+mkdir -p "$CARGO_TARGET_DIR"
+
+# --- system packages (Debian), installed only when absent -------------------------------
+need=()
+have() { command -v "$1" >/dev/null 2>&1; }
+have clang || need+=(clang)
+[ -e /usr/lib/llvm-14/lib/libclang.so ] || ls /usr/lib/llvm-*/lib/libclang*.so >/dev/null 2>&1 || need+=(libclang-dev)
+have qemu-img || need+=(qemu-utils)
+have nbdinfo || need+=(libnbd-bin)
+have fio || need+=(fio)
+have nbdkit || need+=(nbdkit)
+have mkfs.ext4 || need+=(e2fsprogs)
+have mkfs.xfs || need+=(xfsprogs)
+have losetup || need+=(mount)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" -eq 0 ] && have apt-get; then
+    echo "test.sh: installing ${need[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  else
+    echo "test.sh: missing packages ${need[*]} and cannot apt-get install them (not root?)" >&2
+    exit 1
+  fi
+fi
+
+# --- checks ----------------------------------------------------------------------------
+echo "test.sh: cargo fmt --check"
+cargo fmt --all -- --check
+
+echo "test.sh: cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+
+echo "test.sh: cargo test"
+if have cargo-nextest; then
+  cargo nextest run --workspace --no-fail-fast --test-threads "${TEST_THREADS:-2}"
+  cargo test --workspace --doc
+else
+  cargo test --workspace --no-fail-fast -- --test-threads "${TEST_THREADS:-2}"
+fi
