@@ -14,7 +14,7 @@ mkdir -p "$CARGO_TARGET_DIR"
 need=()
 have() { command -v "$1" >/dev/null 2>&1; }
 have clang || need+=(clang)
-[ -e /usr/lib/llvm-14/lib/libclang.so ] || ls /usr/lib/llvm-*/lib/libclang*.so >/dev/null 2>&1 || need+=(libclang-dev)
+dpkg -s libclang-dev >/dev/null 2>&1 || need+=(libclang-dev)   # bindgen for librocksdb-sys
 have qemu-img || need+=(qemu-utils)
 have nbdinfo || need+=(libnbd-bin)
 have fio || need+=(fio)
@@ -22,6 +22,7 @@ have nbdkit || need+=(nbdkit)
 have mkfs.ext4 || need+=(e2fsprogs)
 have mkfs.xfs || need+=(xfsprogs)
 have losetup || need+=(mount)
+have python3 || need+=(python3)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ] && have apt-get; then
     echo "test.sh: installing ${need[*]}"

@@ -205,7 +205,7 @@ fn random_batches_match_a_model(dev: &dyn BlockDevice, fresh: bool) {
     if !fresh {
         dev.write_at(0, &model).unwrap();
     }
-    let mut rng = StdRng::seed_from_u64(0xB10C_D);
+    let mut rng = StdRng::seed_from_u64(0x000B_10CD);
     for round in 0..150 {
         let count = rng.gen_range(1..=8);
         let mut planned: Vec<PlannedOp> = (0..count)

@@ -46,7 +46,10 @@ impl Engine {
             if let Some(f) = &st.failed {
                 return Err(EngineError::Failed(f.clone()));
             }
-            (std::mem::take(&mut st.pending), std::mem::take(&mut st.pending_frees))
+            (
+                std::mem::take(&mut st.pending),
+                std::mem::take(&mut st.pending_frees),
+            )
         };
         let result = (|| -> Result<()> {
             for pool in &inner.pools {
@@ -72,7 +75,11 @@ impl Engine {
         }
         // The frees are durable: wait until no I/O that may still touch them is in flight.
         for pool in &inner.pools {
-            let mine: Vec<u64> = frees.iter().filter(|(p, _)| *p == pool.idx).map(|(_, c)| *c).collect();
+            let mine: Vec<u64> = frees
+                .iter()
+                .filter(|(p, _)| *p == pool.idx)
+                .map(|(_, c)| *c)
+                .collect();
             if mine.is_empty() {
                 continue;
             }
@@ -102,9 +109,8 @@ impl Engine {
     }
 
     /// Asks the background worker for an early commit when the overlay is large.
-    pub(crate) fn maybe_kick_commit(&self) {
-        let big = self.inner().state.lock().pending.len() >= KICK_THRESHOLD;
-        if big {
+    pub(crate) fn maybe_kick_commit(&self, pending: usize) {
+        if pending >= KICK_THRESHOLD {
             if let Some(bg) = self.inner().background.lock().as_ref() {
                 let _ = bg.tx.send(Msg::Kick);
             }
@@ -143,7 +149,12 @@ impl Engine {
             }
             match self.gc() {
                 Ok(s) if s.chunks_freed > 0 || s.lineages_removed > 0 => {
-                    tracing::debug!(freed = s.chunks_freed, lineages = s.lineages_removed, backlog = s.backlog, "gc pass");
+                    tracing::debug!(
+                        freed = s.chunks_freed,
+                        lineages = s.lineages_removed,
+                        backlog = s.backlog,
+                        "gc pass"
+                    );
                 }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "gc pass failed"),

@@ -40,7 +40,10 @@ impl Engine {
                 Ok(Some(sb)) if sb.uuid_string() == p.uuid && sb.chunk_size == p.chunk_size => {}
                 Ok(Some(_)) => {
                     r.bad_records += 1;
-                    problem(&mut r, format!("pool {:?}: superblock does not match the metadata", p.name));
+                    problem(
+                        &mut r,
+                        format!("pool {:?}: superblock does not match the metadata", p.name),
+                    );
                 }
                 Ok(None) => {
                     r.bad_records += 1;
@@ -56,7 +59,10 @@ impl Engine {
         let pool_by_id: HashMap<u64, usize> = inner.pools.iter().map(|p| (p.id, p.idx)).collect();
         let mut lineages: HashMap<u64, LineageRecord> = HashMap::new();
         for (k, v) in inner.meta.scan(Cf::Lineages, &[], &[], usize::MAX)? {
-            match (keys::decode_id(Cf::Lineages, &k), records::decode::<LineageRecord>(Cf::Lineages, &v)) {
+            match (
+                keys::decode_id(Cf::Lineages, &k),
+                records::decode::<LineageRecord>(Cf::Lineages, &v),
+            ) {
                 (Ok(id), Ok(rec)) => {
                     lineages.insert(id, rec);
                 }
@@ -69,7 +75,10 @@ impl Engine {
         r.lineages = lineages.len() as u64;
         let mut images: HashMap<u64, ImageRecord> = HashMap::new();
         for (k, v) in inner.meta.scan(Cf::Images, &[], &[], usize::MAX)? {
-            match (keys::decode_id(Cf::Images, &k), records::decode::<ImageRecord>(Cf::Images, &v)) {
+            match (
+                keys::decode_id(Cf::Images, &k),
+                records::decode::<ImageRecord>(Cf::Images, &v),
+            ) {
                 (Ok(id), Ok(rec)) => {
                     images.insert(id, rec);
                 }
@@ -84,16 +93,28 @@ impl Engine {
             match lineages.get(&img.lineage) {
                 None => {
                     r.bad_records += 1;
-                    problem(&mut r, format!("image {:?} names missing lineage {}", img.name, img.lineage));
+                    problem(
+                        &mut r,
+                        format!("image {:?} names missing lineage {}", img.name, img.lineage),
+                    );
                 }
                 Some(l) => {
                     if img.kind == ImageKind::Snapshot && img.epoch >= l.e_head {
                         r.bad_records += 1;
-                        problem(&mut r, format!("snapshot {:?} epoch {} is not below its head epoch {}", img.name, img.epoch, l.e_head));
+                        problem(
+                            &mut r,
+                            format!(
+                                "snapshot {:?} epoch {} is not below its head epoch {}",
+                                img.name, img.epoch, l.e_head
+                            ),
+                        );
                     }
                     if img.kind == ImageKind::Volume && l.head != Some(*id) {
                         r.bad_records += 1;
-                        problem(&mut r, format!("volume {:?} is not the head of its lineage", img.name));
+                        problem(
+                            &mut r,
+                            format!("volume {:?} is not the head of its lineage", img.name),
+                        );
                     }
                 }
             }
@@ -101,12 +122,18 @@ impl Engine {
         for (id, l) in &lineages {
             if !pool_by_id.contains_key(&l.pool) {
                 r.bad_records += 1;
-                problem(&mut r, format!("lineage {id} names unknown pool {}", l.pool));
+                problem(
+                    &mut r,
+                    format!("lineage {id} names unknown pool {}", l.pool),
+                );
             }
             if let Some(p) = l.parent {
                 if !lineages.contains_key(&p.lineage) {
                     r.bad_records += 1;
-                    problem(&mut r, format!("lineage {id} names missing parent {}", p.lineage));
+                    problem(
+                        &mut r,
+                        format!("lineage {id} names missing parent {}", p.lineage),
+                    );
                 }
             }
             if let Some(h) = l.head {
@@ -120,7 +147,10 @@ impl Engine {
             match records::decode::<Intent>(Cf::Intents, &v) {
                 Ok(Intent::Flatten { lineage, .. }) if !lineages.contains_key(&lineage) => {
                     // Harmless (flatten finishes it) but worth showing.
-                    problem(&mut r, format!("flatten intent for missing lineage {lineage}"));
+                    problem(
+                        &mut r,
+                        format!("flatten intent for missing lineage {lineage}"),
+                    );
                 }
                 Ok(_) => {}
                 Err(_) => {
@@ -141,7 +171,9 @@ impl Engine {
             start = last.clone();
             start.push(0);
             for (k, v) in &page {
-                let (Ok((l, c, e)), Ok(phys)) = (keys::decode_map_key(k), keys::decode_map_value(v)) else {
+                let (Ok((l, c, e)), Ok(phys)) =
+                    (keys::decode_map_key(k), keys::decode_map_value(v))
+                else {
                     r.bad_records += 1;
                     problem(&mut r, format!("undecodable map entry {k:?}"));
                     continue;
@@ -149,7 +181,10 @@ impl Engine {
                 r.mapped_chunks += 1;
                 let Some(lin) = lineages.get(&l) else {
                     r.bad_records += 1;
-                    problem(&mut r, format!("map entry ({l},{c},{e}) names missing lineage"));
+                    problem(
+                        &mut r,
+                        format!("map entry ({l},{c},{e}) names missing lineage"),
+                    );
                     orphans.delete_cf(Cf::Map, k.clone());
                     continue;
                 };
@@ -157,16 +192,30 @@ impl Engine {
                 if phys == ZERO {
                     continue;
                 }
-                let Some(&pidx) = pool_by_id.get(&lin.pool) else { continue };
+                let Some(&pidx) = pool_by_id.get(&lin.pool) else {
+                    continue;
+                };
                 let pool = &inner.pools[pidx];
                 if phys == 0 || phys >= pool.chunks {
                     r.bad_pointers += 1;
-                    problem(&mut r, format!("map entry ({l},{c},{e}) points at chunk {phys}, outside pool {:?}", pool.name));
+                    problem(
+                        &mut r,
+                        format!(
+                            "map entry ({l},{c},{e}) points at chunk {phys}, outside pool {:?}",
+                            pool.name
+                        ),
+                    );
                     continue;
                 }
                 if let Some(prev) = owner[pidx].insert(phys, (l, c, e)) {
                     r.double_owned += 1;
-                    problem(&mut r, format!("chunk {phys} of pool {:?} owned by {prev:?} and ({l},{c},{e})", pool.name));
+                    problem(
+                        &mut r,
+                        format!(
+                            "chunk {phys} of pool {:?} owned by {prev:?} and ({l},{c},{e})",
+                            pool.name
+                        ),
+                    );
                 }
             }
         }
@@ -180,9 +229,10 @@ impl Engine {
             .ops
             .iter()
             .filter_map(|op| match op {
-                crate::meta::BatchOp::Put { cf: Cf::Map, key, .. } | crate::meta::BatchOp::Delete { cf: Cf::Map, key } => {
-                    Some(key.clone())
+                crate::meta::BatchOp::Put {
+                    cf: Cf::Map, key, ..
                 }
+                | crate::meta::BatchOp::Delete { cf: Cf::Map, key } => Some(key.clone()),
                 _ => None,
             })
             .collect();
@@ -191,7 +241,13 @@ impl Engine {
                 let key = keys::map_key(lin.id, c, e);
                 if durable.get(&(lin.id, c, e)) != Some(&p) && !in_flight.contains(key.as_slice()) {
                     r.bad_records += 1;
-                    problem(&mut r, format!("in-memory entry ({},{c},{e}) -> {p} differs from the durable map", lin.id));
+                    problem(
+                        &mut r,
+                        format!(
+                            "in-memory entry ({},{c},{e}) -> {p} differs from the durable map",
+                            lin.id
+                        ),
+                    );
                 }
             }
         }
@@ -200,7 +256,10 @@ impl Engine {
             let known = st.lineages.get(&l).and_then(|lin| lin.map.get(&(c, e)));
             if known.is_none() && !in_flight.contains(key.as_slice()) {
                 r.bad_records += 1;
-                problem(&mut r, format!("durable entry ({l},{c},{e}) -> {p} is unknown in memory"));
+                problem(
+                    &mut r,
+                    format!("durable entry ({l},{c},{e}) -> {p} is unknown in memory"),
+                );
             }
         }
         let mut leaks = Vec::new();
@@ -226,7 +285,13 @@ impl Engine {
         }
         r.leaked = leaks.len() as u64;
         for &(pidx, c) in &leaks {
-            problem(&mut r, format!("chunk {c} of pool {:?} is allocated but owned by nothing (leak)", inner.pools[pidx].name));
+            problem(
+                &mut r,
+                format!(
+                    "chunk {c} of pool {:?} is allocated but owned by nothing (leak)",
+                    inner.pools[pidx].name
+                ),
+            );
         }
         if repair && (!leaks.is_empty() || !orphans.is_empty()) {
             let orphan_count = orphans.len() as u64;

@@ -62,7 +62,12 @@ impl Engine {
         let mut budget = GC_BATCH;
         let mut removed = 0u64;
         let mut more = false;
-        let dirty: Vec<u64> = st.lineages.values().filter(|l| l.gc_dirty).map(|l| l.id).collect();
+        let dirty: Vec<u64> = st
+            .lineages
+            .values()
+            .filter(|l| l.gc_dirty)
+            .map(|l| l.id)
+            .collect();
         for lid in dirty {
             if budget == 0 {
                 more = true;
@@ -127,7 +132,11 @@ impl Engine {
     /// Copies everything a clone reads through its parent into the clone and drops the
     /// parent, so the clone no longer depends on it. Reports progress as chunks examined
     /// of chunks to examine.
-    pub fn flatten_volume(&self, name: &str, progress: &mut dyn FnMut(u64, u64)) -> Result<VolumeInfo> {
+    pub fn flatten_volume(
+        &self,
+        name: &str,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<VolumeInfo> {
         let lineage = {
             let st = self.inner().state.lock();
             let id = Self::volume_id(&st, name)?;
@@ -137,7 +146,11 @@ impl Engine {
         self.volume(name)
     }
 
-    pub(crate) fn flatten_lineage(&self, lineage: u64, progress: &mut dyn FnMut(u64, u64)) -> Result<()> {
+    pub(crate) fn flatten_lineage(
+        &self,
+        lineage: u64,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<()> {
         // Find or create the intent.
         let (intent_id, mut cursor) = {
             let _ctl = self.inner().control.lock();
@@ -201,14 +214,20 @@ impl Engine {
                 let mut copies = Vec::new();
                 let mut c = cursor;
                 while c < total && copies.len() < FLATTEN_BATCH {
-                    let first_own = lin.map.range((c, 0)..(c + 1, 0)).next().map(|(&(_, e), _)| e);
+                    let first_own = lin
+                        .map
+                        .range((c, 0)..(c + 1, 0))
+                        .next()
+                        .map(|(&(_, e), _)| e);
                     let needed = match first_own {
                         None => true,
                         Some(0) => false,
                         Some(e) => min_reader < e,
                     };
                     if needed {
-                        if let Resolved::Data { phys, valid } = st.resolve(parent.lineage, parent.epoch, c, cs) {
+                        if let Resolved::Data { phys, valid } =
+                            st.resolve(parent.lineage, parent.epoch, c, cs)
+                        {
                             let valid = valid.min(parent.limit.saturating_sub(c * cs));
                             if valid > 0 {
                                 copies.push((c, phys, valid));
@@ -244,7 +263,10 @@ impl Engine {
             }
             let copy_result = (|| -> Result<()> {
                 let _reclaim = pool.reclaim.read();
-                let mut bufs: Vec<AlignedBuf> = copies.iter().map(|_| AlignedBuf::zeroed(pool.chunk_size as usize)).collect();
+                let mut bufs: Vec<AlignedBuf> = copies
+                    .iter()
+                    .map(|_| AlignedBuf::zeroed(pool.chunk_size as usize))
+                    .collect();
                 let mut reads: Vec<IoOp<'_>> = copies
                     .iter()
                     .zip(bufs.iter_mut())
@@ -285,7 +307,11 @@ impl Engine {
                     Some(lin) => {
                         for (&(c, _, _), &d) in copies.iter().zip(dests.iter()) {
                             lin.map.insert((c, 0), d);
-                            st.pending.put_cf(Cf::Map, keys::map_key(lineage, c, 0), keys::map_value(d));
+                            st.pending.put_cf(
+                                Cf::Map,
+                                keys::map_key(lineage, c, 0),
+                                keys::map_value(d),
+                            );
                         }
                     }
                     None => {
@@ -297,7 +323,10 @@ impl Engine {
                 st.pending.put_cf(
                     Cf::Intents,
                     keys::id_key(intent_id),
-                    records::encode(&Intent::Flatten { lineage, cursor: done }),
+                    records::encode(&Intent::Flatten {
+                        lineage,
+                        cursor: done,
+                    }),
                 );
             }
             self.commit()?;

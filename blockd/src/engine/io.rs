@@ -80,7 +80,8 @@ impl Engine {
     }
 
     fn head_epoch(st: &State, h: &ImageHandle) -> u64 {
-        h.epoch.unwrap_or_else(|| st.lineages[&h.lineage].rec.e_head)
+        h.epoch
+            .unwrap_or_else(|| st.lineages[&h.lineage].rec.e_head)
     }
 
     /// Reads `buf.len()` bytes at `offset`.
@@ -155,25 +156,38 @@ impl Engine {
             st.lineages[&h.lineage].gate.clone()
         };
         let _writer = gate.read();
-        self.write_quiesced(h, offset, data)?;
-        self.maybe_kick_commit();
+        let pending = self.write_quiesced(h, offset, data)?;
+        drop(_writer);
+        self.maybe_kick_commit(pending);
         Ok(())
     }
 
-    /// The write path for callers that already hold the lineage gate.
-    pub(crate) fn write_quiesced(&self, h: &ImageHandle, offset: u64, data: &[u8]) -> Result<()> {
+    /// The write path for callers that already hold the lineage gate. Returns the
+    /// overlay's size (pending changes) for the commit trigger.
+    pub(crate) fn write_quiesced(
+        &self,
+        h: &ImageHandle,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<usize> {
         let pool = self.inner.pools[h.pool].clone();
         let _reclaim = pool.reclaim.read();
         let plans = self.plan_write(&pool, h, offset, data.len() as u64)?;
         let result = self.execute_write(&pool, &plans, data);
-        self.finish_write(&pool, h, &plans, result.is_ok());
-        result
+        let pending = self.finish_write(&pool, h, &plans, result.is_ok());
+        result.map(|()| pending)
     }
 
     /// Decides in-place vs fresh for every piece and reserves fresh chunks. Waits while
     /// another writer copies-on-write one of the chunks (ascending chunk order, so two
     /// writers never wait on each other in a cycle: nothing is reserved before waiting).
-    fn plan_write(&self, pool: &PoolRt, h: &ImageHandle, offset: u64, len: u64) -> Result<Vec<WritePlan>> {
+    fn plan_write(
+        &self,
+        pool: &PoolRt,
+        h: &ImageHandle,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<WritePlan>> {
         let cs = pool.chunk_size;
         let mut st = self.inner.state.lock();
         loop {
@@ -201,7 +215,11 @@ impl Engine {
                             if let WritePlan::Fresh { piece, phys, .. } = plan {
                                 st.allocators[pool.idx].release(*phys);
                                 st.reserved.remove(&(pool.idx, *phys));
-                                st.lineages.get_mut(&h.lineage).expect("exists").cow_inflight.remove(&piece.chunk);
+                                st.lineages
+                                    .get_mut(&h.lineage)
+                                    .expect("exists")
+                                    .cow_inflight
+                                    .remove(&piece.chunk);
                             }
                         }
                         return Err(EngineError::NoSpace {
@@ -215,7 +233,11 @@ impl Engine {
                         .expect("exists")
                         .cow_inflight
                         .insert(p.chunk);
-                    plans.push(WritePlan::Fresh { piece: p, phys, source });
+                    plans.push(WritePlan::Fresh {
+                        piece: p,
+                        phys,
+                        source,
+                    });
                 }
             }
         }
@@ -268,7 +290,8 @@ impl Engine {
         for (plan, m) in plans.iter().zip(merged.iter_mut()) {
             if let (WritePlan::Fresh { piece, .. }, Some(buf)) = (plan, m.as_mut()) {
                 let at = piece.at as usize;
-                buf[at..at + piece.len as usize].copy_from_slice(&data[piece.pos..piece.pos + piece.len as usize]);
+                buf[at..at + piece.len as usize]
+                    .copy_from_slice(&data[piece.pos..piece.pos + piece.len as usize]);
             }
         }
         for (plan, m) in plans.iter().zip(merged.iter()) {
@@ -297,12 +320,18 @@ impl Engine {
 
     /// Records completed fresh chunks in the overlay (or gives them back on failure) and
     /// wakes writers waiting on those chunks.
-    fn finish_write(&self, pool: &PoolRt, h: &ImageHandle, plans: &[WritePlan], ok: bool) {
+    fn finish_write(&self, pool: &PoolRt, h: &ImageHandle, plans: &[WritePlan], ok: bool) -> usize {
+        if plans.iter().all(|p| matches!(p, WritePlan::InPlace { .. })) {
+            // The hot overwrite path: nothing to record, no lock to take.
+            return 0;
+        }
         let mut any = false;
         let mut st = self.inner.state.lock();
         let e_head = st.lineages[&h.lineage].rec.e_head;
         for plan in plans {
-            let WritePlan::Fresh { piece, phys, .. } = plan else { continue };
+            let WritePlan::Fresh { piece, phys, .. } = plan else {
+                continue;
+            };
             any = true;
             st.reserved.remove(&(pool.idx, *phys));
             let lin = st.lineages.get_mut(&h.lineage).expect("exists");
@@ -323,10 +352,14 @@ impl Engine {
                         freed = Some((e_old, p_old));
                     }
                 }
-                st.pending
-                    .put_cf(Cf::Map, keys::map_key(h.lineage, piece.chunk, e_head), keys::map_value(*phys));
+                st.pending.put_cf(
+                    Cf::Map,
+                    keys::map_key(h.lineage, piece.chunk, e_head),
+                    keys::map_value(*phys),
+                );
                 if let Some((e_old, p_old)) = freed {
-                    st.pending.delete_cf(Cf::Map, keys::map_key(h.lineage, piece.chunk, e_old));
+                    st.pending
+                        .delete_cf(Cf::Map, keys::map_key(h.lineage, piece.chunk, e_old));
                     if p_old != ZERO {
                         st.pending_frees.push((pool.idx, p_old));
                     }
@@ -337,10 +370,12 @@ impl Engine {
                 st.pending_frees.push((pool.idx, *phys));
             }
         }
+        let pending = st.pending.len();
         drop(st);
         if any {
             self.inner.cow_done.notify_all();
         }
+        pending
     }
 
     /// Zeroes a range: whole chunks become holes (freed or hidden by a zero tombstone),
@@ -355,7 +390,13 @@ impl Engine {
         self.zero_or_discard(h, offset, len, false)
     }
 
-    fn zero_or_discard(&self, h: &ImageHandle, offset: u64, len: u64, zero_partial: bool) -> Result<()> {
+    fn zero_or_discard(
+        &self,
+        h: &ImageHandle,
+        offset: u64,
+        len: u64,
+        zero_partial: bool,
+    ) -> Result<()> {
         if h.read_only() {
             return Err(EngineError::ReadOnly {
                 image: h.name.to_string(),
@@ -375,7 +416,13 @@ impl Engine {
         self.zero_quiesced(h, offset, len, true)
     }
 
-    fn zero_quiesced(&self, h: &ImageHandle, offset: u64, len: u64, zero_partial: bool) -> Result<()> {
+    fn zero_quiesced(
+        &self,
+        h: &ImageHandle,
+        offset: u64,
+        len: u64,
+        zero_partial: bool,
+    ) -> Result<()> {
         let pool = self.inner.pools[h.pool].clone();
         let cs = pool.chunk_size;
         let mut partial = Vec::new();
@@ -410,18 +457,26 @@ impl Engine {
         let lin = st.lineages.get_mut(&lineage).expect("exists");
         let e_head = lin.rec.e_head;
         let own = lin.map.get(&(chunk, e_head)).copied();
-        let older = lin.map.range((chunk, 0)..(chunk, e_head)).next_back().is_some();
+        let older = lin
+            .map
+            .range((chunk, 0)..(chunk, e_head))
+            .next_back()
+            .is_some();
         let parent_covers = lin.rec.parent.is_some_and(|p| chunk * cs < p.limit);
         match own {
             Some(ZERO) => {}
             Some(phys) => {
                 if older || parent_covers {
                     lin.map.insert((chunk, e_head), ZERO);
-                    st.pending
-                        .put_cf(Cf::Map, keys::map_key(lineage, chunk, e_head), keys::map_value(ZERO));
+                    st.pending.put_cf(
+                        Cf::Map,
+                        keys::map_key(lineage, chunk, e_head),
+                        keys::map_value(ZERO),
+                    );
                 } else {
                     lin.map.remove(&(chunk, e_head));
-                    st.pending.delete_cf(Cf::Map, keys::map_key(lineage, chunk, e_head));
+                    st.pending
+                        .delete_cf(Cf::Map, keys::map_key(lineage, chunk, e_head));
                 }
                 st.pending_frees.push((pool.idx, phys));
             }
@@ -429,8 +484,11 @@ impl Engine {
                 if st.resolve(lineage, e_head, chunk, cs) != Resolved::Zero {
                     let lin = st.lineages.get_mut(&lineage).expect("exists");
                     lin.map.insert((chunk, e_head), ZERO);
-                    st.pending
-                        .put_cf(Cf::Map, keys::map_key(lineage, chunk, e_head), keys::map_value(ZERO));
+                    st.pending.put_cf(
+                        Cf::Map,
+                        keys::map_key(lineage, chunk, e_head),
+                        keys::map_value(ZERO),
+                    );
                 }
             }
         }

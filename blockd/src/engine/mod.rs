@@ -175,10 +175,9 @@ pub fn validate_name(kind: ObjectKind, name: &str) -> Result<()> {
     if !(first.is_ascii_lowercase() || first.is_ascii_digit()) {
         return bad("a name must start with a lowercase letter or a digit");
     }
-    if !name
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'_' || b == b'-')
-    {
+    if !name.bytes().all(|b| {
+        b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'_' || b == b'-'
+    }) {
         return bad("a name may contain only a-z, 0-9, '.', '_' and '-'");
     }
     if name.contains("..") {
@@ -228,7 +227,11 @@ impl Engine {
         }
         let mut batch = WriteBatch::new();
         match meta.get(Cf::Meta, keys::FORMAT_KEY)? {
-            None => batch.put_cf(Cf::Meta, keys::FORMAT_KEY, keys::FORMAT_VERSION.to_be_bytes().to_vec()),
+            None => batch.put_cf(
+                Cf::Meta,
+                keys::FORMAT_KEY,
+                keys::FORMAT_VERSION.to_be_bytes().to_vec(),
+            ),
             Some(v) if v == keys::FORMAT_VERSION.to_be_bytes() => {}
             Some(v) => {
                 return Err(EngineError::Corrupt(format!(
@@ -379,7 +382,10 @@ impl Engine {
             let id = keys::decode_id(Cf::Lineages, &k)?;
             let rec: LineageRecord = records::decode(Cf::Lineages, &v)?;
             let Some(&pidx) = pool_idx_by_id.get(&rec.pool) else {
-                return Err(EngineError::Corrupt(format!("lineage {id} names unknown pool id {}", rec.pool)));
+                return Err(EngineError::Corrupt(format!(
+                    "lineage {id} names unknown pool id {}",
+                    rec.pool
+                )));
             };
             st.lineages.insert(id, Lineage::new(id, rec, pidx));
         }
@@ -387,7 +393,10 @@ impl Engine {
             let id = keys::decode_id(Cf::Images, &k)?;
             let rec: ImageRecord = records::decode(Cf::Images, &v)?;
             let Some(lin) = st.lineages.get_mut(&rec.lineage) else {
-                return Err(EngineError::Corrupt(format!("image {:?} names unknown lineage {}", rec.name, rec.lineage)));
+                return Err(EngineError::Corrupt(format!(
+                    "image {:?} names unknown lineage {}",
+                    rec.name, rec.lineage
+                )));
             };
             match rec.kind {
                 ImageKind::Volume => {
@@ -404,7 +413,12 @@ impl Engine {
         for p in pins {
             match st.lineages.get_mut(&p.lineage) {
                 Some(parent) => parent.add_reader(p.epoch),
-                None => return Err(EngineError::Corrupt(format!("a clone's parent lineage {} is missing", p.lineage))),
+                None => {
+                    return Err(EngineError::Corrupt(format!(
+                        "a clone's parent lineage {} is missing",
+                        p.lineage
+                    )))
+                }
             }
         }
         // The map, page by page (a full scan: free space is derived from it).
@@ -419,17 +433,22 @@ impl Engine {
                 let (l, c, e) = keys::decode_map_key(k)?;
                 let phys = keys::decode_map_value(v)?;
                 let Some(lin) = st.lineages.get_mut(&l) else {
-                    st.open_problems.push(format!("map entry ({l},{c},{e}) names missing lineage {l}"));
+                    st.open_problems
+                        .push(format!("map entry ({l},{c},{e}) names missing lineage {l}"));
                     continue;
                 };
                 if phys != ZERO {
                     let alloc = &mut st.allocators[lin.pool];
                     if phys == 0 || phys >= alloc.chunks() {
-                        st.open_problems.push(format!("map entry ({l},{c},{e}) points outside its pool: chunk {phys}"));
+                        st.open_problems.push(format!(
+                            "map entry ({l},{c},{e}) points outside its pool: chunk {phys}"
+                        ));
                         continue;
                     }
                     if !alloc.mark_used(phys) {
-                        st.open_problems.push(format!("chunk {phys} is owned twice (again by ({l},{c},{e}))"));
+                        st.open_problems.push(format!(
+                            "chunk {phys} is owned twice (again by ({l},{c},{e}))"
+                        ));
                     }
                 }
                 lin.map.insert((c, e), phys);
@@ -454,7 +473,13 @@ impl Engine {
                 p.device.punch(p.offset(first), count * p.chunk_size)?;
             }
         }
-        tracing::info!(pools = pools.len(), lineages = st.lineages.len(), images = st.images.len(), mapped, "engine opened");
+        tracing::info!(
+            pools = pools.len(),
+            lineages = st.lineages.len(),
+            images = st.images.len(),
+            mapped,
+            "engine opened"
+        );
 
         let engine = Engine {
             inner: Arc::new(Inner {
@@ -509,7 +534,9 @@ impl Engine {
         let mut volumes = 0;
         let mut snapshots = 0;
         for img in st.images.values() {
-            let Some(lin) = st.lineages.get(&img.lineage) else { continue };
+            let Some(lin) = st.lineages.get(&img.lineage) else {
+                continue;
+            };
             if lin.pool != p.idx {
                 continue;
             }
@@ -545,7 +572,11 @@ impl Engine {
 
     pub fn pools(&self) -> Vec<PoolInfo> {
         let st = self.inner.state.lock();
-        self.inner.pools.iter().map(|p| self.pool_info(&st, p)).collect()
+        self.inner
+            .pools
+            .iter()
+            .map(|p| self.pool_info(&st, p))
+            .collect()
     }
 
     pub fn pool(&self, name: &str) -> Result<PoolInfo> {
@@ -605,17 +636,23 @@ impl Engine {
     }
 
     fn volume_id(st: &State, name: &str) -> Result<u64> {
-        st.volumes_by_name.get(name).copied().ok_or_else(|| EngineError::NotFound {
-            kind: ObjectKind::Volume,
-            name: name.to_string(),
-        })
+        st.volumes_by_name
+            .get(name)
+            .copied()
+            .ok_or_else(|| EngineError::NotFound {
+                kind: ObjectKind::Volume,
+                name: name.to_string(),
+            })
     }
 
     fn snapshot_id(st: &State, name: &str) -> Result<u64> {
-        st.snapshots_by_name.get(name).copied().ok_or_else(|| EngineError::NotFound {
-            kind: ObjectKind::Snapshot,
-            name: name.to_string(),
-        })
+        st.snapshots_by_name
+            .get(name)
+            .copied()
+            .ok_or_else(|| EngineError::NotFound {
+                kind: ObjectKind::Snapshot,
+                name: name.to_string(),
+            })
     }
 
     fn check_writable(st: &State) -> Result<()> {
@@ -623,7 +660,9 @@ impl Engine {
             return Err(EngineError::Failed(f.clone()));
         }
         if let Some(p) = st.open_problems.first() {
-            return Err(EngineError::Failed(format!("metadata needs fsck --repair: {p}")));
+            return Err(EngineError::Failed(format!(
+                "metadata needs fsck --repair: {p}"
+            )));
         }
         Ok(())
     }
@@ -636,7 +675,11 @@ impl Engine {
 
     pub fn volumes(&self) -> Vec<VolumeInfo> {
         let st = self.inner.state.lock();
-        let mut v: Vec<_> = st.volumes_by_name.values().map(|&id| self.volume_info(&st, id)).collect();
+        let mut v: Vec<_> = st
+            .volumes_by_name
+            .values()
+            .map(|&id| self.volume_info(&st, id))
+            .collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
     }
@@ -709,7 +752,12 @@ impl Engine {
                 let vid = Self::volume_id(&st, v)?;
                 let img = &st.images[&vid];
                 let lin = &st.lineages[&img.lineage];
-                (None, Some(lin.pool), Some(img.size), Some((img.lineage, img.size)))
+                (
+                    None,
+                    Some(lin.pool),
+                    Some(img.size),
+                    Some((img.lineage, img.size)),
+                )
             }
         };
         let pool_idx = match (&spec.pool, src_pool) {
@@ -734,7 +782,9 @@ impl Engine {
             (Some(s), Some(ss)) if s < ss => {
                 return Err(EngineError::InvalidSize {
                     name: spec.name.clone(),
-                    reason: format!("a clone must be at least as large as its source ({ss} bytes), not {s}"),
+                    reason: format!(
+                        "a clone must be at least as large as its source ({ss} bytes), not {s}"
+                    ),
                 })
             }
             (Some(s), _) => s,
@@ -773,7 +823,10 @@ impl Engine {
                 let guard = gate.write_arc();
                 st = self.inner.state.lock();
                 Self::check_writable(&st)?;
-                let src = st.lineages.get_mut(&src_lineage).expect("source lineage exists under control lock");
+                let src = st
+                    .lineages
+                    .get_mut(&src_lineage)
+                    .expect("source lineage exists under control lock");
                 let epoch = src.rec.e_head;
                 src.rec.e_head += 1;
                 let rec = src.rec.clone();
@@ -808,13 +861,17 @@ impl Engine {
             exported: false,
         };
         if let Some(p) = parent {
-            st.lineages.get_mut(&p.lineage).expect("parent exists").add_reader(p.epoch);
+            st.lineages
+                .get_mut(&p.lineage)
+                .expect("parent exists")
+                .add_reader(p.epoch);
         }
         let next = st.next_id;
         lineage_put(&mut st.pending, lineage_id, &lrec);
         image_put(&mut st.pending, image_id, &irec);
         next_id_put(&mut st.pending, next);
-        st.lineages.insert(lineage_id, Lineage::new(lineage_id, lrec, pool_idx));
+        st.lineages
+            .insert(lineage_id, Lineage::new(lineage_id, lrec, pool_idx));
         st.images.insert(image_id, irec);
         st.volumes_by_name.insert(spec.name.clone(), image_id);
         let info = self.volume_info(&st, image_id);
@@ -833,7 +890,10 @@ impl Engine {
         let id = Self::volume_id(&st, name)?;
         let img = st.images.remove(&id).expect("indexed image exists");
         st.volumes_by_name.remove(name);
-        let lin = st.lineages.get_mut(&img.lineage).expect("image lineage exists");
+        let lin = st
+            .lineages
+            .get_mut(&img.lineage)
+            .expect("image lineage exists");
         lin.rec.head = None;
         lin.gc_dirty = true;
         let rec = lin.rec.clone();

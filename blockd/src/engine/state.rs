@@ -211,7 +211,10 @@ pub enum Resolved {
     Zero,
     /// Data in physical chunk `phys`; bytes at and beyond `valid` within the chunk read
     /// as zeros (a clone's parent limit cuts a chunk).
-    Data { phys: u64, valid: u64 },
+    Data {
+        phys: u64,
+        valid: u64,
+    },
 }
 
 #[derive(Debug)]

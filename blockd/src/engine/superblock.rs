@@ -56,7 +56,9 @@ impl Superblock {
         }
         let version = word4(8);
         if version != VERSION {
-            return Err(bad(format!("superblock version {version} is not supported (this build reads {VERSION})")));
+            return Err(bad(format!(
+                "superblock version {version} is not supported (this build reads {VERSION})"
+            )));
         }
         let mut uuid = [0u8; 16];
         uuid.copy_from_slice(&buf[12..28]);
@@ -100,9 +102,15 @@ mod tests {
         assert_eq!(Superblock::decode("p", &[0u8; BLOCK]).unwrap(), None);
         let mut bad = buf.to_vec();
         bad[30] ^= 1;
-        assert!(matches!(Superblock::decode("p", &bad), Err(EngineError::PoolMismatch { .. })));
+        assert!(matches!(
+            Superblock::decode("p", &bad),
+            Err(EngineError::PoolMismatch { .. })
+        ));
         let mut foreign = vec![0u8; BLOCK];
         foreign[100] = 7;
-        assert!(matches!(Superblock::decode("p", &foreign), Err(EngineError::PoolMismatch { .. })));
+        assert!(matches!(
+            Superblock::decode("p", &foreign),
+            Err(EngineError::PoolMismatch { .. })
+        ));
     }
 }

@@ -127,7 +127,10 @@ pub struct FsckReport {
 
 impl FsckReport {
     pub fn is_clean(&self) -> bool {
-        self.double_owned == 0 && self.leaked == 0 && self.bad_pointers == 0 && self.bad_records == 0
+        self.double_owned == 0
+            && self.leaked == 0
+            && self.bad_pointers == 0
+            && self.bad_records == 0
     }
 }
 

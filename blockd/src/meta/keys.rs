@@ -134,8 +134,17 @@ mod tests {
 
     #[test]
     fn bad_lengths_are_typed_errors() {
-        assert!(matches!(decode_map_key(&[0; 23]), Err(MetaError::Corrupt { .. })));
-        assert!(matches!(decode_map_value(&[0; 7]), Err(MetaError::Corrupt { .. })));
-        assert!(matches!(decode_id(Cf::Images, &[0; 9]), Err(MetaError::Corrupt { .. })));
+        assert!(matches!(
+            decode_map_key(&[0; 23]),
+            Err(MetaError::Corrupt { .. })
+        ));
+        assert!(matches!(
+            decode_map_value(&[0; 7]),
+            Err(MetaError::Corrupt { .. })
+        ));
+        assert!(matches!(
+            decode_id(Cf::Images, &[0; 9]),
+            Err(MetaError::Corrupt { .. })
+        ));
     }
 }

@@ -14,11 +14,11 @@
 //!   batch written before it survives too;
 //! - scans return keys in ascending byte order.
 
+#[cfg(test)]
+mod conformance;
 pub mod keys;
 pub mod mem;
 pub mod rocks;
-#[cfg(test)]
-mod conformance;
 
 use std::fmt;
 
@@ -80,8 +80,15 @@ pub type Result<T> = std::result::Result<T, MetaError>;
 /// One operation of a write batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BatchOp {
-    Put { cf: Cf, key: Vec<u8>, value: Vec<u8> },
-    Delete { cf: Cf, key: Vec<u8> },
+    Put {
+        cf: Cf,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Delete {
+        cf: Cf,
+        key: Vec<u8>,
+    },
 }
 
 /// An ordered list of puts and deletes applied atomically.

@@ -396,7 +396,7 @@ mod tests {
     fn reopened_store_still_conforms() {
         let dir = tempfile::tempdir().unwrap();
         conformance::conformance(&RocksStore::open(dir.path()).unwrap());
-        // The second run starts from a store full of tombstones and SST-free history.
+        // The second run starts from a reopened store whose WAL replays the first run.
         conformance::conformance(&RocksStore::open(dir.path()).unwrap());
     }
 
