@@ -13,6 +13,7 @@ pub mod api;
 pub mod config;
 pub mod device;
 pub mod engine;
+pub mod exports;
 pub mod fault;
 pub mod meta;
 pub mod metrics;

@@ -149,23 +149,21 @@ fn run(mut config: Config) -> anyhow::Result<()> {
     );
 
     let meta_dir = config.meta_dir();
-    let meta: Arc<dyn MetaStore> = Arc::new(RocksStore::open(&meta_dir).with_context(|| {
-        format!("cannot open the metadata store {}", meta_dir.display())
-    })?);
+    let meta: Arc<dyn MetaStore> = Arc::new(
+        RocksStore::open(&meta_dir)
+            .with_context(|| format!("cannot open the metadata store {}", meta_dir.display()))?,
+    );
     let mut specs = Vec::new();
     for pool in config.pools() {
-        let device = device::open_path(
-            &pool.path,
-            Some(pool.size_bytes()),
-            config.io_engine.into(),
-        )
-        .with_context(|| {
-            format!(
-                "cannot open pool {:?} at {}",
-                pool.name,
-                pool.path.display()
-            )
-        })?;
+        let device =
+            device::open_path(&pool.path, Some(pool.size_bytes()), config.io_engine.into())
+                .with_context(|| {
+                    format!(
+                        "cannot open pool {:?} at {}",
+                        pool.name,
+                        pool.path.display()
+                    )
+                })?;
         specs.push(PoolSpec {
             name: pool.name.clone(),
             device,
@@ -223,31 +221,27 @@ async fn serve(config: &Config, engine: Engine, meta: Arc<dyn MetaStore>) -> any
         metrics_addr: config.metrics_addr,
         started: Instant::now(),
     };
-    #[allow(unused_mut)] // mutated by the NBD wiring below
     let mut ctx = ApiContext::new(engine.clone(), metrics.clone(), info);
     let mut tasks = tokio::task::JoinSet::new();
 
-    // ---------------------------------------------------------------------------------
-    // NBD WIRING POINT (lead): start the NBD server on `nbd_socket` here, e.g.
-    //
-    //     let registry = Arc::new(EngineExports::new(engine.clone(), metrics.clone()));
-    //     let nbd = blockd::nbd::Server::new(registry);
-    //     ctx = ctx.with_nbd(nbd.clone());          // unexport closes open connections
-    //     let stop = shutdown.wait();
-    //     let path = nbd_socket.clone();
-    //     tasks.spawn(async move {
-    //         nbd.serve_unix(&path, stop).await.map_err(|e| anyhow!(e).context("NBD server failed"))
-    //     });
-    //
-    // `EngineExports` (engine -> `nbd::ExportRegistry`) must refuse images that
-    // `engine.exported_images()` does not list, and record I/O through
-    // `metrics.image_io(image)`. Export bookkeeping and URIs are already served by the
-    // API (`api::exports`), from `nbd_socket`.
-    // ---------------------------------------------------------------------------------
-    tracing::warn!(
-        nbd_socket = %nbd_socket.display(),
-        "the NBD server is not wired into this build yet: exports are recorded but not served"
-    );
+    // The NBD server: exported images only (the registry asks the engine), unexport
+    // closes open connections through `ctx`.
+    {
+        let registry = Arc::new(blockd::exports::EngineExports::new(
+            engine.clone(),
+            metrics.clone(),
+        ));
+        let nbd = blockd::nbd::Server::new(registry);
+        ctx = ctx.with_nbd(nbd.clone());
+        let stop = shutdown.wait();
+        let path = nbd_socket.clone();
+        tasks.spawn(async move {
+            nbd.serve_unix(&path, stop)
+                .await
+                .map_err(|e| anyhow!(e).context("NBD server failed"))
+        });
+        tracing::info!(nbd_socket = %nbd_socket.display(), "serving NBD");
+    }
 
     if let Some(addr) = config.metrics_addr {
         let listener = metrics::bind(addr)
@@ -265,11 +259,11 @@ async fn serve(config: &Config, engine: Engine, meta: Arc<dyn MetaStore>) -> any
 
     let listener = bind_api_socket(&api_socket)?;
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_service_status("", ServingStatus::Serving)
-        .await;
+    health.set_service_status("", ServingStatus::Serving).await;
     for name in api::SERVICE_NAMES {
-        health.set_service_status(name, ServingStatus::Serving).await;
+        health
+            .set_service_status(name, ServingStatus::Serving)
+            .await;
     }
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(blockd_proto::FILE_DESCRIPTOR_SET)
@@ -285,7 +279,9 @@ async fn serve(config: &Config, engine: Engine, meta: Arc<dyn MetaStore>) -> any
         async move {
             wait.await;
             // Probes see the daemon going away before connections are refused.
-            health.set_service_status("", ServingStatus::NotServing).await;
+            health
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
         }
     };
     let grpc = tonic::transport::Server::builder()
@@ -305,18 +301,21 @@ async fn serve(config: &Config, engine: Engine, meta: Arc<dyn MetaStore>) -> any
         _ = shutdown.wait() => {}
         res = &mut grpc => {
             grpc_done = true;
-            failure = Some(match res {
-                Ok(Ok(())) => anyhow!("the gRPC server stopped unexpectedly"),
-                Ok(Err(err)) => anyhow!(err).context("gRPC server failed"),
-                Err(join) => anyhow!(join).context("gRPC server task failed"),
-            });
+            failure = match res {
+                Ok(Ok(())) if shutdown.triggered() => None,
+                Ok(Ok(())) => Some(anyhow!("the gRPC server stopped unexpectedly")),
+                Ok(Err(err)) => Some(anyhow!(err).context("gRPC server failed")),
+                Err(join) => Some(anyhow!(join).context("gRPC server task failed")),
+            };
         }
         Some(res) = tasks.join_next() => {
-            failure = Some(match res {
-                Ok(Ok(())) => anyhow!("a server stopped unexpectedly"),
-                Ok(Err(err)) => err,
-                Err(join) => anyhow!(join).context("server task failed"),
-            });
+            failure = match res {
+                // Servers stop on their own when the shutdown they watch fires first.
+                Ok(Ok(())) if shutdown.triggered() => None,
+                Ok(Ok(())) => Some(anyhow!("a server stopped unexpectedly")),
+                Ok(Err(err)) => Some(err),
+                Err(join) => Some(anyhow!(join).context("server task failed")),
+            };
         }
     }
     if let Some(err) = &failure {
@@ -336,7 +335,9 @@ async fn serve(config: &Config, engine: Engine, meta: Arc<dyn MetaStore>) -> any
         while let Some(res) = tasks.join_next().await {
             match res {
                 Ok(Ok(())) => {}
-                Ok(Err(err)) => tracing::warn!(error = %one_line(&err), "server stopped with an error"),
+                Ok(Err(err)) => {
+                    tracing::warn!(error = %one_line(&err), "server stopped with an error")
+                }
                 Err(join) => tracing::warn!(error = %join, "server task failed"),
             }
         }
@@ -371,6 +372,11 @@ impl Shutdown {
 
     fn trigger(&self) {
         self.tx.send_replace(true);
+    }
+
+    /// Whether the shutdown has been triggered (servers then stop on purpose).
+    fn triggered(&self) -> bool {
+        *self.tx.borrow()
     }
 
     /// Completes once the shutdown is triggered.
@@ -450,7 +456,8 @@ fn remove_stale_socket(path: &Path) -> anyhow::Result<()> {
         );
     }
     tracing::info!(path = %path.display(), "removing stale socket");
-    std::fs::remove_file(path).with_context(|| format!("cannot remove stale socket {}", path.display()))
+    std::fs::remove_file(path)
+        .with_context(|| format!("cannot remove stale socket {}", path.display()))
 }
 
 fn remove_socket(path: &Path) {
@@ -531,7 +538,10 @@ mod tests {
         let err = StateLock::acquire(&path, dir.path()).err().unwrap();
         let text = one_line(&err);
         assert!(text.contains("in use by another blockd"), "{text}");
-        assert!(text.contains(&format!("pid {}", std::process::id())), "{text}");
+        assert!(
+            text.contains(&format!("pid {}", std::process::id())),
+            "{text}"
+        );
         drop(first);
         StateLock::acquire(&path, dir.path()).unwrap();
     }
