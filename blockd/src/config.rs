@@ -548,7 +548,12 @@ mod tests {
 
     #[test]
     fn toml_errors_are_one_line() {
-        for text in ["state_dir = \"/x\"", "io-engine = \"fast\"", "[[pool]]\nname = \"p\"", "x ="] {
+        for text in [
+            "state_dir = \"/x\"",
+            "io-engine = \"fast\"",
+            "[[pool]]\nname = \"p\"",
+            "x =",
+        ] {
             let err = Config::from_toml(Path::new("b.toml"), text).expect_err(text);
             assert!(!err.to_string().contains('\n'), "{err}");
         }

@@ -13,7 +13,9 @@ use std::time::Instant;
 
 use crate::engine::{Engine, EngineError, ImageHandle};
 use crate::metrics::{ImageIoMetrics, IoOp, Metrics};
-use crate::nbd::{Errno, Extent, ExtentKind, ExportListing, ExportRegistry, ExportTarget, OpenError, ZeroMode};
+use crate::nbd::{
+    Errno, ExportListing, ExportRegistry, ExportTarget, Extent, ExtentKind, OpenError, ZeroMode,
+};
 use crate::qos::Qos;
 
 /// Exported engine images, as the NBD server sees them.
@@ -25,7 +27,9 @@ pub struct EngineExports {
 
 impl std::fmt::Debug for EngineExports {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EngineExports").field("engine", &self.engine).finish_non_exhaustive()
+        f.debug_struct("EngineExports")
+            .field("engine", &self.engine)
+            .finish_non_exhaustive()
     }
 }
 
@@ -80,7 +84,12 @@ struct EngineTarget {
 }
 
 impl EngineTarget {
-    fn timed<T>(&self, op: IoOp, bytes: u64, f: impl FnOnce() -> Result<T, EngineError>) -> Result<T, Errno> {
+    fn timed<T>(
+        &self,
+        op: IoOp,
+        bytes: u64,
+        f: impl FnOnce() -> Result<T, EngineError>,
+    ) -> Result<T, Errno> {
         let start = Instant::now();
         match f() {
             Ok(v) => {
@@ -111,11 +120,15 @@ impl ExportTarget for EngineTarget {
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), Errno> {
         let n = buf.len() as u64;
-        self.timed(IoOp::Read, n, || self.engine.read(&self.handle, offset, buf))
+        self.timed(IoOp::Read, n, || {
+            self.engine.read(&self.handle, offset, buf)
+        })
     }
 
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), Errno> {
-        self.timed(IoOp::Write, data.len() as u64, || self.engine.write(&self.handle, offset, data))
+        self.timed(IoOp::Write, data.len() as u64, || {
+            self.engine.write(&self.handle, offset, data)
+        })
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, mode: ZeroMode) -> Result<(), Errno> {
@@ -129,7 +142,8 @@ impl ExportTarget for EngineTarget {
                 let mut done = 0;
                 while done < len {
                     let n = STEP.min(len - done);
-                    self.engine.write(&self.handle, offset + done, &zeros[..n as usize])?;
+                    self.engine
+                        .write(&self.handle, offset + done, &zeros[..n as usize])?;
                     done += n;
                 }
                 Ok(())
@@ -143,7 +157,9 @@ impl ExportTarget for EngineTarget {
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<(), Errno> {
-        self.timed(IoOp::Trim, len, || self.engine.discard(&self.handle, offset, len))
+        self.timed(IoOp::Trim, len, || {
+            self.engine.discard(&self.handle, offset, len)
+        })
     }
 
     fn flush(&self) -> Result<(), Errno> {
@@ -152,14 +168,20 @@ impl ExportTarget for EngineTarget {
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, Errno> {
         self.timed(IoOp::BlockStatus, 0, || {
-            self.engine.block_status(&self.handle, offset, len).map(|v| {
-                v.into_iter()
-                    .map(|e| Extent {
-                        len: e.len,
-                        kind: if e.hole { ExtentKind::Hole } else { ExtentKind::Data },
-                    })
-                    .collect()
-            })
+            self.engine
+                .block_status(&self.handle, offset, len)
+                .map(|v| {
+                    v.into_iter()
+                        .map(|e| Extent {
+                            len: e.len,
+                            kind: if e.hole {
+                                ExtentKind::Hole
+                            } else {
+                                ExtentKind::Data
+                            },
+                        })
+                        .collect()
+                })
         })
     }
 

@@ -67,7 +67,10 @@ impl Fixture {
                         dev_path = PathBuf::from(p);
                     }
                     Ok(o) => {
-                        eprintln!("skipping: losetup failed: {}", String::from_utf8_lossy(&o.stderr).trim());
+                        eprintln!(
+                            "skipping: losetup failed: {}",
+                            String::from_utf8_lossy(&o.stderr).trim()
+                        );
                         return None;
                     }
                     Err(e) => {
@@ -90,21 +93,26 @@ impl Fixture {
     }
 
     fn open(&self) -> Engine {
-        let (meta, device): (Arc<dyn MetaStore>, Arc<dyn BlockDevice>) = match (&self.kind, &self.mem) {
-            (Kind::Mem, Some((m, d))) => (m.clone(), d.clone()),
-            (Kind::File(choice), _) => (
-                Arc::new(RocksStore::open(&self.meta_dir).expect("rocksdb opens")),
-                open_path(&self.dev_path, Some(self.size), *choice).expect("pool file opens"),
-            ),
-            (Kind::Loop(choice), _) => (
-                Arc::new(RocksStore::open(&self.meta_dir).expect("rocksdb opens")),
-                open_path(&self.dev_path, None, *choice).expect("loop device opens"),
-            ),
-            (Kind::Mem, None) => unreachable!(),
-        };
+        let (meta, device): (Arc<dyn MetaStore>, Arc<dyn BlockDevice>) =
+            match (&self.kind, &self.mem) {
+                (Kind::Mem, Some((m, d))) => (m.clone(), d.clone()),
+                (Kind::File(choice), _) => (
+                    Arc::new(RocksStore::open(&self.meta_dir).expect("rocksdb opens")),
+                    open_path(&self.dev_path, Some(self.size), *choice).expect("pool file opens"),
+                ),
+                (Kind::Loop(choice), _) => (
+                    Arc::new(RocksStore::open(&self.meta_dir).expect("rocksdb opens")),
+                    open_path(&self.dev_path, None, *choice).expect("loop device opens"),
+                ),
+                (Kind::Mem, None) => unreachable!(),
+            };
         match &self.kind {
-            Kind::File(EngineChoice::Uring) | Kind::Loop(EngineChoice::Uring) => assert_eq!(device.engine(), IoEngine::Uring),
-            Kind::File(EngineChoice::Sync) | Kind::Loop(EngineChoice::Sync) => assert_eq!(device.engine(), IoEngine::Sync),
+            Kind::File(EngineChoice::Uring) | Kind::Loop(EngineChoice::Uring) => {
+                assert_eq!(device.engine(), IoEngine::Uring)
+            }
+            Kind::File(EngineChoice::Sync) | Kind::Loop(EngineChoice::Sync) => {
+                assert_eq!(device.engine(), IoEngine::Sync)
+            }
             _ => {}
         }
         Engine::open(
@@ -135,7 +143,9 @@ fn spec(name: &str, size: u64) -> VolumeSpec {
 }
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len).map(|i| seed.wrapping_mul(31).wrapping_add((i % 251) as u8)).collect()
+    (0..len)
+        .map(|i| seed.wrapping_mul(31).wrapping_add((i % 251) as u8))
+        .collect()
 }
 
 fn read(e: &Engine, image: &str, off: u64, len: usize) -> Vec<u8> {
@@ -174,14 +184,28 @@ fn basic_io(f: Fixture) {
     }
     write(&e, "b", 0, &pattern(9, 8192)).unwrap();
     for (off, len, seed) in cases {
-        assert_eq!(read(&e, "a", off, len), pattern(seed, len), "a at {off}+{len}");
+        assert_eq!(
+            read(&e, "a", off, len),
+            pattern(seed, len),
+            "a at {off}+{len}"
+        );
     }
-    assert_eq!(read(&e, "a", 2 * MIB, 8192), vec![0; 8192], "never written reads zeros");
+    assert_eq!(
+        read(&e, "a", 2 * MIB, 8192),
+        vec![0; 8192],
+        "never written reads zeros"
+    );
     // Out of range: an error, never a wrap-around.
     let h = e.open_image("a").unwrap();
     let mut buf = vec![0; 2];
-    assert!(matches!(e.read(&h, 10 * MIB - 1, &mut buf), Err(EngineError::OutOfRange { .. })));
-    assert!(matches!(e.write(&h, u64::MAX - 1, &[1, 2, 3]), Err(EngineError::OutOfRange { .. })));
+    assert!(matches!(
+        e.read(&h, 10 * MIB - 1, &mut buf),
+        Err(EngineError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        e.write(&h, u64::MAX - 1, &[1, 2, 3]),
+        Err(EngineError::OutOfRange { .. })
+    ));
     // Write-zeroes over a partial and whole chunks; discard of whole chunks frees space.
     e.write_zeroes(&h, 3 * f.chunk + 7, f.chunk + 10).unwrap();
     let mut expect = pattern(4, 2 * f.chunk as usize + 13);
@@ -203,7 +227,11 @@ fn basic_io(f: Fixture) {
     assert_eq!(read(&e, "a", 0, 512), pattern(1, 512));
     assert_eq!(read(&e, "a", 10 * MIB - 1000, 1000), pattern(6, 1000));
     assert_eq!(read(&e, "b", 0, 8192), pattern(9, 8192));
-    assert_eq!(e.volume("b").unwrap().size_bytes, 3 * MIB + 4096, "size rounded up to 4 KiB");
+    assert_eq!(
+        e.volume("b").unwrap().size_bytes,
+        3 * MIB + 4096,
+        "size rounded up to 4 KiB"
+    );
     assert_clean(&e);
 }
 
@@ -221,7 +249,10 @@ fn snapshots_and_clones(f: Fixture) {
     let mut head = a.clone();
     head[MIB as usize / 2..MIB as usize / 2 + b.len()].copy_from_slice(&b);
     assert_eq!(read(&e, "vol", 0, head.len()), head, "head reads B");
-    assert!(matches!(write(&e, "vol@s1", 0, &[1]), Err(EngineError::ReadOnly { .. })));
+    assert!(matches!(
+        write(&e, "vol@s1", 0, &[1]),
+        Err(EngineError::ReadOnly { .. })
+    ));
 
     // Restore into a larger volume, from the snapshot; clone of the live volume.
     let mut from_snap = spec("restored", 8 * MIB);
@@ -231,13 +262,21 @@ fn snapshots_and_clones(f: Fixture) {
     from_vol.source = Some(Source::Volume("vol".into()));
     e.create_volume(&from_vol).unwrap();
     assert_eq!(read(&e, "restored", 0, a.len()), a);
-    assert_eq!(read(&e, "restored", 6 * MIB, 4096), vec![0; 4096], "the grown part reads zeros");
+    assert_eq!(
+        read(&e, "restored", 6 * MIB, 4096),
+        vec![0; 4096],
+        "the grown part reads zeros"
+    );
     assert_eq!(read(&e, "copy", 0, head.len()), head);
     write(&e, "restored", 100, b"diverged").unwrap();
     write(&e, "vol", 100, b"original").unwrap();
     assert_eq!(&read(&e, "restored", 100, 8)[..], b"diverged");
     assert_eq!(&read(&e, "copy", 100, 8)[..], &head[100..108]);
-    assert_eq!(read(&e, "vol@s1", 0, a.len()), a, "snapshot unchanged by clones");
+    assert_eq!(
+        read(&e, "vol@s1", 0, a.len()),
+        a,
+        "snapshot unchanged by clones"
+    );
 
     // Deleting the origin volume keeps its snapshot and clones working.
     e.delete_volume("vol").unwrap();
@@ -251,9 +290,14 @@ fn snapshots_and_clones(f: Fixture) {
     restored[100..108].copy_from_slice(b"diverged");
     assert_eq!(read(&e, "restored", 0, a.len()), restored);
     let mut progress = Vec::new();
-    let info = e.flatten_volume("restored", &mut |d, t| progress.push((d, t))).unwrap();
+    let info = e
+        .flatten_volume("restored", &mut |d, t| progress.push((d, t)))
+        .unwrap();
     assert!(!info.has_parent);
-    assert!(progress.last().is_some_and(|&(d, t)| d == t), "progress reaches the end: {progress:?}");
+    assert!(
+        progress.last().is_some_and(|&(d, t)| d == t),
+        "progress reaches the end: {progress:?}"
+    );
     e.gc().unwrap();
     assert_eq!(read(&e, "restored", 0, a.len()), restored);
     assert_clean(&e);
@@ -288,7 +332,10 @@ fn freed_data_never_leaks(f: Fixture) {
     for c in 0..(cap / f.chunk) {
         let got = read(&e, "b", c * f.chunk, f.chunk as usize);
         assert!(got[..512].iter().all(|&x| x == 0xB0));
-        assert!(got[512..].iter().all(|&x| x == 0), "chunk {c} of B shows A's data");
+        assert!(
+            got[512..].iter().all(|&x| x == 0),
+            "chunk {c} of B shows A's data"
+        );
     }
     assert_clean(&e);
 }
@@ -316,8 +363,17 @@ fn pool_full_enospc(f: Fixture) {
     // Everything written before still reads back; reads, snapshot deletes still work.
     assert_eq!(read(&e, "big", 0, f.chunk as usize), chunk);
     assert_eq!(read(&e, "big", off - f.chunk, f.chunk as usize), chunk);
-    assert_eq!(read(&e, "other", 0, (cap / 8) as usize), pattern(3, (cap / 8) as usize));
-    assert!(matches!(write(&e, "other", 0, &[1; 4096]), Err(EngineError::NoSpace { .. })), "CoW needs a chunk too");
+    assert_eq!(
+        read(&e, "other", 0, (cap / 8) as usize),
+        pattern(3, (cap / 8) as usize)
+    );
+    assert!(
+        matches!(
+            write(&e, "other", 0, &[1; 4096]),
+            Err(EngineError::NoSpace { .. })
+        ),
+        "CoW needs a chunk too"
+    );
     e.delete_snapshot("keep").unwrap();
     e.flush().unwrap();
     e.delete_volume("big").unwrap();

@@ -108,12 +108,29 @@ fn setup(seed: u64) -> (World, Engine, BTreeMap<&'static str, SectorModel>, u64)
     for (vi, v) in VOLS.iter().enumerate() {
         let h = engine.open_image(v).unwrap();
         for _ in 0..6 {
-            write_random(&engine, &h, vi, &mut rng, &mut seq, models.get_mut(v).unwrap()).unwrap();
+            write_random(
+                &engine,
+                &h,
+                vi,
+                &mut rng,
+                &mut seq,
+                models.get_mut(v).unwrap(),
+            )
+            .unwrap();
         }
     }
     engine.flush().unwrap();
     models.values_mut().for_each(SectorModel::settle);
-    (World { mem_dev, meta, clock }, engine, models, seq)
+    (
+        World {
+            mem_dev,
+            meta,
+            clock,
+        },
+        engine,
+        models,
+        seq,
+    )
 }
 
 fn write_random(
@@ -157,7 +174,14 @@ fn workload(
         let v = VOLS[vi];
         let h = engine.open_image(v).unwrap();
         let r = match rng.gen_range(0..20) {
-            0..=11 => write_random(engine, &h, vi, &mut rng, &mut seq, models.get_mut(v).unwrap()),
+            0..=11 => write_random(
+                engine,
+                &h,
+                vi,
+                &mut rng,
+                &mut seq,
+                models.get_mut(v).unwrap(),
+            ),
             12..=13 => {
                 let r = engine.flush();
                 if r.is_ok() {
@@ -219,13 +243,17 @@ fn crash_and_verify(
     world.mem_dev.power_cut(seed, 0.5);
     let dev: Arc<dyn BlockDevice> = Arc::new(world.mem_dev.clone_durable());
     let meta = Arc::new(world.meta.crash_copy(seed));
-    let engine = Engine::open(meta as Arc<dyn MetaStore>, pool_spec(dev)).expect("reopen after crash");
+    let engine =
+        Engine::open(meta as Arc<dyn MetaStore>, pool_spec(dev)).expect("reopen after crash");
     for (v, m) in models {
-        let h = engine.open_image(v).expect("volume created before the crash exists");
+        let h = engine
+            .open_image(v)
+            .expect("volume created before the crash exists");
         let mut buf = vec![0u8; VOL as usize];
         engine.read(&h, 0, &mut buf).unwrap();
         for (s, sec) in buf.chunks(SECTOR as usize).enumerate() {
-            let got = decode_sector(sec).unwrap_or_else(|| panic!("volume {v} sector {s} holds torn or foreign bytes"));
+            let got = decode_sector(sec)
+                .unwrap_or_else(|| panic!("volume {v} sector {s} holds torn or foreign bytes"));
             let ok = got == m.flushed[s] || m.since[s].contains(&got);
             assert!(
                 ok,
@@ -241,18 +269,28 @@ fn crash_and_verify(
         let mut buf = vec![0u8; VOL as usize];
         engine.read(&h, 0, &mut buf).unwrap();
         for (s, sec) in buf.chunks(SECTOR as usize).enumerate() {
-            assert_eq!(decode_sector(sec), Some(content[s]), "snapshot {name} sector {s} changed (seed {seed})");
+            assert_eq!(
+                decode_sector(sec),
+                Some(content[s]),
+                "snapshot {name} sector {s} changed (seed {seed})"
+            );
         }
     }
     let report = engine.fsck(false).unwrap();
-    assert!(report.is_clean(), "fsck after crash (seed {seed}): {report:?}");
+    assert!(
+        report.is_clean(),
+        "fsck after crash (seed {seed}): {report:?}"
+    );
     // And the engine keeps working.
     let h = engine.open_image("a").unwrap();
     engine.write(&h, 0, &[0x42; 4096]).unwrap();
     engine.flush().unwrap();
     engine.gc().unwrap();
     let report = engine.fsck(false).unwrap();
-    assert!(report.is_clean(), "fsck after post-crash writes (seed {seed}): {report:?}");
+    assert!(
+        report.is_clean(),
+        "fsck after post-crash writes (seed {seed}): {report:?}"
+    );
 }
 
 #[test]

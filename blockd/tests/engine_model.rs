@@ -19,18 +19,58 @@ const MAX_VOL: u64 = 96 * 1024;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Create { slot: u8, size: u64 },
-    Write { slot: u8, off: u64, len: u64, byte: u8 },
-    Read { slot: u8, off: u64, len: u64 },
-    Zero { slot: u8, off: u64, len: u64 },
-    Discard { slot: u8, off: u64, len: u64 },
-    Snapshot { slot: u8, snap: u8 },
-    CloneSnap { slot: u8, snap: u8, grow: u64 },
-    CloneVol { slot: u8, from: u8 },
-    Flatten { slot: u8 },
-    DeleteVol { slot: u8 },
-    DeleteSnap { snap: u8 },
-    Resize { slot: u8, size: u64, force: bool },
+    Create {
+        slot: u8,
+        size: u64,
+    },
+    Write {
+        slot: u8,
+        off: u64,
+        len: u64,
+        byte: u8,
+    },
+    Read {
+        slot: u8,
+        off: u64,
+        len: u64,
+    },
+    Zero {
+        slot: u8,
+        off: u64,
+        len: u64,
+    },
+    Discard {
+        slot: u8,
+        off: u64,
+        len: u64,
+    },
+    Snapshot {
+        slot: u8,
+        snap: u8,
+    },
+    CloneSnap {
+        slot: u8,
+        snap: u8,
+        grow: u64,
+    },
+    CloneVol {
+        slot: u8,
+        from: u8,
+    },
+    Flatten {
+        slot: u8,
+    },
+    DeleteVol {
+        slot: u8,
+    },
+    DeleteSnap {
+        snap: u8,
+    },
+    Resize {
+        slot: u8,
+        size: u64,
+        force: bool,
+    },
     Gc,
     Flush,
     Reopen,
@@ -127,8 +167,12 @@ impl Harness {
                     qos: Qos::default(),
                 });
                 match self.vols.get(&name) {
-                    Some(v) if v.len() as u64 == round(size) && !self.clones.contains(&name) => assert!(!r.unwrap().1, "idempotent create"),
-                    Some(_) => assert!(matches!(r, Err(EngineError::AlreadyExists { .. })), "{r:?}"),
+                    Some(v) if v.len() as u64 == round(size) && !self.clones.contains(&name) => {
+                        assert!(!r.unwrap().1, "idempotent create")
+                    }
+                    Some(_) => {
+                        assert!(matches!(r, Err(EngineError::AlreadyExists { .. })), "{r:?}")
+                    }
                     None => {
                         let (info, created) = r.unwrap();
                         assert!(created);
@@ -138,9 +182,16 @@ impl Harness {
                     }
                 }
             }
-            Op::Write { slot, off, len, byte } => {
+            Op::Write {
+                slot,
+                off,
+                len,
+                byte,
+            } => {
                 let name = Self::vname(slot);
-                let Some(model) = self.vols.get_mut(&name) else { return };
+                let Some(model) = self.vols.get_mut(&name) else {
+                    return;
+                };
                 let h = self.engine.open_image(&name).unwrap();
                 let Some((off, len)) = Self::clip(model.len() as u64, off, len) else {
                     let r = self.engine.write(&h, off, &[byte]);
@@ -156,17 +207,28 @@ impl Harness {
             }
             Op::Read { slot, off, len } => {
                 let name = Self::vname(slot);
-                let Some(model) = self.vols.get(&name) else { return };
-                let Some((off, len)) = Self::clip(model.len() as u64, off, len) else { return };
+                let Some(model) = self.vols.get(&name) else {
+                    return;
+                };
+                let Some((off, len)) = Self::clip(model.len() as u64, off, len) else {
+                    return;
+                };
                 let h = self.engine.open_image(&name).unwrap();
                 let mut buf = vec![0xEE; len as usize];
                 self.engine.read(&h, off, &mut buf).unwrap();
-                assert!(buf == model[off as usize..(off + len) as usize], "read of {name} at {off}+{len} differs from the model");
+                assert!(
+                    buf == model[off as usize..(off + len) as usize],
+                    "read of {name} at {off}+{len} differs from the model"
+                );
             }
             Op::Zero { slot, off, len } | Op::Discard { slot, off, len } => {
                 let name = Self::vname(slot);
-                let Some(model) = self.vols.get_mut(&name) else { return };
-                let Some((off, len)) = Self::clip(model.len() as u64, off, len) else { return };
+                let Some(model) = self.vols.get_mut(&name) else {
+                    return;
+                };
+                let Some((off, len)) = Self::clip(model.len() as u64, off, len) else {
+                    return;
+                };
                 let h = self.engine.open_image(&name).unwrap();
                 if matches!(op, Op::Zero { .. }) {
                     match self.engine.write_zeroes(&h, off, len) {
@@ -190,8 +252,12 @@ impl Harness {
                 let r = self.engine.create_snapshot(&vol, &name);
                 match (self.snaps.get(&name), self.vols.get(&vol)) {
                     (Some((origin, _)), _) if *origin == vol => assert!(!r.unwrap().1),
-                    (Some(_), _) => assert!(matches!(r, Err(EngineError::AlreadyExists { .. })), "{r:?}"),
-                    (None, None) => assert!(matches!(r, Err(EngineError::NotFound { .. })), "{r:?}"),
+                    (Some(_), _) => {
+                        assert!(matches!(r, Err(EngineError::AlreadyExists { .. })), "{r:?}")
+                    }
+                    (None, None) => {
+                        assert!(matches!(r, Err(EngineError::NotFound { .. })), "{r:?}")
+                    }
                     (None, Some(content)) => {
                         let (info, created) = r.unwrap();
                         assert!(created);
@@ -203,7 +269,9 @@ impl Harness {
             Op::CloneSnap { slot, snap, grow } => {
                 let name = Self::vname(slot);
                 let sname = Self::sname(snap);
-                let Some((_, content)) = self.snaps.get(&sname) else { return };
+                let Some((_, content)) = self.snaps.get(&sname) else {
+                    return;
+                };
                 if self.vols.contains_key(&name) {
                     return;
                 }
@@ -227,7 +295,9 @@ impl Harness {
             Op::CloneVol { slot, from } => {
                 let name = Self::vname(slot);
                 let src = Self::vname(from);
-                let Some(content) = self.vols.get(&src).cloned() else { return };
+                let Some(content) = self.vols.get(&src).cloned() else {
+                    return;
+                };
                 if self.vols.contains_key(&name) {
                     return;
                 }
@@ -275,7 +345,9 @@ impl Harness {
             }
             Op::Resize { slot, size, force } => {
                 let name = Self::vname(slot);
-                let Some(model) = self.vols.get_mut(&name) else { return };
+                let Some(model) = self.vols.get_mut(&name) else {
+                    return;
+                };
                 let new = round(size);
                 let r = self.engine.resize_volume(&name, size, force);
                 if new < model.len() as u64 && !force {
@@ -319,7 +391,10 @@ impl Harness {
             let mut buf = vec![0xEE; model.len()];
             self.engine.read(&h, 0, &mut buf).unwrap();
             assert!(&buf == model, "snapshot {name} differs from the model");
-            assert!(matches!(self.engine.write(&h, 0, &[1]), Err(EngineError::ReadOnly { .. })));
+            assert!(matches!(
+                self.engine.write(&h, 0, &[1]),
+                Err(EngineError::ReadOnly { .. })
+            ));
         }
         let report = self.engine.fsck(false).unwrap();
         assert!(report.is_clean(), "fsck: {report:?}");
@@ -359,22 +434,61 @@ fn model_snapshot_clone_flatten_scenario() {
     let mut h = Harness::new();
     use Op::*;
     for op in [
-        Create { slot: 0, size: 40_000 },
-        Write { slot: 0, off: 100, len: 20_000, byte: 7 },
+        Create {
+            slot: 0,
+            size: 40_000,
+        },
+        Write {
+            slot: 0,
+            off: 100,
+            len: 20_000,
+            byte: 7,
+        },
         Snapshot { slot: 0, snap: 0 },
-        Write { slot: 0, off: 5000, len: 3000, byte: 9 },
-        CloneSnap { slot: 1, snap: 0, grow: 2 },
-        Write { slot: 1, off: 8000, len: 100, byte: 3 },
+        Write {
+            slot: 0,
+            off: 5000,
+            len: 3000,
+            byte: 9,
+        },
+        CloneSnap {
+            slot: 1,
+            snap: 0,
+            grow: 2,
+        },
+        Write {
+            slot: 1,
+            off: 8000,
+            len: 100,
+            byte: 3,
+        },
         DeleteSnap { snap: 0 },
         Gc,
-        Read { slot: 1, off: 0, len: 50_000 },
+        Read {
+            slot: 1,
+            off: 0,
+            len: 50_000,
+        },
         Flatten { slot: 1 },
         Gc,
         Reopen,
-        Resize { slot: 0, size: 10_000, force: true },
-        Resize { slot: 0, size: 40_000, force: false },
+        Resize {
+            slot: 0,
+            size: 10_000,
+            force: true,
+        },
+        Resize {
+            slot: 0,
+            size: 40_000,
+            force: false,
+        },
         CloneVol { slot: 2, from: 1 },
-        Write { slot: 1, off: 0, len: 1, byte: 1 },
+        Write {
+            slot: 1,
+            off: 0,
+            len: 1,
+            byte: 1,
+        },
         DeleteVol { slot: 1 },
         Gc,
         Reopen,

@@ -9,7 +9,7 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command as Process, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -106,7 +106,7 @@ impl Drop for TestServer {
 }
 
 fn have(tool: &str) -> bool {
-    let found = Command::new("sh")
+    let found = Process::new("sh")
         .arg("-c")
         .arg(format!("command -v {tool}"))
         .stdout(Stdio::null())
@@ -121,7 +121,7 @@ fn have(tool: &str) -> bool {
 
 /// Runs a command with a deadline, killing it if it overruns.
 fn run(program: &str, args: &[&str]) -> Output {
-    let mut child = Command::new(program)
+    let mut child = Process::new(program)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -157,7 +157,10 @@ fn run_ok(program: &str, args: &[&str]) -> String {
 
 fn standard_registry() -> MemRegistry {
     let r = MemRegistry::new();
-    r.insert("vol", MemExport::new(64 * MIB).with_description("test volume"));
+    r.insert(
+        "vol",
+        MemExport::new(64 * MIB).with_description("test volume"),
+    );
     r.insert("vol@snap", MemExport::new(16 * MIB).read_only(true));
     r
 }
@@ -190,7 +193,11 @@ fn nbdinfo_lists_exports_maps_holes_and_reports_block_sizes() {
         .lines()
         .map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            (f[0].parse().unwrap(), f[1].parse().unwrap(), f[2].parse().unwrap())
+            (
+                f[0].parse().unwrap(),
+                f[1].parse().unwrap(),
+                f[2].parse().unwrap(),
+            )
         })
         .collect();
     assert_eq!(
@@ -320,7 +327,10 @@ fn read_only_export_rejects_writes() {
     c.send(Command::Trim, 2, 0, 4096);
     assert_eq!(c.simple_reply().error, NBD_EPERM);
     // Reads work.
-    run_ok("qemu-io", &["-r", "-f", "raw", &uri, "-c", "read -P 0 0 65536"]);
+    run_ok(
+        "qemu-io",
+        &["-r", "-f", "raw", &uri, "-c", "read -P 0 0 65536"],
+    );
     assert_eq!(srv.export("vol@snap").allocated_blocks(), 0);
 }
 
@@ -354,7 +364,10 @@ fn qemu_img_convert_compare_and_map() {
         "qemu-img",
         &["convert", "-n", "-f", "raw", "-O", "raw", src_s, &uri],
     );
-    let out = run_ok("qemu-img", &["compare", "-f", "raw", "-F", "raw", src_s, &uri]);
+    let out = run_ok(
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", src_s, &uri],
+    );
     assert!(out.contains("identical"), "{out}");
     assert!(srv.export("vol").snapshot(0, data.len()) == data);
 
@@ -400,7 +413,10 @@ fn nbdcopy_both_ways() {
     assert!(std::fs::read(&dst).unwrap() == data);
     // The zero runs were not even allocated on our side.
     let blocks = srv.export("vol").allocated_blocks() as u64;
-    assert!(blocks * 4096 < 64 * MIB - 11 * MIB, "{blocks} blocks allocated");
+    assert!(
+        blocks * 4096 < 64 * MIB - 11 * MIB,
+        "{blocks} blocks allocated"
+    );
 }
 
 /// fio's JSON output, after the nbd engine's "connected" line.
@@ -441,10 +457,15 @@ fn fio_random_mixed_writes_verified_over_two_connections() {
     for job in jobs {
         assert_eq!(job["error"], 0, "{job}");
         assert!(job["write"]["io_bytes"].as_u64().unwrap() >= 32 * MIB);
-        assert!(job["read"]["io_bytes"].as_u64().unwrap() >= 32 * MIB, "verify reads");
+        assert!(
+            job["read"]["io_bytes"].as_u64().unwrap() >= 32 * MIB,
+            "verify reads"
+        );
         iops += job["write"]["iops"].as_f64().unwrap();
     }
-    println!("fio randwrite mixed sizes, 2 connections x QD32: {iops:.0} write IOPS (memory backend)");
+    println!(
+        "fio randwrite mixed sizes, 2 connections x QD32: {iops:.0} write IOPS (memory backend)"
+    );
 }
 
 #[test]
@@ -453,7 +474,9 @@ fn fio_4k_randread_iops_baseline() {
         return;
     }
     let srv = TestServer::start(standard_registry());
-    srv.export("vol").write(0, &random_bytes(1, 16 * MIB as usize)).unwrap();
+    srv.export("vol")
+        .write(0, &random_bytes(1, 16 * MIB as usize))
+        .unwrap();
     let out = run_ok(
         "fio",
         &[
@@ -503,7 +526,10 @@ fn qos_limits_iops_measured_by_fio() {
     let v = fio_json(&out);
     let iops = v["jobs"][0]["read"]["iops"].as_f64().unwrap();
     println!("fio 4k randread QD32 under max_iops=500: {iops:.1} IOPS");
-    assert!((450.0..=550.0).contains(&iops), "{iops} IOPS outside 500 ± 10%");
+    assert!(
+        (450.0..=550.0).contains(&iops),
+        "{iops} IOPS outside 500 ± 10%"
+    );
 }
 
 #[test]
@@ -545,7 +571,10 @@ fn qos_limits_bandwidth_and_changes_at_runtime() {
         max_bandwidth_bytes: 32 * MIB,
     });
     let bw = fio("2");
-    println!("fio 64k write after raising to 32 MiB/s: {:.2} MiB/s", bw / MIB as f64);
+    println!(
+        "fio 64k write after raising to 32 MiB/s: {:.2} MiB/s",
+        bw / MIB as f64
+    );
     assert!((bw / (32 * MIB) as f64 - 1.0).abs() < 0.1, "{bw}");
 }
 
@@ -796,7 +825,7 @@ fn stale_socket_is_replaced_and_live_socket_refused() {
 /// for 127.0.0.1/localhost and a client certificate, all signed by the CA.
 fn make_certs(dir: &Path) -> bool {
     let sh = |script: &str| {
-        Command::new("sh")
+        Process::new("sh")
             .arg("-c")
             .arg(script)
             .current_dir(dir)
@@ -826,7 +855,10 @@ fn tls_over_tcp_with_client_certificates() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    assert!(make_certs(dir.path()), "openssl could not make test certificates");
+    assert!(
+        make_certs(dir.path()),
+        "openssl could not make test certificates"
+    );
     // libnbd looks for ca-cert.pem, client-cert.pem and client-key.pem in this directory.
     let client_dir = dir.path().join("client");
     std::fs::create_dir(&client_dir).unwrap();
@@ -897,9 +929,7 @@ fn tls_over_tcp_with_client_certificates() {
                 "--object",
                 &obj,
                 "--image-opts",
-                &format!(
-                    "driver=nbd,host=127.0.0.1,port={port},export=vol,tls-creds=tls0"
-                ),
+                &format!("driver=nbd,host=127.0.0.1,port={port},export=vol,tls-creds=tls0"),
                 "-c",
                 "read -P 0x73 0 1",
                 "-c",

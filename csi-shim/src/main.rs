@@ -5,6 +5,8 @@
 //! mistake.
 
 fn main() {
-    eprintln!("csi-shim: the CSI driver is not implemented yet (see the CSI issue); nothing to run");
+    eprintln!(
+        "csi-shim: the CSI driver is not implemented yet (see the CSI issue); nothing to run"
+    );
     std::process::exit(2);
 }

@@ -1,1 +1,466 @@
-//! Shared helpers for the integration tests in `tests/tests/`.
+//! Shared helpers for the integration tests in `tests/tests/`: they run the real `blockd`
+//! and `blockctl` binaries, as a user would.
+//!
+//! - [`binary`] finds (and first builds, once per test process) the workspace binaries;
+//! - [`Daemon`] runs `blockd` on a private temporary state directory and kills it when
+//!   dropped, so a failing test leaves no process and no directory behind;
+//! - [`Daemon::ctl`] runs `blockctl` against that daemon; [`Daemon::grpc`] opens tonic
+//!   clients for tests that check gRPC codes.
+//!
+//! Binaries: integration tests of this crate cannot use `CARGO_BIN_EXE_*` (that only
+//! names binaries of the same package), so the helpers look next to the test executable
+//! (`<target>/<profile>/deps/..`) and run `cargo build` for `blockd` and `blockctl` once
+//! per process, which is a no-op when they are fresh. `BLOCKD_BIN` / `BLOCKCTL_BIN`
+//! override the paths (and skip the build).
+
+use std::io::Read;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use blockd_proto::v1::daemon_service_client::DaemonServiceClient;
+use blockd_proto::v1::export_service_client::ExportServiceClient;
+use blockd_proto::v1::pool_service_client::PoolServiceClient;
+use blockd_proto::v1::snapshot_service_client::SnapshotServiceClient;
+use blockd_proto::v1::volume_service_client::VolumeServiceClient;
+use tonic::transport::Channel;
+
+/// How long a daemon may take to come up or go down.
+pub const START_TIMEOUT: Duration = Duration::from_secs(60);
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(45);
+
+/// Size of the pool file tests use (sparse; only written chunks take space).
+pub const TEST_POOL_SIZE: &str = "2G";
+
+/// `<target>/<profile>`: where cargo puts the workspace binaries.
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current test executable");
+    // <target>/<profile>/deps/<test>-<hash>
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("test executable lives in <target>/<profile>/deps")
+        .to_path_buf()
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ lives in the workspace root")
+        .to_path_buf()
+}
+
+/// Builds `blockd` and `blockctl` once per test process (cargo makes this a no-op when
+/// they are up to date, and waits for any other build holding the target directory).
+fn build_binaries() -> &'static Result<(), String> {
+    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        if std::env::var_os("BLOCKD_BIN").is_some() && std::env::var_os("BLOCKCTL_BIN").is_some() {
+            return Ok(());
+        }
+        let profile_dir = bin_dir();
+        let target_dir = profile_dir.parent().expect("<target>/<profile>");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(workspace_root())
+            .env("CARGO_TARGET_DIR", target_dir)
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "blockd",
+                "--bin",
+                "blockd",
+                "-p",
+                "blockd-tools",
+                "--bin",
+                "blockctl",
+            ]);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let out = cmd
+            .output()
+            .map_err(|e| format!("cannot run cargo build: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "cargo build of blockd and blockctl failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    })
+}
+
+/// The path of workspace binary `name` (`blockd` or `blockctl`), built if needed.
+pub fn binary(name: &str) -> PathBuf {
+    let var = format!("{}_BIN", name.to_ascii_uppercase());
+    if let Some(path) = std::env::var_os(&var) {
+        return PathBuf::from(path);
+    }
+    if let Err(err) = build_binaries() {
+        panic!("{err}");
+    }
+    let path = bin_dir().join(name);
+    assert!(path.exists(), "{} does not exist", path.display());
+    path
+}
+
+/// What a `blockctl` run printed and how it exited.
+#[derive(Debug)]
+pub struct CtlOutput {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CtlOutput {
+    fn from(out: Output) -> Self {
+        CtlOutput {
+            status: out.status,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    pub fn success(&self) -> bool {
+        self.status.success()
+    }
+}
+
+/// Clients of every `blockd.v1` service over one connection.
+pub struct Grpc {
+    pub pools: PoolServiceClient<Channel>,
+    pub volumes: VolumeServiceClient<Channel>,
+    pub snapshots: SnapshotServiceClient<Channel>,
+    pub exports: ExportServiceClient<Channel>,
+    pub daemon: DaemonServiceClient<Channel>,
+    pub channel: Channel,
+}
+
+/// A `blockd` process on a temporary state directory. Dropping it kills the process
+/// (SIGKILL if still running) and then removes the directory.
+pub struct Daemon {
+    child: Option<Child>,
+    extra_args: Vec<String>,
+    log_path: PathBuf,
+    // Declared last: dropped after the process is gone.
+    dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    /// Starts a daemon with a small sparse pool and waits until its API answers.
+    pub fn start() -> Daemon {
+        Self::start_with(&[])
+    }
+
+    /// Like [`Daemon::start`], with extra flags for `blockd`.
+    pub fn start_with(extra_args: &[&str]) -> Daemon {
+        let dir = tempfile::Builder::new()
+            .prefix("blockd-test-")
+            .tempdir()
+            .expect("temporary state directory");
+        let mut daemon = Daemon {
+            child: None,
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            log_path: dir.path().join("blockd.log"),
+            dir,
+        };
+        daemon.spawn();
+        daemon.wait_ready();
+        daemon
+    }
+
+    /// The state directory.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn api_socket(&self) -> PathBuf {
+        self.dir().join("api.sock")
+    }
+
+    pub fn nbd_socket(&self) -> PathBuf {
+        self.dir().join("nbd.sock")
+    }
+
+    /// The flags this daemon runs with (for starting a second one on the same dir).
+    pub fn args(&self) -> Vec<String> {
+        let mut args = vec!["--state-dir".to_string(), self.dir().display().to_string()];
+        if !self.extra_args.iter().any(|a| a == "--pool") {
+            args.push("--pool".into());
+            args.push(format!(
+                "default={},size={TEST_POOL_SIZE}",
+                self.dir().join("pool.img").display()
+            ));
+        }
+        args.extend(self.extra_args.iter().cloned());
+        args
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .expect("daemon log file");
+        let child = Command::new(binary("blockd"))
+            .args(self.args())
+            .env("RUST_LOG", "info")
+            .env_remove("BLOCKD_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn blockd");
+        self.child = Some(child);
+    }
+
+    /// The pid of the running daemon.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("daemon is running").id()
+    }
+
+    /// Everything the daemon logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Waits until `blockctl status` succeeds; panics with the daemon's log if it exits
+    /// or takes too long.
+    pub fn wait_ready(&mut self) {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "blockd exited during start-up with {status}; log:\n{}",
+                    self.log()
+                );
+            }
+            if self.api_socket().exists() && self.ctl(&["status"]).success() {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!("blockd did not become ready in time; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends `signal` to the daemon.
+    pub fn signal(&self, signal: i32) {
+        let pid = self.pid() as libc::pid_t;
+        // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.
+        let rc = unsafe { libc::kill(pid, signal) };
+        assert_eq!(rc, 0, "kill({pid}, {signal})");
+    }
+
+    /// Waits for the daemon to exit and returns its status (panics after `timeout`).
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let child = self.child.as_mut().expect("daemon is running");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait for blockd") {
+                self.child = None;
+                return status;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "blockd did not exit within {timeout:?}; log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM and wait: returns the exit status.
+    pub fn stop(&mut self) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        self.wait_exit(STOP_TIMEOUT)
+    }
+
+    /// SIGKILL and wait (a crash).
+    pub fn kill(&mut self) {
+        self.signal(libc::SIGKILL);
+        let status = self.wait_exit(STOP_TIMEOUT);
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
+    }
+
+    /// Starts the daemon again on the same state directory with the same flags.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop or kill the daemon first");
+        self.spawn();
+        self.wait_ready();
+    }
+
+    /// Runs another `blockd` with this daemon's flags and returns its output (for the
+    /// second-daemon test); it is killed if it does not exit within the timeout.
+    pub fn run_second(&self, timeout: Duration) -> CtlOutput {
+        let mut child = Command::new(binary("blockd"))
+            .args(self.args())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn a second blockd");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if child.try_wait().expect("wait").is_some() {
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the second blockd did not exit within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut stdout = String::new();
+        let mut stderr = String::new();
+        if let Some(mut s) = child.stdout.take() {
+            let _ = s.read_to_string(&mut stdout);
+        }
+        if let Some(mut s) = child.stderr.take() {
+            let _ = s.read_to_string(&mut stderr);
+        }
+        CtlOutput {
+            status: child.wait().expect("wait"),
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Runs `blockctl --api <this daemon> ARGS...`.
+    pub fn ctl(&self, args: &[&str]) -> CtlOutput {
+        let out = ctl_command(&self.api_socket())
+            .args(args)
+            .output()
+            .expect("run blockctl");
+        CtlOutput::from(out)
+    }
+
+    /// Runs blockctl and panics (with its stderr and the daemon's log) unless it succeeds;
+    /// returns stdout.
+    pub fn ctl_ok(&self, args: &[&str]) -> String {
+        let out = self.ctl(args);
+        assert!(
+            out.success(),
+            "blockctl {} failed ({}): {}\ndaemon log:\n{}",
+            args.join(" "),
+            out.status,
+            out.stderr,
+            self.log()
+        );
+        out.stdout
+    }
+
+    /// Runs blockctl with `-o json` and parses stdout, which must be one JSON value.
+    pub fn ctl_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["-o", "json"]);
+        let stdout = self.ctl_ok(&all);
+        serde_json::from_str(&stdout).unwrap_or_else(|e| {
+            panic!(
+                "blockctl {} printed non-JSON ({e}): {stdout:?}",
+                all.join(" ")
+            )
+        })
+    }
+
+    /// Runs blockctl expecting failure: checks the exit code is non-zero and stderr is
+    /// exactly one line starting with `error:`; returns that line.
+    pub fn ctl_err(&self, args: &[&str]) -> String {
+        let out = self.ctl(args);
+        assert!(
+            !out.success(),
+            "blockctl {} should have failed; stdout: {}",
+            args.join(" "),
+            out.stdout
+        );
+        let lines: Vec<&str> = out.stderr.lines().collect();
+        assert_eq!(
+            lines.len(),
+            1,
+            "blockctl {} should print one line on stderr, got: {:?}",
+            args.join(" "),
+            out.stderr
+        );
+        assert!(lines[0].starts_with("error: "), "{:?}", lines[0]);
+        lines[0].to_string()
+    }
+
+    /// tonic clients connected to this daemon.
+    pub async fn grpc(&self) -> Grpc {
+        let channel = blockd_proto::connect_unix(self.api_socket())
+            .await
+            .expect("connect to the daemon's API socket");
+        Grpc {
+            pools: PoolServiceClient::new(channel.clone()),
+            volumes: VolumeServiceClient::new(channel.clone()),
+            snapshots: SnapshotServiceClient::new(channel.clone()),
+            exports: ExportServiceClient::new(channel.clone()),
+            daemon: DaemonServiceClient::new(channel.clone()),
+            channel,
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+            if std::thread::panicking() {
+                eprintln!("--- blockd log ---\n{}--- end ---", self.log());
+            }
+        }
+    }
+}
+
+/// A `blockctl` command aimed at `api` and isolated from the caller's environment.
+pub fn ctl_command(api: &Path) -> Command {
+    let mut cmd = Command::new(binary("blockctl"));
+    cmd.arg("--api")
+        .arg(api)
+        .env_remove("BLOCKD_API")
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// A free TCP port on 127.0.0.1 (bound, then released for the daemon to take).
+pub fn free_local_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener.local_addr().expect("local addr").port()
+}
+
+/// A blocking `GET path` on 127.0.0.1:port; returns the response (status line, headers
+/// and body).
+pub fn http_get(port: u16, path: &str) -> String {
+    use std::io::Write;
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    write!(
+        conn,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send request");
+    let mut response = String::new();
+    conn.read_to_string(&mut response).expect("read response");
+    response
+}
+
+/// A tokio runtime for tests that use the gRPC clients.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}

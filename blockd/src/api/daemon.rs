@@ -28,7 +28,14 @@ impl DaemonService for DaemonApi {
             .rpc("GetStatus", span, async {
                 let (pools, volumes, snapshots, exports) = self
                     .ctx
-                    .run(|e| Ok((e.pools(), e.volumes().len(), e.snapshots(None)?.len(), e.exported_images().len())))
+                    .run(|e| {
+                        Ok((
+                            e.pools(),
+                            e.volumes().len(),
+                            e.snapshots(None)?.len(),
+                            e.exported_images().len(),
+                        ))
+                    })
                     .await?;
                 let health = pools
                     .iter()

@@ -50,7 +50,9 @@ fn message(err: &EngineError) -> String {
 /// A blocking engine task that panicked or was cancelled.
 pub(crate) fn join_error(err: tokio::task::JoinError) -> Status {
     tracing::error!(error = %err, "engine task did not complete");
-    Status::internal(format!("Internal error: the engine task did not complete: {err}"))
+    Status::internal(format!(
+        "Internal error: the engine task did not complete: {err}"
+    ))
 }
 
 /// Codes that mean "the server is at fault" rather than "the request was wrong".
@@ -115,7 +117,9 @@ mod tests {
                 Code::FailedPrecondition,
             ),
             (
-                EngineError::ReadOnly { image: "x@s".into() },
+                EngineError::ReadOnly {
+                    image: "x@s".into(),
+                },
                 Code::FailedPrecondition,
             ),
             (EngineError::Failed("eio".into()), Code::Unavailable),

@@ -89,8 +89,7 @@ impl SnapshotService for SnapshotApi {
                         Ok((snapshots, exported(e)))
                     })
                     .await?;
-                let (snapshots, next_page_token) =
-                    req.page.apply(snapshots, |s| s.name.as_str());
+                let (snapshots, next_page_token) = req.page.apply(snapshots, |s| s.name.as_str());
                 Ok(Response::new(v1::ListSnapshotsResponse {
                     snapshots: snapshots
                         .into_iter()

@@ -91,8 +91,7 @@ impl VolumeService for VolumeApi {
             .rpc("ListVolumes", span, async {
                 let req = request.into_inner();
                 let page = PageRequest::new(req.page_size, &req.page_token)?;
-                let (volumes, exported) =
-                    self.ctx.run(|e| Ok((e.volumes(), exported(e)))).await?;
+                let (volumes, exported) = self.ctx.run(|e| Ok((e.volumes(), exported(e)))).await?;
                 let (volumes, next_page_token) = page.apply(volumes, |v| v.name.as_str());
                 Ok(Response::new(v1::ListVolumesResponse {
                     volumes: volumes

@@ -26,7 +26,9 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt().with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .init();
     let args = Args::parse();
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("cannot create state directory {}", args.state_dir.display()))?;
@@ -37,7 +39,8 @@ fn main() -> anyhow::Result<()> {
     };
     let pool_path = args.state_dir.join("pool.img");
     let device = open_path(&pool_path, Some(10 << 30), choice).context("opening the pool file")?;
-    let meta = RocksStore::open(&args.state_dir.join("meta")).context("opening the metadata store")?;
+    let meta =
+        RocksStore::open(&args.state_dir.join("meta")).context("opening the metadata store")?;
     let engine = Engine::open(
         Arc::new(meta),
         vec![PoolSpec {
@@ -60,7 +63,10 @@ fn main() -> anyhow::Result<()> {
         source: None,
         qos: Qos::default(),
     })?;
-    println!("created volume {} ({} bytes, {} allocated)", info.name, info.size_bytes, info.allocated_bytes);
+    println!(
+        "created volume {} ({} bytes, {} allocated)",
+        info.name, info.size_bytes, info.allocated_bytes
+    );
     let h = engine.open_image(&vol)?;
     engine.write(&h, 0, b"hello from blockd: version A")?;
     engine.flush()?;
@@ -87,11 +93,23 @@ fn main() -> anyhow::Result<()> {
     for p in engine.pools() {
         println!(
             "pool {}: capacity {} allocated {} provisioned {} chunk {} engine {}",
-            p.name, p.capacity_bytes, p.allocated_bytes, p.provisioned_bytes, p.chunk_size_bytes, p.io_engine
+            p.name,
+            p.capacity_bytes,
+            p.allocated_bytes,
+            p.provisioned_bytes,
+            p.chunk_size_bytes,
+            p.io_engine
         );
     }
     let report = engine.fsck(false)?;
-    println!("fsck: {}", if report.is_clean() { "clean" } else { "PROBLEMS" });
+    println!(
+        "fsck: {}",
+        if report.is_clean() {
+            "clean"
+        } else {
+            "PROBLEMS"
+        }
+    );
     engine.shutdown()?;
     Ok(())
 }

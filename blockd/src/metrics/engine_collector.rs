@@ -43,7 +43,7 @@ fn gauge_family<T>(
     help: &str,
     items: &[T],
     label: &'static str,
-    key: impl Fn(&T) -> &str,
+    key: fn(&T) -> &str,
     value: impl Fn(&T) -> u64,
 ) -> Result<(), std::fmt::Error> {
     let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
@@ -85,16 +85,80 @@ impl Collector for EngineCollector {
         let snapshots = engine.snapshots(None).map(|s| s.len()).unwrap_or(0);
         let exports = engine.exported_images().len();
         let e = &mut encoder;
-        let name = |p: &PoolInfo| p.name.as_str();
+        let name: fn(&PoolInfo) -> &str = |p| &p.name;
 
-        gauge_family(e, "blockd_pool_capacity_bytes", "Usable data capacity of the pool", &pools, "pool", name, |p| p.capacity_bytes)?;
-        gauge_family(e, "blockd_pool_allocated_bytes", "Bytes of pool chunks holding data", &pools, "pool", name, |p| p.allocated_bytes)?;
-        gauge_family(e, "blockd_pool_free_bytes", "Bytes of free pool chunks", &pools, "pool", name, |p| p.free_bytes)?;
-        gauge_family(e, "blockd_pool_provisioned_bytes", "Sum of the sizes of the pool's volumes", &pools, "pool", name, |p| p.provisioned_bytes)?;
-        gauge_family(e, "blockd_pool_chunk_size_bytes", "Allocation unit of the pool", &pools, "pool", name, |p| p.chunk_size_bytes)?;
-        gauge_family(e, "blockd_pool_volumes", "Volumes in the pool", &pools, "pool", name, |p| p.volumes)?;
-        gauge_family(e, "blockd_pool_snapshots", "Snapshots in the pool", &pools, "pool", name, |p| p.snapshots)?;
-        gauge_family(e, "blockd_pool_healthy", "1 when the pool is healthy, 0 after a fatal I/O error", &pools, "pool", name, |p| u64::from(p.health == "ok"))?;
+        gauge_family(
+            e,
+            "blockd_pool_capacity_bytes",
+            "Usable data capacity of the pool",
+            &pools,
+            "pool",
+            name,
+            |p| p.capacity_bytes,
+        )?;
+        gauge_family(
+            e,
+            "blockd_pool_allocated_bytes",
+            "Bytes of pool chunks holding data",
+            &pools,
+            "pool",
+            name,
+            |p| p.allocated_bytes,
+        )?;
+        gauge_family(
+            e,
+            "blockd_pool_free_bytes",
+            "Bytes of free pool chunks",
+            &pools,
+            "pool",
+            name,
+            |p| p.free_bytes,
+        )?;
+        gauge_family(
+            e,
+            "blockd_pool_provisioned_bytes",
+            "Sum of the sizes of the pool's volumes",
+            &pools,
+            "pool",
+            name,
+            |p| p.provisioned_bytes,
+        )?;
+        gauge_family(
+            e,
+            "blockd_pool_chunk_size_bytes",
+            "Allocation unit of the pool",
+            &pools,
+            "pool",
+            name,
+            |p| p.chunk_size_bytes,
+        )?;
+        gauge_family(
+            e,
+            "blockd_pool_volumes",
+            "Volumes in the pool",
+            &pools,
+            "pool",
+            name,
+            |p| p.volumes,
+        )?;
+        gauge_family(
+            e,
+            "blockd_pool_snapshots",
+            "Snapshots in the pool",
+            &pools,
+            "pool",
+            name,
+            |p| p.snapshots,
+        )?;
+        gauge_family(
+            e,
+            "blockd_pool_healthy",
+            "1 when the pool is healthy, 0 after a fatal I/O error",
+            &pools,
+            "pool",
+            name,
+            |p| u64::from(p.health == "ok"),
+        )?;
         {
             let mut metric = e.encode_descriptor(
                 "blockd_pool_io_engine_info",
@@ -104,22 +168,71 @@ impl Collector for EngineCollector {
             )?;
             for p in &pools {
                 let engine_name = p.io_engine.to_string();
-                let labels = [("pool", p.name.as_str()), ("io_engine", engine_name.as_str())];
+                let labels = [
+                    ("pool", p.name.as_str()),
+                    ("io_engine", engine_name.as_str()),
+                ];
                 ConstGauge::new(1u64).encode(metric.encode_family(&labels)?)?;
             }
         }
 
-        gauge(e, "blockd_volumes", "Volumes in the daemon", volumes.len() as u64)?;
-        gauge(e, "blockd_snapshots", "Snapshots in the daemon", snapshots as u64)?;
-        gauge(e, "blockd_exports", "Images exported over NBD", exports as u64)?;
-        let vname = |v: &VolumeInfo| v.name.as_str();
-        gauge_family(e, "blockd_volume_size_bytes", "Provisioned size of the volume", &volumes, "volume", vname, |v| v.size_bytes)?;
-        gauge_family(e, "blockd_volume_allocated_bytes", "Bytes of chunks the volume holds in its own lineage", &volumes, "volume", vname, |v| v.allocated_bytes)?;
+        gauge(
+            e,
+            "blockd_volumes",
+            "Volumes in the daemon",
+            volumes.len() as u64,
+        )?;
+        gauge(
+            e,
+            "blockd_snapshots",
+            "Snapshots in the daemon",
+            snapshots as u64,
+        )?;
+        gauge(
+            e,
+            "blockd_exports",
+            "Images exported over NBD",
+            exports as u64,
+        )?;
+        let vname: fn(&VolumeInfo) -> &str = |v| &v.name;
+        gauge_family(
+            e,
+            "blockd_volume_size_bytes",
+            "Provisioned size of the volume",
+            &volumes,
+            "volume",
+            vname,
+            |v| v.size_bytes,
+        )?;
+        gauge_family(
+            e,
+            "blockd_volume_allocated_bytes",
+            "Bytes of chunks the volume holds in its own lineage",
+            &volumes,
+            "volume",
+            vname,
+            |v| v.allocated_bytes,
+        )?;
 
         let stats = engine.stats();
-        counter(e, "blockd_engine_commits", "Group commits of the chunk map", stats.commits.load(Ordering::Relaxed))?;
-        counter(e, "blockd_engine_cow_copies", "Chunks copied on write because a snapshot or clone still saw them", stats.cow_copies.load(Ordering::Relaxed))?;
-        counter(e, "blockd_gc_freed_chunks", "Chunks given back by garbage collection", stats.gc_freed_chunks.load(Ordering::Relaxed))?;
+        counter(
+            e,
+            "blockd_engine_commits",
+            "Group commits of the chunk map",
+            stats.commits.load(Ordering::Relaxed),
+        )?;
+        counter(
+            e,
+            "blockd_engine_cow_copies",
+            "Chunks copied on write because a snapshot or clone still saw them",
+            stats.cow_copies.load(Ordering::Relaxed),
+        )?;
+        counter(
+            e,
+            "blockd_gc_freed_chunks",
+            "Chunks given back by garbage collection",
+            stats.gc_freed_chunks.load(Ordering::Relaxed),
+        )?;
 
         let meta_stats = meta.stats();
         if !meta_stats.is_empty() {

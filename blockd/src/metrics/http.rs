@@ -44,10 +44,7 @@ pub async fn serve(
                 }
             }),
         )
-        .route(
-            "/",
-            get(|| async { "blockd: metrics are at /metrics\n" }),
-        );
+        .route("/", get(|| async { "blockd: metrics are at /metrics\n" }));
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
@@ -61,7 +58,11 @@ mod tests {
     #[tokio::test]
     async fn serves_the_text_format() {
         let metrics = Metrics::new();
-        metrics.record_rpc("GetStatus", tonic::Code::Ok, std::time::Duration::from_millis(1));
+        metrics.record_rpc(
+            "GetStatus",
+            tonic::Code::Ok,
+            std::time::Duration::from_millis(1),
+        );
         let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

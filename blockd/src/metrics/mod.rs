@@ -345,7 +345,9 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("blockd_volume_op_duration_seconds_count{volume=\"vol1\",op=\"write\"} 1"),
+            text.contains(
+                "blockd_volume_op_duration_seconds_count{volume=\"vol1\",op=\"write\"} 1"
+            ),
             "{text}"
         );
         assert!(text.contains("volume=\"vol1@s1\""), "{text}");
@@ -360,14 +362,20 @@ mod tests {
     fn rpcs_and_gc_are_recorded() {
         let m = Metrics::new();
         m.record_rpc("CreateVolume", tonic::Code::Ok, Duration::from_millis(3));
-        m.record_rpc("CreateVolume", tonic::Code::AlreadyExists, Duration::from_millis(1));
+        m.record_rpc(
+            "CreateVolume",
+            tonic::Code::AlreadyExists,
+            Duration::from_millis(1),
+        );
         m.record_gc(&GcStats {
             backlog: 17,
             ..GcStats::default()
         });
         let text = m.encode();
         assert!(
-            text.contains("blockd_api_requests_total{method=\"CreateVolume\",code=\"AlreadyExists\"} 1"),
+            text.contains(
+                "blockd_api_requests_total{method=\"CreateVolume\",code=\"AlreadyExists\"} 1"
+            ),
             "{text}"
         );
         assert!(text.contains("blockd_gc_backlog_entries 17"), "{text}");

@@ -564,11 +564,20 @@ pub enum Info {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OptionReplyBody {
     Ack,
-    Server { name: String, description: String },
+    Server {
+        name: String,
+        description: String,
+    },
     Info(Info),
-    MetaContext { id: u32, name: String },
+    MetaContext {
+        id: u32,
+        name: String,
+    },
     /// Any reply type with bit 31 set, with its optional human-readable message.
-    Error { code: u32, message: String },
+    Error {
+        code: u32,
+        message: String,
+    },
 }
 
 /// A complete option reply.
@@ -1110,7 +1119,7 @@ impl StructuredReply {
                 Chunk::OffsetHole { offset, len }
             }
             NBD_REPLY_TYPE_BLOCK_STATUS => {
-                if payload.len() < 12 || (payload.len() - 4) % 8 != 0 {
+                if payload.len() < 12 || !(payload.len() - 4).is_multiple_of(8) {
                     return Err(bad_len());
                 }
                 let context_id = r.u32()?;
@@ -1253,8 +1262,8 @@ mod tests {
     }
 
     fn chunk() -> impl Strategy<Value = (u16, Chunk)> {
-        let descriptor = (1u32.., any::<u32>())
-            .prop_map(|(length, flags)| BlockDescriptor { length, flags });
+        let descriptor =
+            (1u32.., any::<u32>()).prop_map(|(length, flags)| BlockDescriptor { length, flags });
         prop_oneof![
             Just((NBD_REPLY_FLAG_DONE, Chunk::None)),
             (
@@ -1279,16 +1288,14 @@ mod tests {
                 )),
             (any::<u16>(), 1u32.., name())
                 .prop_map(|(f, error, message)| (f, Chunk::Error { error, message })),
-            (any::<u16>(), 1u32.., name(), any::<u64>()).prop_map(
-                |(f, error, message, offset)| (
-                    f,
-                    Chunk::ErrorOffset {
-                        error,
-                        message,
-                        offset
-                    }
-                )
-            ),
+            (any::<u16>(), 1u32.., name(), any::<u64>()).prop_map(|(f, error, message, offset)| (
+                f,
+                Chunk::ErrorOffset {
+                    error,
+                    message,
+                    offset
+                }
+            )),
         ]
     }
 

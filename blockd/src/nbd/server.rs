@@ -735,7 +735,8 @@ impl Negotiation {
     ) -> Result<Handled, ConnError> {
         let message = message.into();
         debug!(option, code = code & !NBD_REP_FLAG_ERROR, message = %message, "option refused");
-        self.reply(s, OptionReply::error(option, code, message)).await?;
+        self.reply(s, OptionReply::error(option, code, message))
+            .await?;
         s.flush().await?;
         Ok(Handled::Continue)
     }
@@ -757,10 +758,7 @@ impl Negotiation {
             }
             return Ok(Handled::Done(Step::Close));
         }
-        if self.tls == TlsState::Required
-            && option != NBD_OPT_STARTTLS
-            && option != NBD_OPT_ABORT
-        {
+        if self.tls == TlsState::Required && option != NBD_OPT_STARTTLS && option != NBD_OPT_ABORT {
             if option == NBD_OPT_EXPORT_NAME {
                 return Err(ConnError::TlsRequired);
             }
@@ -876,7 +874,10 @@ impl Negotiation {
                 NBD_REP_ERR_UNKNOWN,
                 format!("export {name:?} cannot be opened: {errno}"),
             )),
-            Err(_) => Err((NBD_REP_ERR_UNKNOWN, format!("export {name:?} cannot be opened"))),
+            Err(_) => Err((
+                NBD_REP_ERR_UNKNOWN,
+                format!("export {name:?} cannot be opened"),
+            )),
         }
     }
 
@@ -1154,7 +1155,10 @@ impl RequestCtx {
             _ => {}
         }
         if req.flags & !allowed != 0 {
-            return Err(reject(NBD_EINVAL, "command flags not valid for this command"));
+            return Err(reject(
+                NBD_EINVAL,
+                "command flags not valid for this command",
+            ));
         }
         let writes = matches!(
             req.command,
@@ -1196,8 +1200,8 @@ impl RequestCtx {
         let end = end.unwrap_or(0);
         if self.strict_alignment && req.command != Command::BlockStatus {
             let min = MIN_BLOCK_SIZE as u64;
-            let tail_ok = req.length as u64 % min == 0 || end == self.size;
-            if req.offset % min != 0 || !tail_ok {
+            let tail_ok = (req.length as u64).is_multiple_of(min) || end == self.size;
+            if !req.offset.is_multiple_of(min) || !tail_ok {
                 return Err(reject(
                     NBD_EINVAL,
                     "request is not aligned to the 512-byte minimum block size",
@@ -1240,8 +1244,14 @@ struct Outgoing {
 /// What a request produced, before encoding.
 enum Outcome {
     Done,
-    Error { error: u32, message: String },
-    Read { buf: Vec<u8>, segments: Vec<Segment> },
+    Error {
+        error: u32,
+        message: String,
+    },
+    Read {
+        buf: Vec<u8>,
+        segments: Vec<Segment>,
+    },
     BlockStatus(Vec<BlockDescriptor>),
 }
 
@@ -1301,15 +1311,7 @@ where
                 r = read_request(&mut rd, &ctx, &requests, &bytes) => r,
             };
             match incoming {
-                Ok(Some(incoming)) => {
-                    let task = RequestTask {
-                        ctx: ctx.clone(),
-                        incoming,
-                        tx: tx.clone(),
-                        stop: stop.clone(),
-                    };
-                    tokio::spawn(task.run().instrument(tracing::Span::current()));
-                }
+                Ok(Some(incoming)) => dispatch(&ctx, incoming, &tx, &stop),
                 Ok(None) => return End::Disconnect,
                 Err(err) => {
                     return match err {
@@ -1441,101 +1443,128 @@ async fn read_request<R: AsyncRead + Unpin>(
     }))
 }
 
-struct RequestTask {
-    ctx: Arc<RequestCtx>,
+/// Starts a request: rejected ones are answered at once; valid ones run on the blocking
+/// pool, which also encodes and queues the reply (one thread hop per request). Only a
+/// request that must wait for QoS tokens gets an async task for the wait.
+fn dispatch(
+    ctx: &Arc<RequestCtx>,
     incoming: Incoming,
-    tx: mpsc::UnboundedSender<Outgoing>,
-    stop: watch::Receiver<Stop>,
+    tx: &mpsc::UnboundedSender<Outgoing>,
+    stop: &watch::Receiver<Stop>,
+) {
+    let req = incoming.req;
+    if let Err(rej) = incoming.verdict {
+        debug!(command = %req.command, offset = req.offset, length = req.length, error = rej.error, reason = rej.message, "request rejected");
+        let outcome = Outcome::Error {
+            error: rej.error,
+            message: rej.message.to_owned(),
+        };
+        send_reply(ctx, tx, &req, outcome, incoming.permits);
+        return;
+    }
+    let qos = qos_cost(&req).and_then(|bytes| {
+        let limits = ctx.target.qos();
+        (!limits.is_unlimited()).then_some((limits, bytes))
+    });
+    let Some((limits, bytes)) = qos else {
+        run_blocking(ctx.clone(), incoming, tx.clone());
+        return;
+    };
+    let (ctx, tx, mut stop) = (ctx.clone(), tx.clone(), stop.clone());
+    tokio::spawn(
+        async move {
+            let admitted = tokio::select! {
+                biased;
+                _ = ctx.limiter.admit(limits, bytes) => true,
+                _ = stop.wait_for(|st| *st != Stop::Run) => false,
+            };
+            if admitted {
+                run_blocking(ctx, incoming, tx);
+            } else {
+                let outcome = Outcome::Error {
+                    error: NBD_ESHUTDOWN,
+                    message: "server is closing the connection".to_owned(),
+                };
+                send_reply(&ctx, &tx, &req, outcome, incoming.permits);
+            }
+        }
+        .instrument(tracing::Span::current()),
+    );
 }
 
-impl RequestTask {
-    async fn run(mut self) {
-        let req = self.incoming.req;
-        let outcome = match self.incoming.verdict {
-            Err(rej) => {
-                debug!(command = %req.command, offset = req.offset, length = req.length, error = rej.error, reason = rej.message, "request rejected");
-                Outcome::Error {
-                    error: rej.error,
-                    message: rej.message.to_owned(),
-                }
-            }
-            Ok(()) => {
-                if self.admit(&req).await {
-                    let payload = std::mem::take(&mut self.incoming.payload);
-                    execute(&self.ctx, req, payload).await
-                } else {
+/// What a request costs in QoS terms (payload bytes), or None if it is not limited.
+fn qos_cost(req: &Request) -> Option<u64> {
+    match req.command {
+        Command::Read | Command::Write => Some(req.length as u64),
+        Command::Trim | Command::WriteZeroes => Some(0),
+        // Flush, block status and cache are not the I/O the limits are about.
+        _ => None,
+    }
+}
+
+fn send_reply(
+    ctx: &RequestCtx,
+    tx: &mpsc::UnboundedSender<Outgoing>,
+    req: &Request,
+    outcome: Outcome,
+    permits: Permits,
+) {
+    let (frames, buf) = encode_outcome(ctx, req, outcome);
+    // If the writer is gone the client is too; the permits drop with the message.
+    let _ = tx.send(Outgoing {
+        frames,
+        buf,
+        _permits: permits,
+    });
+}
+
+/// Runs a validated request on the blocking pool and queues its reply from there.
+fn run_blocking(ctx: Arc<RequestCtx>, incoming: Incoming, tx: mpsc::UnboundedSender<Outgoing>) {
+    let f = move || {
+        let Incoming {
+            req,
+            payload,
+            permits,
+            ..
+        } = incoming;
+        // A panicking target must still produce a reply, or the client waits forever.
+        let outcome =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| execute(&ctx, req, payload)))
+                .unwrap_or_else(|_| {
+                    warn!(export = %ctx.export, command = %req.command, "target call panicked");
                     Outcome::Error {
-                        error: NBD_ESHUTDOWN,
-                        message: "server is closing the connection".to_owned(),
+                        error: NBD_EIO,
+                        message: format!("{} failed: internal error", req.command),
                     }
-                }
-            }
-        };
-        let (frames, buf) = encode_outcome(&self.ctx, &req, outcome);
-        // If the writer is gone the client is too; the permits drop with the message.
-        let _ = self.tx.send(Outgoing {
-            frames,
-            buf,
-            _permits: self.incoming.permits,
-        });
-    }
-
-    /// Waits for QoS tokens; false if the connection is closing meanwhile.
-    async fn admit(&mut self, req: &Request) -> bool {
-        let bytes = match req.command {
-            Command::Read | Command::Write => req.length as u64,
-            Command::Trim | Command::WriteZeroes => 0,
-            // Flush, block status and cache are not I/O the limits are about.
-            _ => return true,
-        };
-        let limits = self.ctx.target.qos();
-        if limits.is_unlimited() {
-            return true;
-        }
-        tokio::select! {
-            biased;
-            _ = self.ctx.limiter.admit(limits, bytes) => true,
-            _ = self.stop.wait_for(|st| *st != Stop::Run) => false,
-        }
-    }
+                });
+        send_reply(&ctx, &tx, &req, outcome, permits);
+    };
+    if std::env::var_os("EXPERIMENT_INLINE").is_some() { f() } else { tokio::task::spawn_blocking(f); }
 }
 
-/// Runs a validated request against the target on the blocking pool.
-async fn execute(ctx: &RequestCtx, req: Request, payload: Vec<u8>) -> Outcome {
-    let target = ctx.target.clone();
+/// Runs a validated request against the target. Blocking: call on the blocking pool.
+fn execute(ctx: &RequestCtx, req: Request, payload: Vec<u8>) -> Outcome {
+    let target = &*ctx.target;
     let offset = req.offset;
     let len = req.length as u64;
     let fua = req.has_flag(NBD_CMD_FLAG_FUA);
     let command = req.command;
-    let result: Result<Result<Outcome, Errno>, _> = match command {
+    let flush_if_fua = || if fua { target.flush() } else { Ok(()) };
+    let result: Result<Outcome, Errno> = match command {
         Command::Read => {
             let sparse = ctx.structured && !req.has_flag(NBD_CMD_FLAG_DF);
-            blocking(move || read(&*target, offset, len as usize, sparse)).await
+            read(target, offset, len as usize, sparse)
         }
-        Command::Write => {
-            blocking(move || {
-                target.write(offset, &payload)?;
-                if fua {
-                    target.flush()?;
-                }
-                Ok(Outcome::Done)
-            })
-            .await
-        }
-        Command::Flush => blocking(move || target.flush().map(|_| Outcome::Done)).await,
-        Command::Trim => {
-            if len == 0 {
-                return Outcome::Done;
-            }
-            blocking(move || {
-                target.discard(offset, len)?;
-                if fua {
-                    target.flush()?;
-                }
-                Ok(Outcome::Done)
-            })
-            .await
-        }
+        Command::Write => target
+            .write(offset, &payload)
+            .and_then(|()| flush_if_fua())
+            .map(|()| Outcome::Done),
+        Command::Flush => target.flush().map(|()| Outcome::Done),
+        Command::Trim if len == 0 => Ok(Outcome::Done),
+        Command::Trim => target
+            .discard(offset, len)
+            .and_then(|()| flush_if_fua())
+            .map(|()| Outcome::Done),
         Command::WriteZeroes => {
             let no_hole = req.has_flag(NBD_CMD_FLAG_NO_HOLE);
             let fast = req.has_flag(NBD_CMD_FLAG_FAST_ZERO);
@@ -1554,46 +1583,30 @@ async fn execute(ctx: &RequestCtx, req: Request, payload: Vec<u8>) -> Outcome {
             } else {
                 ZeroMode::Punch
             };
-            blocking(move || {
-                target.write_zeroes(offset, len, mode)?;
-                if fua {
-                    target.flush()?;
-                }
-                Ok(Outcome::Done)
-            })
-            .await
+            target
+                .write_zeroes(offset, len, mode)
+                .and_then(|()| flush_if_fua())
+                .map(|()| Outcome::Done)
         }
         Command::BlockStatus => {
             let req_one = req.has_flag(NBD_CMD_FLAG_REQ_ONE);
-            blocking(move || {
-                let extents = target.block_status(offset, len)?;
-                Ok(Outcome::BlockStatus(status_descriptors(len, &extents, req_one)))
-            })
-            .await
+            target
+                .block_status(offset, len)
+                .map(|extents| Outcome::BlockStatus(status_descriptors(len, &extents, req_one)))
         }
-        Command::Cache => Ok(Ok(Outcome::Done)),
-        Command::Disc | Command::Unknown(_) => Ok(Ok(Outcome::Error {
+        Command::Cache => Ok(Outcome::Done),
+        Command::Disc | Command::Unknown(_) => Ok(Outcome::Error {
             error: NBD_EINVAL,
             message: "unknown command".to_owned(),
-        })),
+        }),
     };
-    match result {
-        Ok(Ok(outcome)) => outcome,
-        Ok(Err(errno)) => {
-            debug!(export = %ctx.export, command = %command, offset, length = len, error = %errno, "request failed");
-            Outcome::Error {
-                error: errno.nbd_error(),
-                message: format!("{command} failed: {errno}"),
-            }
+    result.unwrap_or_else(|errno| {
+        debug!(export = %ctx.export, command = %command, offset, length = len, error = %errno, "request failed");
+        Outcome::Error {
+            error: errno.nbd_error(),
+            message: format!("{command} failed: {errno}"),
         }
-        Err(join) => {
-            warn!(export = %ctx.export, command = %command, error = %join, "target call panicked");
-            Outcome::Error {
-                error: NBD_EIO,
-                message: format!("{command} failed: internal error"),
-            }
-        }
-    }
+    })
 }
 
 /// Reads `len` bytes at `offset`; with `sparse`, ranges the target reports as zeros are

@@ -151,7 +151,9 @@ impl Limiter {
     pub fn reserve(&self, limits: Qos, bytes: u64, now: Instant) -> Duration {
         let mut b = self.buckets.lock();
         let wait_iops = b.iops.reserve(limits.max_iops, 1, 1, now);
-        let wait_bw = b.bandwidth.reserve(limits.max_bandwidth_bytes, 1, bytes, now);
+        let wait_bw = b
+            .bandwidth
+            .reserve(limits.max_bandwidth_bytes, 1, bytes, now);
         wait_iops.max(wait_bw)
     }
 
@@ -281,7 +283,10 @@ mod tests {
     fn clock_going_backwards_is_harmless() {
         let t0 = Instant::now() + Duration::from_secs(10);
         let mut b = TokenBucket::new(10, t0);
-        assert_eq!(b.reserve(10, 1, 1, t0 - Duration::from_secs(5)), Duration::ZERO);
+        assert_eq!(
+            b.reserve(10, 1, 1, t0 - Duration::from_secs(5)),
+            Duration::ZERO
+        );
         assert_eq!(b.reserve(10, 1, 1, t0), Duration::from_millis(100));
     }
 

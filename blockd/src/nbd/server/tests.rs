@@ -46,11 +46,9 @@ impl Client {
             g.handshake_flags,
             NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES
         );
-        c.s.write_all(
-            &ClientFlags(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES).encode(),
-        )
-        .await
-        .unwrap();
+        c.s.write_all(&ClientFlags(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES).encode())
+            .await
+            .unwrap();
         c
     }
 
@@ -70,10 +68,7 @@ impl Client {
         loop {
             let r = self.reply().await;
             assert_eq!(r.option, opt.code());
-            let last = matches!(
-                r.body,
-                OptionReplyBody::Ack | OptionReplyBody::Error { .. }
-            );
+            let last = matches!(r.body, OptionReplyBody::Ack | OptionReplyBody::Error { .. });
             out.push(r.body);
             if last {
                 return out;
@@ -292,10 +287,7 @@ async fn read_only_export_flags_and_eperm() {
     assert_eq!(flags & (NBD_FLAG_SEND_TRIM | NBD_FLAG_SEND_WRITE_ZEROES), 0);
     assert_ne!(flags & NBD_FLAG_SEND_DF, 0, "DF with structured replies");
     assert_eq!(c.write(0, &[1; 512]).await, NBD_EPERM);
-    assert_eq!(
-        c.call(Command::Trim, 0, 0, 512, &[]).await.0,
-        NBD_EPERM
-    );
+    assert_eq!(c.call(Command::Trim, 0, 0, 512, &[]).await.0, NBD_EPERM);
     assert_eq!(c.read(0, 512).await, (0, vec![0; 512]));
 }
 
@@ -304,17 +296,41 @@ async fn unknown_and_invalid_options_then_go_still_works() {
     let (server, _) = setup();
     let mut c = Client::greet(&server).await;
     let r = c.option(ClientOption::Unknown(99)).await;
-    assert!(matches!(r[..], [OptionReplyBody::Error { code: NBD_REP_ERR_UNSUP, .. }]));
+    assert!(matches!(
+        r[..],
+        [OptionReplyBody::Error {
+            code: NBD_REP_ERR_UNSUP,
+            ..
+        }]
+    ));
     // NBD_OPT_LIST with data is invalid.
-    c.s.write_all(&OptionHeader { option: NBD_OPT_LIST, len: 3 }.encode())
-        .await
-        .unwrap();
+    c.s.write_all(
+        &OptionHeader {
+            option: NBD_OPT_LIST,
+            len: 3,
+        }
+        .encode(),
+    )
+    .await
+    .unwrap();
     c.s.write_all(b"abc").await.unwrap();
     let r = c.reply().await;
-    assert!(matches!(r.body, OptionReplyBody::Error { code: NBD_REP_ERR_INVALID, .. }));
+    assert!(matches!(
+        r.body,
+        OptionReplyBody::Error {
+            code: NBD_REP_ERR_INVALID,
+            ..
+        }
+    ));
     // STARTTLS on a plain listener: policy.
     let r = c.option(ClientOption::StartTls).await;
-    assert!(matches!(r[..], [OptionReplyBody::Error { code: NBD_REP_ERR_POLICY, .. }]));
+    assert!(matches!(
+        r[..],
+        [OptionReplyBody::Error {
+            code: NBD_REP_ERR_POLICY,
+            ..
+        }]
+    ));
     // Unknown export.
     let r = c
         .option(ClientOption::Go(InfoRequest {
@@ -322,15 +338,33 @@ async fn unknown_and_invalid_options_then_go_still_works() {
             requests: vec![],
         }))
         .await;
-    assert!(matches!(r[..], [OptionReplyBody::Error { code: NBD_REP_ERR_UNKNOWN, .. }]));
+    assert!(matches!(
+        r[..],
+        [OptionReplyBody::Error {
+            code: NBD_REP_ERR_UNKNOWN,
+            ..
+        }]
+    ));
     // Oversized option data is drained and refused; the stream stays in sync.
     let big = 1 << 20;
-    c.s.write_all(&OptionHeader { option: NBD_OPT_INFO, len: big }.encode())
-        .await
-        .unwrap();
+    c.s.write_all(
+        &OptionHeader {
+            option: NBD_OPT_INFO,
+            len: big,
+        }
+        .encode(),
+    )
+    .await
+    .unwrap();
     c.s.write_all(&vec![0u8; big as usize]).await.unwrap();
     let r = c.reply().await;
-    assert!(matches!(r.body, OptionReplyBody::Error { code: NBD_REP_ERR_TOO_BIG, .. }));
+    assert!(matches!(
+        r.body,
+        OptionReplyBody::Error {
+            code: NBD_REP_ERR_TOO_BIG,
+            ..
+        }
+    ));
     let (size, _) = c.go("vol", false).await;
     assert_eq!(size, SIZE);
     assert_eq!(c.write(0, b"hello").await, 0);
@@ -355,7 +389,13 @@ async fn list_and_meta_contexts() {
         queries: vec![BASE_ALLOCATION.into()],
     });
     let r = c.option(set.clone()).await;
-    assert!(matches!(r[..], [OptionReplyBody::Error { code: NBD_REP_ERR_INVALID, .. }]));
+    assert!(matches!(
+        r[..],
+        [OptionReplyBody::Error {
+            code: NBD_REP_ERR_INVALID,
+            ..
+        }]
+    ));
     c.structured().await;
     let r = c
         .option(ClientOption::ListMetaContext(MetaContextRequest {
@@ -415,15 +455,26 @@ async fn simple_replies_read_write_and_errors() {
     assert_eq!(c.write(SIZE - 512, &[1; 1024]).await, NBD_ENOSPC);
     assert_eq!(c.read(u64::MAX - 10, 512).await.0, NBD_EINVAL);
     // Unknown command and invalid flags.
-    assert_eq!(c.call(Command::Unknown(42), 0, 0, 0, &[]).await.0, NBD_EINVAL);
     assert_eq!(
-        c.call(Command::Read, NBD_CMD_FLAG_REQ_ONE, 0, 512, &[]).await.0,
+        c.call(Command::Unknown(42), 0, 0, 0, &[]).await.0,
+        NBD_EINVAL
+    );
+    assert_eq!(
+        c.call(Command::Read, NBD_CMD_FLAG_REQ_ONE, 0, 512, &[])
+            .await
+            .0,
         NBD_EINVAL
     );
     // DF is not valid without structured replies.
-    assert_eq!(c.call(Command::Read, NBD_CMD_FLAG_DF, 0, 512, &[]).await.0, NBD_EINVAL);
+    assert_eq!(
+        c.call(Command::Read, NBD_CMD_FLAG_DF, 0, 512, &[]).await.0,
+        NBD_EINVAL
+    );
     // Block status without a context.
-    assert_eq!(c.call(Command::BlockStatus, 0, 0, 512, &[]).await.0, NBD_EINVAL);
+    assert_eq!(
+        c.call(Command::BlockStatus, 0, 0, 512, &[]).await.0,
+        NBD_EINVAL
+    );
     // Alignment is enforced because the client asked for block sizes.
     assert_eq!(c.write(100, &[1; 512]).await, NBD_EINVAL);
     // ...but a request ending exactly at the export end is fine.
@@ -482,9 +533,23 @@ async fn structured_sparse_reads_and_df() {
     let (err, chunks) = c.call(Command::Read, 0, 0, 3 * BLOCK as u32, &[]).await;
     assert_eq!(err, 0);
     assert_eq!(chunks.len(), 3, "{chunks:?}");
-    assert_eq!(chunks[0], Chunk::OffsetHole { offset: 0, len: 4096 });
-    assert!(matches!(&chunks[1], Chunk::OffsetData { offset: 4096, data } if data.len() == 4096 && data.iter().all(|b| *b == 0xab)));
-    assert_eq!(chunks[2], Chunk::OffsetHole { offset: 8192, len: 4096 });
+    assert_eq!(
+        chunks[0],
+        Chunk::OffsetHole {
+            offset: 0,
+            len: 4096
+        }
+    );
+    assert!(
+        matches!(&chunks[1], Chunk::OffsetData { offset: 4096, data } if data.len() == 4096 && data.iter().all(|b| *b == 0xab))
+    );
+    assert_eq!(
+        chunks[2],
+        Chunk::OffsetHole {
+            offset: 8192,
+            len: 4096
+        }
+    );
     // DF: one data chunk with the zeros explicit.
     let (err, chunks) = c
         .call(Command::Read, NBD_CMD_FLAG_DF, 0, 3 * BLOCK as u32, &[])
@@ -500,7 +565,10 @@ async fn structured_sparse_reads_and_df() {
     assert_eq!(err, NBD_EINVAL);
     assert!(matches!(chunks[..], [Chunk::Error { .. }]));
     // Over 32 MiB with structured replies: EOVERFLOW.
-    assert_eq!(c.call(Command::Read, 0, 0, MAX_PAYLOAD + 512, &[]).await.0, NBD_EOVERFLOW);
+    assert_eq!(
+        c.call(Command::Read, 0, 0, MAX_PAYLOAD + 512, &[]).await.0,
+        NBD_EOVERFLOW
+    );
 }
 
 #[tokio::test]
@@ -509,14 +577,33 @@ async fn block_status_and_zeroing_modes() {
     let (mut c, _) = Client::connect_go(&server, "vol", true).await;
     assert_eq!(c.write(0, &[1; 4 * BLOCK as usize]).await, 0);
     // Block 0 punched, block 1 zeroed but kept allocated (NO_HOLE).
-    assert_eq!(c.call(Command::WriteZeroes, 0, 0, BLOCK as u32, &[]).await.0, 0);
     assert_eq!(
-        c.call(Command::WriteZeroes, NBD_CMD_FLAG_NO_HOLE, BLOCK, BLOCK as u32, &[]).await.0,
+        c.call(Command::WriteZeroes, 0, 0, BLOCK as u32, &[])
+            .await
+            .0,
         0
     );
-    let (err, chunks) = c.call(Command::BlockStatus, 0, 0, 8 * BLOCK as u32, &[]).await;
+    assert_eq!(
+        c.call(
+            Command::WriteZeroes,
+            NBD_CMD_FLAG_NO_HOLE,
+            BLOCK,
+            BLOCK as u32,
+            &[]
+        )
+        .await
+        .0,
+        0
+    );
+    let (err, chunks) = c
+        .call(Command::BlockStatus, 0, 0, 8 * BLOCK as u32, &[])
+        .await;
     assert_eq!(err, 0);
-    let Chunk::BlockStatus { context_id, descriptors } = &chunks[0] else {
+    let Chunk::BlockStatus {
+        context_id,
+        descriptors,
+    } = &chunks[0]
+    else {
         panic!("{chunks:?}")
     };
     assert_eq!(*context_id, BASE_ALLOCATION_ID);
@@ -530,24 +617,47 @@ async fn block_status_and_zeroing_modes() {
     assert_eq!(got, expect);
     // REQ_ONE: one descriptor, no longer than asked.
     let (_, chunks) = c
-        .call(Command::BlockStatus, NBD_CMD_FLAG_REQ_ONE, 2 * BLOCK, 1024, &[])
+        .call(
+            Command::BlockStatus,
+            NBD_CMD_FLAG_REQ_ONE,
+            2 * BLOCK,
+            1024,
+            &[],
+        )
         .await;
-    assert!(matches!(&chunks[0], Chunk::BlockStatus { descriptors, .. } if descriptors == &vec![BlockDescriptor { length: 1024, flags: 0 }]));
+    assert!(
+        matches!(&chunks[0], Chunk::BlockStatus { descriptors, .. } if descriptors == &vec![BlockDescriptor { length: 1024, flags: 0 }])
+    );
     // FAST_ZERO with NO_HOLE: fails fast, contents untouched.
     let fz = NBD_CMD_FLAG_FAST_ZERO | NBD_CMD_FLAG_NO_HOLE;
     assert_eq!(
-        c.call(Command::WriteZeroes, fz, 2 * BLOCK, BLOCK as u32, &[]).await.0,
+        c.call(Command::WriteZeroes, fz, 2 * BLOCK, BLOCK as u32, &[])
+            .await
+            .0,
         NBD_ENOTSUP
     );
     assert_eq!(reg.get("vol").unwrap().snapshot(2 * BLOCK, 4), vec![1; 4]);
     // FAST_ZERO alone on a target whose punch is fast: done.
     assert_eq!(
-        c.call(Command::WriteZeroes, NBD_CMD_FLAG_FAST_ZERO, 2 * BLOCK, BLOCK as u32, &[]).await.0,
+        c.call(
+            Command::WriteZeroes,
+            NBD_CMD_FLAG_FAST_ZERO,
+            2 * BLOCK,
+            BLOCK as u32,
+            &[]
+        )
+        .await
+        .0,
         0
     );
     assert_eq!(reg.get("vol").unwrap().snapshot(2 * BLOCK, 4), vec![0; 4]);
     // Trim is a hint; write-zeroes beyond the end is ENOSPC.
-    assert_eq!(c.call(Command::Trim, 0, 3 * BLOCK, BLOCK as u32, &[]).await.0, 0);
+    assert_eq!(
+        c.call(Command::Trim, 0, 3 * BLOCK, BLOCK as u32, &[])
+            .await
+            .0,
+        0
+    );
     assert_eq!(
         c.call(Command::WriteZeroes, 0, SIZE, 512, &[]).await.0,
         NBD_ENOSPC
@@ -555,10 +665,23 @@ async fn block_status_and_zeroing_modes() {
 
     let (mut slow, _) = Client::connect_go(&server, "slow", true).await;
     assert_eq!(
-        slow.call(Command::WriteZeroes, NBD_CMD_FLAG_FAST_ZERO, 0, BLOCK as u32, &[]).await.0,
+        slow.call(
+            Command::WriteZeroes,
+            NBD_CMD_FLAG_FAST_ZERO,
+            0,
+            BLOCK as u32,
+            &[]
+        )
+        .await
+        .0,
         NBD_ENOTSUP
     );
-    assert_eq!(slow.call(Command::WriteZeroes, 0, 0, BLOCK as u32, &[]).await.0, 0);
+    assert_eq!(
+        slow.call(Command::WriteZeroes, 0, 0, BLOCK as u32, &[])
+            .await
+            .0,
+        0
+    );
 }
 
 #[tokio::test]
@@ -568,7 +691,12 @@ async fn fua_and_flush_reach_the_target() {
     let (mut a, _) = Client::connect_go(&server, "vol", false).await;
     assert_eq!(a.write(0, &[1; 512]).await, 0);
     assert_eq!(vol.flush_count(), 0);
-    assert_eq!(a.call(Command::Write, NBD_CMD_FLAG_FUA, 0, 512, &[2; 512]).await.0, 0);
+    assert_eq!(
+        a.call(Command::Write, NBD_CMD_FLAG_FUA, 0, 512, &[2; 512])
+            .await
+            .0,
+        0
+    );
     assert_eq!(vol.flush_count(), 1);
     assert_eq!(a.call(Command::Flush, 0, 0, 0, &[]).await.0, 0);
     assert_eq!(vol.flush_count(), 2);
@@ -581,11 +709,15 @@ async fn fua_and_flush_reach_the_target() {
 async fn target_errors_map_to_nbd_errors() {
     let (server, reg) = setup();
     let (mut c, _) = Client::connect_go(&server, "vol", true).await;
-    reg.get("vol").unwrap().fail_writes(Some(Errno(libc::EDQUOT)));
+    reg.get("vol")
+        .unwrap()
+        .fail_writes(Some(Errno(libc::EDQUOT)));
     let (err, chunks) = c.call(Command::Write, 0, 0, 512, &[1; 512]).await;
     assert_eq!(err, NBD_ENOSPC);
     assert!(matches!(&chunks[0], Chunk::Error { message, .. } if message.contains("write")));
-    reg.get("vol").unwrap().fail_writes(Some(Errno(libc::EBADF)));
+    reg.get("vol")
+        .unwrap()
+        .fail_writes(Some(Errno(libc::EBADF)));
     assert_eq!(c.write(0, &[1; 512]).await, NBD_EIO);
 }
 
@@ -640,7 +772,10 @@ async fn protocol_garbage_closes_only_that_connection() {
     drop(c);
     // Abort is acknowledged.
     let mut c = Client::greet(&server).await;
-    assert_eq!(c.option(ClientOption::Abort).await, vec![OptionReplyBody::Ack]);
+    assert_eq!(
+        c.option(ClientOption::Abort).await,
+        vec![OptionReplyBody::Ack]
+    );
     c.expect_eof().await;
     // The server still serves.
     let (mut c, _) = Client::connect_go(&server, "vol", false).await;
@@ -691,7 +826,13 @@ async fn close_export_drains_flushes_and_disconnects() {
             requests: vec![],
         }))
         .await;
-    assert!(matches!(r[..], [OptionReplyBody::Error { code: NBD_REP_ERR_UNKNOWN, .. }]));
+    assert!(matches!(
+        r[..],
+        [OptionReplyBody::Error {
+            code: NBD_REP_ERR_UNKNOWN,
+            ..
+        }]
+    ));
 }
 
 #[tokio::test]
@@ -740,7 +881,14 @@ fn plan_read_merges_and_covers_the_request() {
             e(1 << 40, ExtentKind::Hole),
         ],
     );
-    assert_eq!(segs, vec![Segment::Zero(0..200), Segment::Data(200..500), Segment::Zero(500..10000)]);
+    assert_eq!(
+        segs,
+        vec![
+            Segment::Zero(0..200),
+            Segment::Data(200..500),
+            Segment::Zero(500..10000)
+        ]
+    );
     // Extents that stop short: the rest is data.
     assert_eq!(
         plan_read(100, &[e(10, ExtentKind::Hole)]),
@@ -752,13 +900,29 @@ fn plan_read_merges_and_covers_the_request() {
 #[test]
 fn status_descriptors_clip_and_fall_back() {
     let e = |len, kind| Extent { len, kind };
-    let d = status_descriptors(1000, &[e(600, ExtentKind::Hole), e(600, ExtentKind::Data)], false);
+    let d = status_descriptors(
+        1000,
+        &[e(600, ExtentKind::Hole), e(600, ExtentKind::Data)],
+        false,
+    );
     assert_eq!(
         d,
         vec![
-            BlockDescriptor { length: 600, flags: 3 },
-            BlockDescriptor { length: 400, flags: 0 }
+            BlockDescriptor {
+                length: 600,
+                flags: 3
+            },
+            BlockDescriptor {
+                length: 400,
+                flags: 0
+            }
         ]
     );
-    assert_eq!(status_descriptors(1000, &[], true), vec![BlockDescriptor { length: 1000, flags: 0 }]);
+    assert_eq!(
+        status_descriptors(1000, &[], true),
+        vec![BlockDescriptor {
+            length: 1000,
+            flags: 0
+        }]
+    );
 }
