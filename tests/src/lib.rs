@@ -186,10 +186,17 @@ impl Daemon {
         self.dir().join("nbd.sock")
     }
 
-    /// The flags this daemon runs with (for starting a second one on the same dir).
+    /// The flags this daemon runs with (for starting a second one on the same dir):
+    /// `--state-dir` (always the temporary directory, overriding any config file), a
+    /// small default pool unless the test gives `--pool` or `--config`, then the test's.
     pub fn args(&self) -> Vec<String> {
         let mut args = vec!["--state-dir".to_string(), self.dir().display().to_string()];
-        if !self.extra_args.iter().any(|a| a == "--pool") {
+        // A test that configures pools itself (flags or a config file) gets no default.
+        if !self
+            .extra_args
+            .iter()
+            .any(|a| a == "--pool" || a == "--config")
+        {
             args.push("--pool".into());
             args.push(format!(
                 "default={},size={TEST_POOL_SIZE}",

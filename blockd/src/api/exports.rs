@@ -71,12 +71,7 @@ impl ExportService for ExportApi {
                 // not exported); close the ones already open, letting in-flight requests
                 // finish and flushing. Also when nothing changed, in case an earlier
                 // unexport was interrupted before it got here.
-                if let Some(nbd) = &self.ctx.nbd {
-                    let closed = nbd.close_export(&name).await;
-                    if closed > 0 {
-                        tracing::info!(connections = closed, "closed NBD connections");
-                    }
-                }
+                self.ctx.close_nbd(&name).await;
                 Ok(Response::new(v1::UnexportResponse { changed }))
             })
             .await

@@ -98,6 +98,18 @@ impl ApiContext {
         self
     }
 
+    /// Closes the open NBD connections to `image` (after an unexport or a delete), letting
+    /// their in-flight requests finish. New connections are already refused: the engine
+    /// no longer lists the image as exported.
+    pub(crate) async fn close_nbd(&self, image: &str) {
+        if let Some(nbd) = &self.nbd {
+            let closed = nbd.close_export(image).await;
+            if closed > 0 {
+                tracing::info!(image, connections = closed, "closed NBD connections");
+            }
+        }
+    }
+
     /// Runs a blocking engine call on the blocking pool, inside the current span.
     pub(crate) async fn run<T, F>(&self, f: F) -> Result<T, Status>
     where

@@ -118,6 +118,7 @@ impl SnapshotService for SnapshotApi {
                         Ok((name, format!("{}@{}", info.volume, info.name)))
                     })
                     .await?;
+                self.ctx.close_nbd(&image).await;
                 self.ctx.metrics.forget_image(&image);
                 tracing::info!(snapshot = %deleted, "deleted snapshot");
                 Ok(Response::new(v1::DeleteSnapshotResponse {}))

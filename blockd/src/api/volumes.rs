@@ -116,6 +116,7 @@ impl VolumeService for VolumeApi {
                 self.ctx
                     .run(move |e| e.delete_volume(deleted.as_str()))
                     .await?;
+                self.ctx.close_nbd(name.as_str()).await;
                 self.ctx.metrics.forget_image(name.as_str());
                 tracing::info!("deleted volume");
                 Ok(Response::new(v1::DeleteVolumeResponse {}))

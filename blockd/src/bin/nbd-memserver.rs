@@ -37,6 +37,10 @@ struct Args {
     /// PEM CA bundle; when given, clients must present a certificate signed by it.
     #[arg(long)]
     tls_client_ca: Option<PathBuf>,
+    /// Let the server call the exports inline instead of on the blocking pool (the
+    /// memory store never blocks; the engine's exports always use the pool).
+    #[arg(long)]
+    inline: bool,
     /// An export: NAME=SIZE[:ro][:iops=N][:bw=BYTES][:desc=TEXT]; sizes take K/M/G.
     #[arg(long = "export", required = true)]
     exports: Vec<String>,
@@ -55,13 +59,13 @@ fn parse_size(s: &str) -> anyhow::Result<u64> {
         .with_context(|| format!("size {s:?} overflows"))
 }
 
-fn parse_export(spec: &str) -> anyhow::Result<(String, MemExport)> {
+fn parse_export(spec: &str, inline: bool) -> anyhow::Result<(String, MemExport)> {
     let Some((name, rest)) = spec.split_once('=') else {
         bail!("export {spec:?} is not NAME=SIZE[:options]");
     };
     let mut parts = rest.split(':');
     let size = parse_size(parts.next().unwrap_or_default())?;
-    let mut export = MemExport::new(size);
+    let mut export = MemExport::new(size).with_inline_calls(inline);
     let mut qos = Qos::UNLIMITED;
     for opt in parts {
         match opt.split_once('=') {
@@ -87,7 +91,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let registry = Arc::new(MemRegistry::new());
     for spec in &args.exports {
-        let (name, export) = parse_export(spec)?;
+        let (name, export) = parse_export(spec, args.inline)?;
         registry.insert(name, export);
     }
     let server = Server::new(registry);

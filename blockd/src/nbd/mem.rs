@@ -35,6 +35,7 @@ pub struct MemExport {
     flushes: AtomicU64,
     fail_writes: Mutex<Option<Errno>>,
     punch_is_fast: bool,
+    nonblocking: bool,
 }
 
 impl MemExport {
@@ -49,6 +50,7 @@ impl MemExport {
             flushes: AtomicU64::new(0),
             fail_writes: Mutex::new(None),
             punch_is_fast: true,
+            nonblocking: false,
         }
     }
 
@@ -65,6 +67,13 @@ impl MemExport {
     /// Whether punching counts as fast for `NBD_CMD_FLAG_FAST_ZERO` (default true).
     pub fn with_fast_punch(mut self, fast: bool) -> Self {
         self.punch_is_fast = fast;
+        self
+    }
+
+    /// Whether to let the server call this export inline ([`ExportTarget::nonblocking`]).
+    /// Off by default so that tests exercise the blocking-pool path the engine uses.
+    pub fn with_inline_calls(mut self, inline: bool) -> Self {
+        self.nonblocking = inline;
         self
     }
 
@@ -241,6 +250,10 @@ impl ExportTarget for MemExport {
 
     fn qos(&self) -> Qos {
         *self.qos.lock()
+    }
+
+    fn nonblocking(&self) -> bool {
+        self.nonblocking
     }
 }
 

@@ -10,8 +10,9 @@
 //! It does not know the engine. The server talks to storage through two small traits that
 //! the engine (or a test) implements: an [`ExportRegistry`] resolves export names to
 //! [`ExportTarget`]s, and a target does the I/O. Target methods are *blocking* (the engine
-//! does synchronous io_uring/pread I/O), so the server only ever calls them from tokio's
-//! blocking pool, never on a runtime worker.
+//! does synchronous io_uring/pread I/O), so the server calls them from tokio's blocking
+//! pool, never on a runtime worker (unless a target opts in with
+//! [`ExportTarget::nonblocking`]).
 //!
 //! ```text
 //!  client ──unix/TLS──▶ connection task ─┬─ handshake (options) ── registry.open(name)
@@ -158,9 +159,19 @@ pub trait ExportTarget: Send + Sync {
     /// Describes `[offset, offset + len)` as consecutive extents.
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, Errno>;
 
-    /// Current QoS limits; read on every request so that changes apply at once.
+    /// Current QoS limits; read on every request so that changes apply at once. Called on
+    /// the async runtime: must be cheap and must not block (read an atomic or a cached
+    /// value).
     fn qos(&self) -> Qos {
         Qos::UNLIMITED
+    }
+
+    /// True only if every method returns in microseconds without sleeping or waiting for
+    /// I/O (an in-memory target). The server then calls it directly on the runtime thread
+    /// for requests up to 1 MiB, saving the hop to the blocking pool; a target that may
+    /// block must keep the default (false), or it stalls every connection on that thread.
+    fn nonblocking(&self) -> bool {
+        false
     }
 }
 

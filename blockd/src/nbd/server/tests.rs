@@ -10,12 +10,14 @@ use crate::nbd::mem::{MemExport, MemRegistry, BLOCK};
 use crate::nbd::Errno;
 
 const SIZE: u64 = 64 * BLOCK;
+const FAST_SIZE: u64 = 8 << 20;
 
 fn setup() -> (Server, Arc<MemRegistry>) {
     let registry = Arc::new(MemRegistry::new());
     registry.insert("vol", MemExport::new(SIZE).with_description("a volume"));
     registry.insert("snap", MemExport::new(SIZE).read_only(true));
     registry.insert("slow", MemExport::new(SIZE).with_fast_punch(false));
+    registry.insert("fast", MemExport::new(FAST_SIZE).with_inline_calls(true));
     (Server::new(registry.clone()), registry)
 }
 
@@ -382,7 +384,7 @@ async fn list_and_meta_contexts() {
             _ => None,
         })
         .collect();
-    assert_eq!(names, ["slow", "snap", "vol"]);
+    assert_eq!(names, ["fast", "slow", "snap", "vol"]);
     // Meta contexts need structured replies first.
     let set = ClientOption::SetMetaContext(MetaContextRequest {
         export: "vol".into(),
@@ -925,4 +927,23 @@ fn status_descriptors_clip_and_fall_back() {
             flags: 0
         }]
     );
+}
+
+#[tokio::test]
+async fn inline_target_path_serves_small_and_large_requests() {
+    let (server, reg) = setup();
+    let (mut c, _) = Client::connect_go(&server, "fast", true).await;
+    // Small requests run inline, a 2 MiB one on the blocking pool; both must be right.
+    assert_eq!(c.write(0, &[4; 4096]).await, 0);
+    let big: Vec<u8> = (0..(2 << 20)).map(|i| (i % 251) as u8).collect();
+    assert_eq!(c.write(FAST_SIZE - (2 << 20), &big).await, 0);
+    assert_eq!(c.read(0, 4096).await, (0, vec![4; 4096]));
+    assert_eq!(c.read(FAST_SIZE - (2 << 20), 2 << 20).await, (0, big));
+    assert_eq!(
+        c.call(Command::Write, NBD_CMD_FLAG_FUA, 4096, 512, &[1; 512])
+            .await
+            .0,
+        0
+    );
+    assert_eq!(reg.get("fast").unwrap().flush_count(), 1);
 }
