@@ -272,3 +272,82 @@ fn exports_survive_a_restart() {
     let (ok, out) = qemu_io(&uri, true, &["read -P 0x42 4096 8192"]);
     assert!(ok, "the same URI works after a restart: {out}");
 }
+
+#[test]
+fn qos_max_iops_is_enforced_on_a_volume() {
+    require!("fio");
+    let d = Daemon::start();
+    d.ctl_ok(&[
+        "volume",
+        "create",
+        "slow",
+        "--size",
+        "64M",
+        "--max-iops",
+        "500",
+    ]);
+    let uri = d.ctl_ok(&["export", "slow"]).trim().to_string();
+    let (ok, out) = run(
+        "fio",
+        &[
+            "--name=qos",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randread",
+            "--bs=4k",
+            "--iodepth=32",
+            "--time_based=1",
+            "--runtime=3",
+            "--ramp_time=1",
+            "--output-format=json",
+        ],
+    );
+    assert!(ok, "{out}");
+    let json = &out[out.find('{').expect("fio json")..];
+    let v: serde_json::Value = serde_json::from_str(json).expect("fio json parses");
+    let iops = v["jobs"][0]["read"]["iops"].as_f64().expect("iops");
+    assert!(
+        (450.0..=550.0).contains(&iops),
+        "500 IOPS ± 10%, measured {iops:.0}"
+    );
+}
+
+#[test]
+fn qos_set_qos_changes_the_enforced_limit() {
+    require!("fio");
+    let d = Daemon::start();
+    d.ctl_ok(&[
+        "volume",
+        "create",
+        "tuned",
+        "--size",
+        "64M",
+        "--max-iops",
+        "200",
+    ]);
+    let uri = d.ctl_ok(&["export", "tuned"]).trim().to_string();
+    d.ctl_ok(&["volume", "set-qos", "tuned", "--max-iops", "1000"]);
+    let (ok, out) = run(
+        "fio",
+        &[
+            "--name=qos",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randread",
+            "--bs=4k",
+            "--iodepth=16",
+            "--time_based=1",
+            "--runtime=2",
+            "--ramp_time=1",
+            "--output-format=json",
+        ],
+    );
+    assert!(ok, "{out}");
+    let json = &out[out.find('{').expect("fio json")..];
+    let v: serde_json::Value = serde_json::from_str(json).expect("fio json parses");
+    let iops = v["jobs"][0]["read"]["iops"].as_f64().expect("iops");
+    assert!(
+        (900.0..=1100.0).contains(&iops),
+        "the new limit of 1000 IOPS applies, measured {iops:.0}"
+    );
+}
