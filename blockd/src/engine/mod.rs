@@ -31,6 +31,11 @@
 //!   clone, so its snapshots keep reading what they read through the parent.
 //! - GC needs no cursor intent: it derives its work from durable images and lineages, so a
 //!   crash mid-GC simply redoes the remaining work.
+//! - A forced shrink writes zero tombstones (or zeroed copies) at the head for every chunk
+//!   past the new end instead of lowering a clone's parent limit: the parent pointer is
+//!   shared with the clone's snapshots, which must keep reading through it.
+//! - Every metadata batch is written synced (control operations are rare and the data
+//!   path batches its remaps), so a crash loses at most a suffix of batches.
 //! - The in-memory map mirrors every lineage (not only exported ones): free space has to be
 //!   rebuilt from a full map scan at open anyway, and the mirror costs about 40 bytes per
 //!   mapped chunk (64 MiB per TiB written at 64 KiB chunks).
