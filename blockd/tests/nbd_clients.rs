@@ -447,6 +447,8 @@ fn fio_random_mixed_writes_verified_over_two_connections() {
             "--offset_increment=32M",
             "--verify=crc32c",
             "--verify_fatal=1",
+            // No verify state files in the working directory.
+            "--verify_state_save=0",
             "--output-format=json",
         ],
     );
