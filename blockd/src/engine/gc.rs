@@ -50,6 +50,10 @@ impl Engine {
             .stats
             .gc_freed_chunks
             .fetch_add(stats.chunks_freed, Ordering::Relaxed);
+        self.inner()
+            .stats
+            .gc_backlog
+            .store(stats.backlog, Ordering::Relaxed);
         Ok(stats)
     }
 

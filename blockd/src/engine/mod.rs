@@ -113,6 +113,8 @@ pub struct EngineStats {
     pub commits: AtomicU64,
     pub cow_copies: AtomicU64,
     pub gc_freed_chunks: AtomicU64,
+    /// Map entries of lineages GC still has to examine, after the last pass.
+    pub gc_backlog: AtomicU64,
 }
 
 /// The engine handle. Cheap to clone; every method is blocking and thread-safe.

@@ -280,6 +280,17 @@ impl Metrics {
     /// Everything, in the Prometheus text format. Reads the engine when one is attached,
     /// so call it from a blocking thread.
     pub fn encode(&self) -> String {
+        // The background GC reports its backlog through the engine's counters.
+        if let Some(src) = self.inner.source.get() {
+            let backlog = src
+                .engine
+                .stats()
+                .gc_backlog
+                .load(std::sync::atomic::Ordering::Relaxed);
+            self.inner
+                .gc_backlog
+                .set(i64::try_from(backlog).unwrap_or(i64::MAX));
+        }
         let mut out = String::new();
         if let Err(err) =
             prometheus_client::encoding::prometheus_text::encode(&mut out, &self.inner.registry)
