@@ -44,8 +44,9 @@ cargo clippy --workspace --all-targets -- -D warnings
 
 echo "test.sh: cargo test"
 if have cargo-nextest; then
+  # Doc tests first (nextest does not run them), so that the suite's summary closes the log.
+  cargo test --workspace --doc -q
   cargo nextest run --workspace --no-fail-fast --test-threads "${TEST_THREADS:-2}"
-  cargo test --workspace --doc
 else
   cargo test --workspace --no-fail-fast -- --test-threads "${TEST_THREADS:-2}"
 fi
