@@ -33,6 +33,12 @@ use render::{ExportView, FsckView, GcView, PoolView, SnapshotView, StatusView, V
 const PAGE_SIZE: u32 = 500;
 
 fn main() -> ExitCode {
+    // Like other Unix tools, end quietly when the reader of our output goes away
+    // (`blockctl volume list | head`) instead of reporting a broken pipe.
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(err) => return usage_error(err),
