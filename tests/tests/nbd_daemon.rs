@@ -273,6 +273,29 @@ fn exports_survive_a_restart() {
     assert!(ok, "the same URI works after a restart: {out}");
 }
 
+/// 4 KiB random reads for `runtime` seconds (after a 1 s ramp); returns the IOPS fio saw.
+fn fio_randread_iops(uri: &str, iodepth: u32, runtime: u32) -> f64 {
+    let (ok, out) = run(
+        "fio",
+        &[
+            "--name=qos",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randread",
+            "--bs=4k",
+            &format!("--iodepth={iodepth}"),
+            "--time_based=1",
+            &format!("--runtime={runtime}"),
+            "--ramp_time=1",
+            "--output-format=json",
+        ],
+    );
+    assert!(ok, "{out}");
+    let json = &out[out.find('{').expect("fio json")..];
+    let v: serde_json::Value = serde_json::from_str(json).expect("fio json parses");
+    v["jobs"][0]["read"]["iops"].as_f64().expect("iops")
+}
+
 #[test]
 fn qos_max_iops_is_enforced_on_a_volume() {
     require!("fio");
@@ -287,25 +310,7 @@ fn qos_max_iops_is_enforced_on_a_volume() {
         "500",
     ]);
     let uri = d.ctl_ok(&["export", "slow"]).trim().to_string();
-    let (ok, out) = run(
-        "fio",
-        &[
-            "--name=qos",
-            "--ioengine=nbd",
-            &format!("--uri={uri}"),
-            "--rw=randread",
-            "--bs=4k",
-            "--iodepth=32",
-            "--time_based=1",
-            "--runtime=3",
-            "--ramp_time=1",
-            "--output-format=json",
-        ],
-    );
-    assert!(ok, "{out}");
-    let json = &out[out.find('{').expect("fio json")..];
-    let v: serde_json::Value = serde_json::from_str(json).expect("fio json parses");
-    let iops = v["jobs"][0]["read"]["iops"].as_f64().expect("iops");
+    let iops = fio_randread_iops(&uri, 32, 3);
     assert!(
         (450.0..=550.0).contains(&iops),
         "500 IOPS ± 10%, measured {iops:.0}"
@@ -327,25 +332,7 @@ fn qos_set_qos_changes_the_enforced_limit() {
     ]);
     let uri = d.ctl_ok(&["export", "tuned"]).trim().to_string();
     d.ctl_ok(&["volume", "set-qos", "tuned", "--max-iops", "1000"]);
-    let (ok, out) = run(
-        "fio",
-        &[
-            "--name=qos",
-            "--ioengine=nbd",
-            &format!("--uri={uri}"),
-            "--rw=randread",
-            "--bs=4k",
-            "--iodepth=16",
-            "--time_based=1",
-            "--runtime=2",
-            "--ramp_time=1",
-            "--output-format=json",
-        ],
-    );
-    assert!(ok, "{out}");
-    let json = &out[out.find('{').expect("fio json")..];
-    let v: serde_json::Value = serde_json::from_str(json).expect("fio json parses");
-    let iops = v["jobs"][0]["read"]["iops"].as_f64().expect("iops");
+    let iops = fio_randread_iops(&uri, 16, 2);
     assert!(
         (900.0..=1100.0).contains(&iops),
         "the new limit of 1000 IOPS applies, measured {iops:.0}"
