@@ -163,11 +163,7 @@ fn sigterm_during_load_exits_cleanly() {
 /// the signal is missing (a clean shutdown commits every acknowledged write).
 #[test]
 fn sigterm_during_nbd_writes_exits_cleanly() {
-    if !std::process::Command::new("sh")
-        .args(["-c", "command -v qemu-io"])
-        .output()
-        .is_ok_and(|o| o.status.success())
-    {
+    if !blockd_tests::have_tool("qemu-io") {
         eprintln!("skipping: qemu-io not installed (tools/test.sh installs it)");
         return;
     }
@@ -223,11 +219,7 @@ fn sigterm_during_nbd_writes_exits_cleanly() {
 /// Unexport refuses new NBD connections and closes the open ones; delete does too.
 #[test]
 fn unexport_closes_open_nbd_connections() {
-    if !std::process::Command::new("sh")
-        .args(["-c", "command -v qemu-io"])
-        .output()
-        .is_ok_and(|o| o.status.success())
-    {
+    if !blockd_tests::have_tool("qemu-io") {
         eprintln!("skipping: qemu-io not installed (tools/test.sh installs it)");
         return;
     }

@@ -6,16 +6,9 @@ use std::process::Command;
 
 use blockd_tests::Daemon;
 
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
 macro_rules! require {
     ($($tool:expr),+) => {
-        $(if !have($tool) {
+        $(if !blockd_tests::have_tool($tool) {
             eprintln!("skipping: {} not installed (tools/test.sh installs it)", $tool);
             return;
         })+

@@ -142,19 +142,22 @@ impl Engine {
         Ok(())
     }
 
-    /// Writes `data` at `offset` of a volume head. The new mappings are in the overlay
-    /// when this returns; they become durable at the next commit (`flush`).
-    pub fn write(&self, h: &ImageHandle, offset: u64, data: &[u8]) -> Result<()> {
+    /// The lineage gate a writer of `h` holds shared; refuses snapshots and deleted images.
+    fn writer_gate(&self, h: &ImageHandle) -> Result<std::sync::Arc<parking_lot::RwLock<()>>> {
         if h.read_only() {
             return Err(EngineError::ReadOnly {
                 image: h.name.to_string(),
             });
         }
-        let gate = {
-            let st = self.inner.state.lock();
-            Self::live_image(&st, h)?;
-            st.lineages[&h.lineage].gate.clone()
-        };
+        let st = self.inner.state.lock();
+        Self::live_image(&st, h)?;
+        Ok(st.lineages[&h.lineage].gate.clone())
+    }
+
+    /// Writes `data` at `offset` of a volume head. The new mappings are in the overlay
+    /// when this returns; they become durable at the next commit (`flush`).
+    pub fn write(&self, h: &ImageHandle, offset: u64, data: &[u8]) -> Result<()> {
+        let gate = self.writer_gate(h)?;
         let _writer = gate.read();
         let pending = self.write_quiesced(h, offset, data)?;
         drop(_writer);
@@ -397,16 +400,7 @@ impl Engine {
         len: u64,
         zero_partial: bool,
     ) -> Result<()> {
-        if h.read_only() {
-            return Err(EngineError::ReadOnly {
-                image: h.name.to_string(),
-            });
-        }
-        let gate = {
-            let st = self.inner.state.lock();
-            Self::live_image(&st, h)?;
-            st.lineages[&h.lineage].gate.clone()
-        };
+        let gate = self.writer_gate(h)?;
         let _writer = gate.read();
         self.zero_quiesced(h, offset, len, zero_partial)
     }
