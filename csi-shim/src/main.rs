@@ -1,12 +1,44 @@
-//! csi-shim: the CSI driver for blockd.
-//!
-//! Honest placeholder: the CSI services land with the CSI issue. Until then this binary
-//! only explains that it is not built yet and exits non-zero, so nobody deploys it by
-//! mistake.
+//! `csi-shim`: the CSI driver binary. Parses flags, sets up logs, and hands over to
+//! [`csi_shim::run`]; everything else lives in the library so tests can reach it.
 
-fn main() {
-    eprintln!(
-        "csi-shim: the CSI driver is not implemented yet (see the CSI issue); nothing to run"
-    );
-    std::process::exit(2);
+use std::process::ExitCode;
+
+use clap::Parser;
+use csi_shim::config::{Args, LogFormat};
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging(args.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(csi_shim::run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            let message = format!("{err:#}");
+            tracing::error!(error = %message, "csi-shim failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("CSI_SHIM_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_target(false).init(),
+        LogFormat::Json => builder.json().with_current_span(true).init(),
+    }
 }

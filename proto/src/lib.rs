@@ -4,7 +4,10 @@
 //! This crate owns:
 //! - [`v1`]: prost messages and tonic clients/servers generated at build time from
 //!   `proto/blockd/v1/*.proto` (compiled by protox, so no system `protoc`);
-//! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for gRPC server reflection;
+//! - [`csi`]: the same for the Container Storage Interface `csi.v1`, extracted verbatim from
+//!   the spec's protobuf blocks so that names and field numbers match the wire;
+//! - [`FILE_DESCRIPTOR_SET`], [`CSI_FILE_DESCRIPTOR_SET`]: encoded descriptors, for gRPC
+//!   server reflection;
 //! - [`model`]: hand-written domain types that validate incoming messages with `TryFrom`,
 //!   turning bad input into `INVALID_ARGUMENT` at the edge, plus page tokens and NBD URIs;
 //! - [`size`]: parsing and printing of byte sizes (`64K`, `10GiB`), shared by the daemon's
@@ -28,10 +31,20 @@ pub mod v1 {
     tonic::include_proto!("blockd.v1");
 }
 
-/// The encoded `FileDescriptorSet` of every `.proto` file in this crate, for
-/// `tonic-reflection`.
+/// The encoded `FileDescriptorSet` of `blockd.v1`, for `tonic-reflection`.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/blockd_descriptor.bin"));
+
+/// Generated messages, clients and servers of the Container Storage Interface `csi.v1`
+/// (spec v1.13), used by `csi-shim` and by the CSI conformance tests.
+pub mod csi {
+    #![allow(clippy::all, missing_docs, rustdoc::all)]
+    tonic::include_proto!("csi.v1");
+}
+
+/// The encoded `FileDescriptorSet` of `csi.v1`, for `tonic-reflection` in `csi-shim`.
+pub const CSI_FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/csi_descriptor.bin"));
 
 /// Opens a gRPC channel to a daemon listening on the unix socket at `path`.
 ///

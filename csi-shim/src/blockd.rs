@@ -1,0 +1,84 @@
+//! The connection to blockd's gRPC API.
+//!
+//! The channel is lazy: csi-shim starts (and answers Identity, with Probe saying "not
+//! ready") before blockd is up, and reconnects by itself when blockd restarts, so no call
+//! path ever holds a dead connection.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use blockd_proto::v1::daemon_service_client::DaemonServiceClient;
+use blockd_proto::v1::export_service_client::ExportServiceClient;
+use blockd_proto::v1::pool_service_client::PoolServiceClient;
+use blockd_proto::v1::snapshot_service_client::SnapshotServiceClient;
+use blockd_proto::v1::volume_service_client::VolumeServiceClient;
+use hyper_util::rt::TokioIo;
+use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::{Code, Status};
+
+/// How long one blockd call may take before the shim gives up on it.
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A cheap-to-clone handle on blockd's API.
+#[derive(Debug, Clone)]
+pub struct Blockd {
+    channel: Channel,
+    socket: PathBuf,
+}
+
+impl Blockd {
+    /// A handle that connects on first use (and again after blockd restarts).
+    pub fn lazy(socket: &Path) -> Self {
+        let path = socket.to_path_buf();
+        let channel = Endpoint::from_static("http://blockd.local")
+            .timeout(CALL_TIMEOUT)
+            .connect_timeout(Duration::from_secs(5))
+            .connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
+                let path = path.clone();
+                async move {
+                    let stream = tokio::net::UnixStream::connect(path).await?;
+                    Ok::<_, std::io::Error>(TokioIo::new(stream))
+                }
+            }));
+        Blockd {
+            channel,
+            socket: socket.to_path_buf(),
+        }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    pub fn pools(&self) -> PoolServiceClient<Channel> {
+        PoolServiceClient::new(self.channel.clone())
+    }
+    pub fn volumes(&self) -> VolumeServiceClient<Channel> {
+        VolumeServiceClient::new(self.channel.clone())
+    }
+    pub fn snapshots(&self) -> SnapshotServiceClient<Channel> {
+        SnapshotServiceClient::new(self.channel.clone())
+    }
+    pub fn exports(&self) -> ExportServiceClient<Channel> {
+        ExportServiceClient::new(self.channel.clone())
+    }
+    pub fn daemon(&self) -> DaemonServiceClient<Channel> {
+        DaemonServiceClient::new(self.channel.clone())
+    }
+}
+
+/// Maps a failed blockd call onto the status the CSI caller gets.
+///
+/// blockd's codes already follow gRPC semantics (NOT_FOUND, ALREADY_EXISTS,
+/// RESOURCE_EXHAUSTED for a full pool, INVALID_ARGUMENT, FAILED_PRECONDITION), so they pass
+/// through with context. A transport failure (blockd down or restarting) becomes
+/// `UNAVAILABLE`, which the orchestrator retries.
+pub fn upstream(context: &str, status: Status) -> Status {
+    let code = match status.code() {
+        Code::Unknown | Code::Cancelled if status.message().contains("transport") => {
+            Code::Unavailable
+        }
+        code => code,
+    };
+    Status::new(code, format!("{context}: blockd: {}", status.message()))
+}

@@ -1,0 +1,141 @@
+//! csi-shim: the Container Storage Interface driver (`blockd.csi.io`) for blockd.
+//!
+//! It talks to blockd only through blockd's gRPC API (never linking the engine) and serves
+//! the CSI services on a unix socket:
+//! - [`identity`]: plugin info, capabilities, Probe (ready only when blockd answers);
+//! - [`controller`]: volumes, snapshots, clones, expansion, capacity, listings;
+//! - [`node`]: stage (export + attach + mkfs + mount), publish (bind mounts), stats,
+//!   expansion, and the record of staged volumes that survives restarts.
+//!
+//! Shared pieces: [`ids`] (how CSI ids name blockd objects and the node holding them),
+//! [`locks`] (one operation per volume at a time, `ABORTED` for the next),
+//! [`blockd`] (the lazy, self-reconnecting API channel), [`config`] (flags).
+
+pub mod blockd;
+pub mod config;
+pub mod controller;
+pub mod identity;
+pub mod ids;
+pub mod locks;
+pub mod node;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use blockd_proto::csi::controller_server::ControllerServer;
+use blockd_proto::csi::identity_server::IdentityServer;
+use blockd_proto::csi::node_server::NodeServer;
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+
+use crate::blockd::Blockd;
+use crate::config::Args;
+use crate::locks::OpLocks;
+
+/// What every service shares: the configuration, the blockd handle and the op locks.
+#[derive(Debug)]
+pub struct Driver {
+    pub args: Args,
+    pub blockd: Blockd,
+    pub locks: OpLocks,
+}
+
+impl Driver {
+    pub fn new(args: Args) -> Arc<Self> {
+        let blockd = Blockd::lazy(&args.blockd_api);
+        Arc::new(Driver {
+            args,
+            blockd,
+            locks: OpLocks::default(),
+        })
+    }
+}
+
+/// Serves until SIGTERM or SIGINT.
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let socket = args.endpoint_path().map_err(anyhow::Error::msg)?;
+    if args.node_id.trim().is_empty() {
+        anyhow::bail!("--node-id must not be empty");
+    }
+    let mode = args.mode;
+    let driver = Driver::new(args);
+
+    let node = if mode.node() {
+        Some(
+            node::NodeService::start(Arc::clone(&driver))
+                .await
+                .context("starting the node service")?,
+        )
+    } else {
+        None
+    };
+
+    let listener = bind(&socket)?;
+    tracing::info!(
+        endpoint = %socket.display(),
+        node_id = %driver.args.node_id,
+        mode = ?mode,
+        blockd_api = %driver.args.blockd_api.display(),
+        "csi-shim serving"
+    );
+
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(blockd_proto::CSI_FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building gRPC reflection")?;
+    let router = tonic::transport::Server::builder()
+        .add_service(IdentityServer::new(identity::IdentityService::new(
+            Arc::clone(&driver),
+        )))
+        .add_service(reflection)
+        .add_optional_service(mode.controller().then(|| {
+            ControllerServer::new(controller::ControllerService::new(Arc::clone(&driver)))
+        }))
+        .add_optional_service(node.map(NodeServer::new));
+    router
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
+        .await
+        .context("serving the CSI endpoint")?;
+    let _ = std::fs::remove_file(&socket);
+    tracing::info!("csi-shim stopped");
+    Ok(())
+}
+
+/// Binds the endpoint, replacing a stale socket left by a killed predecessor.
+fn bind(socket: &std::path::Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the directory of {}", socket.display()))?;
+    }
+    if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+        anyhow::bail!(
+            "{} is in use by a running process; is another csi-shim running?",
+            socket.display()
+        );
+    }
+    match std::fs::remove_file(socket) {
+        Ok(()) => {}
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+        Err(err) => {
+            return Err(err).with_context(|| format!("removing stale socket {}", socket.display()))
+        }
+    }
+    UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot watch SIGTERM; stop with SIGINT");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("shutdown signal received");
+}
