@@ -56,7 +56,10 @@ fn workspace_root() -> PathBuf {
 fn build_binaries() -> &'static Result<(), String> {
     static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
     BUILT.get_or_init(|| {
-        if std::env::var_os("BLOCKD_BIN").is_some() && std::env::var_os("BLOCKCTL_BIN").is_some() {
+        if ["BLOCKD_BIN", "BLOCKCTL_BIN", "CSI_SHIM_BIN"]
+            .iter()
+            .all(|var| std::env::var_os(var).is_some())
+        {
             return Ok(());
         }
         let profile_dir = bin_dir();
@@ -76,6 +79,10 @@ fn build_binaries() -> &'static Result<(), String> {
                 "blockd-tools",
                 "--bin",
                 "blockctl",
+                "-p",
+                "csi-shim",
+                "--bin",
+                "csi-shim",
             ]);
         if profile_dir.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
@@ -87,16 +94,17 @@ fn build_binaries() -> &'static Result<(), String> {
             Ok(())
         } else {
             Err(format!(
-                "cargo build of blockd and blockctl failed:\n{}",
+                "cargo build of blockd, blockctl and csi-shim failed:\n{}",
                 String::from_utf8_lossy(&out.stderr)
             ))
         }
     })
 }
 
-/// The path of workspace binary `name` (`blockd` or `blockctl`), built if needed.
+/// The path of workspace binary `name` (`blockd`, `blockctl` or `csi-shim`), built if
+/// needed.
 pub fn binary(name: &str) -> PathBuf {
-    let var = format!("{}_BIN", name.to_ascii_uppercase());
+    let var = format!("{}_BIN", name.to_ascii_uppercase().replace('-', "_"));
     if let Some(path) = std::env::var_os(&var) {
         return PathBuf::from(path);
     }
@@ -479,4 +487,151 @@ pub fn have_tool(tool: &str) -> bool {
         .args(["-c", &format!("command -v {tool}")])
         .output()
         .is_ok_and(|o| o.status.success())
+}
+
+/// A `csi-shim` process serving on a socket in its own temporary directory, talking to a
+/// [`Daemon`]'s API. Dropping it kills the process.
+pub struct CsiShim {
+    child: Option<Child>,
+    args: Vec<String>,
+    log_path: PathBuf,
+    socket: PathBuf,
+    state_dir: PathBuf,
+    // Declared last: dropped after the process is gone.
+    dir: tempfile::TempDir,
+}
+
+impl CsiShim {
+    /// Starts `csi-shim --mode all` for node `node_id` against `daemon`, with `extra_args`
+    /// (e.g. `["--attach", "fuse-loop"]`), and waits until its socket answers.
+    pub fn start(daemon: &Daemon, node_id: &str, extra_args: &[&str]) -> CsiShim {
+        let dir = tempfile::Builder::new()
+            .prefix("csi-shim-test-")
+            .tempdir()
+            .expect("temporary directory for csi-shim");
+        let socket = dir.path().join("csi.sock");
+        let state_dir = dir.path().join("state");
+        let mut args = vec![
+            "--endpoint".to_string(),
+            format!("unix://{}", socket.display()),
+            "--blockd-api".to_string(),
+            daemon.api_socket().display().to_string(),
+            "--node-id".to_string(),
+            node_id.to_string(),
+            "--state-dir".to_string(),
+            state_dir.display().to_string(),
+        ];
+        args.extend(extra_args.iter().map(|a| a.to_string()));
+        let mut shim = CsiShim {
+            child: None,
+            args,
+            log_path: dir.path().join("csi-shim.log"),
+            socket,
+            state_dir,
+            dir,
+        };
+        shim.spawn();
+        shim
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .expect("csi-shim log file");
+        let child = Command::new(binary("csi-shim"))
+            .args(&self.args)
+            .env("CSI_SHIM_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone log fd"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn csi-shim");
+        self.child = Some(child);
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "csi-shim exited during start-up with {status}; log:\n{}",
+                    self.log()
+                );
+            }
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!("csi-shim did not start in time; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The CSI endpoint socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The `--state-dir` given to csi-shim.
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    /// A scratch directory that lives as long as this shim (for staging and target paths).
+    pub fn scratch(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Everything csi-shim logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// A gRPC channel to the CSI endpoint.
+    pub async fn channel(&self) -> Channel {
+        blockd_proto::connect_unix(&self.socket)
+            .await
+            .expect("connect to the csi-shim socket")
+    }
+
+    /// Sends `signal` and waits for the process to exit.
+    pub fn stop_with(&mut self, signal: i32) -> ExitStatus {
+        let mut child = self.child.take().expect("csi-shim is running");
+        // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.
+        let rc = unsafe { libc::kill(child.id() as libc::pid_t, signal) };
+        assert_eq!(rc, 0, "kill csi-shim");
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait for csi-shim") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("csi-shim did not exit in time; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts csi-shim again with the same flags and state directory.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop csi-shim first");
+        self.spawn();
+    }
+}
+
+impl Drop for CsiShim {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+            if std::thread::panicking() {
+                eprintln!("--- csi-shim log ---\n{}--- end ---", self.log());
+            }
+        }
+    }
 }
