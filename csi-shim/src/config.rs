@@ -83,6 +83,12 @@ pub struct Args {
     #[arg(long, default_value_t = 256)]
     pub max_volumes: i64,
 
+    /// Thin-provisioning limit: CreateVolume is refused (RESOURCE_EXHAUSTED) and
+    /// GetCapacity reports no room once the sizes of all volumes in a pool would exceed
+    /// this multiple of the pool's capacity. 1.0 means no over-provisioning.
+    #[arg(long, value_name = "RATIO", default_value_t = 4.0, value_parser = parse_ratio)]
+    pub overprovisioning_ratio: f64,
+
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -108,4 +114,14 @@ impl Args {
         }
         Ok(PathBuf::from(path))
     }
+}
+
+fn parse_ratio(raw: &str) -> Result<f64, String> {
+    let ratio: f64 = raw
+        .parse()
+        .map_err(|_| format!("{raw:?} is not a number (e.g. 1.0, 4, 10)"))?;
+    if !ratio.is_finite() || ratio < 1.0 {
+        return Err(format!("{raw:?} must be a finite number >= 1.0"));
+    }
+    Ok(ratio)
 }
