@@ -23,6 +23,8 @@ have mkfs.ext4 || need+=(e2fsprogs)
 have mkfs.xfs || need+=(xfsprogs)
 have losetup || need+=(mount)
 have python3 || need+=(python3)
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
+have kubectl || need+=(kubernetes-client)                     # kubectl kustomize (offline)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ] && have apt-get; then
     echo "test.sh: installing ${need[*]}"
@@ -33,6 +35,14 @@ if [ ${#need[@]} -gt 0 ]; then
     echo "test.sh: missing packages ${need[*]} and cannot apt-get install them (not root?)" >&2
     exit 1
   fi
+fi
+
+# --- Python tools, in a private venv (offline Kubernetes manifest validation) ------------
+export BLOCKD_VENV="${BLOCKD_VENV:-$HOME/.cache/blockd-venv}"
+if [ ! -x "$BLOCKD_VENV/bin/kubernetes-validate" ]; then
+  echo "test.sh: installing kubernetes-validate into $BLOCKD_VENV"
+  python3 -m venv "$BLOCKD_VENV"
+  "$BLOCKD_VENV/bin/pip" install -q --disable-pip-version-check kubernetes-validate
 fi
 
 # --- checks ----------------------------------------------------------------------------

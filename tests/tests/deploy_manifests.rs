@@ -1,0 +1,222 @@
+//! The Kubernetes manifests in `deploy/kubernetes/`, validated offline: kustomize renders
+//! them (`kubectl kustomize`), `kubernetes-validate --strict` checks every object against
+//! the API schemas, and a few checks of our own pin what the CSI issue requires of them
+//! (the CSIDriver's flags, the sidecars in node-deployment mode, the seed's two classes,
+//! the snapshot class) — schemas cannot say that a provisioner runs per node.
+//!
+//! `tools/test.sh` installs kubectl and a venv with kubernetes-validate (`BLOCKD_VENV`).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+fn venv() -> PathBuf {
+    std::env::var_os("BLOCKD_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/blockd-venv")
+        })
+}
+
+/// The tools this test needs, or the reason it cannot run.
+fn tools() -> Result<(PathBuf, PathBuf), String> {
+    if !blockd_tests::have_tool("kubectl") {
+        return Err("kubectl is not installed (tools/test.sh installs it)".into());
+    }
+    let venv = venv();
+    let validate = venv.join("bin/kubernetes-validate");
+    if !validate.exists() {
+        return Err(format!(
+            "{} is missing (tools/test.sh installs it)",
+            validate.display()
+        ));
+    }
+    Ok((validate, venv.join("bin/python3")))
+}
+
+fn render() -> String {
+    let out = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(repo().join("deploy/kubernetes"))
+        .output()
+        .expect("run kubectl kustomize");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 manifests")
+}
+
+/// Runs kubernetes-validate --strict; every object must pass or (only for the
+/// snapshot.storage.k8s.io CRD kinds, which have no built-in schema) be unknown.
+fn validate(validate: &Path, file: &Path) {
+    let out = Command::new(validate)
+        .arg("--strict")
+        .arg(file)
+        .output()
+        .expect("run kubernetes-validate");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "{} failed validation:\n{text}",
+        file.display()
+    );
+    for line in text.lines() {
+        if line.starts_with("INFO") && line.contains(" passed ") {
+            continue;
+        }
+        let crd_without_schema = line.starts_with("WARN")
+            && line.contains("Couldn't find schema")
+            && line.contains("snapshot.storage.k8s.io/v1");
+        assert!(crd_without_schema, "{}: {line}", file.display());
+    }
+}
+
+#[test]
+fn kustomization_renders_and_every_object_validates() {
+    let (validator, _) = match tools() {
+        Ok(tools) => tools,
+        Err(reason) => {
+            eprintln!("SKIP: {reason}");
+            return;
+        }
+    };
+    let rendered = render();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("rendered.yaml");
+    std::fs::write(&file, &rendered).expect("write rendered manifests");
+    validate(&validator, &file);
+    for example in std::fs::read_dir(repo().join("deploy/kubernetes/examples")).expect("examples") {
+        validate(&validator, &example.expect("dir entry").path());
+    }
+}
+
+/// Semantic checks, in Python (PyYAML comes with kubernetes-validate): each failed check
+/// prints one line and the script exits 1.
+const CHECKS: &str = r#"
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+by = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+bad = []
+def check(cond, what):
+    if not cond:
+        bad.append(what)
+
+drv = by.get(("CSIDriver", "blockd.csi.io"))
+check(drv is not None, "CSIDriver blockd.csi.io exists")
+if drv:
+    spec = drv["spec"]
+    check(spec.get("attachRequired") is False, "CSIDriver attachRequired: false")
+    check(spec.get("podInfoOnMount") is False, "CSIDriver podInfoOnMount: false")
+    check(set(spec.get("volumeLifecycleModes", [])) == {"Persistent", "Ephemeral"},
+          "CSIDriver lifecycle modes Persistent and Ephemeral")
+
+ds = by.get(("DaemonSet", "blockd"))
+check(ds is not None, "DaemonSet blockd exists")
+if ds:
+    pod = ds["spec"]["template"]["spec"]
+    cs = {c["name"]: c for c in pod["containers"]}
+    for name in ["blockd", "csi-shim", "node-driver-registrar", "csi-provisioner",
+                 "csi-snapshotter", "csi-resizer", "liveness-probe"]:
+        check(name in cs, f"DaemonSet runs container {name}")
+    def args(name):
+        c = cs.get(name, {})
+        return c.get("args", []) + c.get("command", [])
+    for name in ["csi-provisioner", "csi-snapshotter"]:
+        check("--node-deployment=true" in args(name), f"{name} in node-deployment mode")
+        env = {e["name"] for e in cs.get(name, {}).get("env", [])}
+        check("NODE_NAME" in env, f"{name} gets NODE_NAME")
+    check("--enable-capacity=true" in args("csi-provisioner"), "capacity tracking on")
+    shim = args("csi-shim")
+    for flag in ["--endpoint=unix:///csi/csi.sock", "--blockd-api=/run/blockd/api.sock",
+                 "--node-id=$(NODE_NAME)"]:
+        check(flag in shim, f"csi-shim {flag}")
+    mounts = {m["name"]: m for m in cs.get("csi-shim", {}).get("volumeMounts", [])}
+    check(mounts.get("kubelet-dir", {}).get("mountPropagation") == "Bidirectional",
+          "csi-shim mounts the kubelet dir with Bidirectional propagation")
+    check(cs.get("csi-shim", {}).get("securityContext", {}).get("privileged") is True,
+          "csi-shim is privileged")
+    reg = args("node-driver-registrar")
+    check("--kubelet-registration-path=/var/lib/kubelet/plugins/blockd.csi.io/csi.sock" in reg,
+          "registrar registers the plugin socket")
+
+d = by.get(("StorageClass", "default-block"))
+p = by.get(("StorageClass", "performance-block"))
+check(d is not None and p is not None, "StorageClasses default-block and performance-block")
+for sc in [d, p]:
+    if sc:
+        n = sc["metadata"]["name"]
+        check(sc["provisioner"] == "blockd.csi.io", f"{n} uses blockd.csi.io")
+        check(sc.get("volumeBindingMode") == "WaitForFirstConsumer", f"{n} WaitForFirstConsumer")
+        check(sc.get("allowVolumeExpansion") is True, f"{n} allows expansion")
+        allowed = {"pool", "csi.storage.k8s.io/fstype", "maxIops", "iopsPerGB", "maxBandwidth"}
+        check(set(sc.get("parameters", {})) <= allowed, f"{n} uses only known parameters")
+if d:
+    ann = d["metadata"].get("annotations", {})
+    check(ann.get("storageclass.kubernetes.io/is-default-class") == "true",
+          "default-block is the default class")
+if p:
+    check("iopsPerGB" in p.get("parameters", {}), "performance-block has IOPS per GB")
+
+vsc = [x for x in docs if x["kind"] == "VolumeSnapshotClass"]
+check(len(vsc) == 1, "one VolumeSnapshotClass")
+for x in vsc:
+    check(x["apiVersion"] == "snapshot.storage.k8s.io/v1", "VolumeSnapshotClass is v1")
+    check(x.get("driver") == "blockd.csi.io", "VolumeSnapshotClass driver")
+    check(x.get("deletionPolicy") in ("Delete", "Retain"), "VolumeSnapshotClass deletionPolicy")
+
+for line in bad:
+    print("FAILED:", line)
+sys.exit(1 if bad else 0)
+"#;
+
+#[test]
+fn manifests_say_what_the_csi_driver_needs() {
+    let (_, python) = match tools() {
+        Ok(tools) => tools,
+        Err(reason) => {
+            eprintln!("SKIP: {reason}");
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("rendered.yaml");
+    std::fs::write(&file, render()).expect("write rendered manifests");
+    let out = Command::new(python)
+        .arg("-c")
+        .arg(CHECKS)
+        .arg(&file)
+        .output()
+        .expect("run the manifest checks");
+    assert!(
+        out.status.success(),
+        "manifest checks failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn walkthrough_examples_follow_the_seed_chapter() {
+    let dir = repo().join("deploy/kubernetes/examples");
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).expect("example file");
+    let pvcs = read("01-pvcs.yaml");
+    assert!(pvcs.contains("name: pvc0") && pvcs.contains("storage: 11Gi"));
+    assert!(pvcs.contains("name: pvc1") && pvcs.contains("storageClassName: performance-block"));
+    let snap = read("03-snapshot.yaml");
+    assert!(snap.contains("name: snap1") && snap.contains("persistentVolumeClaimName: pvc0"));
+    let restore = read("04-restore.yaml");
+    assert!(restore.contains("name: pvc-reclaim") && restore.contains("storage: 600Gi"));
+    assert!(restore.contains("kind: VolumeSnapshot") && restore.contains("name: snap1"));
+}
