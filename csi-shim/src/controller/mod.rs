@@ -1,0 +1,358 @@
+//! CSI Controller service: volumes, snapshots, clones, expansion, capacity and listings,
+//! each turned into `blockd.v1` calls on this node's blockd.
+//!
+//! ```text
+//! CSI name "pvc-…"  --ids::blockd_name-->  blockd volume "pvc-…"
+//! CSI volume id      = NODE/VOLUME          (NODE = --node-id of the csi-shim that made it)
+//! CSI snapshot id    = NODE/VOLUME@SNAPSHOT
+//! ```
+//!
+//! Invariants:
+//! - One operation per object at a time: mutating calls take [`crate::locks::OpLocks`]
+//!   on the volume id (`NODE/VOLUME`) or on `snapshot:NODE/SNAPSHOT`; a concurrent call
+//!   on the same object gets `ABORTED` and the orchestrator retries.
+//! - Every mutating call is idempotent: a retry finds what the first call made (names map
+//!   to blockd names by a pure function) and answers as the first call did.
+//! - An id naming another node is never `NOT_FOUND`: CreateVolume from such a source is
+//!   `RESOURCE_EXHAUSTED` (the provisioner reschedules to the node holding it); any other
+//!   call on it is `FAILED_PRECONDITION` saying which node's csi-shim must handle it.
+//!   A malformed id cannot name anything: deletes answer OK, lookups NOT_FOUND.
+//! - blockd keeps snapshots alive when their volume is deleted, so DeleteVolume never
+//!   fails because of snapshots (the spec's "independent snapshots" case).
+//!
+//! Submodules: [`capability`] (access modes and types), [`capacity`] (sizes and room),
+//! `volumes` and `snapshots` (the RPC bodies).
+
+pub mod capability;
+pub mod capacity;
+mod snapshots;
+mod volumes;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use blockd_proto::csi::controller_server::Controller;
+use blockd_proto::csi::controller_service_capability::{self, rpc};
+use blockd_proto::csi::*;
+use blockd_proto::v1;
+use tonic::{Code, Request, Response, Status};
+use tracing::Instrument;
+
+use crate::blockd::upstream;
+use crate::ids::{IdError, SnapshotId, VolumeId, TOPOLOGY_KEY};
+use crate::Driver;
+
+pub struct ControllerService {
+    driver: Arc<Driver>,
+}
+
+impl ControllerService {
+    pub fn new(driver: Arc<Driver>) -> Self {
+        ControllerService { driver }
+    }
+
+    fn node(&self) -> &str {
+        &self.driver.args.node_id
+    }
+
+    /// This node's topology segment.
+    fn topology(&self) -> Topology {
+        Topology {
+            segments: [(TOPOLOGY_KEY.to_string(), self.node().to_string())].into(),
+        }
+    }
+
+    /// Whether `topology` admits this node: it names this node under the topology key.
+    fn admits(&self, topology: &Topology) -> bool {
+        topology
+            .segments
+            .get(TOPOLOGY_KEY)
+            .is_some_and(|node| node == self.node())
+    }
+
+    /// Where a volume id points.
+    fn locate_volume(&self, id: &str) -> Located<VolumeId> {
+        match VolumeId::parse(id) {
+            Err(err) => Located::Malformed(err),
+            Ok(vid) if vid.node == self.node() => Located::Here(vid),
+            Ok(vid) => Located::Elsewhere(vid),
+        }
+    }
+
+    /// Where a snapshot id points.
+    fn locate_snapshot(&self, id: &str) -> Located<SnapshotId> {
+        match SnapshotId::parse(id) {
+            Err(err) => Located::Malformed(err),
+            Ok(sid) if sid.node == self.node() => Located::Here(sid),
+            Ok(sid) => Located::Elsewhere(sid),
+        }
+    }
+
+    /// `FAILED_PRECONDITION` for an operation on an object another node holds.
+    fn elsewhere(&self, what: &str, id: &str, node: &str) -> Status {
+        Status::failed_precondition(format!(
+            "{what} {id:?} lives on node {node:?}, not on {:?}: the csi-shim of node \
+             {node:?} serves it (with --node-deployment, the sidecars of that node)",
+            self.node()
+        ))
+    }
+
+    /// The blockd volume `name`, or `None` when blockd has none by that name.
+    async fn blockd_volume(&self, name: &str) -> Result<Option<v1::Volume>, Status> {
+        let request = v1::GetVolumeRequest {
+            name: name.to_string(),
+        };
+        match self.driver.blockd.volumes().get_volume(request).await {
+            Ok(volume) => Ok(Some(volume.into_inner())),
+            Err(status) if status.code() == Code::NotFound => Ok(None),
+            Err(status) => Err(upstream(&format!("looking up volume {name:?}"), status)),
+        }
+    }
+
+    /// The blockd snapshot `name`, or `None` when blockd has none by that name.
+    async fn blockd_snapshot(&self, name: &str) -> Result<Option<v1::Snapshot>, Status> {
+        let request = v1::GetSnapshotRequest {
+            name: name.to_string(),
+        };
+        match self.driver.blockd.snapshots().get_snapshot(request).await {
+            Ok(snapshot) => Ok(Some(snapshot.into_inner())),
+            Err(status) if status.code() == Code::NotFound => Ok(None),
+            Err(status) => Err(upstream(&format!("looking up snapshot {name:?}"), status)),
+        }
+    }
+
+    /// The pool named `name`, or the default pool; `None` when there is no such pool.
+    async fn blockd_pool(&self, name: Option<&str>) -> Result<Option<v1::Pool>, Status> {
+        let pools = self
+            .driver
+            .blockd
+            .pools()
+            .list_pools(v1::ListPoolsRequest::default())
+            .await
+            .map_err(|status| upstream("listing pools", status))?
+            .into_inner()
+            .pools;
+        Ok(pools.into_iter().find(|p| match name {
+            Some(name) => p.name == name,
+            None => p.is_default,
+        }))
+    }
+
+    /// Every blockd volume (all pages).
+    async fn all_volumes(&self) -> Result<Vec<v1::Volume>, Status> {
+        let mut client = self.driver.blockd.volumes();
+        let mut all = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let page = client
+                .list_volumes(v1::ListVolumesRequest {
+                    page_size: 0,
+                    page_token,
+                })
+                .await
+                .map_err(|status| upstream("listing volumes", status))?
+                .into_inner();
+            all.extend(page.volumes);
+            if page.next_page_token.is_empty() {
+                return Ok(all);
+            }
+            page_token = page.next_page_token;
+        }
+    }
+
+    /// Every blockd snapshot (all pages).
+    async fn all_snapshots(&self) -> Result<Vec<v1::Snapshot>, Status> {
+        let mut client = self.driver.blockd.snapshots();
+        let mut all = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let page = client
+                .list_snapshots(v1::ListSnapshotsRequest {
+                    volume: String::new(),
+                    page_size: 0,
+                    page_token,
+                })
+                .await
+                .map_err(|status| upstream("listing snapshots", status))?
+                .into_inner();
+            all.extend(page.snapshots);
+            if page.next_page_token.is_empty() {
+                return Ok(all);
+            }
+            page_token = page.next_page_token;
+        }
+    }
+}
+
+/// Where an id points, relative to this node.
+enum Located<T> {
+    Here(T),
+    Elsewhere(T),
+    Malformed(IdError),
+}
+
+/// Runs one RPC body inside `span` and logs how it ended: successes of mutating calls at
+/// info, refusals the caller must fix at info, failures at warn. Errors are logged here and
+/// nowhere else.
+async fn traced<T>(
+    rpc: &'static str,
+    span: tracing::Span,
+    body: impl Future<Output = Result<T, Status>>,
+) -> Result<Response<T>, Status> {
+    async move {
+        match body.await {
+            Ok(answer) => {
+                tracing::debug!(rpc, "ok");
+                Ok(Response::new(answer))
+            }
+            Err(status) => {
+                match status.code() {
+                    Code::Internal | Code::Unknown | Code::Unavailable | Code::DataLoss => {
+                        tracing::warn!(rpc, code = ?status.code(), error = status.message(), "failed")
+                    }
+                    _ => {
+                        tracing::info!(rpc, code = ?status.code(), error = status.message(), "refused")
+                    }
+                }
+                Err(status)
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// The RPCs this controller serves.
+const CAPABILITIES: &[rpc::Type] = &[
+    rpc::Type::CreateDeleteVolume,
+    rpc::Type::CreateDeleteSnapshot,
+    rpc::Type::CloneVolume,
+    rpc::Type::ListVolumes,
+    rpc::Type::ListSnapshots,
+    rpc::Type::GetCapacity,
+    rpc::Type::ExpandVolume,
+    rpc::Type::GetVolume,
+    rpc::Type::VolumeCondition,
+    rpc::Type::SingleNodeMultiWriter,
+    rpc::Type::ListVolumesPublishedNodes,
+];
+
+#[tonic::async_trait]
+impl Controller for ControllerService {
+    async fn create_volume(
+        &self,
+        request: Request<CreateVolumeRequest>,
+    ) -> Result<Response<CreateVolumeResponse>, Status> {
+        let req = request.into_inner();
+        let span = tracing::info_span!("create_volume", name = %req.name);
+        traced("CreateVolume", span, self.create(req)).await
+    }
+
+    async fn delete_volume(
+        &self,
+        request: Request<DeleteVolumeRequest>,
+    ) -> Result<Response<DeleteVolumeResponse>, Status> {
+        let req = request.into_inner();
+        let span = tracing::info_span!("delete_volume", volume = %req.volume_id);
+        traced("DeleteVolume", span, self.delete(req)).await
+    }
+
+    async fn validate_volume_capabilities(
+        &self,
+        request: Request<ValidateVolumeCapabilitiesRequest>,
+    ) -> Result<Response<ValidateVolumeCapabilitiesResponse>, Status> {
+        let req = request.into_inner();
+        let span = tracing::info_span!("validate_volume_capabilities", volume = %req.volume_id);
+        traced("ValidateVolumeCapabilities", span, self.validate(req)).await
+    }
+
+    async fn list_volumes(
+        &self,
+        request: Request<ListVolumesRequest>,
+    ) -> Result<Response<ListVolumesResponse>, Status> {
+        let req = request.into_inner();
+        let span = tracing::debug_span!("list_volumes", max_entries = req.max_entries);
+        traced("ListVolumes", span, self.list(req)).await
+    }
+
+    async fn get_capacity(
+        &self,
+        request: Request<GetCapacityRequest>,
+    ) -> Result<Response<GetCapacityResponse>, Status> {
+        let req = request.into_inner();
+        let span = tracing::debug_span!("get_capacity");
+        traced("GetCapacity", span, self.capacity(req)).await
+    }
+
+    async fn controller_get_capabilities(
+        &self,
+        _request: Request<ControllerGetCapabilitiesRequest>,
+    ) -> Result<Response<ControllerGetCapabilitiesResponse>, Status> {
+        let capabilities = CAPABILITIES
+            .iter()
+            .map(|&kind| ControllerServiceCapability {
+                r#type: Some(controller_service_capability::Type::Rpc(
+                    controller_service_capability::Rpc {
+                        r#type: kind as i32,
+                    },
+                )),
+            })
+            .collect();
+        Ok(Response::new(ControllerGetCapabilitiesResponse {
+            capabilities,
+        }))
+    }
+
+    async fn create_snapshot(
+        &self,
+        request: Request<CreateSnapshotRequest>,
+    ) -> Result<Response<CreateSnapshotResponse>, Status> {
+        let req = request.into_inner();
+        let span = tracing::info_span!(
+            "create_snapshot",
+            name = %req.name,
+            volume = %req.source_volume_id
+        );
+        traced("CreateSnapshot", span, self.snapshot(req)).await
+    }
+
+    async fn delete_snapshot(
+        &self,
+        request: Request<DeleteSnapshotRequest>,
+    ) -> Result<Response<DeleteSnapshotResponse>, Status> {
+        let req = request.into_inner();
+        let span = tracing::info_span!("delete_snapshot", snapshot = %req.snapshot_id);
+        traced("DeleteSnapshot", span, self.delete_snap(req)).await
+    }
+
+    async fn list_snapshots(
+        &self,
+        request: Request<ListSnapshotsRequest>,
+    ) -> Result<Response<ListSnapshotsResponse>, Status> {
+        let req = request.into_inner();
+        let span = tracing::debug_span!(
+            "list_snapshots",
+            snapshot = %req.snapshot_id,
+            volume = %req.source_volume_id
+        );
+        traced("ListSnapshots", span, self.list_snaps(req)).await
+    }
+
+    async fn controller_expand_volume(
+        &self,
+        request: Request<ControllerExpandVolumeRequest>,
+    ) -> Result<Response<ControllerExpandVolumeResponse>, Status> {
+        let req = request.into_inner();
+        let span = tracing::info_span!("controller_expand_volume", volume = %req.volume_id);
+        traced("ControllerExpandVolume", span, self.expand(req)).await
+    }
+
+    async fn controller_get_volume(
+        &self,
+        request: Request<ControllerGetVolumeRequest>,
+    ) -> Result<Response<ControllerGetVolumeResponse>, Status> {
+        let req = request.into_inner();
+        let span = tracing::debug_span!("controller_get_volume", volume = %req.volume_id);
+        traced("ControllerGetVolume", span, self.get(req)).await
+    }
+}
