@@ -1,0 +1,410 @@
+#!/usr/bin/env bash
+# benches/run.sh [--quick] [--out DIR] [--engine-figures | --no-engine-figures]
+#
+# Side-by-side fio benchmark of blockd against the physical limit and its userspace peers,
+# all measured in one run, on files in one scratch directory on one filesystem:
+#
+#   raw             fio io_uring + O_DIRECT on a preallocated file (the physical limit)
+#   blockd          blockd's NBD export (release build, sparse pool file), fio nbd engine
+#   qemu-nbd        qemu-nbd on a raw preallocated file (--cache=none --aio=io_uring)
+#   qemu-nbd-qcow2  the same on a qcow2 image (the userspace thin + snapshot peer)
+#   nbdkit          nbdkit's file plugin (cache=none)
+#
+# Every system gets the same fio binary and the same options; only the target differs
+# (--filename for raw, --uri for the NBD servers). Writes DIR/results.json, DIR/report.md,
+# DIR/chart.png, and DIR/fio/ (every fio JSON output and the exact command lines).
+#
+# --quick: 1 GiB data files, 4 s per time-based run (BLOCKD_BENCH_SECONDS overrides the
+# seconds; the smoke test uses it). Full: 4 GiB, 20 s per run. Both end with the engine
+# figures (metadata bytes per TiB, RSS with 1 TiB of thin volumes, startup time with 1 M
+# mapped chunks, snapshot creation time against volume size; a few seconds);
+# --no-engine-figures skips them.
+#
+# Environment: CARGO_TARGET_DIR (default $HOME/.cache/blockd-target),
+# BLOCKD_BENCH_SECONDS, BLOCKD_BENCH_SCRATCH (parent of the scratch directory; default DIR).
+set -euo pipefail
+
+script_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$script_dir/.." && pwd)"
+
+log() { printf 'run.sh: %4ss %s\n' "$SECONDS" "$*" >&2; }
+die() {
+  echo "run.sh: error: $*" >&2
+  exit 1
+}
+
+# --- arguments -------------------------------------------------------------------------
+quick=0
+out="$repo/bench-out"
+engine_figures=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) quick=1 ;;
+    --out)
+      [ $# -ge 2 ] || die "--out needs a directory"
+      out="$2"
+      shift
+      ;;
+    --out=*) out="${1#--out=}" ;;
+    --engine-figures) engine_figures=1 ;;
+    --no-engine-figures) engine_figures=0 ;;
+    -h | --help)
+      sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'
+      exit 0
+      ;;
+    *) die "unknown argument '$1' (usage: benches/run.sh [--quick] [--out DIR] [--engine-figures|--no-engine-figures])" ;;
+  esac
+  shift
+done
+
+if [ "$quick" = 1 ]; then
+  data_size=$((1 << 30)) # the data file/volume every read and overwrite runs on
+  seconds=4
+  ramp=0
+  ft_ios=8192
+  cow_ios=4096
+else
+  data_size=$((4 << 30))
+  seconds=20
+  ramp=2
+  ft_ios=32768
+  cow_ios=16384
+fi
+seconds="${BLOCKD_BENCH_SECONDS:-$seconds}"
+case "$seconds" in
+  '' | *[!0-9]* | 0) die "BLOCKD_BENCH_SECONDS must be a positive integer, got '$seconds'" ;;
+esac
+# First-touch runs write into a fresh 64 GiB target (1 M chunks: few writes hit a chunk
+# twice); they and the post-snapshot runs are
+# bounded by an I/O count (every write should hit a chunk/cluster not written before), with
+# a time cap so a slow system cannot stall the run.
+ft_size=$((64 << 30))
+cap=$((seconds < 5 ? 5 : seconds))
+chunk=65536 # blockd's chunk and qcow2's cluster size
+
+mkdir -p "$out" || die "cannot create the output directory $out"
+out="$(cd "$out" && pwd)"
+scratch_parent="${BLOCKD_BENCH_SCRATCH:-$out}"
+mkdir -p "$scratch_parent" || die "cannot create $scratch_parent"
+started=$(date +%s)
+
+# Space: the data file, qcow2's 64 KiB per copied or first-touched cluster, some margin.
+need_bytes=$((data_size + (cow_ios + ft_ios) * chunk + (256 << 20)))
+avail_bytes=$(($(df --output=avail -k "$scratch_parent" | tail -1) * 1024))
+if [ "$avail_bytes" -lt "$need_bytes" ]; then
+  die "$scratch_parent has $((avail_bytes >> 20)) MiB free; this run needs about $((need_bytes >> 20)) MiB (set BLOCKD_BENCH_SCRATCH to another directory, or use --quick)"
+fi
+
+# --- cleanup: every server we start, the scratch directory -----------------------------
+pids=()
+scratch=""
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  local pid
+  for pid in "${pids[@]}"; do
+    kill -TERM "$pid" 2>/dev/null || true
+  done
+  for pid in "${pids[@]}"; do
+    for _ in $(seq 100); do
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
+  if [ -n "$scratch" ] && [ -d "$scratch" ]; then
+    rm -rf "$scratch"
+  fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# --- tools -----------------------------------------------------------------------------
+have() { command -v "$1" >/dev/null 2>&1; }
+need=()
+have fio || need+=(fio)
+have qemu-nbd || need+=(qemu-utils)
+have qemu-img || need+=(qemu-utils)
+have nbdkit || need+=(nbdkit)
+have gnuplot || need+=(gnuplot-nox)
+if [ ${#need[@]} -gt 0 ]; then
+  mapfile -t need < <(printf '%s\n' "${need[@]}" | sort -u)
+  if [ "$(id -u)" -eq 0 ] && have apt-get; then
+    log "installing ${need[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq || die "apt-get update failed"
+    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null ||
+      die "apt-get install ${need[*]} failed"
+  else
+    die "missing ${need[*]} and cannot apt-get install them (not root, or no apt-get)"
+  fi
+fi
+fio --enghelp=nbd >/dev/null 2>&1 || die "this fio has no nbd engine (Debian's fio does)"
+if [ "$(cat /proc/sys/kernel/io_uring_disabled 2>/dev/null || echo 0)" != 0 ]; then
+  die "io_uring is disabled (/proc/sys/kernel/io_uring_disabled); raw and qemu-nbd need it"
+fi
+
+# --- build -----------------------------------------------------------------------------
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/blockd-target}"
+have cargo || die "cargo not found"
+log "building blockd, blockctl and the bench tools (release, CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
+(
+  cd "$repo" || exit 1
+  cargo build --release --quiet -p blockd --bin blockd -p blockd-tools --bin blockctl \
+    -p blockd-bench --bin bench-report --bin engine-figures
+) || die "cargo build --release failed"
+bin="$CARGO_TARGET_DIR/release"
+blockd_bin="$bin/blockd"
+blockctl_bin="$bin/blockctl"
+report_bin="$bin/bench-report"
+
+# --- scratch, logs ---------------------------------------------------------------------
+scratch="$(mktemp -d "$scratch_parent/scratch.XXXXXX")" || die "cannot create a scratch directory"
+mkdir -p "$scratch/logs"
+rm -rf "$out/fio"
+mkdir -p "$out/fio"
+rm -f "$out/results.json" "$out/report.md" "$out/chart.png" "$out/engine-figures.json"
+runs="$out/fio/runs.tsv"
+: >"$runs"
+
+# --- machine info ----------------------------------------------------------------------
+{
+  printf 'nproc\t%s\n' "$(nproc)"
+  printf 'kernel\t%s\n' "$(uname -r)"
+  printf 'cpu\t%s\n' "$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)"
+  printf 'memory\t%s\n' "$(awk '/^MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo)"
+  printf 'filesystem\t%s\n' "$(df -T "$scratch" | awk 'NR == 2 {print $2 " on " $1 " (" $7 ")"}')"
+  printf 'scratch\t%s\n' "$scratch"
+  printf 'fio\t%s\n' "$(fio --version)"
+  printf 'qemu-nbd\t%s\n' "$(qemu-nbd --version | head -1)"
+  printf 'nbdkit\t%s\n' "$(nbdkit --version | head -1)"
+  printf 'blockd\t%s\n' "$(git -C "$repo" describe --always --dirty 2>/dev/null || echo unknown)"
+  printf 'mode\t%s\n' "$([ "$quick" = 1 ] && echo quick || echo full)"
+  printf 'seconds\t%s\n' "$seconds"
+  printf 'ramp_seconds\t%s\n' "$ramp"
+  printf 'data_size\t%s\n' "$data_size"
+  printf 'first_touch_size\t%s\n' "$ft_size"
+  printf 'first_touch_ios\t%s\n' "$ft_ios"
+  printf 'after_snapshot_ios\t%s\n' "$cow_ios"
+  printf 'date\t%s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+} >"$out/machine.tsv"
+
+# --- fio -------------------------------------------------------------------------------
+# Options every run shares, then the workload's, then the target's.
+common=(--output-format=json --group_reporting --numjobs=1 --randrepeat=0 --norandommap)
+timed=(--time_based "--runtime=$seconds" "--ramp_time=$ramp")
+workload_args() {
+  case "$1" in
+    randread-4k-qd1) echo "--rw=randread --bs=4k --iodepth=1 ${timed[*]} --size=$data_size" ;;
+    randread-4k-qd32) echo "--rw=randread --bs=4k --iodepth=32 ${timed[*]} --size=$data_size" ;;
+    randwrite-4k-qd32) echo "--rw=randwrite --bs=4k --iodepth=32 ${timed[*]} --size=$data_size" ;;
+    seqread-1m-qd8) echo "--rw=read --bs=1M --iodepth=8 ${timed[*]} --size=$data_size" ;;
+    seqwrite-1m-qd8) echo "--rw=write --bs=1M --iodepth=8 ${timed[*]} --size=$data_size" ;;
+    # 4 KiB writes at random 64 KiB-aligned offsets: nearly every write is the first into
+    # its chunk (blockd) or cluster (qcow2), so these measure allocation / copy-on-write,
+    # not overwrites. Bounded by an I/O count (with a time cap) to bound the space used.
+    randwrite-4k-qd32-first-touch)
+      echo "--rw=randwrite --bs=4k --blockalign=64k --iodepth=32 --number_ios=$ft_ios --runtime=$cap --size=$ft_size"
+      ;;
+    randwrite-4k-qd32-after-snapshot)
+      echo "--rw=randwrite --bs=4k --blockalign=64k --iodepth=32 --number_ios=$cow_ios --runtime=$cap --size=$data_size"
+      ;;
+    prefill) echo "--rw=write --bs=1M --iodepth=8 --size=$data_size" ;;
+    *) die "unknown workload $1" ;;
+  esac
+}
+# The order every system runs its data workloads in: reads first, then overwrites.
+data_workloads=(randread-4k-qd1 randread-4k-qd32 seqread-1m-qd8 randwrite-4k-qd32 seqwrite-1m-qd8)
+total_runs=32 # 5 systems x (5 data workloads + first-touch) + 2 after-snapshot
+run_no=0
+
+# run_fio SYSTEM WORKLOAD TARGET_ARGS...: one fio run; its JSON (from the first '{', as
+# fio's nbd engine prints a line before it) goes to DIR/fio/SYSTEM__WORKLOAD.json.
+run_fio() {
+  local system="$1" workload="$2"
+  shift 2
+  local -a wl
+  read -r -a wl <<<"$(workload_args "$workload")"
+  local -a cmd=(fio "--name=$workload" "${common[@]}" "${wl[@]}" "$@")
+  local base="$out/fio/${system}__${workload}"
+  if [ "$workload" != prefill ]; then
+    run_no=$((run_no + 1))
+    log "[$run_no/$total_runs] $system $workload"
+  else
+    log "  $system: prefill $((data_size >> 20)) MiB"
+  fi
+  if ! "${cmd[@]}" >"$base.out" 2>"$base.err"; then
+    cat "$base.err" >&2
+    die "fio failed for $system $workload: ${cmd[*]}"
+  fi
+  sed -n '/^{/,$p' "$base.out" >"$base.json"
+  rm -f "$base.out"
+  [ -s "$base.json" ] || die "fio printed no JSON for $system $workload (see $base.err)"
+  [ -s "$base.err" ] || rm -f "$base.err"
+  printf '%s\t%s\t%s\t%s\n' "$system" "$workload" "${system}__${workload}.json" "${cmd[*]}" >>"$runs"
+  if [ "$workload" != prefill ]; then
+    "$report_bin" summary "$base.json" | sed 's/^/run.sh:     /' >&2 || true
+  fi
+}
+
+# --- servers ---------------------------------------------------------------------------
+server_pid=""
+# start_server NAME SOCKET CMD...: starts a server in the background, logging to
+# scratch/logs/NAME.log, and waits for its unix socket.
+start_server() {
+  local name="$1" sock="$2"
+  shift 2
+  rm -f "$sock" # a stale socket blocks some servers from starting
+  "$@" >>"$scratch/logs/$name.log" 2>&1 &
+  server_pid=$!
+  pids+=("$server_pid")
+  local i
+  for i in $(seq 300); do
+    if ! kill -0 "$server_pid" 2>/dev/null; then
+      tail -n 20 "$scratch/logs/$name.log" >&2 || true
+      die "$name exited during start-up: $*"
+    fi
+    [ -S "$sock" ] && return 0
+    [ "$i" -lt 300 ] && sleep 0.1
+  done
+  tail -n 20 "$scratch/logs/$name.log" >&2 || true
+  die "$name did not create its socket $sock within 30 s"
+}
+
+# stop_server: SIGTERM the last started server and wait for it (SIGKILL after 30 s).
+stop_server() {
+  local pid="$server_pid" i
+  [ -n "$pid" ] || return 0
+  kill -TERM "$pid" 2>/dev/null || true
+  for i in $(seq 300); do
+    kill -0 "$pid" 2>/dev/null || break
+    [ "$i" -lt 300 ] && sleep 0.1
+  done
+  kill -KILL "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  local kept=() p
+  for p in "${pids[@]}"; do
+    [ "$p" = "$pid" ] || kept+=("$p")
+  done
+  pids=("${kept[@]+"${kept[@]}"}")
+  server_pid=""
+}
+
+nbd_uri() { echo "nbd+unix:///?socket=$1"; }
+qemu_nbd() { # qemu_nbd NAME FORMAT FILE
+  local sock="$scratch/$1.sock"
+  start_server "$1" "$sock" qemu-nbd -t -k "$sock" -f "$2" --cache=none --aio=io_uring "$3"
+}
+nbdkit_file() { # nbdkit_file FILE
+  local sock="$scratch/nbdkit.sock"
+  start_server nbdkit "$sock" nbdkit -f -U "$sock" file "file=$1" cache=none
+}
+
+# preallocated FILE: a file of data_size bytes allocated on disk (not sparse).
+preallocated() {
+  rm -f "$1"
+  fallocate -l "$data_size" "$1" || die "fallocate $1 failed (filesystem: $(df -T "$scratch" | awk 'NR == 2 {print $2}'))"
+}
+fresh_sparse() { # fresh_sparse FILE SIZE
+  rm -f "$1"
+  truncate -s "$2" "$1"
+}
+
+# --- raw, qemu-nbd, nbdkit: one preallocated, prefilled file ---------------------------
+raw="$scratch/data.raw"
+ft_raw="$scratch/first-touch.raw"
+preallocated "$raw"
+raw_target=(--ioengine=io_uring --direct=1 "--filename=$raw")
+run_fio raw prefill "${raw_target[@]}"
+for w in "${data_workloads[@]}"; do
+  run_fio raw "$w" "${raw_target[@]}"
+done
+fresh_sparse "$ft_raw" "$ft_size"
+run_fio raw randwrite-4k-qd32-first-touch --ioengine=io_uring --direct=1 "--filename=$ft_raw"
+
+qemu_nbd qemu-nbd raw "$raw"
+for w in "${data_workloads[@]}"; do
+  run_fio qemu-nbd "$w" --ioengine=nbd "--uri=$(nbd_uri "$scratch/qemu-nbd.sock")"
+done
+stop_server
+fresh_sparse "$ft_raw" "$ft_size"
+qemu_nbd qemu-nbd raw "$ft_raw"
+run_fio qemu-nbd randwrite-4k-qd32-first-touch --ioengine=nbd "--uri=$(nbd_uri "$scratch/qemu-nbd.sock")"
+stop_server
+
+nbdkit_file "$raw"
+for w in "${data_workloads[@]}"; do
+  run_fio nbdkit "$w" --ioengine=nbd "--uri=$(nbd_uri "$scratch/nbdkit.sock")"
+done
+stop_server
+fresh_sparse "$ft_raw" "$ft_size"
+nbdkit_file "$ft_raw"
+run_fio nbdkit randwrite-4k-qd32-first-touch --ioengine=nbd "--uri=$(nbd_uri "$scratch/nbdkit.sock")"
+stop_server
+rm -f "$raw" "$ft_raw"
+
+# --- qemu-nbd-qcow2: thin image, internal snapshot on a stopped server -----------------
+qcow="$scratch/data.qcow2"
+ft_qcow="$scratch/first-touch.qcow2"
+qcow_uri="$(nbd_uri "$scratch/qemu-nbd-qcow2.sock")"
+qemu-img create -q -f qcow2 -o cluster_size=$chunk "$qcow" "$data_size" || die "qemu-img create failed"
+qemu_nbd qemu-nbd-qcow2 qcow2 "$qcow"
+run_fio qemu-nbd-qcow2 prefill --ioengine=nbd "--uri=$qcow_uri"
+for w in "${data_workloads[@]}"; do
+  run_fio qemu-nbd-qcow2 "$w" --ioengine=nbd "--uri=$qcow_uri"
+done
+stop_server
+qemu-img snapshot -c bench-snap "$qcow" || die "qemu-img snapshot -c failed"
+qemu_nbd qemu-nbd-qcow2 qcow2 "$qcow"
+run_fio qemu-nbd-qcow2 randwrite-4k-qd32-after-snapshot --ioengine=nbd "--uri=$qcow_uri"
+stop_server
+rm -f "$qcow"
+qemu-img create -q -f qcow2 -o cluster_size=$chunk "$ft_qcow" "$ft_size" || die "qemu-img create failed"
+qemu_nbd qemu-nbd-qcow2 qcow2 "$ft_qcow"
+run_fio qemu-nbd-qcow2 randwrite-4k-qd32-first-touch --ioengine=nbd "--uri=$qcow_uri"
+stop_server
+rm -f "$ft_qcow"
+
+# --- blockd: a release daemon, sparse pool, one data volume, a snapshot, a fresh volume --
+state="$scratch/blockd"
+api="$state/api.sock"
+mkdir -p "$state"
+pool_size=$(((data_size + ft_size) * 2))
+ctl() { "$blockctl_bin" --api "$api" "$@"; }
+start_server blockd "$api" "$blockd_bin" --state-dir "$state" \
+  --pool "bench=$scratch/blockd-pool.img,size=$pool_size,chunk=$chunk"
+for _ in $(seq 100); do
+  ctl status >/dev/null 2>&1 && break
+  sleep 0.1
+done
+ctl status >/dev/null || die "blockd does not answer on $api (log: $scratch/logs/blockd.log)"
+ctl volume create data --size "$data_size" >/dev/null || die "blockctl volume create failed"
+blockd_uri="$(ctl export data)" || die "blockctl export failed"
+run_fio blockd prefill --ioengine=nbd "--uri=$blockd_uri"
+for w in "${data_workloads[@]}"; do
+  run_fio blockd "$w" --ioengine=nbd "--uri=$blockd_uri"
+done
+snap_start=$(date +%s%N)
+ctl snapshot create data bench-snap >/dev/null || die "blockctl snapshot create failed"
+snap_ms=$((($(date +%s%N) - snap_start) / 1000000))
+printf 'blockd_snapshot_create_ms\t%s\n' "$snap_ms" >>"$out/machine.tsv"
+run_fio blockd randwrite-4k-qd32-after-snapshot --ioengine=nbd "--uri=$blockd_uri"
+ctl volume create first-touch --size "$ft_size" >/dev/null || die "blockctl volume create failed"
+run_fio blockd randwrite-4k-qd32-first-touch --ioengine=nbd "--uri=$(ctl export first-touch)"
+stop_server
+
+# --- engine figures ------------------------------------------------------------------------
+if [ "$engine_figures" = 1 ]; then
+  log "engine figures (metadata per TiB, RSS with 1 TiB of thin volumes, startup, snapshots)"
+  BLOCKD_BENCH_SCRATCH="$scratch" "$bin/engine-figures" >"$out/engine-figures.json" ||
+    die "engine-figures failed"
+fi
+
+# --- report ----------------------------------------------------------------------------
+elapsed=$(($(date +%s) - started))
+printf 'elapsed_seconds\t%s\n' "$elapsed" >>"$out/machine.tsv"
+"$report_bin" report --out "$out" || die "bench-report failed"
+log "done in ${elapsed}s: $out/report.md, $out/results.json, $out/chart.png"

@@ -1,0 +1,66 @@
+//! `bench-report`: the Rust half of `benches/run.sh`.
+//!
+//! - `bench-report summary FILE`: one line (IOPS, bandwidth, p50/p99) for a fio JSON
+//!   output, for run.sh's progress lines;
+//! - `bench-report report --out DIR`: `results.json`, `report.md` and `chart.png` from what
+//!   run.sh left in DIR (see [`blockd_bench::report`]).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+/// Turns the fio outputs of benches/run.sh into results.json, report.md and chart.png.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Prints one line summarising a fio JSON output.
+    Summary { file: PathBuf },
+    /// Writes results.json, report.md and chart.png into DIR (fio/, machine.tsv inside).
+    Report {
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn main() {
+    if let Err(err) = run(Cli::parse()) {
+        eprintln!("bench-report: error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Summary { file } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let f = blockd_bench::report::parse_fio(&text)
+                .with_context(|| format!("parsing {}", file.display()))?;
+            println!(
+                "{:.0} IOPS, {:.1} MiB/s, p50 {:.1} µs, p99 {:.1} µs ({} I/Os in {:.1} s)",
+                f.iops,
+                f.bw_bytes / 1048576.0,
+                f.lat_p50_us,
+                f.lat_p99_us,
+                f.ios,
+                f.runtime_s
+            );
+        }
+        Command::Report { out } => {
+            let records = blockd_bench::report::write_report(&out)?;
+            eprintln!(
+                "bench-report: {} results in {}",
+                records.len(),
+                out.join("results.json").display()
+            );
+        }
+    }
+    Ok(())
+}

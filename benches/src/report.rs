@@ -1,0 +1,831 @@
+//! The fio harness's results: parsing fio's JSON, `results.json`, `report.md` and the chart.
+//!
+//! `benches/run.sh` leaves in its output directory `fio/runs.tsv` (one line per fio run:
+//! system, workload, JSON file, exact command line), the fio JSON outputs, `machine.tsv`
+//! (`key<TAB>value`) and, on full runs, `engine-figures.json`. [`write_report`] turns them
+//! into `results.json` (the contract fields plus extras), `report.md` (a table per
+//! workload with ratios to `raw` and `qemu-nbd`, the targets met/missed, machine info, the
+//! fio command lines) and `chart.png` (through gnuplot).
+//!
+//! Every ratio compares figures of one run on one machine: absolute numbers move with the
+//! machine's load, ratios much less.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Every system, in report order.
+pub const SYSTEMS: [&str; 5] = ["raw", "blockd", "qemu-nbd", "qemu-nbd-qcow2", "nbdkit"];
+
+/// Every workload, in report order.
+pub const WORKLOADS: [&str; 7] = [
+    "randread-4k-qd1",
+    "randread-4k-qd32",
+    "randwrite-4k-qd32",
+    "randwrite-4k-qd32-first-touch",
+    "seqread-1m-qd8",
+    "seqwrite-1m-qd8",
+    "randwrite-4k-qd32-after-snapshot",
+];
+
+/// The systems a workload applies to: copy-on-write after a snapshot needs snapshots.
+pub fn systems_for(workload: &str) -> &'static [&'static str] {
+    if workload == "randwrite-4k-qd32-after-snapshot" {
+        &["blockd", "qemu-nbd-qcow2"]
+    } else {
+        &SYSTEMS
+    }
+}
+
+/// The system a workload's chart bars are relative to: `raw`, or the qcow2 peer where
+/// `raw` has no such workload.
+pub fn chart_baseline(workload: &str) -> &'static str {
+    if systems_for(workload).contains(&"raw") {
+        "raw"
+    } else {
+        "qemu-nbd-qcow2"
+    }
+}
+
+/// One system on one workload: the contract fields, then extras.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    pub system: String,
+    pub workload: String,
+    pub iops: f64,
+    pub bw_bytes: f64,
+    pub lat_p50_us: f64,
+    pub lat_p99_us: f64,
+    /// Mean completion latency.
+    pub lat_mean_us: f64,
+    /// I/Os completed in the measured window.
+    pub ios: u64,
+    /// Length of the measured window.
+    pub runtime_s: f64,
+}
+
+/// What one fio run measured (both directions added up; latencies from the busier one).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FioFigures {
+    pub iops: f64,
+    pub bw_bytes: f64,
+    pub lat_p50_us: f64,
+    pub lat_p99_us: f64,
+    pub lat_mean_us: f64,
+    pub ios: u64,
+    pub runtime_s: f64,
+}
+
+/// Parses fio's `--output-format=json` output. Anything before the first line that
+/// starts with `{` is skipped: fio's nbd engine prints "fio: connected to NBD server" there.
+pub fn parse_fio(text: &str) -> Result<FioFigures> {
+    let start = if text.starts_with('{') {
+        0
+    } else {
+        text.find("\n{")
+            .map(|i| i + 1)
+            .ok_or_else(|| anyhow!("no JSON object in fio's output"))?
+    };
+    let json: Value = serde_json::from_str(&text[start..]).context("fio's JSON output")?;
+    let job = json
+        .get("jobs")
+        .and_then(|j| j.get(0))
+        .ok_or_else(|| anyhow!("fio's JSON has no jobs"))?;
+    if let Some(err) = job.get("error").and_then(Value::as_i64) {
+        if err != 0 {
+            bail!("fio reports error {err} for the job");
+        }
+    }
+    let mut figures = FioFigures {
+        iops: 0.0,
+        bw_bytes: 0.0,
+        lat_p50_us: 0.0,
+        lat_p99_us: 0.0,
+        lat_mean_us: 0.0,
+        ios: 0,
+        runtime_s: 0.0,
+    };
+    let mut busiest = 0u64;
+    for dir in ["read", "write", "trim"] {
+        let Some(d) = job.get(dir) else { continue };
+        let ios = d.get("total_ios").and_then(Value::as_u64).unwrap_or(0);
+        if ios == 0 {
+            continue;
+        }
+        figures.iops += num(d, &["iops"])?;
+        figures.bw_bytes += num(d, &["bw_bytes"])?;
+        figures.ios += ios;
+        figures.runtime_s = figures.runtime_s.max(num(d, &["runtime"])? / 1000.0);
+        if ios > busiest {
+            busiest = ios;
+            figures.lat_p50_us = num(d, &["clat_ns", "percentile", "50.000000"])? / 1000.0;
+            figures.lat_p99_us = num(d, &["clat_ns", "percentile", "99.000000"])? / 1000.0;
+            figures.lat_mean_us = num(d, &["clat_ns", "mean"])? / 1000.0;
+        }
+    }
+    if figures.ios == 0 {
+        bail!("fio completed no I/O");
+    }
+    Ok(figures)
+}
+
+fn num(v: &Value, path: &[&str]) -> Result<f64> {
+    let mut cur = v;
+    for key in path {
+        cur = cur
+            .get(key)
+            .ok_or_else(|| anyhow!("fio's JSON lacks {}", path.join(".")))?;
+    }
+    cur.as_f64()
+        .ok_or_else(|| anyhow!("fio's {} is not a number", path.join(".")))
+}
+
+/// One line of `fio/runs.tsv`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Run {
+    pub system: String,
+    pub workload: String,
+    pub file: String,
+    pub command: String,
+}
+
+/// Reads `runs.tsv`: `system<TAB>workload<TAB>json file<TAB>command line`.
+pub fn parse_runs(text: &str) -> Result<Vec<Run>> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+        .map(|(i, line)| {
+            let f: Vec<&str> = line.splitn(4, '\t').collect();
+            if f.len() != 4 {
+                bail!("runs.tsv line {}: expected 4 tab-separated fields", i + 1);
+            }
+            Ok(Run {
+                system: f[0].into(),
+                workload: f[1].into(),
+                file: f[2].into(),
+                command: f[3].into(),
+            })
+        })
+        .collect()
+}
+
+/// Reads `key<TAB>value` lines.
+pub fn parse_tsv_pairs(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter_map(|l| l.split_once('\t'))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Figures the `engine-figures` binary measures on the engine alone (no NBD, no disk).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EngineFigures {
+    pub chunk_size_bytes: u64,
+    /// RocksDB size after writing `chunks_written` chunks, extrapolated to 1 TiB.
+    pub metadata: MetadataFigure,
+    /// Opening the engine over `mapped_chunks` mapped chunks.
+    pub startup: StartupFigure,
+    /// Process RSS with thin volumes totalling 1 TiB provisioned.
+    pub rss: RssFigure,
+    /// Median snapshot creation time against the number of written chunks.
+    pub snapshot_create: Vec<SnapshotFigure>,
+    pub elapsed_s: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetadataFigure {
+    pub chunks_written: u64,
+    /// Bytes of SST files after a memtable flush (the steady-state size).
+    pub sst_bytes: u64,
+    /// Everything in the store directory (SSTs, WAL, manifest, logs).
+    pub dir_bytes: u64,
+    /// `sst_bytes` scaled to 1 TiB written.
+    pub bytes_per_tib: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StartupFigure {
+    pub mapped_chunks: u64,
+    pub open_ms: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RssFigure {
+    pub volumes: u64,
+    pub provisioned_bytes: u64,
+    pub mapped_chunks: u64,
+    /// VmRSS with the engine open and no volume.
+    pub rss_empty_bytes: u64,
+    /// After creating the volumes (nothing written).
+    pub rss_provisioned_bytes: u64,
+    /// After writing `mapped_chunks` chunks across them and committing.
+    pub rss_mapped_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotFigure {
+    pub written_chunks: u64,
+    pub median_us: f64,
+    pub samples: usize,
+}
+
+impl EngineFigures {
+    /// Slowest median over fastest median: "flat" means close to 1.
+    pub fn snapshot_spread(&self) -> Option<f64> {
+        let medians = self.snapshot_create.iter().map(|s| s.median_us);
+        let max = medians.clone().fold(f64::NAN, f64::max);
+        let min = medians.fold(f64::NAN, f64::min);
+        (self.snapshot_create.len() >= 2 && min > 0.0).then(|| max / min)
+    }
+}
+
+/// Snapshot creation counts as flat when the slowest size's median is within this factor
+/// of the fastest's (one synced metadata batch each; fsync jitter dominates).
+pub const SNAPSHOT_FLAT_FACTOR: f64 = 2.0;
+
+/// A target of issue 6, evaluated on one run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TargetResult {
+    pub name: String,
+    /// The measured figure, e.g. "0.91× raw".
+    pub measured: String,
+    /// None: not measured in this run.
+    pub met: Option<bool>,
+}
+
+/// The figure of `system` on `workload`, if measured.
+pub fn find<'a>(records: &'a [Record], system: &str, workload: &str) -> Option<&'a Record> {
+    records
+        .iter()
+        .find(|r| r.system == system && r.workload == workload)
+}
+
+/// `system`'s IOPS over `baseline`'s on `workload`.
+pub fn ratio(records: &[Record], workload: &str, system: &str, baseline: &str) -> Option<f64> {
+    let a = find(records, system, workload)?;
+    let b = find(records, baseline, workload)?;
+    (b.iops > 0.0).then(|| a.iops / b.iops)
+}
+
+/// Evaluates the targets: blockd against `raw`, `qemu-nbd` and qcow2 in the same run.
+pub fn targets(records: &[Record], engine: Option<&EngineFigures>) -> Vec<TargetResult> {
+    let ratio_target = |name: &str, workload: &str, baseline: &str, min: f64| {
+        let r = ratio(records, workload, "blockd", baseline);
+        TargetResult {
+            name: format!("{name}: blockd ≥ {min}× {baseline}"),
+            measured: r.map_or("not measured".into(), |r| format!("{r:.2}× {baseline}")),
+            met: r.map(|r| r >= min),
+        }
+    };
+    let mut out = vec![
+        ratio_target("4k randread QD32", "randread-4k-qd32", "raw", 0.85),
+        ratio_target("4k randread QD32", "randread-4k-qd32", "qemu-nbd", 1.3),
+        ratio_target("1M sequential read", "seqread-1m-qd8", "raw", 0.9),
+        ratio_target("1M sequential write", "seqwrite-1m-qd8", "raw", 0.9),
+        ratio_target(
+            "first-touch write",
+            "randwrite-4k-qd32-first-touch",
+            "qemu-nbd-qcow2",
+            1.0,
+        ),
+        ratio_target(
+            "post-snapshot CoW write",
+            "randwrite-4k-qd32-after-snapshot",
+            "qemu-nbd-qcow2",
+            1.0,
+        ),
+    ];
+    let spread = engine.and_then(EngineFigures::snapshot_spread);
+    out.push(TargetResult {
+        name: format!(
+            "snapshot creation flat in volume size (slowest/fastest median ≤ {SNAPSHOT_FLAT_FACTOR})"
+        ),
+        measured: match (engine, spread) {
+            (Some(e), Some(s)) => format!(
+                "{s:.2} ({})",
+                e.snapshot_create
+                    .iter()
+                    .map(|f| format!("{}: {:.0} µs", count(f.written_chunks), f.median_us))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            _ => "not measured (quick run; `--engine-figures`, or the criterion bench \
+                  `snapshot_create`)"
+                .into(),
+        },
+        met: spread.map(|s| s <= SNAPSHOT_FLAT_FACTOR),
+    });
+    out
+}
+
+/// Builds the records from the runs (prefill runs are not results).
+pub fn records(runs: &[Run], fio_dir: &Path) -> Result<Vec<Record>> {
+    let mut out = Vec::new();
+    for run in runs.iter().filter(|r| r.workload != "prefill") {
+        let path = fio_dir.join(&run.file);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let f = parse_fio(&text)
+            .with_context(|| format!("{} {} ({})", run.system, run.workload, path.display()))?;
+        out.push(Record {
+            system: run.system.clone(),
+            workload: run.workload.clone(),
+            iops: f.iops,
+            bw_bytes: f.bw_bytes,
+            lat_p50_us: f.lat_p50_us,
+            lat_p99_us: f.lat_p99_us,
+            lat_mean_us: f.lat_mean_us,
+            ios: f.ios,
+            runtime_s: f.runtime_s,
+        });
+    }
+    out.sort_by_key(|r| {
+        (
+            WORKLOADS.iter().position(|w| *w == r.workload),
+            SYSTEMS.iter().position(|s| *s == r.system),
+        )
+    });
+    Ok(out)
+}
+
+/// Checks every system ran every workload it applies to, with positive finite figures.
+pub fn check_complete(records: &[Record]) -> Vec<String> {
+    let mut problems = Vec::new();
+    for w in WORKLOADS {
+        for s in systems_for(w) {
+            match find(records, s, w) {
+                None => problems.push(format!("{s} has no result for {w}")),
+                Some(r) => {
+                    for (name, v) in [
+                        ("iops", r.iops),
+                        ("bw_bytes", r.bw_bytes),
+                        ("lat_p50_us", r.lat_p50_us),
+                        ("lat_p99_us", r.lat_p99_us),
+                    ] {
+                        if !(v.is_finite() && v > 0.0) {
+                            problems.push(format!("{s} {w}: {name} is {v}"));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    problems
+}
+
+fn count(n: u64) -> String {
+    match n {
+        n if n >= 1_000_000 && n % 1_000_000 == 0 => format!("{}M", n / 1_000_000),
+        n if n >= 1_000 && n % 1_000 == 0 => format!("{}K", n / 1_000),
+        n => n.to_string(),
+    }
+}
+
+fn bytes(n: f64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{v:.1} {}", UNITS[u])
+}
+
+fn ratio_cell(r: Option<f64>) -> String {
+    r.map_or("–".into(), |r| format!("{r:.2}×"))
+}
+
+fn met_cell(met: Option<bool>) -> &'static str {
+    match met {
+        Some(true) => "**met**",
+        Some(false) => "**missed**",
+        None => "not measured",
+    }
+}
+
+/// What each workload does, for the report.
+fn workload_note(workload: &str) -> &'static str {
+    match workload {
+        "randread-4k-qd1" => "4 KiB random reads, one at a time: per-request latency.",
+        "randread-4k-qd32" => "4 KiB random reads, 32 in flight.",
+        "randwrite-4k-qd32" => "4 KiB random overwrites of allocated (prefilled) data.",
+        "randwrite-4k-qd32-first-touch" => {
+            "4 KiB writes at random 64 KiB-aligned offsets of a fresh target (new blockd \
+             volume, new qcow2, new sparse file): nearly every write is the first into its \
+             64 KiB chunk/cluster, so this is the thin-allocation path. Bounded by an I/O \
+             count."
+        }
+        "seqread-1m-qd8" => "1 MiB sequential reads, 8 in flight.",
+        "seqwrite-1m-qd8" => "1 MiB sequential overwrites, 8 in flight.",
+        "randwrite-4k-qd32-after-snapshot" => {
+            "After `blockctl snapshot create` / `qemu-img snapshot -c` (server stopped), \
+             4 KiB writes at random 64 KiB-aligned offsets of the prefilled data: nearly \
+             every write copies a shared chunk/cluster (copy-on-write). Bounded by an I/O \
+             count."
+        }
+        _ => "",
+    }
+}
+
+/// Renders `report.md`.
+pub fn render_markdown(
+    records: &[Record],
+    runs: &[Run],
+    machine: &[(String, String)],
+    engine: Option<&EngineFigures>,
+) -> String {
+    let mut md = String::new();
+    let get = |k: &str| {
+        machine
+            .iter()
+            .find(|(key, _)| key == k)
+            .map_or("?", |(_, v)| v.as_str())
+    };
+    let _ = writeln!(md, "# blockd benchmark report\n");
+    let _ = writeln!(
+        md,
+        "{} run of `benches/run.sh` at {}, blockd {}, {} s per time-based run. Ratios \
+         compare systems within this run (IOPS; for 1 MiB runs that is also bandwidth).\n",
+        get("mode"),
+        get("date"),
+        get("blockd"),
+        get("seconds")
+    );
+
+    let _ = writeln!(md, "## Targets\n");
+    let _ = writeln!(md, "| target | measured | |\n|---|---|---|");
+    for t in targets(records, engine) {
+        let _ = writeln!(md, "| {} | {} | {} |", t.name, t.measured, met_cell(t.met));
+    }
+    let _ = writeln!(md, "\n![chart](chart.png)\n");
+
+    let _ = writeln!(md, "## Results\n");
+    for w in WORKLOADS {
+        let _ = writeln!(md, "### {w}\n\n{}\n", workload_note(w));
+        let _ = writeln!(
+            md,
+            "| system | IOPS | MiB/s | p50 µs | p99 µs | × raw | × qemu-nbd |\n\
+             |---|---:|---:|---:|---:|---:|---:|"
+        );
+        for s in systems_for(w) {
+            match find(records, s, w) {
+                Some(r) => {
+                    let _ = writeln!(
+                        md,
+                        "| {s} | {:.0} | {:.1} | {:.1} | {:.1} | {} | {} |",
+                        r.iops,
+                        r.bw_bytes / 1048576.0,
+                        r.lat_p50_us,
+                        r.lat_p99_us,
+                        ratio_cell(ratio(records, w, s, "raw")),
+                        ratio_cell(ratio(records, w, s, "qemu-nbd")),
+                    );
+                }
+                None => {
+                    let _ = writeln!(md, "| {s} | not measured | | | | | |");
+                }
+            }
+        }
+        if !systems_for(w).contains(&"raw") {
+            let _ = writeln!(
+                md,
+                "\nblockd vs qemu-nbd-qcow2: {}",
+                ratio_cell(ratio(records, w, "blockd", "qemu-nbd-qcow2"))
+            );
+        }
+        let _ = writeln!(md);
+    }
+
+    if let Some(e) = engine {
+        let _ = writeln!(md, "## Engine figures\n");
+        let _ = writeln!(
+            md,
+            "Measured by `engine-figures` on the engine alone (RocksDB metadata on the scratch \
+             filesystem, a null data device), {} KiB chunks, in {:.0} s.\n",
+            e.chunk_size_bytes / 1024,
+            e.elapsed_s
+        );
+        let m = &e.metadata;
+        let _ = writeln!(
+            md,
+            "- **Metadata per TiB written**: {} (RocksDB SST bytes {} after writing {} \
+             chunks = {} and flushing the memtables; whole store directory {}).",
+            bytes(m.bytes_per_tib as f64),
+            bytes(m.sst_bytes as f64),
+            count(m.chunks_written),
+            bytes((m.chunks_written * e.chunk_size_bytes) as f64),
+            bytes(m.dir_bytes as f64)
+        );
+        let _ = writeln!(
+            md,
+            "- **Startup with {} mapped chunks**: {:.0} ms to open the engine.",
+            count(e.startup.mapped_chunks),
+            e.startup.open_ms
+        );
+        let r = &e.rss;
+        let _ = writeln!(
+            md,
+            "- **RSS with {} of thin volumes** ({} volumes): {} with the engine open, {} \
+             after creating them (+{}), {} after writing {} chunks ({}) across them (+{}).",
+            bytes(r.provisioned_bytes as f64),
+            r.volumes,
+            bytes(r.rss_empty_bytes as f64),
+            bytes(r.rss_provisioned_bytes as f64),
+            bytes(r.rss_provisioned_bytes.saturating_sub(r.rss_empty_bytes) as f64),
+            bytes(r.rss_mapped_bytes as f64),
+            count(r.mapped_chunks),
+            bytes((r.mapped_chunks * e.chunk_size_bytes) as f64),
+            bytes(r.rss_mapped_bytes.saturating_sub(r.rss_provisioned_bytes) as f64),
+        );
+        let _ = writeln!(md, "- **Snapshot creation** (median of each size):");
+        for s in &e.snapshot_create {
+            let _ = writeln!(
+                md,
+                "  - {} written chunks: {:.0} µs ({} samples)",
+                count(s.written_chunks),
+                s.median_us,
+                s.samples
+            );
+        }
+        let _ = writeln!(md);
+    }
+
+    let _ = writeln!(md, "## Machine\n");
+    for (k, v) in machine {
+        let _ = writeln!(md, "- {k}: {v}");
+    }
+
+    let _ = writeln!(md, "\n## fio command lines\n");
+    let _ = writeln!(
+        md,
+        "Exactly as run, in order (`prefill` writes the whole data file/volume once and is not \
+         a result). Every system gets the same options; only the target differs: \
+         `--ioengine=io_uring --direct=1 --filename=FILE` for raw, `--ioengine=nbd \
+         --uri=URI` for the NBD servers. Servers: `qemu-nbd -t -k SOCK -f raw|qcow2 \
+         --cache=none --aio=io_uring FILE`, `nbdkit -f -U SOCK file file=FILE cache=none`, \
+         `blockd --state-dir DIR --pool bench=FILE,size=SIZE,chunk=64K` (release build); \
+         qcow2 images are created with `cluster_size=64k`.\n"
+    );
+    let _ = writeln!(md, "```");
+    for r in runs {
+        let _ = writeln!(md, "# {} {}\n{}", r.system, r.workload, r.command);
+    }
+    let _ = writeln!(md, "```");
+    md
+}
+
+/// The chart's data: one row per workload, one column per system, IOPS relative to
+/// [`chart_baseline`], then p99 latencies (`-` where not measured).
+pub fn chart_data(records: &[Record]) -> String {
+    let mut d = String::new();
+    let _ = writeln!(d, "# workload {}", SYSTEMS.join(" "));
+    for w in WORKLOADS {
+        let label = if chart_baseline(w) == "raw" {
+            w.to_string()
+        } else {
+            format!("{w} (vs qcow2)")
+        };
+        let _ = write!(d, "\"{label}\"");
+        for s in SYSTEMS {
+            let _ = match ratio(records, w, s, chart_baseline(w)) {
+                Some(r) => write!(d, " {r:.4}"),
+                None => write!(d, " -"),
+            };
+        }
+        for s in SYSTEMS {
+            let _ = match find(records, s, w) {
+                Some(r) => write!(d, " {:.2}", r.lat_p99_us),
+                None => write!(d, " -"),
+            };
+        }
+        let _ = writeln!(d);
+    }
+    d
+}
+
+/// The gnuplot script drawing `chart.dat` into `png`.
+pub fn chart_script(data: &Path, png: &Path) -> String {
+    let n = SYSTEMS.len();
+    let ratio_plots: Vec<String> = (0..n)
+        .map(|i| {
+            format!(
+                "'{}' using {}:xtic(1) title '{}'",
+                data.display(),
+                i + 2,
+                SYSTEMS[i]
+            )
+        })
+        .collect();
+    let lat_plots: Vec<String> = (0..n)
+        .map(|i| {
+            format!(
+                "'{}' using {}:xtic(1) title '{}'",
+                data.display(),
+                i + 2 + n,
+                SYSTEMS[i]
+            )
+        })
+        .collect();
+    format!(
+        "set terminal pngcairo size 1400,1000 font 'sans,10'\n\
+         set output '{png}'\n\
+         set datafile missing '-'\n\
+         set style data histograms\n\
+         set style histogram clustered gap 1\n\
+         set style fill solid 0.85 border -1\n\
+         set boxwidth 0.9\n\
+         set key outside right top vertical\n\
+         set grid ytics\n\
+         set xtics rotate by -20 nomirror\n\
+         set multiplot layout 2,1\n\
+         set title 'IOPS relative to raw (higher is better; after-snapshot relative to qemu-nbd-qcow2)'\n\
+         set ylabel 'x baseline (log)'\n\
+         set logscale y 2\n\
+         set format y '%g'\n\
+         plot {}, 1 with lines dashtype 2 lc rgb 'black' notitle\n\
+         set title 'p99 completion latency (lower is better)'\n\
+         set ylabel 'microseconds (log)'\n\
+         set logscale y 10\n\
+         plot {}\n\
+         unset multiplot\n",
+        ratio_plots.join(", "),
+        lat_plots.join(", "),
+        png = png.display(),
+    )
+}
+
+/// Reads everything `run.sh` left in `out` and writes `results.json`, `report.md`,
+/// `chart.dat`, `chart.gp` and (running gnuplot) `chart.png`.
+pub fn write_report(out: &Path) -> Result<Vec<Record>> {
+    let fio_dir = out.join("fio");
+    let runs_path = fio_dir.join("runs.tsv");
+    let runs = parse_runs(
+        &std::fs::read_to_string(&runs_path)
+            .with_context(|| format!("reading {}", runs_path.display()))?,
+    )?;
+    let records = records(&runs, &fio_dir)?;
+    let machine = std::fs::read_to_string(out.join("machine.tsv"))
+        .map(|t| parse_tsv_pairs(&t))
+        .unwrap_or_default();
+    let engine_path = out.join("engine-figures.json");
+    let engine: Option<EngineFigures> = match std::fs::read_to_string(&engine_path) {
+        Ok(text) => Some(
+            serde_json::from_str(&text)
+                .with_context(|| format!("parsing {}", engine_path.display()))?,
+        ),
+        Err(_) => None,
+    };
+
+    std::fs::write(
+        out.join("results.json"),
+        serde_json::to_string_pretty(&records)? + "\n",
+    )?;
+    std::fs::write(
+        out.join("report.md"),
+        render_markdown(&records, &runs, &machine, engine.as_ref()),
+    )?;
+    let data = out.join("chart.dat");
+    let png = out.join("chart.png");
+    let script = out.join("chart.gp");
+    std::fs::write(&data, chart_data(&records))?;
+    std::fs::write(&script, chart_script(&data, &png))?;
+    let status = std::process::Command::new("gnuplot")
+        .arg(&script)
+        .status()
+        .context("running gnuplot (apt-get install gnuplot-nox)")?;
+    if !status.success() {
+        bail!("gnuplot {} failed: {status}", script.display());
+    }
+    let problems = check_complete(&records);
+    if !problems.is_empty() {
+        bail!("incomplete results: {}", problems.join("; "));
+    }
+    Ok(records)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FIO: &str = r#"fio: connected to NBD server
+{
+  "fio version" : "fio-3.33",
+  "jobs" : [
+    {
+      "jobname" : "randread-4k-qd32",
+      "error" : 0,
+      "read" : {
+        "io_bytes" : 409600, "bw_bytes" : 204800, "iops" : 50.0, "runtime" : 2000,
+        "total_ios" : 100,
+        "clat_ns" : { "mean" : 1500.0,
+          "percentile" : { "50.000000" : 1000, "99.000000" : 9000 } }
+      },
+      "write" : { "io_bytes" : 0, "bw_bytes" : 0, "iops" : 0.0, "runtime" : 0,
+        "total_ios" : 0, "clat_ns" : { "mean" : 0.0 } }
+    }
+  ]
+}
+"#;
+
+    fn rec(system: &str, workload: &str, iops: f64) -> Record {
+        Record {
+            system: system.into(),
+            workload: workload.into(),
+            iops,
+            bw_bytes: iops * 4096.0,
+            lat_p50_us: 10.0,
+            lat_p99_us: 20.0,
+            lat_mean_us: 11.0,
+            ios: 100,
+            runtime_s: 1.0,
+        }
+    }
+
+    #[test]
+    fn parses_fio_json_after_a_banner() {
+        let f = parse_fio(FIO).unwrap();
+        assert_eq!(f.iops, 50.0);
+        assert_eq!(f.bw_bytes, 204800.0);
+        assert_eq!(f.lat_p50_us, 1.0);
+        assert_eq!(f.lat_p99_us, 9.0);
+        assert_eq!(f.ios, 100);
+        assert_eq!(f.runtime_s, 2.0);
+        assert!(parse_fio("fio: nothing").is_err());
+        assert!(parse_fio(&FIO.replace("\"total_ios\" : 100", "\"total_ios\" : 0")).is_err());
+    }
+
+    #[test]
+    fn targets_compare_blockd_within_the_run() {
+        let rs = vec![
+            rec("raw", "randread-4k-qd32", 100.0),
+            rec("blockd", "randread-4k-qd32", 90.0),
+            rec("qemu-nbd", "randread-4k-qd32", 80.0),
+            rec("blockd", "randwrite-4k-qd32-first-touch", 10.0),
+            rec("qemu-nbd-qcow2", "randwrite-4k-qd32-first-touch", 20.0),
+        ];
+        let t = targets(&rs, None);
+        assert_eq!(t[0].met, Some(true), "{:?}", t[0]); // 0.90 >= 0.85 raw
+        assert_eq!(t[1].met, Some(false), "{:?}", t[1]); // 1.125 < 1.3 qemu-nbd
+        assert_eq!(t[2].met, None); // no seqread
+        assert_eq!(t[4].met, Some(false)); // half of qcow2
+        assert_eq!(t[6].met, None); // no engine figures
+        assert_eq!(ratio(&rs, "randread-4k-qd32", "blockd", "raw"), Some(0.9));
+    }
+
+    #[test]
+    fn completeness_names_what_is_missing_or_zero() {
+        let mut rs = Vec::new();
+        for w in WORKLOADS {
+            for s in systems_for(w) {
+                rs.push(rec(s, w, 5.0));
+            }
+        }
+        assert!(check_complete(&rs).is_empty());
+        rs[0].lat_p99_us = f64::NAN;
+        rs.pop();
+        let p = check_complete(&rs);
+        assert_eq!(p.len(), 2, "{p:?}");
+        let md = render_markdown(&rs, &[], &[], None);
+        assert!(md.contains("### randread-4k-qd1"));
+        assert!(chart_data(&rs).lines().count() == WORKLOADS.len() + 1);
+    }
+
+    #[test]
+    fn snapshot_spread_is_slowest_over_fastest() {
+        let e = EngineFigures {
+            chunk_size_bytes: 65536,
+            metadata: MetadataFigure {
+                chunks_written: 1,
+                sst_bytes: 1,
+                dir_bytes: 1,
+                bytes_per_tib: 1,
+            },
+            startup: StartupFigure {
+                mapped_chunks: 1,
+                open_ms: 1.0,
+            },
+            rss: RssFigure {
+                volumes: 1,
+                provisioned_bytes: 1,
+                mapped_chunks: 1,
+                rss_empty_bytes: 1,
+                rss_provisioned_bytes: 1,
+                rss_mapped_bytes: 1,
+            },
+            snapshot_create: [(1_000, 100.0), (1_000_000, 150.0)]
+                .map(|(n, us)| SnapshotFigure {
+                    written_chunks: n,
+                    median_us: us,
+                    samples: 5,
+                })
+                .to_vec(),
+            elapsed_s: 1.0,
+        };
+        assert_eq!(e.snapshot_spread(), Some(1.5));
+        assert_eq!(targets(&[], Some(&e))[6].met, Some(true));
+    }
+}
