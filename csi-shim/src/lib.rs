@@ -18,6 +18,7 @@ pub mod identity;
 pub mod ids;
 pub mod locks;
 pub mod node;
+pub mod proxy;
 pub mod params;
 
 use std::sync::Arc;

@@ -1,0 +1,123 @@
+//! `csi-nbd-proxy`: the reconnecting NBD proxy the CSI node service starts (detached, one
+//! per staged volume) between an attacher and blockd. Parses flags, sets up logs, writes
+//! the pid file, and runs [`csi_shim::proxy`] until SIGTERM/SIGINT; see that module for
+//! the protocol and the replay rules.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use csi_shim::config::LogFormat;
+use csi_shim::proxy::{self, Config, Shared};
+
+/// Reconnecting NBD proxy: serves one blockd export on a unix socket and survives blockd
+/// restarts (reconnects, replays unacknowledged and unflushed writes, clients never see
+/// an error).
+#[derive(Debug, Parser)]
+#[command(name = "csi-nbd-proxy", version)]
+struct Args {
+    /// Unix socket to serve NBD on (a stale socket is replaced).
+    #[arg(long, value_name = "SOCK")]
+    listen: PathBuf,
+    /// blockd's NBD unix socket.
+    #[arg(long, value_name = "BLOCKD_NBD_SOCK")]
+    upstream_socket: PathBuf,
+    /// The export (image) to forward to; any name a client asks for maps to it.
+    #[arg(long, value_name = "IMAGE")]
+    export: String,
+    /// Seconds to keep reconnecting after blockd went away before failing I/O.
+    #[arg(long, value_name = "SECS", default_value_t = 120)]
+    reconnect_timeout: u64,
+    /// Write the process id to this file (removed on exit).
+    #[arg(long, value_name = "FILE")]
+    pidfile: Option<PathBuf>,
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging(args.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(error = %format!("{err:#}"), "csi-nbd-proxy failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let cfg = Config {
+        listen: args.listen.clone(),
+        upstream_socket: args.upstream_socket,
+        export: args.export,
+        reconnect_timeout: Duration::from_secs(args.reconnect_timeout),
+        journal_limit: proxy::DEFAULT_JOURNAL_LIMIT,
+    };
+    let listener = proxy::bind(&cfg.listen)?;
+    if let Some(pidfile) = &args.pidfile {
+        std::fs::write(pidfile, format!("{}\n", std::process::id()))
+            .with_context(|| format!("writing {}", pidfile.display()))?;
+    }
+    tracing::info!(
+        listen = %cfg.listen.display(),
+        upstream = %cfg.upstream_socket.display(),
+        export = %cfg.export,
+        reconnect_timeout_s = cfg.reconnect_timeout.as_secs(),
+        "csi-nbd-proxy serving"
+    );
+    let shared = Shared::new(cfg);
+    proxy::serve(shared, listener, shutdown_signal()).await;
+    let _ = std::fs::remove_file(&args.listen);
+    if let Some(pidfile) = &args.pidfile {
+        let _ = std::fs::remove_file(pidfile);
+    }
+    tracing::info!("csi-nbd-proxy stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot watch SIGTERM; stop with SIGINT");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("shutdown signal received");
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("CSI_NBD_PROXY_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_target(false).init(),
+        LogFormat::Json => builder.json().with_current_span(true).init(),
+    }
+}

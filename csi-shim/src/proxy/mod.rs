@@ -1,0 +1,754 @@
+//! `csi-nbd-proxy`: a reconnecting NBD proxy between an attacher (nbdfuse, the kernel NBD
+//! client) and blockd, so that a restart of blockd does not kill mounted file systems.
+//!
+//! ```text
+//!  client ──unix──▶ proxy (one process per staged volume) ──unix──▶ blockd NBD socket
+//!    conn 1 ───────▶ [conn task A: client→upstream] ──────────────▶ upstream conn 1
+//!            ◀────── [conn task B: upstream→client] ◀──────────────
+//!    conn 2 ───────▶ ...                                            upstream conn 2
+//!                      shared: journal + generation + recovery lock
+//! ```
+//!
+//! This module owns the listener, the per-process [`Shared`] state (configuration, the
+//! journal of acknowledged-but-unflushed writes, the upstream *generation*) and recovery;
+//! [`conn`] owns one client connection; [`wire`] the encodings.
+//!
+//! Why a journal: blockd (like a disk with a volatile cache) may lose writes it
+//! acknowledged but that no `NBD_CMD_FLUSH` covered when it is killed. A client of the
+//! proxy never sees that crash, so the proxy must make it invisible: it keeps every
+//! acknowledged, non-FUA write and write-zeroes (payloads are shared `Arc`s, no copy) until
+//! a successful flush covers it, and replays them after a reconnect before anything else.
+//! The journal is bounded: past [`Config::journal_limit`] bytes the proxy issues a flush of
+//! its own.
+//!
+//! Invariants:
+//! - every upstream connection belongs to a generation; a reply is accepted only if its
+//!   connection's generation is current (checked under the journal lock for writes), so
+//!   a write is either in the journal or still in its connection's in-flight table, never
+//!   neither;
+//! - recovery (one at a time, under `recovery`) bumps the generation first, which makes
+//!   every connection abandon its upstream; then it replays the journal on a fresh
+//!   upstream connection (overlapping writes never in the same batch, so the server cannot
+//!   reorder them), flushes, and only then do connections reconnect and resend their
+//!   in-flight requests: a write acknowledged before a request was sent is always applied
+//!   before it;
+//! - a flush reply retires only journal entries acknowledged before the flush was sent
+//!   (from every connection when upstream sets `NBD_FLAG_CAN_MULTI_CONN`, else from the
+//!   flushing connection only);
+//! - when the upstream stays away longer than `--reconnect-timeout`, every request in
+//!   flight is answered `NBD_EIO` and the client connection is closed; the journal is kept
+//!   and replayed first by the next client that gets through.
+//!
+//! Assumption: losing an upstream connection means the daemon behind it went away (all
+//! its connections die together). A daemon that drops one connection but keeps serving
+//! others could, in a narrow window, execute an abandoned request after its replay.
+
+pub mod conn;
+pub mod wire;
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
+use tracing::{debug, error, info, warn};
+
+use wire::{ExportInfo, Request, SimpleReply, WireError};
+
+/// How long one upstream connect + handshake may take before it counts as failed.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Reconnect backoff: first delay and cap.
+const BACKOFF_START: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// Requests per batch when replaying the journal.
+const REPLAY_BATCH: usize = 64;
+/// Default bytes of acknowledged, unflushed writes kept before the proxy flushes itself.
+pub const DEFAULT_JOURNAL_LIMIT: usize = 64 << 20;
+
+/// What the proxy serves and where it forwards.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The unix socket clients connect to.
+    pub listen: PathBuf,
+    /// blockd's NBD unix socket.
+    pub upstream_socket: PathBuf,
+    /// The export (image) name upstream; every name a client asks for maps to it.
+    pub export: String,
+    /// How long to keep reconnecting after the upstream went away.
+    pub reconnect_timeout: Duration,
+    /// Bytes of acknowledged, unflushed writes kept for replay before the proxy issues a
+    /// flush of its own.
+    pub journal_limit: usize,
+}
+
+/// Errors that end the proxy or one of its upstream attempts.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("Cannot bind {path}")]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path} is in use by a running process")]
+    InUse { path: PathBuf },
+    #[error("Cannot connect to the upstream NBD socket")]
+    Connect(#[source] io::Error),
+    #[error("Upstream handshake failed")]
+    Handshake(#[from] WireError),
+    #[error("Upstream unavailable for {waited:?}, giving up; last error: {last}")]
+    GaveUp { waited: Duration, last: String },
+}
+
+/// An upstream connection in the transmission phase.
+pub struct Upstream {
+    pub stream: UnixStream,
+    pub info: ExportInfo,
+}
+
+/// One acknowledged write kept until a flush covers it.
+#[derive(Debug, Clone)]
+struct Journaled {
+    seq: u64,
+    conn: u64,
+    req: Request,
+    payload: Option<Arc<Vec<u8>>>,
+}
+
+#[derive(Debug, Default)]
+struct Journal {
+    /// Current upstream generation.
+    gen: u64,
+    /// The last recovery gave up: the entries still need replaying.
+    failed: bool,
+    next_seq: u64,
+    entries: VecDeque<Journaled>,
+    bytes: usize,
+    /// An internal flush is in flight.
+    flush_pending: bool,
+}
+
+/// What happened to a reply handed to [`Shared::accept_reply`].
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Accepted {
+    /// Relay it to the client.
+    Yes { flush_now: bool },
+    /// Its connection belongs to an old generation: keep the request for replay.
+    Stale,
+}
+
+/// Where a reply came from: the connection's generation, id and upstream flags.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Origin {
+    pub gen: u64,
+    pub conn: u64,
+    pub upstream_flags: u16,
+}
+
+/// Per-process state shared by all client connections.
+pub struct Shared {
+    pub cfg: Config,
+    journal: Mutex<Journal>,
+    gen_tx: watch::Sender<u64>,
+    recovery: tokio::sync::Mutex<()>,
+    next_conn: AtomicU64,
+}
+
+impl Shared {
+    pub fn new(cfg: Config) -> Arc<Shared> {
+        // Generations start at 1: 0 marks a request never sent.
+        let (gen_tx, _) = watch::channel(1);
+        Arc::new(Shared {
+            cfg,
+            journal: Mutex::new(Journal {
+                gen: 1,
+                ..Journal::default()
+            }),
+            gen_tx,
+            recovery: tokio::sync::Mutex::new(()),
+            next_conn: AtomicU64::new(1),
+        })
+    }
+
+    pub(crate) fn conn_id(&self) -> u64 {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub(crate) fn generation(&self) -> u64 {
+        self.journal.lock().gen
+    }
+
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
+        self.gen_tx.subscribe()
+    }
+
+    /// The journal position a flush sent now covers (entries with a smaller sequence).
+    pub(crate) fn flush_mark(&self) -> u64 {
+        self.journal.lock().next_seq
+    }
+
+    /// Accepts a successful or failed reply from a connection of generation `gen`:
+    /// journals writes that need it, retires what a flush covered. `flags` are the
+    /// upstream transmission flags.
+    pub(crate) fn accept_reply(
+        &self,
+        origin: Origin,
+        req: &Request,
+        payload: Option<&Arc<Vec<u8>>>,
+        error: u32,
+        flush_mark: u64,
+    ) -> Accepted {
+        let Origin {
+            gen,
+            conn,
+            upstream_flags,
+        } = origin;
+        let mut j = self.journal.lock();
+        if j.gen != gen {
+            return Accepted::Stale;
+        }
+        if error != 0 || upstream_flags & wire::FLAG_SEND_FLUSH == 0 {
+            // Nothing to keep: a failed write changed nothing we must restore, and
+            // without flush support there is no point at which it could be dropped.
+            return Accepted::Yes { flush_now: false };
+        }
+        let fua = req.flags & wire::CMD_FLAG_FUA != 0 && upstream_flags & wire::FLAG_SEND_FUA != 0;
+        match req.kind {
+            wire::CMD_WRITE | wire::CMD_WRITE_ZEROES if !fua => {
+                let seq = j.next_seq;
+                j.next_seq += 1;
+                j.bytes += payload.map_or(0, |p| p.len());
+                j.entries.push_back(Journaled {
+                    seq,
+                    conn,
+                    req: *req,
+                    payload: payload.cloned(),
+                });
+                let flush_now = j.bytes > self.cfg.journal_limit && !j.flush_pending;
+                if flush_now {
+                    j.flush_pending = true;
+                }
+                Accepted::Yes { flush_now }
+            }
+            wire::CMD_FLUSH => {
+                let multi = upstream_flags & wire::FLAG_CAN_MULTI_CONN != 0;
+                retire(&mut j, flush_mark, (!multi).then_some(conn));
+                Accepted::Yes { flush_now: false }
+            }
+            _ => Accepted::Yes { flush_now: false },
+        }
+    }
+
+    /// An internal flush ended (successfully or not).
+    pub(crate) fn internal_flush_done(&self) {
+        self.journal.lock().flush_pending = false;
+    }
+
+    /// Waits for any recovery in progress and returns the generation a new upstream
+    /// connection belongs to; replays a journal left by a failed recovery first.
+    pub async fn ready_generation(&self) -> Result<u64, ProxyError> {
+        loop {
+            let (gen, failed) = {
+                let _guard = self.recovery.lock().await;
+                let j = self.journal.lock();
+                (j.gen, j.failed)
+            };
+            if !failed {
+                return Ok(gen);
+            }
+            self.recover(gen).await?;
+        }
+    }
+
+    /// Called by a connection whose upstream of generation `seen` failed. The first
+    /// caller for a generation bumps it (making every connection drop its upstream),
+    /// replays the journal on a new upstream connection and flushes; later callers wait
+    /// for that and get its outcome. Returns the generation to reconnect in.
+    pub async fn recover(&self, seen: u64) -> Result<u64, ProxyError> {
+        let _guard = self.recovery.lock().await;
+        let (gen, entries) = {
+            let mut j = self.journal.lock();
+            if j.gen != seen {
+                if j.failed {
+                    return Err(ProxyError::GaveUp {
+                        waited: self.cfg.reconnect_timeout,
+                        last: "an earlier recovery gave up".into(),
+                    });
+                }
+                return Ok(j.gen);
+            }
+            j.gen += 1;
+            j.failed = false;
+            (j.gen, j.entries.clone())
+        };
+        self.gen_tx.send_replace(gen);
+        let started = Instant::now();
+        info!(
+            generation = gen,
+            journal_entries = entries.len(),
+            "upstream lost; recovering"
+        );
+        if entries.is_empty() {
+            return Ok(gen);
+        }
+        let deadline = started + self.cfg.reconnect_timeout;
+        match self.replay_journal(&entries, deadline).await {
+            Ok(failed_writes) => {
+                let last = entries.back().map_or(0, |e| e.seq);
+                let mut j = self.journal.lock();
+                retire(&mut j, last + 1, None);
+                if failed_writes > 0 {
+                    error!(
+                        failed_writes,
+                        "writes acknowledged before the upstream restart failed on replay"
+                    );
+                }
+                info!(
+                    generation = gen,
+                    replayed = entries.len(),
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "journal replayed and flushed"
+                );
+                Ok(gen)
+            }
+            Err(err) => {
+                error!(generation = gen, error = %err, "recovery gave up; journal kept");
+                self.journal.lock().failed = true;
+                Err(err)
+            }
+        }
+    }
+
+    /// Replays `entries` in order on a new upstream connection (pipelined in batches of
+    /// non-overlapping requests), then flushes. Returns how many replayed writes failed.
+    async fn replay_journal(
+        &self,
+        entries: &VecDeque<Journaled>,
+        deadline: Instant,
+    ) -> Result<usize, ProxyError> {
+        loop {
+            let up = connect_with_backoff(&self.cfg, false, deadline).await?;
+            match replay_on(up, entries).await {
+                Ok(failed) => return Ok(failed),
+                Err(err) if Instant::now() < deadline => {
+                    warn!(error = %err, "journal replay interrupted; retrying");
+                    tokio::time::sleep(BACKOFF_START).await;
+                }
+                Err(err) => {
+                    return Err(ProxyError::GaveUp {
+                        waited: self.cfg.reconnect_timeout,
+                        last: err.to_string(),
+                    })
+                }
+            }
+        }
+    }
+}
+
+fn retire(j: &mut Journal, mark: u64, only_conn: Option<u64>) {
+    let before = j.entries.len();
+    let mut freed = 0;
+    match only_conn {
+        None => {
+            while j.entries.front().is_some_and(|e| e.seq < mark) {
+                if let Some(e) = j.entries.pop_front() {
+                    freed += e.payload.map_or(0, |p| p.len());
+                }
+            }
+        }
+        Some(conn) => j.entries.retain(|e| {
+            let drop = e.seq < mark && e.conn == conn;
+            if drop {
+                freed += e.payload.as_ref().map_or(0, |p| p.len());
+            }
+            !drop
+        }),
+    }
+    j.bytes -= freed;
+    if before != j.entries.len() {
+        debug!(
+            retired = before - j.entries.len(),
+            kept = j.entries.len(),
+            "journal entries covered by a flush"
+        );
+    }
+}
+
+fn overlaps(a: &Request, b: &Request) -> bool {
+    let (a0, a1) = (a.offset, a.offset.saturating_add(a.len.into()));
+    let (b0, b1) = (b.offset, b.offset.saturating_add(b.len.into()));
+    a0 < b1 && b0 < a1
+}
+
+async fn replay_on(up: Upstream, entries: &VecDeque<Journaled>) -> io::Result<usize> {
+    let (r, w) = up.stream.into_split();
+    let mut r = BufReader::new(r);
+    let mut w = BufWriter::with_capacity(256 << 10, w);
+    let mut failed = 0;
+    let mut batch: Vec<&Journaled> = Vec::with_capacity(REPLAY_BATCH);
+    let mut i = 0;
+    let mut cookie = 0u64;
+    while i < entries.len() || !batch.is_empty() {
+        let next = entries.get(i);
+        let fits = next.is_some_and(|e| {
+            batch.len() < REPLAY_BATCH && !batch.iter().any(|b| overlaps(&b.req, &e.req))
+        });
+        if fits {
+            if let Some(e) = next {
+                batch.push(e);
+                i += 1;
+                continue;
+            }
+        }
+        for e in &batch {
+            cookie += 1;
+            let req = Request { cookie, ..e.req };
+            w.write_all(&req.encode()).await?;
+            if let Some(p) = &e.payload {
+                w.write_all(p).await?;
+            }
+        }
+        w.flush().await?;
+        for _ in 0..batch.len() {
+            let reply = read_simple_reply(&mut r).await?;
+            if reply.error != 0 {
+                failed += 1;
+                error!(error = reply.error, "replayed write failed");
+            }
+        }
+        batch.clear();
+    }
+    cookie += 1;
+    let flush = Request {
+        flags: 0,
+        kind: wire::CMD_FLUSH,
+        cookie,
+        offset: 0,
+        len: 0,
+    };
+    w.write_all(&flush.encode()).await?;
+    w.flush().await?;
+    let reply = read_simple_reply(&mut r).await?;
+    if reply.error != 0 {
+        return Err(io::Error::other(format!(
+            "flush after replay failed with NBD error {}",
+            reply.error
+        )));
+    }
+    let disc = Request {
+        kind: wire::CMD_DISC,
+        cookie: cookie + 1,
+        ..flush
+    };
+    let _ = w.write_all(&disc.encode()).await;
+    let _ = w.flush().await;
+    Ok(failed)
+}
+
+async fn read_simple_reply<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> io::Result<SimpleReply> {
+    let mut h = [0u8; wire::REPLY_LEN];
+    r.read_exact(&mut h).await?;
+    SimpleReply::decode(&h).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// Connects to the upstream socket and runs the client handshake once (on the blocking
+/// pool, with a timeout).
+pub async fn connect_upstream(cfg: &Config, want_block_size: bool) -> Result<Upstream, ProxyError> {
+    let path = cfg.upstream_socket.clone();
+    let export = cfg.export.clone();
+    let joined = tokio::task::spawn_blocking(move || -> Result<_, ProxyError> {
+        let mut s = std::os::unix::net::UnixStream::connect(&path).map_err(ProxyError::Connect)?;
+        s.set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+            .and_then(|()| s.set_write_timeout(Some(HANDSHAKE_TIMEOUT)))
+            .map_err(ProxyError::Connect)?;
+        let info = wire::client_handshake(&mut s, &export, want_block_size)?;
+        s.set_read_timeout(None)
+            .and_then(|()| s.set_write_timeout(None))
+            .and_then(|()| s.set_nonblocking(true))
+            .map_err(ProxyError::Connect)?;
+        Ok((s, info))
+    })
+    .await
+    .map_err(|e| ProxyError::Connect(io::Error::other(e)))?;
+    let (s, info) = joined?;
+    let stream = UnixStream::from_std(s).map_err(ProxyError::Connect)?;
+    Ok(Upstream { stream, info })
+}
+
+/// [`connect_upstream`] with exponential backoff until `deadline`.
+pub async fn connect_with_backoff(
+    cfg: &Config,
+    want_block_size: bool,
+    deadline: Instant,
+) -> Result<Upstream, ProxyError> {
+    let started = Instant::now();
+    let mut delay = BACKOFF_START;
+    let mut attempts = 0u32;
+    loop {
+        attempts += 1;
+        match connect_upstream(cfg, want_block_size).await {
+            Ok(up) => {
+                if attempts > 1 {
+                    info!(
+                        attempts,
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "upstream reconnected"
+                    );
+                }
+                return Ok(up);
+            }
+            Err(err) => {
+                let now = Instant::now();
+                if now >= deadline {
+                    return Err(ProxyError::GaveUp {
+                        waited: now.duration_since(started),
+                        last: format!("{err:#}"),
+                    });
+                }
+                debug!(attempts, error = %err, "upstream not ready; retrying");
+                tokio::time::sleep(delay.min(deadline - now)).await;
+                delay = (delay * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+/// Shuts a socket down in both directions (wakes any task blocked on it) without
+/// closing the descriptor its owner still holds.
+pub(crate) fn shutdown_socket(fd: &impl AsRawFd) {
+    // SAFETY: shutdown(2) on a descriptor borrowed from a live socket object; it does not
+    // close or invalidate the descriptor.
+    unsafe {
+        libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR);
+    }
+}
+
+/// Binds `path`, replacing a stale socket left by a killed predecessor but refusing to
+/// steal one a live process still answers on.
+pub fn bind(path: &Path) -> Result<UnixListener, ProxyError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|source| ProxyError::Bind {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(ProxyError::InUse {
+            path: path.to_path_buf(),
+        });
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(ProxyError::Bind {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    }
+    UnixListener::bind(path).map_err(|source| ProxyError::Bind {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Accepts clients on `listener` until `shutdown` resolves, one task per client.
+pub async fn serve(
+    shared: Arc<Shared>,
+    listener: UnixListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let shared = Arc::clone(&shared);
+                    tokio::spawn(conn::run(shared, stream));
+                }
+                Err(err) => {
+                    warn!(error = %err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+}
+
+/// Starts `csi-nbd-proxy` as a detached process: its own session (setsid), so that
+/// signals to the caller's process group (a csi-shim restart) do not reach it; stdio
+/// closed except stderr, which goes to `log` when given. Returns the child's pid.
+pub fn spawn_detached(
+    binary: &Path,
+    cfg: &Config,
+    pidfile: Option<&Path>,
+    log: Option<std::fs::File>,
+) -> io::Result<u32> {
+    use std::os::unix::process::CommandExt;
+    use std::process::{Command, Stdio};
+    let mut cmd = Command::new(binary);
+    cmd.arg("--listen")
+        .arg(&cfg.listen)
+        .arg("--upstream-socket")
+        .arg(&cfg.upstream_socket)
+        .arg("--export")
+        .arg(&cfg.export)
+        .arg("--reconnect-timeout")
+        .arg(cfg.reconnect_timeout.as_secs().max(1).to_string())
+        .arg("--log-format")
+        .arg("json")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    if let Some(p) = pidfile {
+        cmd.arg("--pidfile").arg(p);
+    }
+    match log {
+        Some(f) => cmd.stderr(f),
+        None => cmd.stderr(Stdio::null()),
+    };
+    // SAFETY: setsid(2) is async-signal-safe and touches no memory of the parent; it
+    // runs in the forked child before exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn()?;
+    Ok(child.id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> Config {
+        Config {
+            listen: "/nonexistent/l".into(),
+            upstream_socket: "/nonexistent/u".into(),
+            export: "v".into(),
+            reconnect_timeout: Duration::from_secs(1),
+            journal_limit: 8192,
+        }
+    }
+
+    fn write(offset: u64, len: u32, flags: u16) -> Request {
+        Request {
+            flags,
+            kind: wire::CMD_WRITE,
+            cookie: 0,
+            offset,
+            len,
+        }
+    }
+
+    fn o(gen: u64, conn: u64, upstream_flags: u16) -> Origin {
+        Origin {
+            gen,
+            conn,
+            upstream_flags,
+        }
+    }
+
+    const FLAGS: u16 = wire::FLAG_HAS_FLAGS
+        | wire::FLAG_SEND_FLUSH
+        | wire::FLAG_SEND_FUA
+        | wire::FLAG_CAN_MULTI_CONN;
+
+    #[test]
+    fn journal_keeps_unflushed_writes_until_a_covering_flush() {
+        let shared = Shared::new(cfg());
+        let p = Arc::new(vec![1u8; 4096]);
+        let w = write(0, 4096, 0);
+        assert_eq!(
+            shared.accept_reply(o(1, 1, FLAGS), &w, Some(&p), 0, 0),
+            Accepted::Yes { flush_now: false }
+        );
+        let mark = shared.flush_mark();
+        // Acknowledged after the flush was sent: not covered by it.
+        shared.accept_reply(o(1, 2, FLAGS), &write(8192, 4096, 0), Some(&p), 0, 0);
+        // FUA writes and failed writes are never kept.
+        shared.accept_reply(
+            o(1, 1, FLAGS),
+            &write(0, 4096, wire::CMD_FLAG_FUA),
+            Some(&p),
+            0,
+            0,
+        );
+        shared.accept_reply(o(1, 1, FLAGS), &w, Some(&p), wire::EIO, 0);
+        assert_eq!(shared.journal.lock().entries.len(), 2);
+        let flush = Request {
+            kind: wire::CMD_FLUSH,
+            ..write(0, 0, 0)
+        };
+        shared.accept_reply(o(1, 2, FLAGS), &flush, None, 0, mark);
+        let j = shared.journal.lock();
+        assert_eq!(j.entries.len(), 1);
+        assert_eq!(j.entries[0].req.offset, 8192);
+        assert_eq!(j.bytes, 4096);
+    }
+
+    #[test]
+    fn without_multi_conn_a_flush_retires_only_its_connection() {
+        let shared = Shared::new(cfg());
+        let p = Arc::new(vec![1u8; 512]);
+        let flags = FLAGS & !wire::FLAG_CAN_MULTI_CONN;
+        shared.accept_reply(o(1, 1, flags), &write(0, 512, 0), Some(&p), 0, 0);
+        shared.accept_reply(o(1, 2, flags), &write(512, 512, 0), Some(&p), 0, 0);
+        let mark = shared.flush_mark();
+        let flush = Request {
+            kind: wire::CMD_FLUSH,
+            ..write(0, 0, 0)
+        };
+        shared.accept_reply(o(1, 2, flags), &flush, None, 0, mark);
+        let j = shared.journal.lock();
+        assert_eq!(j.entries.len(), 1);
+        assert_eq!(j.entries[0].conn, 1);
+    }
+
+    #[test]
+    fn stale_generation_replies_are_refused_and_the_limit_asks_for_a_flush() {
+        let shared = Shared::new(cfg());
+        shared.journal.lock().gen = 3;
+        let p = Arc::new(vec![0u8; 4096]);
+        assert_eq!(
+            shared.accept_reply(o(2, 1, FLAGS), &write(0, 4096, 0), Some(&p), 0, 0),
+            Accepted::Stale
+        );
+        assert_eq!(
+            shared.accept_reply(o(3, 1, FLAGS), &write(0, 4096, 0), Some(&p), 0, 0),
+            Accepted::Yes { flush_now: false }
+        );
+        assert_eq!(
+            shared.accept_reply(o(3, 1, FLAGS), &write(4096, 4096, 0), Some(&p), 0, 0),
+            Accepted::Yes { flush_now: false }
+        );
+        // Over the 8 KiB limit: exactly one internal flush is requested.
+        assert_eq!(
+            shared.accept_reply(o(3, 1, FLAGS), &write(8192, 4096, 0), Some(&p), 0, 0),
+            Accepted::Yes { flush_now: true }
+        );
+        assert_eq!(
+            shared.accept_reply(o(3, 1, FLAGS), &write(8192, 4096, 0), Some(&p), 0, 0),
+            Accepted::Yes { flush_now: false }
+        );
+    }
+
+    #[test]
+    fn overlap_is_half_open() {
+        assert!(overlaps(&write(0, 4096, 0), &write(4095, 1, 0)));
+        assert!(!overlaps(&write(0, 4096, 0), &write(4096, 1, 0)));
+        assert!(!overlaps(&write(4096, 4096, 0), &write(0, 4096, 0)));
+    }
+}
