@@ -285,6 +285,7 @@ fn identity_info_capabilities_and_controller_capabilities() {
             rpc::Type::VolumeCondition,
             rpc::Type::SingleNodeMultiWriter,
             rpc::Type::ListVolumesPublishedNodes,
+            rpc::Type::GetSnapshot,
         ] {
             assert!(caps.contains(&(want as i32)), "missing {want:?}");
         }
@@ -794,6 +795,36 @@ fn snapshots_restores_and_clones() {
             ),
         ] {
             expect_code(what, c.create_snapshot(req).await, code, "");
+        }
+
+        // GetSnapshot: the same snapshot, or NOT_FOUND.
+        let got = c
+            .get_snapshot(csi::GetSnapshotRequest {
+                snapshot_id: snap.snapshot_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("GetSnapshot")
+            .into_inner()
+            .snapshot;
+        assert_eq!(got.as_ref(), Some(&snap));
+        for (id, code) in [
+            (format!("{NODE}/src@nope"), Code::NotFound),
+            (format!("{NODE}/other@snap-1"), Code::NotFound),
+            ("junk".to_string(), Code::NotFound),
+            (String::new(), Code::InvalidArgument),
+            ("node-b/src@snap-1".to_string(), Code::FailedPrecondition),
+        ] {
+            expect_code(
+                &format!("GetSnapshot {id:?}"),
+                c.get_snapshot(csi::GetSnapshotRequest {
+                    snapshot_id: id,
+                    ..Default::default()
+                })
+                .await,
+                code,
+                "",
+            );
         }
 
         // Restore at the source's size (no range), and into a larger volume (O(1)).
@@ -1791,5 +1822,227 @@ fn controller_only_mode_serves_the_controller() {
             Some(csi::plugin_capability::Type::Service(s))
                 if s.r#type == service::Type::ControllerService as i32
         )));
+    });
+}
+
+/// A stand-in for blockd whose only pool has failed, for what a real daemon cannot be
+/// made to do on demand: report a failed pool. It serves the three services the
+/// controller's read paths use; everything else is UNIMPLEMENTED.
+mod failed_blockd {
+    use std::path::Path;
+
+    use blockd_proto::v1;
+    use blockd_proto::v1::daemon_service_server::{DaemonService, DaemonServiceServer};
+    use blockd_proto::v1::pool_service_server::{PoolService, PoolServiceServer};
+    use blockd_proto::v1::volume_service_server::{VolumeService, VolumeServiceServer};
+    use tonic::{Request, Response, Status};
+
+    pub const HEALTH: &str = "failed: write to /dev/sdz: Input/output error (os error 5)";
+
+    #[derive(Clone)]
+    pub struct Failed;
+
+    fn pool() -> v1::Pool {
+        v1::Pool {
+            name: "default".into(),
+            capacity_bytes: 1 << 30,
+            free_bytes: 1 << 29,
+            provisioned_bytes: 64 << 20,
+            health: HEALTH.into(),
+            is_default: true,
+            ..Default::default()
+        }
+    }
+
+    fn volume() -> v1::Volume {
+        v1::Volume {
+            name: "vol".into(),
+            pool: "default".into(),
+            size_bytes: 64 << 20,
+            qos: Some(v1::Qos::default()),
+            exported: true,
+            ..Default::default()
+        }
+    }
+
+    fn unused<T>() -> Result<Response<T>, Status> {
+        Err(Status::unimplemented("not part of this stand-in"))
+    }
+
+    #[tonic::async_trait]
+    impl DaemonService for Failed {
+        async fn get_status(
+            &self,
+            _: Request<v1::GetStatusRequest>,
+        ) -> Result<Response<v1::DaemonStatus>, Status> {
+            Ok(Response::new(v1::DaemonStatus {
+                health: HEALTH.into(),
+                ..Default::default()
+            }))
+        }
+        async fn fsck(
+            &self,
+            _: Request<v1::FsckRequest>,
+        ) -> Result<Response<v1::FsckReport>, Status> {
+            unused()
+        }
+        async fn gc(&self, _: Request<v1::GcRequest>) -> Result<Response<v1::GcReport>, Status> {
+            unused()
+        }
+    }
+
+    #[tonic::async_trait]
+    impl PoolService for Failed {
+        async fn list_pools(
+            &self,
+            _: Request<v1::ListPoolsRequest>,
+        ) -> Result<Response<v1::ListPoolsResponse>, Status> {
+            Ok(Response::new(v1::ListPoolsResponse {
+                pools: vec![pool()],
+                next_page_token: String::new(),
+            }))
+        }
+        async fn get_pool(
+            &self,
+            _: Request<v1::GetPoolRequest>,
+        ) -> Result<Response<v1::Pool>, Status> {
+            Ok(Response::new(pool()))
+        }
+    }
+
+    #[tonic::async_trait]
+    impl VolumeService for Failed {
+        async fn create_volume(
+            &self,
+            _: Request<v1::CreateVolumeRequest>,
+        ) -> Result<Response<v1::CreateVolumeResponse>, Status> {
+            unused()
+        }
+        async fn get_volume(
+            &self,
+            request: Request<v1::GetVolumeRequest>,
+        ) -> Result<Response<v1::Volume>, Status> {
+            if request.get_ref().name == "vol" {
+                Ok(Response::new(volume()))
+            } else {
+                Err(Status::not_found("volume not found"))
+            }
+        }
+        async fn list_volumes(
+            &self,
+            _: Request<v1::ListVolumesRequest>,
+        ) -> Result<Response<v1::ListVolumesResponse>, Status> {
+            Ok(Response::new(v1::ListVolumesResponse {
+                volumes: vec![volume()],
+                next_page_token: String::new(),
+            }))
+        }
+        async fn delete_volume(
+            &self,
+            _: Request<v1::DeleteVolumeRequest>,
+        ) -> Result<Response<v1::DeleteVolumeResponse>, Status> {
+            unused()
+        }
+        async fn resize_volume(
+            &self,
+            _: Request<v1::ResizeVolumeRequest>,
+        ) -> Result<Response<v1::Volume>, Status> {
+            unused()
+        }
+        async fn set_volume_qos(
+            &self,
+            _: Request<v1::SetVolumeQosRequest>,
+        ) -> Result<Response<v1::Volume>, Status> {
+            unused()
+        }
+        type FlattenVolumeStream = tokio_stream::Empty<Result<v1::FlattenProgress, Status>>;
+        async fn flatten_volume(
+            &self,
+            _: Request<v1::FlattenVolumeRequest>,
+        ) -> Result<Response<Self::FlattenVolumeStream>, Status> {
+            unused()
+        }
+    }
+
+    /// Serves the stand-in on `socket` until the runtime stops.
+    pub fn serve(rt: &tokio::runtime::Runtime, socket: &Path) {
+        let _ = std::fs::remove_file(socket);
+        let listener = {
+            let _entered = rt.enter();
+            tokio::net::UnixListener::bind(socket).expect("bind the stand-in's socket")
+        };
+        rt.spawn(
+            tonic::transport::Server::builder()
+                .add_service(DaemonServiceServer::new(Failed))
+                .add_service(PoolServiceServer::new(Failed))
+                .add_service(VolumeServiceServer::new(Failed))
+                .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener)),
+        );
+    }
+}
+
+#[test]
+fn a_failed_pool_makes_probe_unhealthy_and_volumes_abnormal() {
+    // A real blockd hands its socket path over to the stand-in.
+    let mut env = Env::start();
+    assert!(env.daemon.stop().success());
+    failed_blockd::serve(&env.rt, &env.daemon.api_socket());
+    env.rt.block_on(async {
+        let mut id = env.identity().await;
+        // The shim's channel may still hold the old connection for a moment.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            match id.probe(csi::ProbeRequest {}).await {
+                Err(status) => break status,
+                Ok(_) => {
+                    assert!(Instant::now() < deadline, "Probe never saw the failed pool");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+        assert!(
+            status.message().contains(failed_blockd::HEALTH),
+            "{status:?}"
+        );
+
+        let mut c = env.controller().await;
+        let got = c
+            .controller_get_volume(csi::ControllerGetVolumeRequest {
+                volume_id: format!("{NODE}/vol"),
+            })
+            .await
+            .expect("ControllerGetVolume")
+            .into_inner();
+        let status = got.status.expect("status");
+        assert_eq!(status.published_node_ids, vec![NODE.to_string()]);
+        let condition = status.volume_condition.expect("condition");
+        assert!(condition.abnormal);
+        assert!(
+            condition.message.contains(failed_blockd::HEALTH),
+            "{condition:?}"
+        );
+
+        let listed = c
+            .list_volumes(csi::ListVolumesRequest::default())
+            .await
+            .expect("ListVolumes")
+            .into_inner()
+            .entries;
+        assert_eq!(listed.len(), 1);
+        let condition = listed[0].status.clone().unwrap().volume_condition.unwrap();
+        assert!(condition.abnormal);
+
+        let room = capacity(&mut c, HashMap::new()).await;
+        assert_eq!(
+            (room.available_capacity, room.maximum_volume_size),
+            (0, Some(0))
+        );
+        expect_code(
+            "create on a failed pool",
+            c.create_volume(create_req("new", 4 * MIB)).await,
+            Code::ResourceExhausted,
+            "Input/output error",
+        );
     });
 }

@@ -235,6 +235,7 @@ const CAPABILITIES: &[rpc::Type] = &[
     rpc::Type::VolumeCondition,
     rpc::Type::SingleNodeMultiWriter,
     rpc::Type::ListVolumesPublishedNodes,
+    rpc::Type::GetSnapshot,
 ];
 
 #[tonic::async_trait]
@@ -336,6 +337,15 @@ impl Controller for ControllerService {
             volume = %req.source_volume_id
         );
         traced("ListSnapshots", span, self.list_snaps(req)).await
+    }
+
+    async fn get_snapshot(
+        &self,
+        request: Request<GetSnapshotRequest>,
+    ) -> Result<Response<GetSnapshotResponse>, Status> {
+        let req = request.into_inner();
+        let span = tracing::debug_span!("get_snapshot", snapshot = %req.snapshot_id);
+        traced("GetSnapshot", span, self.get_snap(req)).await
     }
 
     async fn controller_expand_volume(

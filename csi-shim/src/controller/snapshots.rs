@@ -1,4 +1,4 @@
-//! The snapshot RPCs: CreateSnapshot, DeleteSnapshot and ListSnapshots.
+//! The snapshot RPCs: CreateSnapshot, DeleteSnapshot, GetSnapshot and ListSnapshots.
 //!
 //! blockd snapshot names are unique across the daemon, so the CSI snapshot name maps to
 //! one blockd snapshot name (`ids::blockd_name`) whatever the source volume; the id adds
@@ -182,6 +182,37 @@ impl ControllerService {
             }
         }
         Ok(DeleteSnapshotResponse {})
+    }
+
+    pub(super) async fn get_snap(
+        &self,
+        req: GetSnapshotRequest,
+    ) -> Result<GetSnapshotResponse, Status> {
+        if req.snapshot_id.is_empty() {
+            return Err(Status::invalid_argument("snapshot_id is required"));
+        }
+        let sid = match self.locate_snapshot(&req.snapshot_id) {
+            Located::Malformed(err) => {
+                return Err(Status::not_found(format!(
+                    "snapshot {:?} does not exist: {err}",
+                    req.snapshot_id
+                )))
+            }
+            Located::Elsewhere(sid) => {
+                return Err(self.elsewhere("snapshot", &req.snapshot_id, &sid.node))
+            }
+            Located::Here(sid) => sid,
+        };
+        let snapshot = self
+            .blockd_snapshot(&sid.snapshot)
+            .await?
+            .filter(|s| s.volume == sid.volume)
+            .ok_or_else(|| {
+                Status::not_found(format!("snapshot {:?} does not exist", req.snapshot_id))
+            })?;
+        Ok(GetSnapshotResponse {
+            snapshot: Some(self.csi_snapshot(&snapshot)),
+        })
     }
 
     pub(super) async fn list_snaps(
