@@ -83,6 +83,8 @@ fn build_binaries() -> &'static Result<(), String> {
                 "csi-shim",
                 "--bin",
                 "csi-shim",
+                "--bin",
+                "csi-nbd-proxy",
             ]);
         if profile_dir.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
