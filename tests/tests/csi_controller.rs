@@ -993,9 +993,22 @@ fn snapshots_restores_and_clones() {
             .into_inner()
             .snapshots;
         assert!(left.is_empty(), "{left:?}");
-        // Restores made from the deleted snapshot still read (blockd keeps what they
-        // need).
+        // Restores made from the deleted snapshot are still there, and a late retry of
+        // the CreateVolume that made one still answers with it.
         assert!(env.blockd_volume("restore-big").await.is_some());
+        let mut retry = create_req("restore-big", 64 * MIB);
+        retry.volume_content_source = from_snapshot(&snap.snapshot_id);
+        retry.parameters = params(&[("pool", "default")]);
+        assert_eq!(create(&mut c, retry).await, big);
+        // A new volume from the deleted snapshot is NOT_FOUND.
+        let mut late = create_req("restore-late", 0);
+        late.volume_content_source = from_snapshot(&snap.snapshot_id);
+        expect_code(
+            "restore from a deleted snapshot",
+            c.create_volume(late).await,
+            Code::NotFound,
+            "snap-1",
+        );
     });
 }
 

@@ -19,13 +19,21 @@ use crate::blockd::upstream;
 use crate::ids::{blockd_name, SnapshotId, VolumeId};
 use crate::params::{self, VolumeParams};
 
-/// What a new volume is made from, resolved on this node's blockd.
+/// What a new volume is to be made from: a snapshot or volume on this node, named but
+/// not yet looked up (so that a retried CreateVolume finds its volume even if the source
+/// has gone since).
 struct Source {
     blockd: v1::create_volume_request::Source,
-    size: u64,
-    pool: String,
+    /// For a snapshot: the volume its id says it was taken from.
+    origin: Option<String>,
     /// The request's content source, echoed in the answer.
     csi: VolumeContentSource,
+}
+
+/// A source as blockd has it.
+struct Resolved {
+    size: u64,
+    pool: String,
 }
 
 impl Source {
@@ -146,16 +154,19 @@ impl ControllerService {
         Ok(pools.into_iter().map(|p| (p.name, p.health)).collect())
     }
 
-    /// Resolves a CreateVolume content source on this node.
-    async fn resolve_source(&self, source: VolumeContentSource) -> Result<Option<Source>, Status> {
+    /// Checks that a CreateVolume content source names something on this node:
+    /// `NOT_FOUND` when the id cannot name anything, `RESOURCE_EXHAUSTED` when it names
+    /// another node (the provisioner then tries the node holding it).
+    fn locate_source(&self, source: VolumeContentSource) -> Result<Source, Status> {
+        use v1::create_volume_request::Source as Blockd;
         let Some(kind) = source.r#type.clone() else {
             return Err(Status::invalid_argument(
                 "volume_content_source is set but names neither a snapshot nor a volume",
             ));
         };
-        match kind {
+        let (blockd, origin) = match kind {
             volume_content_source::Type::Snapshot(SnapshotSource { snapshot_id }) => {
-                let sid = match self.locate_snapshot(&snapshot_id) {
+                match self.locate_snapshot(&snapshot_id) {
                     Located::Malformed(err) => {
                         return Err(Status::not_found(format!(
                             "source snapshot {snapshot_id:?} does not exist: {err}"
@@ -169,56 +180,65 @@ impl ControllerService {
                             self.node()
                         )))
                     }
-                    Located::Here(sid) => sid,
-                };
-                let snapshot = self
-                    .blockd_snapshot(&sid.snapshot)
-                    .await?
-                    .filter(|s| s.volume == sid.volume)
-                    .ok_or_else(|| {
-                        Status::not_found(format!(
-                            "source snapshot {snapshot_id:?} does not exist on node {:?}",
-                            self.node()
-                        ))
-                    })?;
-                Ok(Some(Source {
-                    blockd: v1::create_volume_request::Source::SourceSnapshot(snapshot.name),
-                    size: snapshot.size_bytes,
-                    pool: snapshot.pool,
-                    csi: source,
-                }))
+                    Located::Here(sid) => (Blockd::SourceSnapshot(sid.snapshot), Some(sid.volume)),
+                }
             }
             volume_content_source::Type::Volume(volume_content_source::VolumeSource {
                 volume_id,
-            }) => {
-                let vid = match self.locate_volume(&volume_id) {
-                    Located::Malformed(err) => {
-                        return Err(Status::not_found(format!(
-                            "source volume {volume_id:?} does not exist: {err}"
-                        )))
-                    }
-                    Located::Elsewhere(vid) => {
-                        return Err(Status::resource_exhausted(format!(
-                            "source volume {volume_id:?} lives on node {:?}; a clone of it can \
-                             only be provisioned there, not on {:?}",
-                            vid.node,
-                            self.node()
-                        )))
-                    }
-                    Located::Here(vid) => vid,
-                };
-                let volume = self.blockd_volume(&vid.volume).await?.ok_or_else(|| {
-                    Status::not_found(format!(
-                        "source volume {volume_id:?} does not exist on node {:?}",
+            }) => match self.locate_volume(&volume_id) {
+                Located::Malformed(err) => {
+                    return Err(Status::not_found(format!(
+                        "source volume {volume_id:?} does not exist: {err}"
+                    )))
+                }
+                Located::Elsewhere(vid) => {
+                    return Err(Status::resource_exhausted(format!(
+                        "source volume {volume_id:?} lives on node {:?}; a clone of it can \
+                         only be provisioned there, not on {:?}",
+                        vid.node,
                         self.node()
-                    ))
-                })?;
-                Ok(Some(Source {
-                    blockd: v1::create_volume_request::Source::SourceVolume(volume.name),
+                    )))
+                }
+                Located::Here(vid) => (Blockd::SourceVolume(vid.volume), None),
+            },
+        };
+        Ok(Source {
+            blockd,
+            origin,
+            csi: source,
+        })
+    }
+
+    /// Looks a located source up in blockd: its size and pool, or `NOT_FOUND`.
+    async fn resolve(&self, source: &Source) -> Result<Resolved, Status> {
+        use v1::create_volume_request::Source as Blockd;
+        let missing = |what: &str, name: &str| {
+            Status::not_found(format!(
+                "source {what} {name:?} does not exist on node {:?}",
+                self.node()
+            ))
+        };
+        match &source.blockd {
+            Blockd::SourceSnapshot(name) => {
+                let snapshot = self
+                    .blockd_snapshot(name)
+                    .await?
+                    .filter(|s| source.origin.as_ref() == Some(&s.volume))
+                    .ok_or_else(|| missing("snapshot", name))?;
+                Ok(Resolved {
+                    size: snapshot.size_bytes,
+                    pool: snapshot.pool,
+                })
+            }
+            Blockd::SourceVolume(name) => {
+                let volume = self
+                    .blockd_volume(name)
+                    .await?
+                    .ok_or_else(|| missing("volume", name))?;
+                Ok(Resolved {
                     size: volume.size_bytes,
                     pool: volume.pool,
-                    csi: source,
-                }))
+                })
             }
         }
     }
@@ -255,7 +275,7 @@ impl ControllerService {
         }
         let source = match req.volume_content_source.clone() {
             None => None,
-            Some(source) => self.resolve_source(source).await?,
+            Some(source) => Some(self.locate_source(source)?),
         };
 
         let name = blockd_name(NameKind::Volume, &req.name);
@@ -278,8 +298,12 @@ impl ControllerService {
             });
         }
 
-        let size = capacity::new_volume_size(&range, source.as_ref().map(|s| s.size))?;
-        let pool_name = match (&params.pool, &source) {
+        let resolved = match &source {
+            None => None,
+            Some(source) => Some(self.resolve(source).await?),
+        };
+        let size = capacity::new_volume_size(&range, resolved.as_ref().map(|s| s.size))?;
+        let pool_name = match (&params.pool, &resolved) {
             (Some(pool), Some(source)) if *pool != source.pool => {
                 return Err(Status::invalid_argument(format!(
                     "the source lives in pool {:?}, but parameter pool={pool:?}: a copy-on-write \
