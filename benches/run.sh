@@ -14,7 +14,7 @@
 # (--filename for raw, --uri for the NBD servers). Writes DIR/results.json, DIR/report.md,
 # DIR/chart.png, and DIR/fio/ (every fio JSON output and the exact command lines).
 #
-# --quick: 1 GiB data files, 4 s per time-based run (BLOCKD_BENCH_SECONDS overrides the
+# --quick: 512 MiB data files, 4 s per time-based run (BLOCKD_BENCH_SECONDS overrides the
 # seconds; the smoke test uses it). Full: 4 GiB, 20 s per run. Both end with the engine
 # figures (metadata bytes per TiB, RSS with 1 TiB of thin volumes, startup time with 1 M
 # mapped chunks, snapshot creation time against volume size; a few seconds);
@@ -58,7 +58,7 @@ while [ $# -gt 0 ]; do
 done
 
 if [ "$quick" = 1 ]; then
-  data_size=$((1 << 30)) # the data file/volume every read and overwrite runs on
+  data_size=$((512 << 20)) # the data file/volume every read and overwrite runs on
   seconds=4
   ramp=0
   ft_ios=8192
@@ -88,8 +88,11 @@ scratch_parent="${BLOCKD_BENCH_SCRATCH:-$out}"
 mkdir -p "$scratch_parent" || die "cannot create $scratch_parent"
 started=$(date +%s)
 
-# Space: the data file, qcow2's 64 KiB per copied or first-touched cluster, some margin.
-need_bytes=$((data_size + (cow_ios + ft_ios) * chunk + (256 << 20)))
+# Space at the peak: blockd's pool (the data, a 64 KiB copy per post-snapshot write, 4 KiB
+# per first-touch write) or qcow2's first-touch image (64 KiB per write), plus a margin.
+need_bytes=$((data_size + cow_ios * chunk + ft_ios * 4096))
+[ "$need_bytes" -ge $((ft_ios * chunk)) ] || need_bytes=$((ft_ios * chunk))
+need_bytes=$((need_bytes + (256 << 20)))
 avail_bytes=$(($(df --output=avail -k "$scratch_parent" | tail -1) * 1024))
 if [ "$avail_bytes" -lt "$need_bytes" ]; then
   die "$scratch_parent has $((avail_bytes >> 20)) MiB free; this run needs about $((need_bytes >> 20)) MiB (set BLOCKD_BENCH_SCRATCH to another directory, or use --quick)"
