@@ -2059,3 +2059,73 @@ fn a_failed_pool_makes_probe_unhealthy_and_volumes_abnormal() {
         );
     });
 }
+
+#[test]
+fn volumes_live_in_the_named_pool_and_clones_stay_with_their_source() {
+    let dir = tempfile::tempdir().expect("pool dir");
+    let default_pool = format!("default={},size=1G", dir.path().join("a.img").display());
+    let fast_pool = format!("fast={},size=512M", dir.path().join("b.img").display());
+    let env = Env::start_with(&["--pool", &default_pool, "--pool", &fast_pool], &[]);
+    env.rt.block_on(async {
+        let mut c = env.controller().await;
+        let mut req = create_req("on-fast", 8 * MIB);
+        req.parameters = params(&[("pool", "fast")]);
+        let v = create(&mut c, req.clone()).await;
+        assert_eq!(v.volume_context["pool"], "fast");
+        assert_eq!(env.blockd_volume("on-fast").await.unwrap().pool, "fast");
+        // The same name in another pool is another volume.
+        let mut elsewhere = req.clone();
+        elsewhere.parameters = params(&[("pool", "default")]);
+        expect_code(
+            "same name, other pool",
+            c.create_volume(elsewhere).await,
+            Code::AlreadyExists,
+            "pool",
+        );
+
+        let snap = snapshot(&mut c, &v.volume_id, "fast-snap").await;
+        // No pool parameter: the restore lands in the source's pool.
+        let mut restore = create_req("restored", 16 * MIB);
+        restore.volume_content_source = from_snapshot(&snap.snapshot_id);
+        let r = create(&mut c, restore.clone()).await;
+        assert_eq!(r.volume_context["pool"], "fast");
+        assert_eq!(env.blockd_volume("restored").await.unwrap().pool, "fast");
+        // Another pool for a copy-on-write restore or clone: the source is incompatible.
+        for (name, source) in [
+            ("restored-default", from_snapshot(&snap.snapshot_id)),
+            ("clone-default", from_volume(&v.volume_id)),
+        ] {
+            let mut req = create_req(name, 16 * MIB);
+            req.volume_content_source = source;
+            req.parameters = params(&[("pool", "default")]);
+            expect_code(
+                name,
+                c.create_volume(req).await,
+                Code::InvalidArgument,
+                "pool",
+            );
+        }
+
+        // Capacity is per pool.
+        let fast = capacity(&mut c, params(&[("pool", "fast")])).await;
+        let default = capacity(&mut c, HashMap::new()).await;
+        assert!(
+            fast.maximum_volume_size < default.maximum_volume_size,
+            "fast {fast:?}, default {default:?}"
+        );
+        let mut grpc = env.daemon.grpc().await;
+        let pool = grpc
+            .pools
+            .get_pool(v1::GetPoolRequest {
+                name: "fast".into(),
+            })
+            .await
+            .expect("GetPool fast")
+            .into_inner();
+        assert_eq!(
+            fast.maximum_volume_size,
+            Some(4 * pool.capacity_bytes as i64 - (24 * MIB)),
+            "ratio 4 times capacity, less the 8 + 16 MiB provisioned"
+        );
+    });
+}

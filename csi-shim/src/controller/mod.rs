@@ -20,6 +20,27 @@
 //! - blockd keeps snapshots alive when their volume is deleted, so DeleteVolume never
 //!   fails because of snapshots (the spec's "independent snapshots" case).
 //!
+//! Choices where the spec leaves room (each has a test in `tests/tests/csi_controller.rs`):
+//! - DeleteVolume of a volume that is exported (staged on this node) is
+//!   `FAILED_PRECONDITION` ("volume in use"); the volume is left untouched.
+//! - CreateVolume from a snapshot or volume with `required_bytes` below the source's size,
+//!   or `limit_bytes` below it, is `OUT_OF_RANGE` (a restore is never silently larger than
+//!   asked); a larger size is an O(1) restore/clone.
+//! - A clone or restore stays in its source's pool: a `pool` parameter naming another pool
+//!   is `INVALID_ARGUMENT` (the spec's "source incompatible").
+//! - A pool the node does not have, a failed pool, a full pool (free space at or below 2%
+//!   of capacity) and a size past `--overprovisioning-ratio` are all `RESOURCE_EXHAUSTED`
+//!   for CreateVolume, and 0 for GetCapacity: "not on this node, try another".
+//! - ControllerExpandVolume to a size the volume already has (or below it) is a no-op
+//!   answering the current size; a `limit_bytes` below the current size is `OUT_OF_RANGE`
+//!   (blockd volumes never shrink through CSI).
+//! - ValidateVolumeCapabilities answers unsupported capabilities or parameters with no
+//!   `confirmed` and a message (the spec's way), and only missing fields with
+//!   `INVALID_ARGUMENT`.
+//! - QoS is fixed at creation: an `iopsPerGB` volume keeps its IOPS limit when expanded,
+//!   because ControllerExpandVolume carries no parameters and blockd keeps no record of
+//!   the StorageClass (`blockctl volume set-qos` changes it by hand).
+//!
 //! Submodules: [`capability`] (access modes and types), [`capacity`] (sizes and room),
 //! `volumes` and `snapshots` (the RPC bodies).
 
