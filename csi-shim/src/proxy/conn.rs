@@ -189,6 +189,8 @@ pub async fn run(shared: Arc<Shared>, stream: UnixStream) {
     async move {
         match serve(shared, stream, id).await {
             Ok(()) => debug!("client connection closed"),
+            // A client hanging up (or a liveness probe connecting and leaving) is normal.
+            Err(ConnError::Io(err)) => debug!(error = %err, "client connection closed"),
             Err(err) => warn!(error = %err, "client connection ended with an error"),
         }
     }

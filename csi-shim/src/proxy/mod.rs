@@ -586,13 +586,15 @@ pub async fn serve(
 
 /// Starts `csi-nbd-proxy` as a detached process: its own session (setsid), so that
 /// signals to the caller's process group (a csi-shim restart) do not reach it; stdio
-/// closed except stderr, which goes to `log` when given. Returns the child's pid.
+/// closed except stderr, which goes to `log` when given. Returns the child: reap it
+/// (e.g. `wait` on a blocking thread) or it stays a zombie after exiting until the caller
+/// exits; once the caller is gone, init (or the subreaper) reaps it.
 pub fn spawn_detached(
     binary: &Path,
     cfg: &Config,
     pidfile: Option<&Path>,
     log: Option<std::fs::File>,
-) -> io::Result<u32> {
+) -> io::Result<std::process::Child> {
     use std::os::unix::process::CommandExt;
     use std::process::{Command, Stdio};
     let mut cmd = Command::new(binary);
@@ -625,8 +627,7 @@ pub fn spawn_detached(
             Ok(())
         });
     }
-    let child = cmd.spawn()?;
-    Ok(child.id())
+    cmd.spawn()
 }
 
 #[cfg(test)]
