@@ -1,0 +1,492 @@
+//! The fuse-loop attacher, for nodes without the kernel `nbd` module.
+//!
+//! ```text
+//!   WORK/                         per-volume work directory (see attach/mod.rs)
+//!   ├── fuse/                     FUSE mount point, served by nbdfuse
+//!   │   └── nbd                   the export as a file  ──losetup --direct-io=on──▶ /dev/loopN
+//!   ├── nbdfuse.pid, nbdfuse.log
+//!   └── proxy.sock, proxy.pid, proxy.log   (csi-nbd-proxy, when installed)
+//! ```
+//!
+//! Invariants:
+//! - nbdfuse (and the proxy) run in their own sessions with their output in log files, so
+//!   they outlive a csi-shim restart; nbdfuse connects through the proxy when the proxy
+//!   binary is installed next to csi-shim, so that it never sees blockd restart;
+//! - the loop device runs in direct-I/O mode, so no second page cache sits between the file
+//!   system and blockd, and FLUSH from the file system reaches blockd;
+//! - [`detach`] works from the work directory alone (loop devices are found through
+//!   `/sys/block/loop*/loop/backing_file`, processes through their pid files, checked
+//!   against `/proc/PID/comm` before any signal), so it undoes half-made attachments too.
+
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use super::Attachment;
+use crate::node::error::{NodeError, Result};
+use crate::node::{exec, fs, mount};
+
+/// The file nbdfuse creates in its mount point.
+const FUSE_FILE: &str = "nbd";
+/// How long nbdfuse and the proxy may take to come up.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a helper process may take to exit after its work is undone.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn fuse_dir(dir: &Path) -> PathBuf {
+    dir.join("fuse")
+}
+
+fn fuse_file(dir: &Path) -> PathBuf {
+    fuse_dir(dir).join(FUSE_FILE)
+}
+
+/// Attaches `volume`, exported by blockd at `uri`, through nbdfuse and a loop device.
+pub async fn attach(
+    dir: &Path,
+    volume: &str,
+    uri: &str,
+    proxy: Option<&Path>,
+) -> Result<Attachment> {
+    // Leftovers of an attachment that crashed half-way.
+    detach(dir).await?;
+    std::fs::create_dir_all(fuse_dir(dir))
+        .map_err(|e| NodeError::io(format!("Creating {}", fuse_dir(dir).display()), e))?;
+
+    let (nbd_uri, proxy_pid) = match proxy {
+        Some(binary) => {
+            let upstream = socket_of(uri).ok_or_else(|| {
+                NodeError::io(
+                    format!("blockd returned export URI {uri:?} without a socket"),
+                    std::io::Error::from(std::io::ErrorKind::InvalidData),
+                )
+            })?;
+            let pid = match start_proxy(dir, binary, &upstream, volume).await {
+                Ok(pid) => pid,
+                Err(err) => {
+                    let _ = detach(dir).await;
+                    return Err(err);
+                }
+            };
+            let socket = dir.join("proxy.sock");
+            (
+                format!("nbd+unix:///{volume}?socket={}", socket.display()),
+                Some(pid),
+            )
+        }
+        None => (uri.to_string(), None),
+    };
+
+    let result = async {
+        let nbdfuse_pid = start_nbdfuse(dir, &nbd_uri).await?;
+        let file = fuse_file(dir);
+        let out = exec::run(
+            "losetup",
+            &[
+                Path::new("-f"),
+                Path::new("--show"),
+                Path::new("--direct-io=on"),
+                &file,
+            ],
+            exec::SHORT,
+        )
+        .await?;
+        let device = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        Ok(Attachment::FuseLoop {
+            dir: dir.to_path_buf(),
+            device,
+            nbdfuse_pid,
+            proxy_pid,
+            uri: nbd_uri.clone(),
+        })
+    }
+    .await;
+    if result.is_err() {
+        if let Err(cleanup) = detach(dir).await {
+            tracing::warn!(dir = %dir.display(), error = %cleanup, "cleanup after a failed attach failed");
+        }
+    }
+    result
+}
+
+/// Undoes everything under `dir`: loop devices on its FUSE file, the FUSE mount, nbdfuse,
+/// the proxy, the directory. Idempotent.
+pub async fn detach(dir: &Path) -> Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    let file = fuse_file(dir);
+    for device in loops_backed_by(&file) {
+        let out = exec::run_unchecked("losetup", &[Path::new("-d"), &device], exec::SHORT).await?;
+        if !out.status.success() && device_backed_by(&device, &file) {
+            return Err(exec::failed("losetup", &[Path::new("-d"), &device], &out));
+        }
+        tracing::info!(device = %device.display(), "loop device detached");
+    }
+    // The loop device lets go of the FUSE file asynchronously; retry a busy unmount.
+    let fuse = fuse_dir(dir);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match mount::unmount(&fuse).await {
+            Ok(()) => break,
+            Err(err) if Instant::now() < deadline => {
+                tracing::debug!(mount_point = %fuse.display(), error = %err, "retrying FUSE unmount");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(err) => return Err(err),
+        }
+    }
+    stop_process(&dir.join("nbdfuse.pid"), "nbdfuse").await;
+    stop_process(&dir.join("proxy.pid"), "csi-nbd-proxy").await;
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(NodeError::io(format!("Removing {}", dir.display()), e)),
+    }
+}
+
+/// Re-reads the size of the FUSE file into the loop device; returns the device size.
+///
+/// nbdfuse learns the export size once, at connect time, so the FUSE file (and with it
+/// the loop device) only grows when nbdfuse has reconnected since blockd grew the volume.
+pub async fn refresh_size(attachment: &Attachment, volume_size: u64) -> Result<u64> {
+    let Attachment::FuseLoop { device, dir, .. } = attachment;
+    exec::run("losetup", &[Path::new("-c"), device], exec::SHORT).await?;
+    let size = fs::device_size(device)
+        .map_err(|e| NodeError::io(format!("Reading the size of {}", device.display()), e))?;
+    if size < volume_size {
+        return Err(NodeError::OnlineGrowUnsupported {
+            device: device.clone(),
+            device_size: size,
+            volume_size,
+            detail: format!(
+                "nbdfuse (log {}) serves the size it saw at connect time",
+                dir.join("nbdfuse.log").display()
+            ),
+        });
+    }
+    Ok(size)
+}
+
+/// Why the attachment cannot serve I/O, if it cannot.
+pub fn problem(attachment: &Attachment) -> Option<String> {
+    let Attachment::FuseLoop {
+        dir,
+        device,
+        nbdfuse_pid,
+        proxy_pid,
+        ..
+    } = attachment;
+    if !process_is(*nbdfuse_pid, "nbdfuse") {
+        return Some(format!(
+            "nbdfuse (pid {nbdfuse_pid}) is not running, so {} has no backing file; \
+             see {}",
+            device.display(),
+            dir.join("nbdfuse.log").display()
+        ));
+    }
+    if let Some(pid) = proxy_pid {
+        if !process_is(*pid, "csi-nbd-proxy") {
+            return Some(format!(
+                "csi-nbd-proxy (pid {pid}) is not running; see {}",
+                dir.join("proxy.log").display()
+            ));
+        }
+    }
+    if !device_backed_by(device, &fuse_file(dir)) {
+        return Some(format!(
+            "loop device {} is no longer attached to {}",
+            device.display(),
+            fuse_file(dir).display()
+        ));
+    }
+    None
+}
+
+/// The socket path of an `nbd+unix:///IMAGE?socket=PATH` URI.
+fn socket_of(uri: &str) -> Option<PathBuf> {
+    let query = uri.split_once('?')?.1;
+    let raw = query.split('&').find_map(|kv| kv.strip_prefix("socket="))?;
+    Some(PathBuf::from(percent_decode(raw)))
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 3 <= bytes.len() {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
+            if let Ok(v) = u8::from_str_radix(hex, 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A command that runs in its own session with its output appended to `log`.
+fn detached(program: &Path, log: &Path) -> Result<tokio::process::Command> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|e| NodeError::io(format!("Opening {}", log.display()), e))?;
+    let err = file
+        .try_clone()
+        .map_err(|e| NodeError::io(format!("Opening {}", log.display()), e))?;
+    let mut std_cmd = std::process::Command::new(program);
+    std_cmd.stdin(Stdio::null()).stdout(file).stderr(err);
+    // SAFETY: the closure runs in the child between fork and exec and only calls setsid(2),
+    // which is async-signal-safe; it allocates nothing and touches no locks.
+    unsafe {
+        std_cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(tokio::process::Command::from(std_cmd))
+}
+
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.len().saturating_sub(5);
+    let joined = lines[start..].join(" | ");
+    if joined.is_empty() {
+        "(no output)".to_string()
+    } else {
+        joined
+    }
+}
+
+/// Starts nbdfuse on `uri` and waits until it serves the file; returns its pid.
+async fn start_nbdfuse(dir: &Path, uri: &str) -> Result<u32> {
+    let pidfile = dir.join("nbdfuse.pid");
+    let log = dir.join("nbdfuse.log");
+    let _ = std::fs::remove_file(&pidfile);
+    let mut cmd = detached(Path::new("nbdfuse"), &log)?;
+    cmd.arg("-P").arg(&pidfile).arg(fuse_dir(dir)).arg(uri);
+    let rendered = format!(
+        "nbdfuse -P {} {} {uri}",
+        pidfile.display(),
+        fuse_dir(dir).display()
+    );
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| NodeError::io(format!("Cannot run `{rendered}`"), e))?;
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        if let Some(status) = child
+            .try_wait()
+            .map_err(|e| NodeError::io(format!("Waiting for `{rendered}`"), e))?
+        {
+            return Err(NodeError::Command {
+                command: rendered,
+                status: status.to_string(),
+                stderr: tail(&log),
+            });
+        }
+        if let Some(pid) = read_pid(&pidfile) {
+            if fuse_file(dir).exists() {
+                tracing::info!(pid, uri, mount_point = %fuse_dir(dir).display(), "nbdfuse serving");
+                // Dropping the handle leaves nbdfuse running; tokio reaps it when it exits.
+                return Ok(pid);
+            }
+        }
+        if Instant::now() > deadline {
+            let _ = child.start_kill();
+            return Err(NodeError::CommandTimeout {
+                command: format!("{rendered} (log: {})", tail(&log)),
+                timeout: READY_TIMEOUT,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Starts the reconnecting proxy for `volume` and waits for its socket; returns its pid.
+async fn start_proxy(dir: &Path, binary: &Path, upstream: &Path, volume: &str) -> Result<u32> {
+    let socket = dir.join("proxy.sock");
+    let pidfile = dir.join("proxy.pid");
+    let log = dir.join("proxy.log");
+    let _ = std::fs::remove_file(&socket);
+    let mut cmd = detached(binary, &log)?;
+    cmd.arg("--listen")
+        .arg(&socket)
+        .arg("--upstream-socket")
+        .arg(upstream)
+        .arg("--export")
+        .arg(volume)
+        .arg("--pidfile")
+        .arg(&pidfile);
+    let rendered = format!(
+        "{} --listen {} --upstream-socket {} --export {volume} --pidfile {}",
+        binary.display(),
+        socket.display(),
+        upstream.display(),
+        pidfile.display()
+    );
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| NodeError::io(format!("Cannot run `{rendered}`"), e))?;
+    let pid = child.id().unwrap_or_default();
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        if let Some(status) = child
+            .try_wait()
+            .map_err(|e| NodeError::io(format!("Waiting for `{rendered}`"), e))?
+        {
+            return Err(NodeError::Command {
+                command: rendered,
+                status: status.to_string(),
+                stderr: tail(&log),
+            });
+        }
+        if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+            // The pid file is the proxy's to write; make sure detach can find it anyway.
+            if read_pid(&pidfile).is_none() {
+                let _ = std::fs::write(&pidfile, format!("{pid}\n"));
+            }
+            tracing::info!(pid, socket = %socket.display(), upstream = %upstream.display(), "csi-nbd-proxy serving");
+            return Ok(pid);
+        }
+        if Instant::now() > deadline {
+            let _ = child.start_kill();
+            return Err(NodeError::CommandTimeout {
+                command: format!("{rendered} (log: {})", tail(&log)),
+                timeout: READY_TIMEOUT,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+fn read_pid(path: &Path) -> Option<u32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// Whether `pid` is a live (not zombie) process whose command name is `name`.
+fn process_is(pid: u32, name: &str) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // "PID (COMM) STATE ...": COMM may hold spaces and parentheses; take the last ')'.
+    let Some(close) = stat.rfind(')') else {
+        return false;
+    };
+    let comm = stat
+        .find('(')
+        .map(|open| &stat[open + 1..close])
+        .unwrap_or_default();
+    let state = stat[close + 1..].trim_start().chars().next();
+    // The kernel truncates COMM to 15 bytes.
+    let expected = &name[..name.len().min(15)];
+    comm == expected && !matches!(state, Some('Z') | Some('X') | None)
+}
+
+/// Waits for the process in `pidfile` to exit (it should, once its mount or socket is
+/// gone); then SIGTERM, then SIGKILL. Signals only a live process named `name`.
+async fn stop_process(pidfile: &Path, name: &str) {
+    let Some(pid) = read_pid(pidfile) else {
+        return;
+    };
+    let signal_and_wait = |signal: Option<i32>, wait: Duration| async move {
+        if let Some(signal) = signal {
+            if process_is(pid, name) {
+                tracing::warn!(
+                    pid,
+                    process = name,
+                    signal,
+                    "signalling a helper that did not exit"
+                );
+                // SAFETY: kill(2) with a pid we just checked is a live `name` process.
+                unsafe { libc::kill(pid as libc::pid_t, signal) };
+            }
+        }
+        let deadline = Instant::now() + wait;
+        while process_is(pid, name) {
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    };
+    if signal_and_wait(None, EXIT_TIMEOUT).await {
+        return;
+    }
+    if signal_and_wait(Some(libc::SIGTERM), EXIT_TIMEOUT).await {
+        return;
+    }
+    signal_and_wait(Some(libc::SIGKILL), EXIT_TIMEOUT).await;
+}
+
+/// The loop devices whose backing file is `file`.
+fn loops_backed_by(file: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir("/sys/block") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("loop"))
+        .map(|name| PathBuf::from("/dev").join(name))
+        .filter(|device| device_backed_by(device, file))
+        .collect()
+}
+
+/// Whether loop device `device` is attached to `file`.
+fn device_backed_by(device: &Path, file: &Path) -> bool {
+    let Some(name) = device.file_name() else {
+        return false;
+    };
+    let sys = Path::new("/sys/block")
+        .join(name)
+        .join("loop")
+        .join("backing_file");
+    std::fs::read_to_string(sys).is_ok_and(|backing| {
+        let backing = backing.trim_end();
+        let backing = backing.strip_suffix(" (deleted)").unwrap_or(backing);
+        Path::new(backing) == file
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn export_uris_yield_their_socket() {
+        assert_eq!(
+            socket_of("nbd+unix:///vol?socket=/run/blockd/nbd.sock"),
+            Some(PathBuf::from("/run/blockd/nbd.sock"))
+        );
+        assert_eq!(
+            socket_of("nbd+unix:///vol?tls=off&socket=/a%20b/nbd.sock"),
+            Some(PathBuf::from("/a b/nbd.sock"))
+        );
+        assert_eq!(socket_of("nbd+unix:///vol"), None);
+    }
+
+    #[test]
+    fn processes_are_matched_by_name_and_liveness() {
+        let me = std::process::id();
+        let comm = std::fs::read_to_string(format!("/proc/{me}/comm")).unwrap();
+        assert!(process_is(me, comm.trim()));
+        assert!(!process_is(me, "nbdfuse"));
+        assert!(!process_is(u32::MAX, "nbdfuse"));
+    }
+
+    #[test]
+    fn nothing_is_backed_by_a_file_that_does_not_exist() {
+        assert!(loops_backed_by(Path::new("/nonexistent/fuse/nbd")).is_empty());
+    }
+}

@@ -1,0 +1,191 @@
+//! Attachers: how a blockd export becomes a block device on this node.
+//!
+//! ```text
+//!   blockd NBD socket ──(csi-nbd-proxy, when installed)──┬─ kernel nbd (netlink) → /dev/nbdN
+//!                                                       └─ nbdfuse → FUSE file → loop (direct I/O) → /dev/loopN
+//! ```
+//!
+//! - Kernel NBD, configured over generic netlink, where the `nbd` module is loaded.
+//! - fuse-loop everywhere else: `nbdfuse` presents the export as a file on a private FUSE
+//!   mount and `losetup --direct-io=on` turns that file into a loop device.
+//!
+//! `--attach auto` picks kernel NBD when the module is present, fuse-loop otherwise.
+//!
+//! Invariants:
+//! - every process an attachment needs (nbdfuse, the proxy) runs in its own session
+//!   (`setsid`), with its output in a log file, so a restart or SIGKILL of csi-shim leaves
+//!   mounted volumes working;
+//! - every resource of an attachment lives under one per-volume work directory
+//!   (`--state-dir/attach/<volume key>/`), so [`Attacher::detach`] can find and undo a
+//!   half-made attachment even when no record of it was written;
+//! - [`Attachment`] is the serialisable description stored in the volume's state record.
+
+pub mod fuse_loop;
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::error::{NodeError, Result};
+use super::state::file_key;
+use crate::config::{Args, AttachMode};
+
+/// A live attachment, as recorded in the state file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Attachment {
+    FuseLoop {
+        /// The work directory (FUSE mount point, pid files, logs).
+        dir: PathBuf,
+        /// The loop device, e.g. `/dev/loop3`.
+        device: PathBuf,
+        nbdfuse_pid: u32,
+        /// The reconnecting proxy between nbdfuse and blockd, when one runs.
+        proxy_pid: Option<u32>,
+        /// The NBD URI nbdfuse serves.
+        uri: String,
+    },
+}
+
+impl Attachment {
+    /// The block device a file system or a publication uses.
+    pub fn device(&self) -> &Path {
+        match self {
+            Attachment::FuseLoop { device, .. } => device,
+        }
+    }
+
+    /// Why this attachment cannot serve I/O, if it cannot.
+    pub fn problem(&self) -> Option<String> {
+        match self {
+            Attachment::FuseLoop { .. } => fuse_loop::problem(self),
+        }
+    }
+}
+
+/// Which attacher a node uses, resolved from `--attach`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    KernelNbd,
+    FuseLoop,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::KernelNbd => "kernel nbd",
+            Kind::FuseLoop => "fuse-loop",
+        }
+    }
+}
+
+/// Whether the kernel `nbd` module is loaded (or built in).
+pub fn kernel_nbd_present() -> bool {
+    Path::new("/sys/module/nbd").exists() || Path::new("/dev/nbd0").exists()
+}
+
+/// Why kernel NBD cannot be used on this node, if it cannot.
+pub fn kernel_nbd_unavailable() -> Option<String> {
+    if !kernel_nbd_present() {
+        return Some(
+            "the kernel nbd module is not loaded (no /sys/module/nbd, no /dev/nbd0); \
+             run `modprobe nbd` or start csi-shim with --attach fuse-loop"
+                .to_string(),
+        );
+    }
+    Some(
+        "this build of csi-shim has no kernel NBD netlink attacher yet; \
+         start csi-shim with --attach fuse-loop"
+            .to_string(),
+    )
+}
+
+/// Attaches and detaches volumes for the node service.
+#[derive(Debug)]
+pub struct Attacher {
+    kind: Kind,
+    /// `--state-dir/attach`: one work directory per volume.
+    root: PathBuf,
+    /// blockd's NBD socket is taken from the export URI; this is where the proxy binary
+    /// would be (next to csi-shim), if installed.
+    proxy_binary: Option<PathBuf>,
+}
+
+impl Attacher {
+    pub fn new(args: &Args) -> Self {
+        let kind = match args.attach {
+            AttachMode::FuseLoop => Kind::FuseLoop,
+            AttachMode::Nbd => Kind::KernelNbd,
+            AttachMode::Auto => {
+                if kernel_nbd_unavailable().is_none() {
+                    Kind::KernelNbd
+                } else {
+                    Kind::FuseLoop
+                }
+            }
+        };
+        let proxy_binary = std::env::current_exe()
+            .ok()
+            .and_then(|exe| exe.parent().map(|d| d.join("csi-nbd-proxy")))
+            .filter(|p| p.is_file());
+        Attacher {
+            kind,
+            root: args.state_dir.join("attach"),
+            proxy_binary,
+        }
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// The work directory of `volume_id`.
+    pub fn work_dir(&self, volume_id: &str) -> PathBuf {
+        self.root.join(file_key(volume_id))
+    }
+
+    /// Whether this node's attacher can attach at all (checked before exporting).
+    pub fn check(&self) -> Result<()> {
+        match self.kind {
+            Kind::FuseLoop => Ok(()),
+            Kind::KernelNbd => match kernel_nbd_unavailable() {
+                None => Ok(()),
+                Some(reason) => Err(NodeError::AttachUnavailable {
+                    mode: Kind::KernelNbd.name(),
+                    reason,
+                }),
+            },
+        }
+    }
+
+    /// Attaches blockd image `volume`, exported at `uri`.
+    pub async fn attach(&self, volume_id: &str, volume: &str, uri: &str) -> Result<Attachment> {
+        match self.kind {
+            Kind::FuseLoop => {
+                let dir = self.work_dir(volume_id);
+                fuse_loop::attach(&dir, volume, uri, self.proxy_binary.as_deref()).await
+            }
+            Kind::KernelNbd => Err(NodeError::AttachUnavailable {
+                mode: Kind::KernelNbd.name(),
+                reason: kernel_nbd_unavailable().unwrap_or_default(),
+            }),
+        }
+    }
+
+    /// Detaches whatever exists for `volume_id`: the recorded attachment and anything
+    /// left in its work directory. Idempotent.
+    pub async fn detach(&self, volume_id: &str, attachment: Option<&Attachment>) -> Result<()> {
+        let dir = match attachment {
+            Some(Attachment::FuseLoop { dir, .. }) => dir.clone(),
+            None => self.work_dir(volume_id),
+        };
+        fuse_loop::detach(&dir).await
+    }
+
+    /// Makes the device follow the (grown) size of the export; returns the device size.
+    pub async fn refresh_size(&self, attachment: &mut Attachment, volume_size: u64) -> Result<u64> {
+        match attachment {
+            Attachment::FuseLoop { .. } => fuse_loop::refresh_size(attachment, volume_size).await,
+        }
+    }
+}

@@ -1,0 +1,1193 @@
+//! The CSI Node service on real mounts: a real blockd, a real csi-shim (`--attach
+//! fuse-loop`: nbdfuse + loop devices, as on nodes without the kernel `nbd` module), real
+//! mkfs, mount, bind mounts and file I/O. Volumes are created with blockd's API directly.
+//!
+//! Every test owns its daemon, its csi-shim and its directories; a [`Cleanup`] guard
+//! unmounts everything under the test's directories and detaches their loop devices even
+//! when the test fails, so no run leaves mounts or devices behind.
+
+use std::collections::HashMap;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use blockd_proto::csi;
+use blockd_proto::csi::node_client::NodeClient;
+use blockd_proto::csi::volume_capability::access_mode::Mode;
+use blockd_proto::csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
+use blockd_tests::{have_tool, runtime, CsiShim, Daemon};
+use tonic::transport::Channel;
+use tonic::Code;
+
+const NODE: &str = "node-a";
+const MIB: u64 = 1 << 20;
+
+/// Why these tests cannot run here, if they cannot.
+fn skip_reason() -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("needs root for mounts and loop devices".into());
+    }
+    if !Path::new("/dev/fuse").exists() {
+        return Some("no /dev/fuse".into());
+    }
+    for tool in [
+        "nbdfuse",
+        "losetup",
+        "mkfs.ext4",
+        "mkfs.xfs",
+        "resize2fs",
+        "xfs_growfs",
+        "blkid",
+        "mount",
+    ] {
+        if !have_tool(tool) {
+            return Some(format!(
+                "{tool} is not installed (tools/test.sh installs it)"
+            ));
+        }
+    }
+    None
+}
+
+macro_rules! require_root_and_tools {
+    () => {
+        if let Some(reason) = skip_reason() {
+            eprintln!("skipping: {reason}");
+            return;
+        }
+    };
+}
+
+/// Mount points under `root`, deepest first.
+fn mounts_under(root: &Path) -> Vec<(PathBuf, String)> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut out: Vec<(PathBuf, String)> = text
+        .lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let point = left.split(' ').nth(4)?.replace("\\040", " ");
+            let fs_type = right.split(' ').next()?.to_string();
+            Some((PathBuf::from(point), fs_type))
+        })
+        .filter(|(p, _)| p.starts_with(root))
+        .collect();
+    out.sort_by_key(|(p, _)| std::cmp::Reverse(p.as_os_str().len()));
+    out
+}
+
+/// Loop devices whose backing file lies under `root`.
+fn loops_under(root: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir("/sys/block") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("loop"))
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("loop/backing_file"))
+                .is_ok_and(|b| Path::new(b.trim_end()).starts_with(root))
+        })
+        .map(|e| Path::new("/dev").join(e.file_name()))
+        .collect()
+}
+
+/// Unmounts everything under `root` and detaches loop devices backed by files under it,
+/// when dropped (declared after the shim so that it runs before the shim's directory is
+/// removed): file systems and binds first, then loops, then the FUSE mounts.
+struct Cleanup(PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for (point, fs_type) in mounts_under(&self.0) {
+            if !fs_type.starts_with("fuse") {
+                let _ = Command::new("umount").arg("-l").arg(&point).status();
+            }
+        }
+        for device in loops_under(&self.0) {
+            let _ = Command::new("losetup").arg("-d").arg(&device).status();
+        }
+        for (point, _) in mounts_under(&self.0) {
+            let _ = Command::new("umount").arg("-l").arg(&point).status();
+        }
+    }
+}
+
+/// A daemon, a node-mode csi-shim on it, a client, and the cleanup guard.
+struct Env {
+    // Field order is drop order: the guard unmounts before the shim's directory goes.
+    _cleanup: Cleanup,
+    shim: CsiShim,
+    daemon: Daemon,
+    node: NodeClient<Channel>,
+    root: PathBuf,
+}
+
+impl Env {
+    async fn start(shim_args: &[&str]) -> Env {
+        let daemon = Daemon::start();
+        let shim = CsiShim::start(&daemon, NODE, shim_args);
+        let root = shim.scratch().to_path_buf();
+        let node = NodeClient::new(shim.channel().await);
+        Env {
+            _cleanup: Cleanup(root.clone()),
+            shim,
+            daemon,
+            node,
+            root,
+        }
+    }
+
+    /// Creates blockd volume `name` of `size` and returns its CSI id.
+    fn volume(&self, name: &str, size: &str) -> String {
+        self.daemon
+            .ctl_ok(&["volume", "create", name, "--size", size]);
+        format!("{NODE}/{name}")
+    }
+
+    fn staging(&self, name: &str) -> PathBuf {
+        let p = self.root.join("staging").join(name);
+        std::fs::create_dir_all(&p).expect("staging dir");
+        p
+    }
+
+    fn target(&self, name: &str) -> PathBuf {
+        let dir = self.root.join("pods").join(name);
+        std::fs::create_dir_all(&dir).expect("pod dir");
+        dir.join("volume")
+    }
+
+    async fn reconnect(&mut self) {
+        self.node = NodeClient::new(self.shim.channel().await);
+    }
+
+    async fn stage(
+        &mut self,
+        id: &str,
+        staging: &Path,
+        cap: csi::VolumeCapability,
+    ) -> Result<(), tonic::Status> {
+        self.node
+            .node_stage_volume(csi::NodeStageVolumeRequest {
+                volume_id: id.into(),
+                staging_target_path: staging.display().to_string(),
+                volume_capability: Some(cap),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ())
+    }
+
+    async fn unstage(&mut self, id: &str, staging: &Path) -> Result<(), tonic::Status> {
+        self.node
+            .node_unstage_volume(csi::NodeUnstageVolumeRequest {
+                volume_id: id.into(),
+                staging_target_path: staging.display().to_string(),
+            })
+            .await
+            .map(|_| ())
+    }
+
+    async fn publish(
+        &mut self,
+        id: &str,
+        staging: &Path,
+        target: &Path,
+        cap: csi::VolumeCapability,
+        readonly: bool,
+    ) -> Result<(), tonic::Status> {
+        self.node
+            .node_publish_volume(csi::NodePublishVolumeRequest {
+                volume_id: id.into(),
+                staging_target_path: staging.display().to_string(),
+                target_path: target.display().to_string(),
+                volume_capability: Some(cap),
+                readonly,
+                ..Default::default()
+            })
+            .await
+            .map(|_| ())
+    }
+
+    async fn unpublish(&mut self, id: &str, target: &Path) -> Result<(), tonic::Status> {
+        self.node
+            .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+                volume_id: id.into(),
+                target_path: target.display().to_string(),
+            })
+            .await
+            .map(|_| ())
+    }
+
+    async fn stats(
+        &mut self,
+        id: &str,
+        path: &Path,
+    ) -> Result<csi::NodeGetVolumeStatsResponse, tonic::Status> {
+        self.node
+            .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+                volume_id: id.into(),
+                volume_path: path.display().to_string(),
+                staging_target_path: String::new(),
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    async fn expand(
+        &mut self,
+        id: &str,
+        path: &Path,
+        required: u64,
+    ) -> Result<csi::NodeExpandVolumeResponse, tonic::Status> {
+        self.node
+            .node_expand_volume(csi::NodeExpandVolumeRequest {
+                volume_id: id.into(),
+                volume_path: path.display().to_string(),
+                capacity_range: Some(csi::CapacityRange {
+                    required_bytes: required as i64,
+                    limit_bytes: 0,
+                }),
+                ..Default::default()
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    /// Stage and publish (each twice: both are idempotent).
+    async fn mount(
+        &mut self,
+        id: &str,
+        name: &str,
+        cap: csi::VolumeCapability,
+    ) -> (PathBuf, PathBuf) {
+        let staging = self.staging(name);
+        let target = self.target(name);
+        for round in 0..2 {
+            self.stage(id, &staging, cap.clone())
+                .await
+                .unwrap_or_else(|s| {
+                    panic!("NodeStageVolume #{round} {id}: {s}\n{}", self.shim.log())
+                });
+        }
+        for round in 0..2 {
+            self.publish(id, &staging, &target, cap.clone(), false)
+                .await
+                .unwrap_or_else(|s| {
+                    panic!("NodePublishVolume #{round} {id}: {s}\n{}", self.shim.log())
+                });
+        }
+        (staging, target)
+    }
+
+    /// Unpublish and unstage (each twice), then check nothing is left.
+    async fn umount(&mut self, id: &str, staging: &Path, target: &Path) {
+        for round in 0..2 {
+            self.unpublish(id, target)
+                .await
+                .unwrap_or_else(|s| panic!("NodeUnpublishVolume #{round} {id}: {s}"));
+        }
+        assert!(!target.exists(), "unpublish removes {}", target.display());
+        for round in 0..2 {
+            self.unstage(id, staging).await.unwrap_or_else(|s| {
+                panic!("NodeUnstageVolume #{round} {id}: {s}\n{}", self.shim.log())
+            });
+        }
+    }
+
+    /// Asserts that no mount, loop device, helper process or export of this node is left.
+    async fn assert_clean(&self) {
+        let mounts = mounts_under(&self.root);
+        assert!(mounts.is_empty(), "mounts left behind: {mounts:?}");
+        let loops = loops_under(&self.root);
+        assert!(loops.is_empty(), "loop devices left behind: {loops:?}");
+        let attach = self.shim.state_dir().join("attach");
+        let left: Vec<_> = std::fs::read_dir(&attach)
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(
+            left.is_empty(),
+            "attach work directories left behind: {left:?}"
+        );
+        let exports = self
+            .daemon
+            .grpc()
+            .await
+            .exports
+            .list_exports(blockd_proto::v1::ListExportsRequest {})
+            .await
+            .expect("ListExports")
+            .into_inner()
+            .exports;
+        assert!(exports.is_empty(), "exports left behind: {exports:?}");
+    }
+}
+
+fn cap(mode: Mode, access: AccessType) -> csi::VolumeCapability {
+    csi::VolumeCapability {
+        access_mode: Some(AccessMode { mode: mode as i32 }),
+        access_type: Some(access),
+    }
+}
+
+fn mount_cap(fs: &str) -> csi::VolumeCapability {
+    mount_cap_mode(fs, Mode::SingleNodeWriter)
+}
+
+fn mount_cap_mode(fs: &str, mode: Mode) -> csi::VolumeCapability {
+    cap(
+        mode,
+        AccessType::Mount(MountVolume {
+            fs_type: fs.into(),
+            mount_flags: vec!["noatime".into()],
+            volume_mount_group: String::new(),
+        }),
+    )
+}
+
+fn block_cap() -> csi::VolumeCapability {
+    cap(Mode::SingleNodeWriter, AccessType::Block(BlockVolume {}))
+}
+
+/// Deterministic bytes, different per `seed`.
+fn content(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn write_synced(path: &Path, data: &[u8]) {
+    let mut f =
+        std::fs::File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    f.write_all(data).expect("write file");
+    f.sync_all().expect("fsync file");
+}
+
+/// FNV-1a, enough to compare file contents.
+fn checksum(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+fn statvfs(path: &Path) -> libc::statvfs {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
+    // SAFETY: an all-zero statvfs is a valid out-parameter.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path and `st` a valid statvfs to fill.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    assert_eq!(rc, 0, "statvfs {}", path.display());
+    st
+}
+
+/// What `df` reports as the size of the file system at `path`.
+fn df_bytes(path: &Path) -> u64 {
+    let out = Command::new("df")
+        .args(["-B1", "--output=size"])
+        .arg(path)
+        .output()
+        .expect("run df");
+    assert!(out.status.success(), "df {}", path.display());
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .expect("df prints a size")
+}
+
+fn usage(
+    stats: &csi::NodeGetVolumeStatsResponse,
+    unit: csi::volume_usage::Unit,
+) -> csi::VolumeUsage {
+    *stats
+        .usage
+        .iter()
+        .find(|u| u.unit == unit as i32)
+        .unwrap_or_else(|| panic!("no {unit:?} usage in {stats:?}"))
+}
+
+fn expect_code<T: std::fmt::Debug>(
+    result: Result<T, tonic::Status>,
+    code: Code,
+    what: &str,
+) -> String {
+    match result {
+        Ok(v) => panic!("{what}: expected {code:?}, got OK {v:?}"),
+        Err(status) => {
+            assert_eq!(status.code(), code, "{what}: {}", status.message());
+            status.message().to_string()
+        }
+    }
+}
+
+/// The mount at exactly `path`, as (source, options).
+fn mount_of(path: &Path) -> Option<(String, String)> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    text.lines().rev().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let fields: Vec<&str> = left.split(' ').collect();
+        (Path::new(fields.get(4)?) == path).then(|| {
+            (
+                right.split(' ').nth(1).unwrap_or_default().to_string(),
+                fields.get(5).copied().unwrap_or_default().to_string(),
+            )
+        })
+    })
+}
+
+#[test]
+fn lifecycle_ext4_files_survive_unstage_and_restage() {
+    require_root_and_tools!();
+    runtime().block_on(async {
+        let mut env = Env::start(&["--attach", "fuse-loop"]).await;
+        let id = env.volume("life", "256M");
+        let (staging, target) = env.mount(&id, "life", mount_cap("ext4")).await;
+        let (source, options) = mount_of(&staging).expect("staging path is mounted");
+        assert!(source.starts_with("/dev/loop"), "{source}");
+        assert!(
+            options.split(',').any(|o| o == "noatime"),
+            "mount_flags applied: {options}"
+        );
+        assert!(mount_of(&target).is_some(), "target is bind-mounted");
+
+        let mut files = HashMap::new();
+        std::fs::create_dir_all(target.join("dir")).expect("mkdir");
+        for (i, len) in [(1u64, 3 * MIB as usize), (2, 4096), (3, 777_777)] {
+            let data = content(i, len);
+            let name = format!("dir/file-{i}");
+            write_synced(&target.join(&name), &data);
+            files.insert(name, checksum(&data));
+        }
+        // The staging mount and the publication are the same file system.
+        assert!(staging.join("dir/file-2").exists());
+
+        env.umount(&id, &staging, &target).await;
+        env.assert_clean().await;
+
+        // Staged again: the volume holds ext4, so it is mounted, not reformatted.
+        let (staging, target) = env.mount(&id, "life", mount_cap("")).await;
+        for (name, sum) in &files {
+            let data = std::fs::read(target.join(name)).expect("file survives");
+            assert_eq!(checksum(&data), *sum, "{name} intact");
+        }
+        env.umount(&id, &staging, &target).await;
+        env.assert_clean().await;
+    });
+}
+
+#[test]
+fn xfs_with_a_read_only_publication_beside_a_writable_one() {
+    require_root_and_tools!();
+    runtime().block_on(async {
+        let mut env = Env::start(&["--attach", "fuse-loop"]).await;
+        // mkfs.xfs needs at least 300 MiB.
+        let id = env.volume("shared", "512M");
+        let cap = mount_cap_mode("xfs", Mode::SingleNodeMultiWriter);
+        let staging = env.staging("shared");
+        env.stage(&id, &staging, cap.clone())
+            .await
+            .expect("stage xfs");
+        let out = Command::new("blkid")
+            .args(["-p", "-o", "value", "-s", "TYPE"])
+            .arg(mount_of(&staging).expect("mounted").0)
+            .output()
+            .expect("blkid");
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "xfs");
+
+        let rw = env.target("writer");
+        let ro = env.target("reader");
+        for _ in 0..2 {
+            env.publish(&id, &staging, &rw, cap.clone(), false)
+                .await
+                .expect("publish rw");
+            env.publish(&id, &staging, &ro, cap.clone(), true)
+                .await
+                .expect("publish ro");
+        }
+        // Same target, different readonly flag: ALREADY_EXISTS.
+        expect_code(
+            env.publish(&id, &staging, &ro, cap.clone(), false).await,
+            Code::AlreadyExists,
+            "republish with another readonly flag",
+        );
+        write_synced(&rw.join("note"), b"written through the writable target");
+        assert_eq!(
+            std::fs::read(ro.join("note")).expect("read through the read-only target"),
+            b"written through the writable target"
+        );
+        let err = std::fs::File::create(ro.join("refused")).expect_err("read-only publication");
+        assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+        assert!(mount_of(&ro)
+            .expect("ro mounted")
+            .1
+            .split(',')
+            .any(|o| o == "ro"));
+
+        // Unstage while published is refused; the data stays reachable.
+        expect_code(
+            env.unstage(&id, &staging).await,
+            Code::FailedPrecondition,
+            "unstage while published",
+        );
+        for t in [&rw, &ro] {
+            env.unpublish(&id, t).await.expect("unpublish");
+        }
+        env.unstage(&id, &staging).await.expect("unstage");
+        env.assert_clean().await;
+    });
+}
+
+#[test]
+fn block_mode_publishes_the_device_and_data_reaches_blockd() {
+    require_root_and_tools!();
+    if !have_tool("qemu-io") {
+        eprintln!("skipping: qemu-io is not installed (tools/test.sh installs it)");
+        return;
+    }
+    runtime().block_on(async {
+        let mut env = Env::start(&["--attach", "fuse-loop"]).await;
+        let id = env.volume("raw", "64M");
+        let (staging, target) = env.mount(&id, "raw", block_cap()).await;
+        assert!(
+            mount_of(&staging).is_none(),
+            "block volumes are not mounted at staging"
+        );
+        assert!(
+            std::os::unix::fs::FileTypeExt::is_block_device(
+                &std::fs::metadata(&target).expect("target").file_type()
+            ),
+            "the target is a file with the device node bound on it"
+        );
+
+        // Write 1 MiB at 8 MiB with dd, direct, then read it back.
+        let pattern = env.root.join("pattern");
+        std::fs::write(&pattern, vec![0xabu8; MIB as usize]).expect("pattern file");
+        let dd = Command::new("dd")
+            .arg(format!("if={}", pattern.display()))
+            .arg(format!("of={}", target.display()))
+            .args([
+                "bs=1M",
+                "seek=8",
+                "count=1",
+                "oflag=direct",
+                "conv=fsync,notrunc",
+            ])
+            .output()
+            .expect("dd");
+        assert!(
+            dd.status.success(),
+            "dd: {}",
+            String::from_utf8_lossy(&dd.stderr)
+        );
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&target)
+            .expect("open device");
+        let mut buf = vec![0u8; 2 * MIB as usize];
+        let at = buf.as_ptr().align_offset(4096);
+        f.seek(SeekFrom::Start(8 * MIB)).expect("seek");
+        f.read_exact(&mut buf[at..at + MIB as usize])
+            .expect("read back");
+        assert!(buf[at..at + MIB as usize].iter().all(|b| *b == 0xab));
+        drop(f);
+
+        let stats = env.stats(&id, &target).await.expect("stats");
+        assert_eq!(
+            usage(&stats, csi::volume_usage::Unit::Bytes).total,
+            (64 * MIB) as i64
+        );
+        assert!(!stats.volume_condition.expect("condition").abnormal);
+
+        // Block publications cannot be turned into file systems.
+        let other = env.target("raw-as-fs");
+        expect_code(
+            env.publish(&id, &staging, &other, mount_cap("ext4"), false)
+                .await,
+            Code::FailedPrecondition,
+            "publish a block-staged volume as a file system",
+        );
+        env.umount(&id, &staging, &target).await;
+        env.assert_clean().await;
+
+        // The data is in blockd: read it over NBD directly.
+        let uri = env.daemon.ctl_ok(&["export", "raw"]).trim().to_string();
+        let out = Command::new("qemu-io")
+            .args([
+                "-f",
+                "raw",
+                "-r",
+                &uri,
+                "-c",
+                "read -P 0xab 8M 1M",
+                "-c",
+                "read -P 0 0 8M",
+            ])
+            .output()
+            .expect("qemu-io");
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() && !text.contains("fail"), "{text}");
+        env.daemon.ctl_ok(&["unexport", "raw"]);
+    });
+}
+
+#[test]
+fn stats_follow_writes_and_report_a_dead_attachment() {
+    require_root_and_tools!();
+    runtime().block_on(async {
+        let mut env = Env::start(&["--attach", "fuse-loop"]).await;
+        let id = env.volume("stats", "256M");
+        let (staging, target) = env.mount(&id, "stats", mount_cap("ext4")).await;
+        let before = env.stats(&id, &target).await.expect("stats");
+        assert!(
+            !before
+                .volume_condition
+                .as_ref()
+                .expect("condition")
+                .abnormal,
+            "{before:?}"
+        );
+        let bytes0 = usage(&before, csi::volume_usage::Unit::Bytes);
+        let inodes0 = usage(&before, csi::volume_usage::Unit::Inodes);
+        let st = statvfs(&target);
+        assert_eq!(bytes0.total as u64, st.f_blocks * st.f_frsize);
+        assert!(bytes0.total > (200 * MIB) as i64, "{bytes0:?}");
+
+        for i in 0..10 {
+            write_synced(&target.join(format!("f{i}")), &content(i, 2 * MIB as usize));
+        }
+        let after = env
+            .stats(&id, &staging)
+            .await
+            .expect("stats at the staging path");
+        let bytes1 = usage(&after, csi::volume_usage::Unit::Bytes);
+        let inodes1 = usage(&after, csi::volume_usage::Unit::Inodes);
+        assert!(
+            bytes1.used >= bytes0.used + (20 * MIB) as i64,
+            "{bytes0:?} -> {bytes1:?}"
+        );
+        assert!(bytes1.available < bytes0.available);
+        assert_eq!(
+            inodes1.used,
+            inodes0.used + 10,
+            "{inodes0:?} -> {inodes1:?}"
+        );
+
+        // Unknown path: NOT_FOUND.
+        expect_code(
+            env.stats(&id, &env.root.join("nowhere")).await,
+            Code::NotFound,
+            "stats on a path the volume is not at",
+        );
+
+        // nbdfuse dies: the volume is abnormal, and unstage still cleans up.
+        let pidfile = std::fs::read_dir(env.shim.state_dir().join("attach"))
+            .expect("attach dir")
+            .filter_map(|e| e.ok())
+            .map(|e| e.path().join("nbdfuse.pid"))
+            .find(|p| p.exists())
+            .expect("nbdfuse pid file");
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .expect("pid")
+            .trim()
+            .parse()
+            .expect("pid number");
+        // SAFETY: kill(2) on the nbdfuse pid read from the attachment's pid file.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let condition = loop {
+            let stats = env
+                .stats(&id, &target)
+                .await
+                .expect("stats of a broken volume");
+            let condition = stats.volume_condition.expect("condition");
+            if condition.abnormal || Instant::now() > deadline {
+                break condition;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert!(condition.abnormal, "{condition:?}");
+        assert!(
+            condition.message.contains("nbdfuse"),
+            "{}",
+            condition.message
+        );
+
+        env.umount(&id, &staging, &target).await;
+        env.assert_clean().await;
+    });
+}
+
+#[test]
+fn online_expansion_shows_in_df() {
+    require_root_and_tools!();
+    runtime().block_on(async {
+        let mut env = Env::start(&["--attach", "fuse-loop"]).await;
+        let id = env.volume("grow", "128M");
+        let (staging, target) = env.mount(&id, "grow", mount_cap("ext4")).await;
+        write_synced(&target.join("before"), &content(7, MIB as usize));
+        let small = df_bytes(&target);
+        assert!(small < 128 * MIB, "{small}");
+
+        env.daemon
+            .ctl_ok(&["volume", "resize", "grow", "--size", "384M"]);
+        for _ in 0..2 {
+            let grown = env
+                .expand(&id, &target, 384 * MIB)
+                .await
+                .unwrap_or_else(|s| panic!("NodeExpandVolume: {s}\n{}", env.shim.log()));
+            assert_eq!(grown.capacity_bytes, (384 * MIB) as i64);
+        }
+        let big = df_bytes(&target);
+        assert!(big > 350 * MIB, "df after expansion: {big}");
+        assert_eq!(
+            checksum(&std::fs::read(target.join("before")).expect("data kept")),
+            checksum(&content(7, MIB as usize))
+        );
+        write_synced(&target.join("after"), &content(8, 200 * MIB as usize));
+
+        // More than blockd holds: OUT_OF_RANGE.
+        expect_code(
+            env.expand(&id, &target, 1 << 30).await,
+            Code::OutOfRange,
+            "expand past the blockd volume",
+        );
+        env.umount(&id, &staging, &target).await;
+        env.assert_clean().await;
+    });
+}
+
+#[test]
+fn spec_error_codes() {
+    require_root_and_tools!();
+    runtime().block_on(async {
+        let mut env = Env::start(&["--attach", "fuse-loop", "--max-volumes", "17"]).await;
+        let id = env.volume("errs", "64M");
+        let staging = env.staging("errs");
+        let target = env.target("errs");
+        let ext4 = mount_cap("ext4");
+
+        // NodeGetInfo and NodeGetCapabilities.
+        let info = env
+            .node
+            .node_get_info(csi::NodeGetInfoRequest {})
+            .await
+            .expect("NodeGetInfo")
+            .into_inner();
+        assert_eq!(info.node_id, NODE);
+        assert_eq!(info.max_volumes_per_node, 17);
+        assert_eq!(
+            info.accessible_topology.expect("topology").segments["topology.blockd.io/node"],
+            NODE
+        );
+        let caps = env
+            .node
+            .node_get_capabilities(csi::NodeGetCapabilitiesRequest {})
+            .await
+            .expect("NodeGetCapabilities")
+            .into_inner();
+        use csi::node_service_capability::rpc::Type;
+        let got: Vec<i32> = caps
+            .capabilities
+            .iter()
+            .filter_map(|c| {
+                c.r#type
+                    .map(|csi::node_service_capability::Type::Rpc(r)| r.r#type)
+            })
+            .collect();
+        for t in [
+            Type::StageUnstageVolume,
+            Type::GetVolumeStats,
+            Type::ExpandVolume,
+            Type::VolumeCondition,
+            Type::SingleNodeMultiWriter,
+        ] {
+            assert!(got.contains(&(t as i32)), "{t:?} missing from {got:?}");
+        }
+
+        // Missing fields: INVALID_ARGUMENT, naming the field.
+        let msg = expect_code(
+            env.stage("", &staging, ext4.clone()).await,
+            Code::InvalidArgument,
+            "stage without id",
+        );
+        assert!(msg.contains("volume_id"), "{msg}");
+        let msg = expect_code(
+            env.stage(&id, Path::new(""), ext4.clone()).await,
+            Code::InvalidArgument,
+            "stage without staging path",
+        );
+        assert!(msg.contains("staging_target_path"), "{msg}");
+        let no_cap = env
+            .node
+            .node_stage_volume(csi::NodeStageVolumeRequest {
+                volume_id: id.clone(),
+                staging_target_path: staging.display().to_string(),
+                volume_capability: None,
+                ..Default::default()
+            })
+            .await;
+        let msg = expect_code(no_cap, Code::InvalidArgument, "stage without capability");
+        assert!(msg.contains("volume_capability"), "{msg}");
+        let mut typeless = ext4.clone();
+        typeless.access_type = None;
+        expect_code(
+            env.stage(&id, &staging, typeless).await,
+            Code::InvalidArgument,
+            "no access type",
+        );
+        expect_code(
+            env.stage(&id, &staging, mount_cap("ntfs")).await,
+            Code::InvalidArgument,
+            "unsupported fs type",
+        );
+        expect_code(
+            env.stage(
+                &id,
+                &staging,
+                mount_cap_mode("ext4", Mode::MultiNodeMultiWriter),
+            )
+            .await,
+            Code::FailedPrecondition,
+            "multi-node access mode",
+        );
+        expect_code(
+            env.unstage("", &staging).await,
+            Code::InvalidArgument,
+            "unstage without id",
+        );
+        expect_code(
+            env.unstage(&id, Path::new("")).await,
+            Code::InvalidArgument,
+            "unstage without path",
+        );
+        expect_code(
+            env.publish(&id, &staging, Path::new(""), ext4.clone(), false)
+                .await,
+            Code::InvalidArgument,
+            "publish without target",
+        );
+        let no_cap = env
+            .node
+            .node_publish_volume(csi::NodePublishVolumeRequest {
+                volume_id: id.clone(),
+                staging_target_path: staging.display().to_string(),
+                target_path: target.display().to_string(),
+                ..Default::default()
+            })
+            .await;
+        expect_code(no_cap, Code::InvalidArgument, "publish without capability");
+        expect_code(
+            env.unpublish("", &target).await,
+            Code::InvalidArgument,
+            "unpublish without id",
+        );
+        expect_code(
+            env.unpublish(&id, Path::new("")).await,
+            Code::InvalidArgument,
+            "unpublish without target",
+        );
+        expect_code(
+            env.stats("", &target).await,
+            Code::InvalidArgument,
+            "stats without id",
+        );
+        expect_code(
+            env.stats(&id, Path::new("")).await,
+            Code::InvalidArgument,
+            "stats without path",
+        );
+        expect_code(
+            env.expand("", &target, 0).await,
+            Code::InvalidArgument,
+            "expand without id",
+        );
+        expect_code(
+            env.expand(&id, Path::new(""), 0).await,
+            Code::InvalidArgument,
+            "expand without path",
+        );
+
+        // Volumes that do not exist, or live elsewhere: NOT_FOUND.
+        let missing = format!("{NODE}/no-such-volume");
+        expect_code(
+            env.stage(&missing, &staging, ext4.clone()).await,
+            Code::NotFound,
+            "stage missing",
+        );
+        expect_code(
+            env.publish(&missing, &staging, &target, ext4.clone(), false)
+                .await,
+            Code::NotFound,
+            "publish missing",
+        );
+        expect_code(
+            env.stats(&missing, &staging).await,
+            Code::NotFound,
+            "stats missing",
+        );
+        expect_code(
+            env.expand(&missing, &staging, 0).await,
+            Code::NotFound,
+            "expand missing",
+        );
+        let msg = expect_code(
+            env.stage("node-b/errs", &staging, ext4.clone()).await,
+            Code::NotFound,
+            "stage a volume of another node",
+        );
+        assert!(msg.contains("node-b") && msg.contains(NODE), "{msg}");
+        expect_code(
+            env.stage("garbage", &staging, ext4.clone()).await,
+            Code::NotFound,
+            "malformed id",
+        );
+
+        // Publish before stage: FAILED_PRECONDITION; without a staging path too.
+        expect_code(
+            env.publish(&id, &staging, &target, ext4.clone(), false)
+                .await,
+            Code::FailedPrecondition,
+            "publish before stage",
+        );
+        expect_code(
+            env.publish(&id, Path::new(""), &target, ext4.clone(), false)
+                .await,
+            Code::FailedPrecondition,
+            "publish without staging path",
+        );
+        // Unstage/unpublish of what is not there: OK.
+        env.unpublish(&id, &target)
+            .await
+            .expect("unpublish of nothing");
+        env.unstage(&id, &staging)
+            .await
+            .expect("unstage of nothing");
+
+        // Staged: an incompatible capability is ALREADY_EXISTS, so is another path.
+        env.stage(&id, &staging, ext4.clone()).await.expect("stage");
+        env.stage(&id, &staging, ext4.clone())
+            .await
+            .expect("stage again");
+        expect_code(
+            env.stage(&id, &staging, mount_cap("xfs")).await,
+            Code::AlreadyExists,
+            "restage as xfs",
+        );
+        expect_code(
+            env.stage(&id, &staging, block_cap()).await,
+            Code::AlreadyExists,
+            "restage as block",
+        );
+        let other_staging = env.staging("errs-2");
+        expect_code(
+            env.stage(&id, &other_staging, ext4.clone()).await,
+            Code::AlreadyExists,
+            "stage at a second path",
+        );
+        // Publish with a different staging path or access type: FAILED_PRECONDITION.
+        expect_code(
+            env.publish(&id, &other_staging, &target, ext4.clone(), false)
+                .await,
+            Code::FailedPrecondition,
+            "publish from the wrong staging path",
+        );
+        expect_code(
+            env.publish(&id, &staging, &target, block_cap(), false)
+                .await,
+            Code::FailedPrecondition,
+            "publish a file system as block",
+        );
+        // SINGLE_NODE_WRITER: a second target is FAILED_PRECONDITION.
+        env.publish(&id, &staging, &target, ext4.clone(), false)
+            .await
+            .expect("publish");
+        env.publish(&id, &staging, &target, ext4.clone(), false)
+            .await
+            .expect("publish again");
+        let second = env.target("errs-second");
+        expect_code(
+            env.publish(&id, &staging, &second, ext4.clone(), false)
+                .await,
+            Code::FailedPrecondition,
+            "second target of a single-writer volume",
+        );
+        // Expand to more than blockd has: OUT_OF_RANGE; an unknown path: NOT_FOUND.
+        expect_code(
+            env.expand(&id, &target, 1 << 40).await,
+            Code::OutOfRange,
+            "expand too far",
+        );
+        expect_code(
+            env.expand(&id, &second, 0).await,
+            Code::NotFound,
+            "expand at an unknown path",
+        );
+
+        env.umount(&id, &staging, &target).await;
+        env.assert_clean().await;
+    });
+}
+
+#[test]
+fn concurrent_stage_of_one_volume_is_aborted_or_ok() {
+    require_root_and_tools!();
+    runtime().block_on(async {
+        let mut env = Env::start(&["--attach", "fuse-loop"]).await;
+        let id = env.volume("race", "256M");
+        let staging = env.staging("race");
+        let calls: Vec<_> = (0..3)
+            .map(|_| {
+                let mut node = env.node.clone();
+                let req = csi::NodeStageVolumeRequest {
+                    volume_id: id.clone(),
+                    staging_target_path: staging.display().to_string(),
+                    volume_capability: Some(mount_cap("ext4")),
+                    ..Default::default()
+                };
+                tokio::spawn(async move { node.node_stage_volume(req).await.map(|_| ()) })
+            })
+            .collect();
+        let mut ok = 0;
+        for call in calls {
+            match call.await.expect("join") {
+                Ok(()) => ok += 1,
+                Err(status) => assert_eq!(status.code(), Code::Aborted, "{status}"),
+            }
+        }
+        assert!(ok >= 1, "one of the concurrent stages succeeds");
+        env.stage(&id, &staging, mount_cap("ext4"))
+            .await
+            .expect("stage after the race");
+        assert_eq!(
+            loops_under(&env.root).len(),
+            1,
+            "exactly one attachment for the volume"
+        );
+        env.unstage(&id, &staging).await.expect("unstage");
+        env.assert_clean().await;
+    });
+}
+
+/// Writes numbered files into `dir` until told to stop; returns how many it wrote.
+fn spawn_writer(
+    dir: PathBuf,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<Result<u64, String>> {
+    std::thread::spawn(move || {
+        let mut n = 0u64;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let path = dir.join(format!("w{n}"));
+            let mut f = std::fs::File::create(&path).map_err(|e| format!("create {n}: {e}"))?;
+            f.write_all(&content(n, 64 * 1024))
+                .map_err(|e| format!("write {n}: {e}"))?;
+            f.sync_all().map_err(|e| format!("fsync {n}: {e}"))?;
+            n += 1;
+        }
+        Ok(n)
+    })
+}
+
+fn verify_written(dir: &Path, count: u64) {
+    for n in 0..count {
+        let data = std::fs::read(dir.join(format!("w{n}"))).unwrap_or_else(|e| panic!("w{n}: {e}"));
+        assert_eq!(
+            checksum(&data),
+            checksum(&content(n, 64 * 1024)),
+            "w{n} intact"
+        );
+    }
+}
+
+#[test]
+fn csi_shim_sigkill_and_restart_keep_the_mount_working() {
+    require_root_and_tools!();
+    runtime().block_on(async {
+        let mut env = Env::start(&["--attach", "fuse-loop"]).await;
+        let id = env.volume("survivor", "256M");
+        let (staging, target) = env.mount(&id, "survivor", mount_cap("ext4")).await;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = spawn_writer(target.clone(), stop.clone());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+
+        let status = env.shim.stop_with(libc::SIGKILL);
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(libc::SIGKILL)
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        env.shim.restart();
+        env.reconnect().await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let written = writer
+            .join()
+            .expect("writer thread")
+            .expect("writes never fail");
+        assert!(written > 0);
+        verify_written(&target, written);
+
+        // The restarted service knows the volume: stats, idempotent stage and publish.
+        let stats = env.stats(&id, &target).await.expect("stats after restart");
+        assert!(!stats.volume_condition.expect("condition").abnormal);
+        env.stage(&id, &staging, mount_cap("ext4"))
+            .await
+            .expect("stage after restart");
+        env.publish(&id, &staging, &target, mount_cap("ext4"), false)
+            .await
+            .expect("publish after restart");
+        env.umount(&id, &staging, &target).await;
+        env.assert_clean().await;
+    });
+}
+
+#[test]
+fn attach_nbd_needs_the_kernel_module_and_auto_falls_back_to_fuse_loop() {
+    require_root_and_tools!();
+    runtime().block_on(async {
+        let module = Path::new("/sys/module/nbd").exists() || Path::new("/dev/nbd0").exists();
+        {
+            let mut env = Env::start(&["--attach", "nbd"]).await;
+            let id = env.volume("kernel", "64M");
+            let staging = env.staging("kernel");
+            if module {
+                eprintln!("the nbd module is present: staging through kernel NBD");
+                env.stage(&id, &staging, mount_cap("ext4")).await.expect("stage via kernel nbd");
+                env.unstage(&id, &staging).await.expect("unstage");
+            } else {
+                eprintln!(
+                    "skipping the kernel NBD lifecycle: no nbd module (/sys/module/nbd, /dev/nbd0); \
+                     checking that --attach nbd refuses with a clear reason"
+                );
+                let msg = expect_code(
+                    env.stage(&id, &staging, mount_cap("ext4")).await,
+                    Code::FailedPrecondition,
+                    "--attach nbd without the module",
+                );
+                assert!(msg.contains("nbd module") && msg.contains("fuse-loop"), "{msg}");
+            }
+            env.assert_clean().await;
+        }
+        if module {
+            eprintln!("skipping the auto-fallback check: this node has the nbd module");
+            return;
+        }
+        let mut env = Env::start(&["--attach", "auto"]).await;
+        let id = env.volume("auto", "64M");
+        let staging = env.staging("auto");
+        env.stage(&id, &staging, block_cap()).await.expect("stage with --attach auto");
+        let loops = loops_under(&env.root);
+        assert_eq!(loops.len(), 1, "auto picked fuse-loop: {loops:?}");
+        env.unstage(&id, &staging).await.expect("unstage");
+        env.assert_clean().await;
+    });
+}
