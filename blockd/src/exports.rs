@@ -6,15 +6,26 @@
 //!   everything else answers "unknown export", exactly like a name that does not exist;
 //! - `VOL@SNAP` opens read-only; the engine refuses writes to it as well (defence in depth);
 //! - every request is recorded in the per-image metrics (ops, bytes, latency, errors);
-//! - QoS limits are read from the engine on every request, so `set_qos` applies at once.
+//! - QoS limits are read from the engine on every request, so `set_qos` applies at once;
+//! - reads may complete asynchronously ([`EngineReadQueue`]): planned by the engine, read
+//!   from the device on the connection's own io_uring ring, each holding a [`ReadPin`] (the
+//!   pool's reclaim lock, shared) from plan to completion like a synchronous read does.
 
+use std::collections::HashMap;
+use std::ops::Range;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
-use crate::engine::{Engine, EngineError, ImageHandle};
+use tokio::io::unix::AsyncFd;
+
+use crate::device::uring::ReadRing;
+use crate::engine::{Engine, EngineError, ImageHandle, ReadPin};
 use crate::metrics::{ImageIoMetrics, IoOp, Metrics};
 use crate::nbd::{
-    Errno, ExportListing, ExportRegistry, ExportTarget, Extent, ExtentKind, OpenError, ZeroMode,
+    Errno, ExportListing, ExportRegistry, ExportTarget, Extent, ExtentKind, IoBuf, OpenError,
+    ReadDone, ReadQueue, ReadStart, ZeroMode,
 };
 use crate::qos::Qos;
 
@@ -125,6 +136,27 @@ impl ExportTarget for EngineTarget {
         })
     }
 
+    fn read_many(&self, reqs: &mut [(u64, &mut [u8])]) -> Vec<Result<(), Errno>> {
+        let start = Instant::now();
+        let results = self.engine.read_batch(&self.handle, reqs);
+        // The batch completes as a whole: each request's latency is the batch's.
+        let latency = start.elapsed();
+        reqs.iter()
+            .zip(results)
+            .map(|((_, buf), result)| match result {
+                Ok(()) => {
+                    self.io.record(IoOp::Read, buf.len() as u64, latency);
+                    Ok(())
+                }
+                Err(e) => {
+                    self.io.record_error(IoOp::Read);
+                    tracing::debug!(image = %self.handle.name(), error = %e, "NBD request failed");
+                    Err(errno(&e))
+                }
+            })
+            .collect()
+    }
+
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), Errno> {
         self.timed(IoOp::Write, data.len() as u64, || {
             self.engine.write(&self.handle, offset, data)
@@ -185,11 +217,482 @@ impl ExportTarget for EngineTarget {
         })
     }
 
+    fn read_queue(&self) -> Option<Box<dyn ReadQueue>> {
+        let ring = self.engine.read_ring(&self.handle)?;
+        // SAFETY: the eventfd is owned by `ring`, which lives in the same queue and is
+        // dropped after `fd` (field order), so the descriptor stays open and the same for
+        // the AsyncFd's whole life.
+        let registered = unsafe {
+            AsyncFd::register_with_interest(EventFd(ring.eventfd()), tokio::io::Interest::READABLE)
+        };
+        let fd = registered
+            .inspect_err(
+                |e| tracing::debug!(error = %e, "Cannot poll a read ring; reads stay synchronous"),
+            )
+            .ok()?;
+        Some(Box::new(EngineReadQueue {
+            fd,
+            ring,
+            reads: HashMap::new(),
+            reaped: Vec::new(),
+            engine: self.engine.clone(),
+            handle: self.handle.clone(),
+            io: self.io.clone(),
+        }))
+    }
+
     fn qos(&self) -> Qos {
         let q = self.engine.image_qos(&self.handle);
         Qos {
             max_iops: q.max_iops,
             max_bandwidth_bytes: q.max_bandwidth_bytes,
         }
+    }
+}
+
+/// The eventfd of a [`ReadRing`], as tokio polls it (the ring owns the descriptor).
+struct EventFd(RawFd);
+
+impl AsRawFd for EventFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+/// A read in flight on an [`EngineReadQueue`].
+struct PendingRead {
+    buf: IoBuf,
+    zeros: Vec<Range<usize>>,
+    /// Device reads not completed yet.
+    ops_left: usize,
+    error: Option<Errno>,
+    start: Instant,
+    /// Released only after the last device read of this request completed.
+    _pin: ReadPin,
+}
+
+/// One connection's asynchronous reads of an engine image.
+///
+/// Field order matters: `fd` is deregistered before `ring` closes the descriptor, and
+/// `ring` (whose drop waits for reads in flight) goes before `reads` frees their buffers
+/// and pins.
+struct EngineReadQueue {
+    fd: AsyncFd<EventFd>,
+    ring: ReadRing,
+    reads: HashMap<u64, PendingRead>,
+    reaped: Vec<(u64, std::io::Result<()>)>,
+    engine: Engine,
+    handle: ImageHandle,
+    io: ImageIoMetrics,
+}
+
+impl EngineReadQueue {
+    fn finish(&self, tag: u64, read: PendingRead) -> ReadDone {
+        let result = match read.error {
+            None => {
+                self.io
+                    .record(IoOp::Read, read.buf.len() as u64, read.start.elapsed());
+                Ok(())
+            }
+            Some(errno) => {
+                self.io.record_error(IoOp::Read);
+                tracing::debug!(image = %self.handle.name(), error = %errno, "NBD read failed");
+                Err(errno)
+            }
+        };
+        ReadDone {
+            tag,
+            result,
+            buf: read.buf,
+            zeros: read.zeros,
+        }
+    }
+}
+
+impl ReadQueue for EngineReadQueue {
+    fn start(&mut self, tag: u64, offset: u64, mut buf: IoBuf) -> ReadStart {
+        // A commit waiting to release chunks: let the synchronous path wait for it.
+        let Some(pin) = self.engine.try_read_pin(&self.handle) else {
+            return ReadStart::Declined(buf);
+        };
+        let start = Instant::now();
+        let (ops, zeros) = match self.engine.plan_read(&pin, &self.handle, offset, &mut buf) {
+            Ok(planned) => planned,
+            Err(e) => {
+                self.io.record_error(IoOp::Read);
+                tracing::debug!(image = %self.handle.name(), error = %e, "NBD request failed");
+                return ReadStart::Done(ReadDone {
+                    tag,
+                    result: Err(errno(&e)),
+                    buf,
+                    zeros: Vec::new(),
+                });
+            }
+        };
+        let mut read = PendingRead {
+            buf,
+            zeros,
+            ops_left: 0,
+            error: None,
+            start,
+            _pin: pin,
+        };
+        let base = read.buf.as_mut_ptr();
+        for op in &ops {
+            // SAFETY: `plan_read` returns ranges within the buffer (`pos + len <= len of
+            // buf`). The buffer's heap memory does not move when `read` moves into
+            // `self.reads`, where it stays, untouched, until the ring reports this device
+            // read (in `poll_complete`); dropping the queue drops `ring` first, which waits
+            // for every read in flight.
+            let pushed = unsafe {
+                self.ring
+                    .push(tag, op.offset, base.wrapping_add(op.pos), op.len)
+            };
+            match pushed {
+                Ok(()) => read.ops_left += 1,
+                Err(e) => {
+                    read.error.get_or_insert(Errno::from(e));
+                    break;
+                }
+            }
+        }
+        if read.ops_left == 0 {
+            return ReadStart::Done(self.finish(tag, read));
+        }
+        self.reads.insert(tag, read);
+        ReadStart::Started
+    }
+
+    fn submit(&mut self) {
+        if let Err(e) = self.ring.submit() {
+            // The reads stay queued; the next submit or reap retries.
+            tracing::warn!(error = %e, "io_uring submit failed");
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.reads.len()
+    }
+
+    fn poll_complete(&mut self, cx: &mut Context<'_>, out: &mut Vec<ReadDone>) -> Poll<()> {
+        let before = out.len();
+        loop {
+            let mut ready = match self.fd.poll_read_ready(cx) {
+                Poll::Ready(Ok(guard)) => guard,
+                Poll::Ready(Err(e)) => {
+                    tracing::warn!(error = %e, "polling the read ring failed");
+                    return Poll::Pending;
+                }
+                Poll::Pending => return Poll::Pending,
+            };
+            // Clear readiness and the counter before reaping: a completion that lands
+            // after this point signals the eventfd again.
+            ready.clear_ready();
+            self.ring.clear_eventfd();
+            if let Err(e) = self.ring.reap(&mut self.reaped) {
+                tracing::warn!(error = %e, "io_uring resubmission failed");
+            }
+            for (tag, result) in std::mem::take(&mut self.reaped) {
+                let Some(read) = self.reads.get_mut(&tag) else {
+                    continue;
+                };
+                read.ops_left -= 1;
+                if let Err(e) = result {
+                    read.error.get_or_insert(Errno::from(e));
+                }
+                if read.ops_left == 0 {
+                    let read = self.reads.remove(&tag).expect("present");
+                    out.push(self.finish(tag, read));
+                }
+            }
+            if out.len() > before {
+                return Poll::Ready(());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The engine behind the NBD server, io_uring read ring included, checked against a
+    //! model with many requests in flight on one connection.
+
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    use rand::{Rng, SeedableRng};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    use super::EngineExports;
+    use crate::device::{open_path, EngineChoice, IoEngine};
+    use crate::engine::{Engine, PoolSpec, Qos, VolumeSpec};
+    use crate::meta::mem::MemStore;
+    use crate::metrics::Metrics;
+    use crate::nbd::codec::*;
+    use crate::nbd::{ExportRegistry, Server};
+
+    const SIZE: u64 = 8 << 20;
+    const SLOT: u64 = 64 << 10;
+
+    fn engine(dir: &std::path::Path) -> Engine {
+        let device = open_path(&dir.join("pool.img"), Some(64 << 20), EngineChoice::Auto).unwrap();
+        let engine = Engine::open(
+            Arc::new(MemStore::new()),
+            vec![PoolSpec {
+                name: "p".into(),
+                device,
+                chunk_size: 64 << 10,
+                path: "pool.img".into(),
+            }],
+        )
+        .unwrap();
+        engine
+            .create_volume(&VolumeSpec {
+                name: "v".into(),
+                pool: None,
+                size: Some(SIZE),
+                source: None,
+                qos: Qos::default(),
+            })
+            .unwrap();
+        engine.set_exported("v", true).unwrap();
+        engine
+    }
+
+    async fn connect(server: &Server, structured: bool) -> DuplexStream {
+        let (mut c, s) = tokio::io::duplex(4 << 20);
+        let server = server.clone();
+        tokio::spawn(async move { server.serve_stream(s).await });
+        let mut g = [0u8; GREETING_LEN];
+        c.read_exact(&mut g).await.unwrap();
+        c.write_all(&ClientFlags(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES).encode())
+            .await
+            .unwrap();
+        let mut options = Vec::new();
+        if structured {
+            options.push(ClientOption::StructuredReply);
+        }
+        options.push(ClientOption::Go(InfoRequest {
+            name: "v".into(),
+            requests: vec![],
+        }));
+        for opt in options {
+            c.write_all(&opt.encode()).await.unwrap();
+            loop {
+                let mut h = [0u8; OPTION_REPLY_HEADER_LEN];
+                c.read_exact(&mut h).await.unwrap();
+                let h = OptionReplyHeader::decode(&h).unwrap();
+                let mut data = vec![0u8; h.len as usize];
+                c.read_exact(&mut data).await.unwrap();
+                match OptionReply::decode(&h, &data).unwrap().body {
+                    OptionReplyBody::Ack => break,
+                    OptionReplyBody::Info(_) => {}
+                    other => panic!("option refused: {other:?}"),
+                }
+            }
+        }
+        c
+    }
+
+    /// Reads one reply; returns (cookie, error, data) with the data of a read reassembled
+    /// (holes as zeros) from `len` bytes at `offset`.
+    async fn reply(c: &mut DuplexStream, reads: &HashMap<u64, (u64, u32)>) -> (u64, u32, Vec<u8>) {
+        let mut magic = [0u8; 4];
+        c.read_exact(&mut magic).await.unwrap();
+        if u32::from_be_bytes(magic) == SIMPLE_REPLY_MAGIC {
+            let mut all = magic.to_vec();
+            all.resize(SIMPLE_REPLY_LEN, 0);
+            c.read_exact(&mut all[4..]).await.unwrap();
+            let r = SimpleReply::decode(&all).unwrap();
+            let mut data = Vec::new();
+            if let (0, Some(&(_, len))) = (r.error, reads.get(&r.cookie)) {
+                data = vec![0u8; len as usize];
+                c.read_exact(&mut data).await.unwrap();
+            }
+            return (r.cookie, r.error, data);
+        }
+        let mut all = magic.to_vec();
+        all.resize(CHUNK_HEADER_LEN, 0);
+        c.read_exact(&mut all[4..]).await.unwrap();
+        let mut h = ChunkHeader::decode(&all).unwrap();
+        let cookie = h.cookie;
+        let (offset, len) = reads.get(&cookie).copied().unwrap_or((0, 0));
+        let mut data = vec![0xAAu8; len as usize];
+        let mut covered = 0u64;
+        let mut error = 0;
+        loop {
+            let mut payload = vec![0u8; h.length as usize];
+            c.read_exact(&mut payload).await.unwrap();
+            let r = StructuredReply::decode(&h, &payload).unwrap();
+            assert_eq!(r.cookie, cookie, "chunks of one reply are sent together");
+            match r.chunk {
+                Chunk::OffsetData {
+                    offset: at,
+                    data: d,
+                } => {
+                    let at = (at - offset) as usize;
+                    data[at..at + d.len()].copy_from_slice(&d);
+                    covered += d.len() as u64;
+                }
+                Chunk::OffsetHole { offset: at, len: n } => {
+                    let at = (at - offset) as usize;
+                    data[at..at + n as usize].fill(0);
+                    covered += u64::from(n);
+                }
+                Chunk::Error { error: e, .. } => error = e,
+                _ => {}
+            }
+            if h.is_done() {
+                if error == 0 {
+                    assert_eq!(covered, u64::from(len), "read reply covers the request");
+                }
+                return (cookie, error, data);
+            }
+            let mut hb = [0u8; CHUNK_HEADER_LEN];
+            c.read_exact(&mut hb).await.unwrap();
+            h = ChunkHeader::decode(&hb).unwrap();
+        }
+    }
+
+    async fn many_in_flight_requests_match_a_model(structured: bool) {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = engine(dir.path());
+        let registry = Arc::new(EngineExports::new(engine.clone(), Metrics::new()));
+        let target = registry.open("v").unwrap();
+        let queued = tokio::task::spawn_blocking(move || target.read_queue().is_some())
+            .await
+            .unwrap();
+        let uring = engine.pools()[0].io_engine == IoEngine::Uring;
+        assert_eq!(queued, uring, "reads are asynchronous exactly on io_uring");
+        let server = Server::new(registry);
+        let mut c = connect(&server, structured).await;
+        let mut model = vec![0u8; SIZE as usize];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(if structured { 7 } else { 8 });
+        let mut cookie = 0u64;
+        for round in 0..60 {
+            // Requests of a round use distinct 64 KiB slots, so their order does not matter.
+            let mut slots: Vec<u64> = (0..SIZE / SLOT).collect();
+            let count = rng.gen_range(1..=48);
+            let mut wire = Vec::new();
+            let mut reads: HashMap<u64, (u64, u32)> = HashMap::new();
+            let mut writes: Vec<(u64, Vec<u8>)> = Vec::new();
+            let mut expected = HashMap::new();
+            for _ in 0..count {
+                let slot = slots.swap_remove(rng.gen_range(0..slots.len()));
+                let aligned = rng.gen_bool(0.7);
+                let (at, len) = if aligned {
+                    let blocks = SLOT / 4096;
+                    let first = rng.gen_range(0..blocks);
+                    let n = rng.gen_range(1..=blocks - first);
+                    (slot * SLOT + first * 4096, (n * 4096) as u32)
+                } else {
+                    let first = rng.gen_range(0..SLOT - 1);
+                    let n = rng.gen_range(0..=SLOT - first);
+                    (slot * SLOT + first, n as u32)
+                };
+                cookie += 1;
+                let (command, flags, payload) = match rng.gen_range(0..10) {
+                    0..=4 => (Command::Read, 0, None),
+                    5..=7 => {
+                        let mut data = vec![0u8; len as usize];
+                        rng.fill(&mut data[..]);
+                        let fua = if rng.gen_bool(0.2) {
+                            NBD_CMD_FLAG_FUA
+                        } else {
+                            0
+                        };
+                        (Command::Write, fua, Some(data))
+                    }
+                    8 => (Command::WriteZeroes, 0, None),
+                    _ => (Command::Flush, 0, None),
+                };
+                let (offset, length) = if command == Command::Flush {
+                    (0, 0)
+                } else {
+                    (at, len)
+                };
+                wire.extend_from_slice(
+                    &Request {
+                        flags,
+                        command,
+                        cookie,
+                        offset,
+                        length,
+                    }
+                    .encode(),
+                );
+                match command {
+                    Command::Read => {
+                        reads.insert(cookie, (at, len));
+                        expected
+                            .insert(cookie, Some(model[at as usize..][..len as usize].to_vec()));
+                    }
+                    Command::Write => {
+                        let data = payload.expect("write payload");
+                        wire.extend_from_slice(&data);
+                        writes.push((at, data));
+                        expected.insert(cookie, None);
+                    }
+                    Command::WriteZeroes => {
+                        writes.push((at, vec![0u8; len as usize]));
+                        expected.insert(cookie, None);
+                    }
+                    _ => {
+                        expected.insert(cookie, None);
+                    }
+                }
+            }
+            c.write_all(&wire).await.unwrap();
+            for _ in 0..count {
+                let (got, error, data) = reply(&mut c, &reads).await;
+                assert_eq!(error, 0, "round {round} cookie {got}");
+                let want = expected.remove(&got).expect("one reply per cookie");
+                if let Some(want) = want {
+                    assert!(
+                        data == want,
+                        "round {round}: read {:?} differs",
+                        reads[&got]
+                    );
+                }
+            }
+            assert!(expected.is_empty());
+            for (at, data) in writes {
+                model[at as usize..][..data.len()].copy_from_slice(&data);
+            }
+        }
+        // Everything, in 1 MiB reads in flight together.
+        let mut wire = Vec::new();
+        let mut reads = HashMap::new();
+        for i in 0..SIZE >> 20 {
+            cookie += 1;
+            reads.insert(cookie, (i << 20, 1u32 << 20));
+            wire.extend_from_slice(
+                &Request {
+                    flags: 0,
+                    command: Command::Read,
+                    cookie,
+                    offset: i << 20,
+                    length: 1 << 20,
+                }
+                .encode(),
+            );
+        }
+        c.write_all(&wire).await.unwrap();
+        for _ in 0..reads.len() {
+            let (got, error, data) = reply(&mut c, &reads).await;
+            assert_eq!(error, 0);
+            let at = reads[&got].0 as usize;
+            assert!(data == model[at..at + (1 << 20)], "final read at {at}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn many_in_flight_structured_requests_match_a_model() {
+        many_in_flight_requests_match_a_model(true).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn many_in_flight_simple_requests_match_a_model() {
+        many_in_flight_requests_match_a_model(false).await;
     }
 }

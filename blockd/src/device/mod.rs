@@ -151,6 +151,12 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
     /// Deallocates the range (fallocate PUNCH_HOLE on files, BLKDISCARD on devices).
     fn punch(&self, offset: u64, len: u64) -> Result<()>;
 
+    /// A private ring for asynchronous reads ([`uring::ReadRing`]), when the backend has
+    /// one (io_uring); None means "use `submit`".
+    fn read_ring(&self) -> Option<uring::ReadRing> {
+        None
+    }
+
     /// Reads exactly `buf.len()` bytes at `offset`.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.submit(&mut [IoOp::Read { offset, buf }])

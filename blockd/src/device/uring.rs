@@ -104,6 +104,11 @@ impl UringDevice {
         &self.target
     }
 
+    /// A private [`ReadRing`] on this device's files.
+    pub fn read_ring(&self) -> io::Result<ReadRing> {
+        ReadRing::new(self.pool.fds, self.target.has_direct())
+    }
+
     /// The fixed-file slot an I/O goes through.
     fn slot_for(&self, offset: u64, addr: *const u8, len: usize) -> u32 {
         if self.target.direct_eligible(offset, addr, len) {
@@ -304,9 +309,241 @@ impl BlockDevice for UringDevice {
         }
     }
 
+    fn read_ring(&self) -> Option<ReadRing> {
+        match UringDevice::read_ring(self) {
+            Ok(ring) => Some(ring),
+            Err(err) => {
+                tracing::debug!(error = %err, "Cannot set up a read ring; reads stay synchronous");
+                None
+            }
+        }
+    }
+
     fn punch(&self, offset: u64, len: u64) -> Result<()> {
         // Deallocation is rare and not latency-critical: the synchronous syscall is enough.
         self.target.punch(offset, len)
+    }
+}
+
+/// A private ring for reads that complete asynchronously: the NBD server pushes reads
+/// and learns about completions through an eventfd it polls on its runtime, instead of a
+/// thread blocking in [`BlockDevice::submit`].
+///
+/// Owned by one task; the same fixed files as the pool's rings (which keep the files open
+/// in the kernel for as long as the ring lives).
+///
+/// Invariant: a buffer given to [`ReadRing::push`] is used by the kernel until its
+/// completion is returned by [`ReadRing::reap`]; dropping the ring waits for every read
+/// still in flight (and aborts the process if it cannot), so no buffer is freed early
+/// by the ring's owner unwinding.
+pub struct ReadRing {
+    ring: IoUring,
+    eventfd: std::os::fd::OwnedFd,
+    direct: bool,
+    /// Reads pushed and not yet completed, by slot (`user_data`).
+    slots: Vec<Option<RingRead>>,
+    free: Vec<usize>,
+    in_flight: usize,
+}
+
+/// One read of a [`ReadRing`].
+struct RingRead {
+    tag: u64,
+    offset: u64,
+    addr: *mut u8,
+    len: usize,
+    done: usize,
+}
+
+// SAFETY: the raw buffer addresses are only handed to the kernel; the caller of `push`
+// guarantees they stay valid (whichever thread the ring moves to) until reaped.
+unsafe impl Send for ReadRing {}
+
+impl fmt::Debug for ReadRing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReadRing")
+            .field("in_flight", &self.in_flight)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Completion queue of a [`ReadRing`]: room for a connection's reads in flight.
+const READ_RING_CQ: u32 = 4096;
+
+impl ReadRing {
+    fn new(fds: [RawFd; 2], direct: bool) -> io::Result<ReadRing> {
+        let ring = IoUring::builder()
+            .setup_clamp()
+            .setup_cqsize(READ_RING_CQ)
+            .build(RING_ENTRIES)?;
+        ring.submitter().register_files(&fds)?;
+        // SAFETY: eventfd has no memory arguments; the result is checked.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just created and is owned by nothing else.
+        let eventfd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        ring.submitter().register_eventfd(fd)?;
+        Ok(ReadRing {
+            ring,
+            eventfd,
+            direct,
+            slots: Vec::new(),
+            free: Vec::new(),
+            in_flight: 0,
+        })
+    }
+
+    /// The eventfd signalled (counter incremented) for every completion.
+    pub fn eventfd(&self) -> RawFd {
+        self.eventfd.as_raw_fd()
+    }
+
+    /// Reads pushed and not yet reaped.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Queues a read of `len` bytes at device `offset` into `addr`, reported by
+    /// [`ReadRing::reap`] with `tag`. Goes to the kernel at the next [`ReadRing::submit`]
+    /// (or earlier when the submission queue is full).
+    ///
+    /// # Safety
+    /// `addr` must be valid for writes of `len` bytes, and not otherwise accessed, until
+    /// `reap` reports this read (or the ring is dropped).
+    pub unsafe fn push(
+        &mut self,
+        tag: u64,
+        offset: u64,
+        addr: *mut u8,
+        len: usize,
+    ) -> io::Result<()> {
+        let read = RingRead {
+            tag,
+            offset,
+            addr,
+            len,
+            done: 0,
+        };
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.slots[slot] = Some(read);
+                slot
+            }
+            None => {
+                self.slots.push(Some(read));
+                self.slots.len() - 1
+            }
+        };
+        self.in_flight += 1;
+        self.queue(slot)
+    }
+
+    /// Pushes the SQE for (the rest of) the read in `slot`.
+    fn queue(&mut self, slot: usize) -> io::Result<()> {
+        let read = self.slots[slot].as_ref().expect("queued slot is in use");
+        let offset = read.offset + read.done as u64;
+        let addr = read.addr.wrapping_add(read.done);
+        let len = (read.len - read.done).min(MAX_SQE_LEN);
+        let aligned = offset.is_multiple_of(IO_ALIGN as u64)
+            && len.is_multiple_of(IO_ALIGN)
+            && (addr as usize).is_multiple_of(IO_ALIGN);
+        let fd = types::Fixed(if self.direct && aligned {
+            DIRECT_SLOT
+        } else {
+            BUFFERED_SLOT
+        });
+        let entry = opcode::Read::new(fd, addr, len as u32)
+            .offset(offset)
+            .build()
+            .user_data(slot as u64);
+        loop {
+            // SAFETY: the SQE points into the caller's buffer within its bounds
+            // (`done < len`), which `push`'s contract keeps valid until the read is reaped;
+            // the slot stays in use (and counted in `in_flight`) until then.
+            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+                return Ok(());
+            }
+            // Submission queue full: hand what is queued to the kernel first.
+            self.submit()?;
+        }
+    }
+
+    /// Hands queued reads to the kernel without waiting for any.
+    pub fn submit(&mut self) -> io::Result<()> {
+        loop {
+            match self.ring.submit() {
+                Ok(_) => return Ok(()),
+                Err(err) => match err.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    // Completions must be reaped first; the owner does on its next wakeup.
+                    Some(libc::EBUSY) | Some(libc::EAGAIN) => return Ok(()),
+                    _ => return Err(err),
+                },
+            }
+        }
+    }
+
+    /// Clears the eventfd counter (before reaping, so that later completions signal again).
+    pub fn clear_eventfd(&self) {
+        let mut value = [0u8; 8];
+        // SAFETY: reads 8 bytes into a local buffer; a non-blocking eventfd with a zero
+        // counter fails with EAGAIN, which is fine.
+        unsafe { libc::read(self.eventfd.as_raw_fd(), value.as_mut_ptr().cast(), 8) };
+    }
+
+    /// Collects finished reads as `(tag, result)`, resubmitting short and interrupted ones.
+    pub fn reap(&mut self, out: &mut Vec<(u64, io::Result<()>)>) -> io::Result<()> {
+        let mut again = Vec::new();
+        let completions: Vec<(u64, i32)> = self
+            .ring
+            .completion()
+            .map(|cqe| (cqe.user_data(), cqe.result()))
+            .collect();
+        for (slot, res) in completions {
+            let slot = slot as usize;
+            let Some(read) = self.slots.get_mut(slot).and_then(Option::as_mut) else {
+                continue;
+            };
+            let result = match usize::try_from(res) {
+                Err(_) if -res == libc::EINTR || -res == libc::EAGAIN => None,
+                Err(_) => Some(Err(io::Error::from_raw_os_error(-res))),
+                Ok(0) => Some(Err(io::ErrorKind::UnexpectedEof.into())),
+                Ok(n) => {
+                    read.done += n;
+                    (read.done >= read.len).then_some(Ok(()))
+                }
+            };
+            match result {
+                None => again.push(slot),
+                Some(result) => {
+                    let read = self.slots[slot].take().expect("slot in use");
+                    self.free.push(slot);
+                    self.in_flight -= 1;
+                    out.push((read.tag, result));
+                }
+            }
+        }
+        for slot in again {
+            self.queue(slot)?;
+        }
+        self.submit()
+    }
+}
+
+impl Drop for ReadRing {
+    fn drop(&mut self) {
+        let mut done = Vec::new();
+        while self.in_flight > 0 {
+            if let Err(err) = enter(&mut self.ring) {
+                abort_in_flight(&err, self.in_flight);
+            }
+            if let Err(err) = self.reap(&mut done) {
+                abort_in_flight(&err, self.in_flight);
+            }
+            done.clear();
+        }
     }
 }
 
@@ -608,6 +845,70 @@ mod tests {
             }
             Err(err) => panic!("io_uring setup failed: {err:?}"),
         }
+    }
+
+    #[test]
+    fn read_ring_completes_aligned_and_unaligned_reads_by_tag() {
+        let Some((_dir, dev)) = device(1 << 20) else {
+            return;
+        };
+        let mut data = AlignedBuf::zeroed(64 << 10);
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = (i % 251) as u8;
+        }
+        dev.write_at(0, &data).unwrap();
+        let mut ring = dev.read_ring().unwrap();
+        // (tag, offset, len): aligned (O_DIRECT slot) and unaligned (buffered slot).
+        let reads = [
+            (1u64, 0u64, 4096usize),
+            (2, 8192, 16384),
+            (3, 4097, 1000),
+            (4, 100, 5),
+        ];
+        let mut bufs: Vec<AlignedBuf> = reads.iter().map(|r| AlignedBuf::zeroed(r.2)).collect();
+        for (read, buf) in reads.iter().zip(bufs.iter_mut()) {
+            // SAFETY: `bufs` outlives every read: all are reaped (or the ring dropped,
+            // which waits) before the buffers are dropped at the end of the test.
+            unsafe { ring.push(read.0, read.1, buf.as_mut_ptr(), read.2) }.unwrap();
+        }
+        ring.submit().unwrap();
+        let mut done = Vec::new();
+        while done.len() < reads.len() {
+            enter(&mut ring.ring).unwrap();
+            ring.reap(&mut done).unwrap();
+        }
+        assert_eq!(ring.in_flight(), 0);
+        let mut tags: Vec<u64> = done
+            .iter()
+            .map(|(t, r)| {
+                assert!(r.is_ok());
+                *t
+            })
+            .collect();
+        tags.sort_unstable();
+        assert_eq!(tags, [1, 2, 3, 4]);
+        for (read, buf) in reads.iter().zip(&bufs) {
+            let at = read.1 as usize;
+            assert_eq!(&buf[..], &data[at..at + read.2], "read {}", read.0);
+        }
+        // Past the end: an error, not a hang.
+        let mut tail = AlignedBuf::zeroed(4096);
+        // SAFETY: `tail` outlives the read (reaped below, or waited for by the drop).
+        unsafe { ring.push(9, (1 << 20) - 2048, tail.as_mut_ptr(), 4096) }.unwrap();
+        ring.submit().unwrap();
+        done.clear();
+        while done.is_empty() {
+            enter(&mut ring.ring).unwrap();
+            ring.reap(&mut done).unwrap();
+        }
+        assert_eq!(done[0].0, 9);
+        assert!(done[0].1.is_err());
+        // Dropping with reads in flight waits for them.
+        // SAFETY: `tail` is dropped after `ring`, whose drop waits for this read.
+        unsafe { ring.push(10, 0, tail.as_mut_ptr(), 4096) }.unwrap();
+        ring.submit().unwrap();
+        drop(ring);
+        assert_eq!(&tail[..], &data[..4096]);
     }
 
     #[test]

@@ -10,6 +10,8 @@
 //! I/O shared; release of freed chunks exclusive) -> `state` (short, never across I/O).
 //! A commit is never started while holding `gate` or `reclaim` shared.
 
+use std::sync::Arc;
+
 use crate::device::{AlignedBuf, IoOp};
 use crate::meta::keys::{self, ZERO};
 use crate::meta::Cf;
@@ -18,6 +20,38 @@ use super::error::{EngineError, Result};
 use super::state::{Resolved, State};
 use super::types::Extent;
 use super::{Engine, ImageHandle, PoolRt};
+
+/// One device read of a planned image read: `len` bytes at device `offset` into the
+/// buffer at `pos`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceRead {
+    pub pos: usize,
+    pub len: usize,
+    pub offset: u64,
+}
+
+/// Holds a pool's `reclaim` lock shared, as data I/O does for its whole duration, so no
+/// chunk read under it is released and reused before the pin is dropped. Unlike a guard it
+/// may move between threads.
+pub struct ReadPin {
+    pool: Arc<PoolRt>,
+}
+
+impl std::fmt::Debug for ReadPin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadPin")
+            .field("pool", &self.pool.name)
+            .finish()
+    }
+}
+
+impl Drop for ReadPin {
+    fn drop(&mut self) {
+        // SAFETY: `try_read_pin` took the lock shared and forgot the guard; this pin is the
+        // only owner of that hold and gives it back once.
+        unsafe { self.pool.reclaim.force_unlock_read() };
+    }
+}
 
 /// One chunk's share of a request.
 #[derive(Debug, Clone, Copy)]
@@ -86,21 +120,86 @@ impl Engine {
 
     /// Reads `buf.len()` bytes at `offset`.
     pub fn read(&self, h: &ImageHandle, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let mut one = [(offset, buf)];
+        self.read_batch(h, &mut one)
+            .pop()
+            .expect("one result per request")
+    }
+
+    /// Reads several ranges of one image, each `(offset, buf)`, planned under one state
+    /// lock and submitted to the device as one batch; one result per range, in order.
+    pub fn read_batch(&self, h: &ImageHandle, reqs: &mut [(u64, &mut [u8])]) -> Vec<Result<()>> {
         let pool = &self.inner.pools[h.pool];
         let cs = pool.chunk_size;
-        let _reclaim = pool.reclaim.read();
-        // (piece, resolved) pairs, decided under the lock.
-        let plan: Vec<(Piece, Resolved)> = {
+        let reclaim = pool.reclaim.read();
+        // Per request: the (piece, resolved) pairs, decided under the lock, or the error.
+        let plans: Vec<Result<Vec<(Piece, Resolved)>>> = {
             let st = self.inner.state.lock();
-            Self::check_range(&st, h, offset, buf.len() as u64)?;
-            let epoch = Self::head_epoch(&st, h);
-            pieces(offset, buf.len() as u64, cs)
-                .map(|p| (p, st.resolve(h.lineage, epoch, p.chunk, cs)))
+            reqs.iter()
+                .map(|(offset, buf)| {
+                    Self::check_range(&st, h, *offset, buf.len() as u64)?;
+                    let epoch = Self::head_epoch(&st, h);
+                    Ok(pieces(*offset, buf.len() as u64, cs)
+                        .map(|p| (p, st.resolve(h.lineage, epoch, p.chunk, cs)))
+                        .collect())
+                })
                 .collect()
         };
-        // Coalesce pieces that are physically contiguous into one I/O each.
-        let mut ops: Vec<(usize, usize, u64)> = Vec::new(); // (pos, len, device offset)
-        for (p, r) in &plan {
+        let count = reqs.len();
+        let mut io: Vec<IoOp<'_>> = Vec::with_capacity(count);
+        let mut results: Vec<Result<()>> = Vec::with_capacity(count);
+        for ((_, buf), plan) in reqs.iter_mut().zip(plans) {
+            match plan {
+                Ok(plan) => {
+                    Self::read_ops(pool, &plan, buf, &mut io);
+                    results.push(Ok(()));
+                }
+                Err(e) => results.push(Err(e)),
+            }
+        }
+        if io.is_empty() {
+            return results;
+        }
+        match pool.device.submit(&mut io) {
+            Ok(()) => results,
+            Err(e) if count == 1 => vec![Err(e.into())],
+            Err(_) => {
+                // Which request failed is unknown: read them again one by one (reads
+                // change nothing), without holding `reclaim` twice.
+                drop(io);
+                drop(reclaim);
+                reqs.iter_mut()
+                    .map(|(offset, buf)| self.read(h, *offset, buf))
+                    .collect()
+            }
+        }
+    }
+
+    /// Zero-fills what `plan` says reads as zeros and appends the device reads for the
+    /// rest, physically contiguous pieces coalesced into one I/O each.
+    fn read_ops<'a>(
+        pool: &PoolRt,
+        plan: &[(Piece, Resolved)],
+        buf: &'a mut [u8],
+        io: &mut Vec<IoOp<'a>>,
+    ) {
+        let ops = Self::device_reads(pool, plan, buf);
+        let mut rest: &mut [u8] = buf;
+        let mut consumed = 0usize;
+        for DeviceRead { pos, len, offset } in ops {
+            let tail = std::mem::take(&mut rest);
+            let (_, tail) = tail.split_at_mut(pos - consumed);
+            let (mine, tail) = tail.split_at_mut(len);
+            rest = tail;
+            consumed = pos + len;
+            io.push(IoOp::Read { offset, buf: mine });
+        }
+    }
+
+    /// Zero-fills what `plan` says reads as zeros; returns the device reads for the rest.
+    fn device_reads(pool: &PoolRt, plan: &[(Piece, Resolved)], buf: &mut [u8]) -> Vec<DeviceRead> {
+        let mut ops: Vec<DeviceRead> = Vec::new();
+        for (p, r) in plan {
             let (pos, len) = (p.pos, p.len as usize);
             match *r {
                 Resolved::Zero => buf[pos..pos + len].fill(0),
@@ -110,36 +209,80 @@ impl Engine {
                     if data_len == 0 {
                         continue;
                     }
-                    let dev_off = pool.offset(phys) + p.at;
+                    let offset = pool.offset(phys) + p.at;
                     if let Some(last) = ops.last_mut() {
-                        if last.0 + last.1 == pos && last.2 + last.1 as u64 == dev_off {
-                            last.1 += data_len;
+                        if last.pos + last.len == pos && last.offset + last.len as u64 == offset {
+                            last.len += data_len;
                             continue;
                         }
                     }
-                    ops.push((pos, data_len, dev_off));
+                    ops.push(DeviceRead {
+                        pos,
+                        len: data_len,
+                        offset,
+                    });
                 }
             }
         }
-        if ops.is_empty() {
-            return Ok(());
+        ops
+    }
+
+    /// Pins the image's pool for reads planned with [`Engine::plan_read`], without
+    /// waiting: None while a commit waits to release freed chunks (then read the
+    /// synchronous way, which waits for it).
+    pub fn try_read_pin(&self, h: &ImageHandle) -> Option<ReadPin> {
+        let pool = self.inner.pools[h.pool].clone();
+        let guard = pool.reclaim.try_read()?;
+        // The shared hold outlives the guard (the pin may move to another thread); it is
+        // given back exactly once, by `ReadPin::drop`.
+        std::mem::forget(guard);
+        Some(ReadPin { pool })
+    }
+
+    /// Plans a read of `buf.len()` bytes at `offset` without doing the device I/O: fills
+    /// the ranges that read as zeros and returns the device reads for the rest, which the
+    /// caller must complete while holding `pin`. Also returns which byte ranges of `buf`
+    /// are known zeros (holes), in order.
+    pub fn plan_read(
+        &self,
+        pin: &ReadPin,
+        h: &ImageHandle,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(Vec<DeviceRead>, Vec<std::ops::Range<usize>>)> {
+        let pool = &self.inner.pools[h.pool];
+        debug_assert!(Arc::ptr_eq(pool, &pin.pool), "pin of another pool");
+        let cs = pool.chunk_size;
+        let plan: Vec<(Piece, Resolved)> = {
+            let st = self.inner.state.lock();
+            Self::check_range(&st, h, offset, buf.len() as u64)?;
+            let epoch = Self::head_epoch(&st, h);
+            pieces(offset, buf.len() as u64, cs)
+                .map(|p| (p, st.resolve(h.lineage, epoch, p.chunk, cs)))
+                .collect()
+        };
+        let mut zeros: Vec<std::ops::Range<usize>> = Vec::new();
+        for (p, r) in &plan {
+            let start = match *r {
+                Resolved::Zero => p.pos,
+                Resolved::Data { valid, .. } => {
+                    p.pos + valid.saturating_sub(p.at).min(p.len) as usize
+                }
+            };
+            let end = p.pos + p.len as usize;
+            if start < end {
+                match zeros.last_mut() {
+                    Some(last) if last.end == start => last.end = end,
+                    _ => zeros.push(start..end),
+                }
+            }
         }
-        let mut io: Vec<IoOp<'_>> = Vec::with_capacity(ops.len());
-        let mut rest: &mut [u8] = buf;
-        let mut consumed = 0usize;
-        for (pos, len, dev_off) in ops {
-            let tail = std::mem::take(&mut rest);
-            let (_, tail) = tail.split_at_mut(pos - consumed);
-            let (mine, tail) = tail.split_at_mut(len);
-            rest = tail;
-            consumed = pos + len;
-            io.push(IoOp::Read {
-                offset: dev_off,
-                buf: mine,
-            });
-        }
-        pool.device.submit(&mut io)?;
-        Ok(())
+        Ok((Self::device_reads(pool, &plan, buf), zeros))
+    }
+
+    /// A private asynchronous read ring on the image's pool device, when it has one.
+    pub fn read_ring(&self, h: &ImageHandle) -> Option<crate::device::uring::ReadRing> {
+        self.inner.pools[h.pool].device.read_ring()
     }
 
     /// The lineage gate a writer of `h` holds shared; refuses snapshots and deleted images.

@@ -12,14 +12,18 @@
 //! [`ExportTarget`]s, and a target does the I/O. Target methods are *blocking* (the engine
 //! does synchronous io_uring/pread I/O), so the server calls them from tokio's blocking
 //! pool, never on a runtime worker (unless a target opts in with
-//! [`ExportTarget::nonblocking`]).
+//! [`ExportTarget::nonblocking`]). Reads are the exception when the target offers a
+//! [`ReadQueue`]: they are started and completed on the runtime (io_uring + eventfd), with
+//! no thread hop, and answered one by one as they complete.
 //!
 //! ```text
 //!  client ──unix/TLS──▶ connection task ─┬─ handshake (options) ── registry.open(name)
-//!                                        └─ transmission: reader ──▶ per-request task
-//!                                              (bounded in flight)      │ qos wait
-//!                                                                       │ spawn_blocking(target.op)
-//!                                           writer task ◀── replies ────┘ (out of order)
+//!                                        └─ transmission: reader ─┬─▶ reads ─▶ read task
+//!                      (decodes every request already buffered;   │    ReadQueue: start,
+//!                       bounded in flight)                        │    poll_complete
+//!                                                                 └─▶ others: qos wait,
+//!                                                                     spawn_blocking(op)
+//!                                           writer task ◀── replies (out of order) ──┘
 //! ```
 //!
 //! Contract between the server and a target (what the server guarantees):
@@ -43,6 +47,7 @@
 //! - `block_status` extents are consecutive from `offset`, each non-empty; a target may
 //!   describe less than asked (at least one extent) or report everything as data.
 
+pub mod buffers;
 pub mod codec;
 pub mod mem;
 pub mod server;
@@ -51,8 +56,10 @@ pub mod tls;
 use std::fmt;
 use std::io;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 pub use crate::qos::Qos;
+pub use buffers::IoBuf;
 pub use server::{Server, ServerConfig, ServerError};
 pub use tls::{TlsConfig, TlsError};
 
@@ -140,6 +147,15 @@ pub trait ExportTarget: Send + Sync {
     /// Fills `buf` with the bytes at `offset`.
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), Errno>;
 
+    /// Reads several ranges, each `(offset, buf)` as in [`ExportTarget::read`]; one result
+    /// per range, in order. A target that can submit them together (one device batch)
+    /// overrides this; the default reads one after another.
+    fn read_many(&self, reqs: &mut [(u64, &mut [u8])]) -> Vec<Result<(), Errno>> {
+        reqs.iter_mut()
+            .map(|(offset, buf)| self.read(*offset, buf))
+            .collect()
+    }
+
     /// Writes `data` at `offset`. Durable only after a later [`ExportTarget::flush`].
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), Errno>;
 
@@ -166,6 +182,13 @@ pub trait ExportTarget: Send + Sync {
         Qos::UNLIMITED
     }
 
+    /// A queue for this connection's reads that completes them asynchronously (io_uring
+    /// with an eventfd), or None to run every read through [`ExportTarget::read`] on the
+    /// blocking pool. Called once per connection, on the blocking pool.
+    fn read_queue(&self) -> Option<Box<dyn ReadQueue>> {
+        None
+    }
+
     /// True only if every method returns in microseconds without sleeping or waiting for
     /// I/O (an in-memory target). The server then calls it directly on the runtime thread
     /// for requests up to 1 MiB, saving the hop to the blocking pool; a target that may
@@ -173,6 +196,44 @@ pub trait ExportTarget: Send + Sync {
     fn nonblocking(&self) -> bool {
         false
     }
+}
+
+/// A connection's asynchronous reads (see [`ExportTarget::read_queue`]).
+///
+/// Called only from the connection's own task, on the runtime: no method may block.
+/// Dropping the queue waits for reads still in flight (their buffers belong to it).
+pub trait ReadQueue: Send {
+    /// Starts reading `buf.len()` bytes at `offset` (validated as for
+    /// [`ExportTarget::read`]); `tag` names it in [`ReadQueue::poll_complete`].
+    fn start(&mut self, tag: u64, offset: u64, buf: IoBuf) -> ReadStart;
+
+    /// Hands the reads started since the last call to the device.
+    fn submit(&mut self);
+
+    /// Reads started and not yet reported.
+    fn in_flight(&self) -> usize;
+
+    /// Appends finished reads to `out`; `Ready` once at least one was appended.
+    fn poll_complete(&mut self, cx: &mut Context<'_>, out: &mut Vec<ReadDone>) -> Poll<()>;
+}
+
+/// What [`ReadQueue::start`] did with a read.
+pub enum ReadStart {
+    /// In flight: reported later by [`ReadQueue::poll_complete`].
+    Started,
+    /// Finished at once (nothing to read from the device, or failed before any I/O).
+    Done(ReadDone),
+    /// Not started (the queue cannot take it now): run it through [`ExportTarget::read`].
+    Declined(IoBuf),
+}
+
+/// A finished read of a [`ReadQueue`].
+pub struct ReadDone {
+    pub tag: u64,
+    pub result: Result<(), Errno>,
+    pub buf: IoBuf,
+    /// Ranges of `buf` known to read as zeros (holes), ascending; the rest is data.
+    pub zeros: Vec<std::ops::Range<usize>>,
 }
 
 /// An export's entry in `NBD_OPT_LIST`.

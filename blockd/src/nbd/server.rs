@@ -7,11 +7,16 @@
 //!    `NBD_OPT_GO`/`NBD_OPT_EXPORT_NAME` opens an export through the [`ExportRegistry`].
 //!    Unknown options get `NBD_REP_ERR_UNSUP`; malformed ones `NBD_REP_ERR_INVALID`.
 //! 2. **Transmission**: the connection task reads requests and validates them (range,
-//!    alignment, flags, size limits). A rejected request is answered at once; a valid one
-//!    runs on tokio's blocking pool (after an async QoS wait when the export is limited),
-//!    and the blocking closure encodes its reply and queues it for the connection's single
-//!    writer task. Replies go out in completion order (the protocol allows it); the
-//!    cookie matches them to requests.
+//!    alignment, flags, size limits), and with each one every further request already in
+//!    its read buffer. A rejected request is answered at once. Valid reads go to the
+//!    connection's read task when the target has a [`ReadQueue`] (started on the runtime,
+//!    answered as each completes), else run as one batch on the blocking pool; every other
+//!    valid request runs on tokio's blocking pool (after an async QoS wait when the export
+//!    is limited, which reads then wait for too), and the blocking closure encodes its
+//!    reply and queues it for the connection's single writer task. Replies go out in
+//!    completion order (the protocol allows it); the cookie matches them to requests.
+//!    Payloads and read buffers are aligned and recycled per connection
+//!    ([`super::buffers`]), so aligned requests reach the device with O_DIRECT.
 //!
 //! Invariants:
 //! - at most `max_requests_in_flight` requests and `max_bytes_in_flight` payload bytes per
@@ -22,7 +27,8 @@
 //!   for it; an oversized write payload is drained through a small buffer and answered
 //!   `NBD_EINVAL`, keeping the stream in sync;
 //! - target methods run only on the blocking pool, never on a runtime worker, unless the
-//!   target declares itself non-blocking ([`ExportTarget::nonblocking`]);
+//!   target declares itself non-blocking ([`ExportTarget::nonblocking`]); a [`ReadQueue`]
+//!   is called on the runtime by contract (it never blocks);
 //! - a protocol violation or a socket error ends only its own connection; a panic in a
 //!   target call becomes an `NBD_EIO` reply to that request;
 //! - graceful close ([`Server::close_export`], listener shutdown): stop reading requests,
@@ -56,13 +62,19 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{
+    AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter,
+};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn, Instrument};
 
+use super::buffers::{BufPool, IoBuf};
 use super::codec::*;
-use super::{Errno, ExportRegistry, ExportTarget, Extent, ExtentKind, OpenError, ZeroMode};
+use super::{
+    Errno, ExportRegistry, ExportTarget, Extent, ExtentKind, OpenError, ReadDone, ReadQueue,
+    ReadStart, ZeroMode,
+};
 use crate::qos::Limiter;
 
 use super::tls::TlsConfig;
@@ -85,6 +97,9 @@ const BASE_ALLOCATION: &str = "base:allocation";
 const BASE_ALLOCATION_ID: u32 = 1;
 /// The spec's cap on descriptors in one block status chunk.
 const MAX_EXTENTS: usize = 1 << 20;
+/// Read buffer of a connection: room for a queue depth's worth of 4 KiB writes, whose
+/// requests can then be decoded and started together.
+const READ_BUFFER: usize = 256 << 10;
 /// Largest request run inline (on the runtime thread) for a non-blocking target.
 const INLINE_MAX: u32 = 1 << 20;
 /// A sparse read with more pieces than this is sent as one data chunk instead.
@@ -1149,6 +1164,8 @@ struct RequestCtx {
     /// [`ExportTarget::nonblocking`], read once per connection.
     nonblocking: bool,
     limiter: Arc<Limiter>,
+    /// Aligned buffers for payloads and reads, recycled within the connection.
+    bufs: Arc<BufPool>,
 }
 
 /// A request refused before reaching the target.
@@ -1262,21 +1279,15 @@ enum Frame {
 /// An encoded reply, handed to the writer task.
 struct Outgoing {
     frames: Vec<Frame>,
-    buf: Vec<u8>,
+    buf: IoBuf,
     _permits: Permits,
 }
 
 /// What a request produced, before encoding.
 enum Outcome {
     Done,
-    Error {
-        error: u32,
-        message: String,
-    },
-    Read {
-        buf: Vec<u8>,
-        segments: Vec<Segment>,
-    },
+    Error { error: u32, message: String },
+    Read { buf: IoBuf, segments: Vec<Segment> },
     BlockStatus(Vec<BlockDescriptor>),
 }
 
@@ -1319,11 +1330,27 @@ where
         strict_alignment: session.strict_alignment,
         nonblocking: session.target.nonblocking(),
         limiter: shared.limiter(&session.export),
+        bufs: BufPool::new(),
     });
     let (rd, wr) = tokio::io::split(stream);
-    let mut rd = BufReader::with_capacity(64 << 10, rd);
-    let (tx, rx) = mpsc::unbounded_channel::<Outgoing>();
+    let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
+    let (tx, rx) = mpsc::unbounded_channel::<Vec<Outgoing>>();
     let writer = tokio::spawn(write_replies(wr, rx).instrument(span.clone()));
+    // Reads complete asynchronously on their own task when the target offers a queue.
+    let queue = {
+        let target = ctx.target.clone();
+        blocking(move || target.read_queue()).await.ok().flatten()
+    };
+    let (reads_tx, reads_task) = match queue {
+        Some(queue) => {
+            let (jobs_tx, jobs_rx) = mpsc::unbounded_channel();
+            let task = tokio::spawn(
+                run_async_reads(ctx.clone(), queue, jobs_rx, tx.clone()).instrument(span.clone()),
+            );
+            (Some(jobs_tx), Some(task))
+        }
+        None => (None, None),
+    };
     let max_requests = config.max_requests_in_flight;
     let requests = Arc::new(Semaphore::new(max_requests));
     let bytes = Arc::new(Semaphore::new(config.max_bytes_in_flight));
@@ -1337,7 +1364,15 @@ where
                 r = read_request(&mut rd, &ctx, &requests, &bytes) => r,
             };
             match incoming {
-                Ok(Some(incoming)) => dispatch(&ctx, incoming, &tx, &stop),
+                Ok(Some(incoming)) => {
+                    // Whatever else the client already sent is decoded now and started
+                    // together: reads of one batch reach the device in one submission.
+                    let mut batch = vec![incoming];
+                    while let Some(more) = buffered_request(&mut rd, &ctx, &requests, &bytes) {
+                        batch.push(more);
+                    }
+                    dispatch_batch(&ctx, batch, &tx, reads_tx.as_ref(), &stop);
+                }
                 Ok(None) => return End::Disconnect,
                 Err(err) => {
                     return match err {
@@ -1350,6 +1385,8 @@ where
     }
     .instrument(span.clone())
     .await;
+    // No more reads: the read task ends once those in flight are answered.
+    drop(reads_tx);
 
     // Let in-flight requests finish and their replies reach the writer.
     let drained = tokio::time::timeout(
@@ -1371,6 +1408,12 @@ where
         }
     }
     drop(tx);
+    if let Some(task) = reads_task {
+        if !drained {
+            task.abort();
+        }
+        let _ = task.await;
+    }
     let writer_result = if drained {
         writer.await
     } else {
@@ -1410,7 +1453,7 @@ fn is_disconnect(err: &io::Error) -> bool {
 struct Incoming {
     req: Request,
     verdict: Result<(), Reject>,
-    payload: Vec<u8>,
+    payload: IoBuf,
     permits: Permits,
 }
 
@@ -1434,7 +1477,7 @@ async fn read_request<R: AsyncRead + Unpin>(
         .acquire_owned()
         .await
         .map_err(|_| io::Error::other("request semaphore closed"))?;
-    let mut payload = Vec::new();
+    let mut payload = IoBuf::empty();
     let mut byte_permit = None;
     let payload_bytes = match (req.command, verdict) {
         (Command::Read, Ok(())) | (Command::Write, Ok(())) => req.length,
@@ -1451,7 +1494,7 @@ async fn read_request<R: AsyncRead + Unpin>(
     }
     if req.command == Command::Write {
         if verdict.is_ok() {
-            payload = vec![0u8; req.length as usize];
+            payload = ctx.bufs.take(req.length as usize);
             rd.read_exact(&mut payload).await?;
         } else {
             // Keep the stream in sync without holding the (maybe huge) payload.
@@ -1469,13 +1512,333 @@ async fn read_request<R: AsyncRead + Unpin>(
     }))
 }
 
+/// Takes the next request out of the read buffer if it is there in full (header and
+/// payload) and its permits are free right now; otherwise leaves everything in place for
+/// [`read_request`]. Never waits, so a partial request is never consumed.
+fn buffered_request<R: AsyncRead + Unpin>(
+    rd: &mut BufReader<R>,
+    ctx: &RequestCtx,
+    requests: &Arc<Semaphore>,
+    bytes: &Arc<Semaphore>,
+) -> Option<Incoming> {
+    let buf = rd.buffer();
+    let req = Request::decode(buf.get(..REQUEST_LEN)?).ok()?;
+    let verdict = ctx.check(&req);
+    // Disconnects, rejections and oversized payloads take the regular path.
+    if req.command == Command::Disc || verdict.is_err() {
+        return None;
+    }
+    let (payload_len, payload_bytes) = match req.command {
+        Command::Write => (req.length as usize, req.length),
+        Command::Read => (0, req.length),
+        _ => (0, 0),
+    };
+    let body = buf.get(REQUEST_LEN..REQUEST_LEN + payload_len)?;
+    let request_permit = requests.clone().try_acquire_owned().ok()?;
+    let byte_permit = if payload_bytes > 0 {
+        Some(bytes.clone().try_acquire_many_owned(payload_bytes).ok()?)
+    } else {
+        None
+    };
+    let payload = if payload_len > 0 {
+        let mut payload = ctx.bufs.take(payload_len);
+        payload.copy_from_slice(body);
+        payload
+    } else {
+        IoBuf::empty()
+    };
+    std::pin::Pin::new(rd).consume(REQUEST_LEN + payload_len);
+    Some(Incoming {
+        req,
+        verdict,
+        payload,
+        permits: Permits {
+            _request: request_permit,
+            _bytes: byte_permit,
+        },
+    })
+}
+
+/// Starts the requests read together: plain reads (no QoS wait) go to the connection's
+/// asynchronous read task when there is one, else run as one batch on the blocking pool;
+/// everything else goes through [`dispatch`] one by one.
+fn dispatch_batch(
+    ctx: &Arc<RequestCtx>,
+    batch: Vec<Incoming>,
+    tx: &mpsc::UnboundedSender<Vec<Outgoing>>,
+    reads_tx: Option<&mpsc::UnboundedSender<Vec<Incoming>>>,
+    stop: &watch::Receiver<Stop>,
+) {
+    let unlimited = ctx.target.qos().is_unlimited();
+    if let (Some(reads_tx), true) = (reads_tx, unlimited) {
+        let mut reads = Vec::new();
+        for incoming in batch {
+            if incoming.verdict.is_ok() && incoming.req.command == Command::Read {
+                reads.push(incoming);
+            } else {
+                dispatch(ctx, incoming, tx, stop);
+            }
+        }
+        if !reads.is_empty() {
+            if let Err(mpsc::error::SendError(reads)) = reads_tx.send(reads) {
+                // The read task is gone (it panicked): fall back to the blocking pool.
+                for incoming in reads {
+                    dispatch(ctx, incoming, tx, stop);
+                }
+            }
+        }
+        return;
+    }
+    if batch.len() == 1 || ctx.nonblocking || !unlimited {
+        for incoming in batch {
+            dispatch(ctx, incoming, tx, stop);
+        }
+        return;
+    }
+    let mut reads = Vec::new();
+    for incoming in batch {
+        if incoming.verdict.is_ok() && incoming.req.command == Command::Read {
+            reads.push(incoming);
+        } else {
+            dispatch(ctx, incoming, tx, stop);
+        }
+    }
+    match reads.len() {
+        0 => {}
+        1 => dispatch(ctx, reads.pop().expect("one read"), tx, stop),
+        _ => run_read_batch(ctx.clone(), reads, tx.clone()),
+    }
+}
+
+/// The connection's asynchronous reads: starts the reads the reader hands over on the
+/// target's [`ReadQueue`] and answers each as soon as it completes. Ends when the reader
+/// is done (channel closed) and nothing is in flight. Reads the queue declines run on the
+/// blocking pool as usual.
+async fn run_async_reads(
+    ctx: Arc<RequestCtx>,
+    mut queue: Box<dyn ReadQueue>,
+    mut jobs: mpsc::UnboundedReceiver<Vec<Incoming>>,
+    tx: mpsc::UnboundedSender<Vec<Outgoing>>,
+) {
+    let mut pending: HashMap<u64, Incoming> = HashMap::new();
+    let mut next_tag = 0u64;
+    let mut done: Vec<ReadDone> = Vec::new();
+    let mut open = true;
+    while open || queue.in_flight() > 0 {
+        let busy = queue.in_flight() > 0;
+        tokio::select! {
+            job = jobs.recv(), if open => {
+                let Some(batch) = job else {
+                    open = false;
+                    continue;
+                };
+                let mut replies = Vec::new();
+                for incoming in batch {
+                    let tag = next_tag;
+                    next_tag += 1;
+                    let buf = ctx.bufs.take(incoming.req.length as usize);
+                    match queue.start(tag, incoming.req.offset, buf) {
+                        ReadStart::Started => {
+                            pending.insert(tag, incoming);
+                        }
+                        ReadStart::Done(read) => replies.push(read_reply(&ctx, incoming, read)),
+                        ReadStart::Declined(_) => run_blocking(ctx.clone(), incoming, tx.clone()),
+                    }
+                }
+                queue.submit();
+                if !replies.is_empty() {
+                    let _ = tx.send(replies);
+                }
+            }
+            () = std::future::poll_fn(|cx| queue.poll_complete(cx, &mut done)), if busy => {
+                let replies: Vec<Outgoing> = done
+                    .drain(..)
+                    .filter_map(|read| {
+                        let incoming = pending.remove(&read.tag)?;
+                        Some(read_reply(&ctx, incoming, read))
+                    })
+                    .collect();
+                if !replies.is_empty() {
+                    let _ = tx.send(replies);
+                }
+            }
+        }
+    }
+}
+
+/// The reply to a read finished by a [`ReadQueue`].
+fn read_reply(ctx: &RequestCtx, incoming: Incoming, read: ReadDone) -> Outgoing {
+    let req = incoming.req;
+    let outcome = match read.result {
+        Ok(()) => {
+            let len = read.buf.len();
+            let sparse = ctx.structured && !req.has_flag(NBD_CMD_FLAG_DF);
+            let segments = if len == 0 {
+                Vec::new()
+            } else if sparse {
+                plan_read(len, &zero_extents(len, &read.zeros))
+            } else {
+                vec![Segment::Data(0..len)]
+            };
+            Outcome::Read {
+                buf: read.buf,
+                segments,
+            }
+        }
+        Err(errno) => {
+            debug!(export = %ctx.export, command = %req.command, offset = req.offset, length = req.length, error = %errno, "request failed");
+            Outcome::Error {
+                error: errno.nbd_error(),
+                message: format!("{} failed: {errno}", req.command),
+            }
+        }
+    };
+    let (frames, buf) = encode_outcome(ctx, &req, outcome);
+    Outgoing {
+        frames,
+        buf,
+        _permits: incoming.permits,
+    }
+}
+
+/// Extents of a buffer of `len` bytes whose `zeros` ranges (ascending) are holes.
+fn zero_extents(len: usize, zeros: &[Range<usize>]) -> Vec<Extent> {
+    let mut out = Vec::with_capacity(zeros.len() * 2 + 1);
+    let mut pos = 0usize;
+    for z in zeros {
+        if z.start > pos {
+            out.push(Extent {
+                len: (z.start - pos) as u64,
+                kind: ExtentKind::Data,
+            });
+        }
+        out.push(Extent {
+            len: (z.end - z.start) as u64,
+            kind: ExtentKind::Hole,
+        });
+        pos = z.end;
+    }
+    if pos < len {
+        out.push(Extent {
+            len: (len - pos) as u64,
+            kind: ExtentKind::Data,
+        });
+    }
+    out
+}
+
+/// Runs validated reads as one batch on the blocking pool and queues their replies
+/// together.
+fn run_read_batch(
+    ctx: Arc<RequestCtx>,
+    batch: Vec<Incoming>,
+    tx: mpsc::UnboundedSender<Vec<Outgoing>>,
+) {
+    tokio::task::spawn_blocking(move || {
+        let reqs: Vec<Request> = batch.iter().map(|i| i.req).collect();
+        let outcomes = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            read_batch(&ctx, &reqs)
+        }))
+        .unwrap_or_else(|_| {
+            warn!(export = %ctx.export, requests = reqs.len(), "batched target read panicked");
+            reqs.iter()
+                .map(|_| Outcome::Error {
+                    error: NBD_EIO,
+                    message: "read failed: internal error".to_owned(),
+                })
+                .collect()
+        });
+        let replies = batch
+            .into_iter()
+            .zip(outcomes)
+            .map(|(incoming, outcome)| {
+                let (frames, buf) = encode_outcome(&ctx, &incoming.req, outcome);
+                Outgoing {
+                    frames,
+                    buf,
+                    _permits: incoming.permits,
+                }
+            })
+            .collect();
+        // If the writer is gone the client is too; the permits drop with the message.
+        let _ = tx.send(replies);
+    });
+}
+
+/// Reads for several validated read requests: zero segments planned per request as in
+/// [`read`], then every data segment of the batch in one [`ExportTarget::read_many`].
+fn read_batch(ctx: &RequestCtx, reqs: &[Request]) -> Vec<Outcome> {
+    let target = &*ctx.target;
+    let mut bufs: Vec<IoBuf> = reqs
+        .iter()
+        .map(|r| ctx.bufs.take(r.length as usize))
+        .collect();
+    let segments: Vec<Vec<Segment>> = reqs
+        .iter()
+        .map(|r| {
+            let len = r.length as usize;
+            let sparse = ctx.structured && !r.has_flag(NBD_CMD_FLAG_DF);
+            if len == 0 {
+                Vec::new()
+            } else if sparse {
+                match target.block_status(r.offset, len as u64) {
+                    Ok(extents) => plan_read(len, &extents),
+                    Err(_) => vec![Segment::Data(0..len)],
+                }
+            } else {
+                vec![Segment::Data(0..len)]
+            }
+        })
+        .collect();
+    let mut failed: Vec<Option<Errno>> = vec![None; reqs.len()];
+    {
+        let mut ranges: Vec<(u64, &mut [u8])> = Vec::with_capacity(reqs.len());
+        let mut owner: Vec<usize> = Vec::with_capacity(reqs.len());
+        for (i, (buf, segs)) in bufs.iter_mut().zip(&segments).enumerate() {
+            let mut rest: &mut [u8] = buf;
+            let mut consumed = 0usize;
+            for seg in segs {
+                if let Segment::Data(r) = seg {
+                    let tail = std::mem::take(&mut rest);
+                    let (_, tail) = tail.split_at_mut(r.start - consumed);
+                    let (mine, tail) = tail.split_at_mut(r.len());
+                    rest = tail;
+                    consumed = r.end;
+                    ranges.push((reqs[i].offset + r.start as u64, mine));
+                    owner.push(i);
+                }
+            }
+        }
+        let results = target.read_many(&mut ranges);
+        for (i, result) in owner.into_iter().zip(results) {
+            if let Err(errno) = result {
+                failed[i].get_or_insert(errno);
+            }
+        }
+    }
+    reqs.iter()
+        .zip(bufs.into_iter().zip(segments))
+        .zip(failed)
+        .map(|((req, (buf, segments)), failed)| match failed {
+            None => Outcome::Read { buf, segments },
+            Some(errno) => {
+                debug!(export = %ctx.export, command = %req.command, offset = req.offset, length = req.length, error = %errno, "request failed");
+                Outcome::Error {
+                    error: errno.nbd_error(),
+                    message: format!("{} failed: {errno}", req.command),
+                }
+            }
+        })
+        .collect()
+}
+
 /// Starts a request: rejected ones are answered at once; valid ones run on the blocking
 /// pool, which also encodes and queues the reply (one thread hop per request). Only a
 /// request that must wait for QoS tokens gets an async task for the wait.
 fn dispatch(
     ctx: &Arc<RequestCtx>,
     incoming: Incoming,
-    tx: &mpsc::UnboundedSender<Outgoing>,
+    tx: &mpsc::UnboundedSender<Vec<Outgoing>>,
     stop: &watch::Receiver<Stop>,
 ) {
     let req = incoming.req;
@@ -1530,18 +1893,18 @@ fn qos_cost(req: &Request) -> Option<u64> {
 
 fn send_reply(
     ctx: &RequestCtx,
-    tx: &mpsc::UnboundedSender<Outgoing>,
+    tx: &mpsc::UnboundedSender<Vec<Outgoing>>,
     req: &Request,
     outcome: Outcome,
     permits: Permits,
 ) {
     let (frames, buf) = encode_outcome(ctx, req, outcome);
     // If the writer is gone the client is too; the permits drop with the message.
-    let _ = tx.send(Outgoing {
+    let _ = tx.send(vec![Outgoing {
         frames,
         buf,
         _permits: permits,
-    });
+    }]);
 }
 
 /// Runs a validated request on the blocking pool and queues its reply from there.
@@ -1550,7 +1913,11 @@ fn send_reply(
 /// inline instead for requests up to [`INLINE_MAX`] bytes: the hop to the blocking pool
 /// and back costs more than such a call (measured 3-5x fewer 4 KiB IOPS with the hop on
 /// the memory target).
-fn run_blocking(ctx: Arc<RequestCtx>, incoming: Incoming, tx: mpsc::UnboundedSender<Outgoing>) {
+fn run_blocking(
+    ctx: Arc<RequestCtx>,
+    incoming: Incoming,
+    tx: mpsc::UnboundedSender<Vec<Outgoing>>,
+) {
     let inline = ctx.nonblocking && incoming.req.length <= INLINE_MAX;
     let run = move || {
         let Incoming {
@@ -1579,7 +1946,7 @@ fn run_blocking(ctx: Arc<RequestCtx>, incoming: Incoming, tx: mpsc::UnboundedSen
 }
 
 /// Runs a validated request against the target. Blocking: call on the blocking pool.
-fn execute(ctx: &RequestCtx, req: Request, payload: Vec<u8>) -> Outcome {
+fn execute(ctx: &RequestCtx, req: Request, payload: IoBuf) -> Outcome {
     let target = &*ctx.target;
     let offset = req.offset;
     let len = req.length as u64;
@@ -1589,7 +1956,7 @@ fn execute(ctx: &RequestCtx, req: Request, payload: Vec<u8>) -> Outcome {
     let result: Result<Outcome, Errno> = match command {
         Command::Read => {
             let sparse = ctx.structured && !req.has_flag(NBD_CMD_FLAG_DF);
-            read(target, offset, len as usize, sparse)
+            read(target, ctx.bufs.take(len as usize), offset, sparse)
         }
         Command::Write => target
             .write(offset, &payload)
@@ -1649,11 +2016,11 @@ fn execute(ctx: &RequestCtx, req: Request, payload: Vec<u8>) -> Outcome {
 /// not read and become hole chunks.
 fn read(
     target: &dyn ExportTarget,
+    mut buf: IoBuf,
     offset: u64,
-    len: usize,
     sparse: bool,
 ) -> Result<Outcome, Errno> {
-    let mut buf = vec![0u8; len];
+    let len = buf.len();
     if len == 0 {
         return Ok(Outcome::Read {
             buf,
@@ -1751,7 +2118,7 @@ fn status_descriptors(len: u64, extents: &[Extent], req_one: bool) -> Vec<BlockD
 }
 
 /// Encodes an outcome as the reply the session calls for.
-fn encode_outcome(ctx: &RequestCtx, req: &Request, outcome: Outcome) -> (Vec<Frame>, Vec<u8>) {
+fn encode_outcome(ctx: &RequestCtx, req: &Request, outcome: Outcome) -> (Vec<Frame>, IoBuf) {
     let cookie = req.cookie;
     let simple = |error: u32| Frame::Bytes(SimpleReply { error, cookie }.encode().to_vec());
     let structured = |flags: u16, chunk: Chunk| {
@@ -1765,7 +2132,7 @@ fn encode_outcome(ctx: &RequestCtx, req: &Request, outcome: Outcome) -> (Vec<Fra
         )
     };
     match outcome {
-        Outcome::Done => (vec![simple(0)], Vec::new()),
+        Outcome::Done => (vec![simple(0)], IoBuf::empty()),
         Outcome::Error { error, message } => {
             if ctx.structured {
                 (
@@ -1773,10 +2140,10 @@ fn encode_outcome(ctx: &RequestCtx, req: &Request, outcome: Outcome) -> (Vec<Fra
                         NBD_REPLY_FLAG_DONE,
                         Chunk::Error { error, message },
                     )],
-                    Vec::new(),
+                    IoBuf::empty(),
                 )
             } else {
-                (vec![simple(error)], Vec::new())
+                (vec![simple(error)], IoBuf::empty())
             }
         }
         Outcome::Read { buf, segments } => {
@@ -1825,7 +2192,7 @@ fn encode_outcome(ctx: &RequestCtx, req: &Request, outcome: Outcome) -> (Vec<Fra
                     descriptors,
                 },
             )],
-            Vec::new(),
+            IoBuf::empty(),
         ),
     }
 }
@@ -1834,13 +2201,17 @@ fn encode_outcome(ctx: &RequestCtx, req: &Request, outcome: Outcome) -> (Vec<Fra
 /// whatever is queued into one flush.
 async fn write_replies<W: AsyncWrite + Unpin>(
     wr: W,
-    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    mut rx: mpsc::UnboundedReceiver<Vec<Outgoing>>,
 ) -> io::Result<W> {
     let mut w = BufWriter::with_capacity(256 << 10, wr);
-    while let Some(out) = rx.recv().await {
-        write_outgoing(&mut w, out).await?;
-        while let Ok(out) = rx.try_recv() {
+    while let Some(batch) = rx.recv().await {
+        for out in batch {
             write_outgoing(&mut w, out).await?;
+        }
+        while let Ok(batch) = rx.try_recv() {
+            for out in batch {
+                write_outgoing(&mut w, out).await?;
+            }
         }
         w.flush().await?;
     }

@@ -947,3 +947,225 @@ async fn inline_target_path_serves_small_and_large_requests() {
     );
     assert_eq!(reg.get("fast").unwrap().flush_count(), 1);
 }
+
+/// A target that delegates to a [`MemExport`] but holds every flush until released, and
+/// optionally serves reads through a [`FakeQueue`].
+struct Gated {
+    inner: Arc<MemExport>,
+    open: Arc<(parking_lot::Mutex<bool>, parking_lot::Condvar)>,
+    flushes_started: Arc<std::sync::atomic::AtomicU64>,
+    queue: bool,
+}
+
+impl Gated {
+    fn release(&self) {
+        *self.open.0.lock() = true;
+        self.open.1.notify_all();
+    }
+}
+
+impl ExportTarget for Gated {
+    fn size(&self) -> Result<u64, Errno> {
+        self.inner.size()
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), Errno> {
+        self.inner.read(offset, buf)
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), Errno> {
+        self.inner.write(offset, data)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, mode: ZeroMode) -> Result<(), Errno> {
+        self.inner.write_zeroes(offset, len, mode)
+    }
+    fn punch_is_fast(&self) -> bool {
+        true
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<(), Errno> {
+        self.inner.discard(offset, len)
+    }
+    fn flush(&self) -> Result<(), Errno> {
+        self.flushes_started
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let mut open = self.open.0.lock();
+        while !*open {
+            self.open.1.wait(&mut open);
+        }
+        self.inner.flush()
+    }
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, Errno> {
+        self.inner.block_status(offset, len)
+    }
+    fn read_queue(&self) -> Option<Box<dyn ReadQueue>> {
+        self.queue.then(|| {
+            Box::new(FakeQueue {
+                inner: self.inner.clone(),
+                started: Vec::new(),
+                waker: None,
+            }) as Box<dyn ReadQueue>
+        })
+    }
+}
+
+/// Completes reads newest first, one per poll; declines reads at offset 0 (those take the
+/// blocking path).
+struct FakeQueue {
+    inner: Arc<MemExport>,
+    started: Vec<(u64, u64, IoBuf)>,
+    waker: Option<std::task::Waker>,
+}
+
+impl ReadQueue for FakeQueue {
+    fn start(&mut self, tag: u64, offset: u64, buf: IoBuf) -> ReadStart {
+        if offset == 0 {
+            return ReadStart::Declined(buf);
+        }
+        self.started.push((tag, offset, buf));
+        ReadStart::Started
+    }
+    fn submit(&mut self) {
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+    fn in_flight(&self) -> usize {
+        self.started.len()
+    }
+    fn poll_complete(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        out: &mut Vec<ReadDone>,
+    ) -> std::task::Poll<()> {
+        let Some((tag, offset, mut buf)) = self.started.pop() else {
+            self.waker = Some(cx.waker().clone());
+            return std::task::Poll::Pending;
+        };
+        let result = self.inner.read(offset, &mut buf);
+        out.push(ReadDone {
+            tag,
+            result,
+            buf,
+            zeros: Vec::new(),
+        });
+        std::task::Poll::Ready(())
+    }
+}
+
+struct GatedRegistry(Arc<Gated>);
+
+impl ExportRegistry for GatedRegistry {
+    fn open(&self, _name: &str) -> Result<Arc<dyn ExportTarget>, OpenError> {
+        Ok(self.0.clone())
+    }
+    fn list(&self) -> Vec<super::super::ExportListing> {
+        Vec::new()
+    }
+}
+
+fn gated(queue: bool) -> (Server, Arc<Gated>) {
+    let target = Arc::new(Gated {
+        inner: Arc::new(MemExport::new(SIZE)),
+        open: Arc::new((parking_lot::Mutex::new(false), parking_lot::Condvar::new())),
+        flushes_started: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        queue,
+    });
+    (Server::new(Arc::new(GatedRegistry(target.clone()))), target)
+}
+
+/// A flush stuck in the target does not hold back the replies of requests sent after it,
+/// and its own reply comes once it completes, covering the writes acknowledged before it.
+async fn slow_flush_does_not_block_other_replies(queue: bool) {
+    let (server, target) = gated(queue);
+    let (mut c, _) = Client::connect_go(&server, "vol", false).await;
+    // Acknowledged before the flush is sent.
+    assert_eq!(c.write(4096, &[1u8; 4096]).await, 0);
+    c.send(Command::Flush, 0, 99, 0, 0).await;
+    while target
+        .flushes_started
+        .load(std::sync::atomic::Ordering::SeqCst)
+        == 0
+    {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // Sent after the flush: writes and reads (some through the read queue, offset 0
+    // declined by it) are all answered while the flush waits.
+    for i in 0..16u64 {
+        c.send(Command::Write, 0, 100 + i, (8 + i) * 4096, 4096)
+            .await;
+        c.s.write_all(&[i as u8; 4096]).await.unwrap();
+    }
+    for _ in 0..16 {
+        let (r, _) = c.simple(0).await;
+        assert_eq!(r.error, 0);
+        assert_ne!(r.cookie, 99, "the flush is still running");
+    }
+    for i in 0..16u64 {
+        c.send(Command::Read, 0, 200 + i, i * 4096, 4096).await;
+    }
+    for _ in 0..16 {
+        let (r, data) = c.simple(4096).await;
+        assert_ne!(r.cookie, 99, "the flush is still running");
+        let i = r.cookie - 200;
+        let want = match i {
+            1 => 1u8,
+            8.. => (i - 8) as u8,
+            _ => 0,
+        };
+        assert_eq!(data, vec![want; 4096], "read {i}");
+    }
+    target.release();
+    let (r, _) = c.simple(0).await;
+    assert_eq!((r.cookie, r.error), (99, 0));
+    assert_eq!(target.inner.flush_count(), 1);
+    assert_eq!(target.inner.snapshot(4096, 4096), vec![1u8; 4096]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_flush_does_not_block_other_replies_blocking_reads() {
+    slow_flush_does_not_block_other_replies(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_flush_does_not_block_other_replies_queued_reads() {
+    slow_flush_does_not_block_other_replies(true).await;
+}
+
+/// Reads through a read queue are answered as they complete (here newest first), each
+/// with its own data, also when a batch mixes queued and declined reads; a close waits
+/// for reads in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_reads_are_answered_out_of_order_with_their_data() {
+    let (server, target) = gated(true);
+    target.release();
+    let (mut c, _) = Client::connect_go(&server, "vol", true).await;
+    for i in 0..32u64 {
+        assert_eq!(c.write(i * 4096, &[i as u8 + 1; 4096]).await, 0);
+    }
+    let mut wire = Vec::new();
+    for i in 0..32u64 {
+        wire.extend_from_slice(
+            &Request {
+                flags: 0,
+                command: Command::Read,
+                cookie: 500 + i,
+                offset: i * 4096,
+                length: 4096,
+            }
+            .encode(),
+        );
+    }
+    c.s.write_all(&wire).await.unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..32 {
+        let (cookie, error, chunks) = c.any_reply(4096).await;
+        assert_eq!(error, 0);
+        let i = cookie - 500;
+        assert_eq!(reassemble(i * 4096, 4096, &chunks), vec![i as u8 + 1; 4096]);
+        seen.insert(cookie);
+    }
+    assert_eq!(seen.len(), 32);
+    c.send(Command::Disc, 0, 0, 0, 0).await;
+    c.expect_eof().await;
+}
