@@ -341,10 +341,8 @@ fn probe_follows_blockd_down_and_up() {
                 .await
         })
         .unwrap_err();
-    assert!(
-        matches!(err.code(), Code::Unavailable | Code::Unknown),
-        "{err:?}"
-    );
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("blockd"), "{err:?}");
     env.daemon.restart();
     rt.block_on(wait_probe(&mut id, true));
     rt.block_on(async {

@@ -49,20 +49,24 @@ impl Source {
     }
 }
 
-/// The page of a listing, in the order of blockd names; `ABORTED` (the spec's code) for
-/// a token this controller did not hand out.
+/// The page of a listing, in the order of blockd names (tokens are blockd's: the last name
+/// of the previous page, so deletions between pages lose nothing). `max_entries` 0 means
+/// every entry, as the spec says; a token this controller did not hand out is `ABORTED`
+/// (the spec's code).
 pub(super) fn page(max_entries: i32, starting_token: &str) -> Result<PageRequest, Status> {
-    let size = u32::try_from(max_entries).map_err(|_| {
+    let size = usize::try_from(max_entries).map_err(|_| {
         Status::invalid_argument(format!(
             "max_entries must not be negative (got {max_entries})"
         ))
     })?;
-    PageRequest::new(size, starting_token).map_err(|_| {
+    let mut page = PageRequest::new(1, starting_token).map_err(|_| {
         Status::aborted(format!(
             "starting_token {starting_token:?} is not a token this plugin handed out; \
              start the listing again with an empty starting_token"
         ))
-    })
+    })?;
+    page.size = if size == 0 { usize::MAX } else { size };
+    Ok(page)
 }
 
 fn saturating_i64(value: u64) -> i64 {
@@ -742,5 +746,12 @@ mod tests {
         assert_eq!(first, vec!["a", "b"]);
         let (rest, token) = page(2, &token).unwrap().apply(vec!["c", "a", "b"], |s| s);
         assert_eq!((rest, token.as_str()), (vec!["c"], ""));
+        // 0: no limit, however many there are (blockd's own pages stop at 1000).
+        let many: Vec<String> = (0..2500).map(|i| format!("v{i:05}")).collect();
+        let (all, token) = page(0, "").unwrap().apply(many.clone(), |s| s.as_str());
+        assert_eq!((all.len(), token.as_str()), (2500, ""));
+        let (big, token) = page(2000, "").unwrap().apply(many, |s| s.as_str());
+        assert_eq!(big.len(), 2000);
+        assert!(!token.is_empty());
     }
 }
