@@ -286,6 +286,9 @@ impl Shared {
             }
             j.gen += 1;
             j.failed = false;
+            // An internal flush of the old generation will never be answered there; it
+            // is resent or superseded by the replay's own flush.
+            j.flush_pending = false;
             (j.gen, j.entries.clone())
         };
         self.gen_tx.send_replace(gen);
