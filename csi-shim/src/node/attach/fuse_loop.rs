@@ -71,7 +71,10 @@ pub async fn attach(
             };
             let socket = dir.join("proxy.sock");
             (
-                format!("nbd+unix:///{volume}?socket={}", socket.display()),
+                format!(
+                    "nbd+unix:///{volume}?socket={}",
+                    uri_escape(&socket.display().to_string())
+                ),
                 Some(pid),
             )
         }
@@ -209,6 +212,20 @@ fn socket_of(uri: &str) -> Option<PathBuf> {
     let query = uri.split_once('?')?.1;
     let raw = query.split('&').find_map(|kv| kv.strip_prefix("socket="))?;
     Some(PathBuf::from(percent_decode(raw)))
+}
+
+/// Percent-encodes everything but unreserved characters and `/` (libnbd decodes the
+/// query, so a `%` in a work directory name must reach it as `%25`).
+fn uri_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"/-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 fn percent_decode(s: &str) -> String {
@@ -474,6 +491,11 @@ mod tests {
             Some(PathBuf::from("/a b/nbd.sock"))
         );
         assert_eq!(socket_of("nbd+unix:///vol"), None);
+        let odd = "/state/attach/node-a%2Fv ol/proxy.sock";
+        assert_eq!(
+            socket_of(&format!("nbd+unix:///v?socket={}", uri_escape(odd))),
+            Some(PathBuf::from(odd))
+        );
     }
 
     #[test]
