@@ -642,6 +642,15 @@ fn create_volume_refuses_bad_requests_with_spec_codes() {
                 "over-provisioning",
             ),
             (
+                "mutable parameters",
+                csi::CreateVolumeRequest {
+                    mutable_parameters: params(&[("maxIops", "10")]),
+                    ..base.clone()
+                },
+                Code::InvalidArgument,
+                "mutable_parameters",
+            ),
+            (
                 "content source without a type",
                 csi::CreateVolumeRequest {
                     volume_content_source: Some(csi::VolumeContentSource { r#type: None }),

@@ -256,6 +256,12 @@ impl ControllerService {
         }
         let access = capability::check(&req.volume_capabilities)?;
         let params = VolumeParams::parse(&req.parameters)?;
+        if !req.mutable_parameters.is_empty() {
+            return Err(Status::invalid_argument(
+                "mutable_parameters are not supported: blockd.csi.io has no MODIFY_VOLUME \
+                 capability; put QoS in the StorageClass parameters",
+            ));
+        }
         let fs_type = match (params.fs_type, access.fs_type) {
             (Some(param), Some(cap)) if param != cap => {
                 return Err(Status::invalid_argument(format!(
