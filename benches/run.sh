@@ -15,10 +15,11 @@
 # DIR/chart.png, and DIR/fio/ (every fio JSON output and the exact command lines).
 #
 # --quick: 512 MiB data files, 4 s per time-based run (BLOCKD_BENCH_SECONDS overrides the
-# seconds; the smoke test uses it). Full: 4 GiB, 20 s per run. Both end with the engine
-# figures (metadata bytes per TiB, RSS with 1 TiB of thin volumes, startup time with 1 M
-# mapped chunks, snapshot creation time against volume size; a few seconds);
-# --no-engine-figures skips them.
+# seconds; the smoke test uses it). Full: 2 GiB, 18 s per run after 2 s of ramp. Every
+# workload runs on every system back to back, so load drifts little within a comparison.
+# Both modes end with the engine figures (metadata bytes per TiB, RSS with 1 TiB of thin
+# volumes, startup time with 1 M mapped chunks, snapshot creation time against volume
+# size; a few seconds); --no-engine-figures skips them.
 #
 # Environment: CARGO_TARGET_DIR (default $HOME/.cache/blockd-target),
 # BLOCKD_BENCH_SECONDS, BLOCKD_BENCH_SCRATCH (parent of the scratch directory; default DIR).
@@ -49,7 +50,7 @@ while [ $# -gt 0 ]; do
     --engine-figures) engine_figures=1 ;;
     --no-engine-figures) engine_figures=0 ;;
     -h | --help)
-      sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'
+      sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'
       exit 0
       ;;
     *) die "unknown argument '$1' (usage: benches/run.sh [--quick] [--out DIR] [--engine-figures|--no-engine-figures])" ;;
@@ -58,17 +59,17 @@ while [ $# -gt 0 ]; do
 done
 
 if [ "$quick" = 1 ]; then
-  data_size=$((512 << 20)) # the data file/volume every read and overwrite runs on
+  data_size=$((512 << 20)) # each data file/volume every read and overwrite runs on
   seconds=4
   ramp=0
   ft_ios=8192
-  cow_ios=4096
+  cow_ios=2048
 else
-  data_size=$((4 << 30))
-  seconds=20
+  data_size=$((2 << 30))
+  seconds=18
   ramp=2
   ft_ios=32768
-  cow_ios=16384
+  cow_ios=8192
 fi
 seconds="${BLOCKD_BENCH_SECONDS:-$seconds}"
 case "$seconds" in
@@ -88,10 +89,12 @@ scratch_parent="${BLOCKD_BENCH_SCRATCH:-$out}"
 mkdir -p "$scratch_parent" || die "cannot create $scratch_parent"
 started=$(date +%s)
 
-# Space at the peak: blockd's pool (the data, a 64 KiB copy per post-snapshot write, 4 KiB
-# per first-touch write) or qcow2's first-touch image (64 KiB per write), plus a margin.
-need_bytes=$((data_size + cow_ios * chunk + ft_ios * 4096))
-[ "$need_bytes" -ge $((ft_ios * chunk)) ] || need_bytes=$((ft_ios * chunk))
+# Space at the peak: three data files (raw, qcow2, blockd's pool) with a 64 KiB copy per
+# post-snapshot write in two of them; later blockd's pool and qcow2's first-touch image
+# (64 KiB per write); plus a margin.
+need_bytes=$((3 * data_size + 2 * cow_ios * chunk))
+ft_need=$((data_size + cow_ios * chunk + ft_ios * chunk))
+[ "$need_bytes" -ge "$ft_need" ] || need_bytes=$ft_need
 need_bytes=$((need_bytes + (256 << 20)))
 avail_bytes=$(($(df --output=avail -k "$scratch_parent" | tail -1) * 1024))
 if [ "$avail_bytes" -lt "$need_bytes" ]; then
@@ -219,8 +222,10 @@ workload_args() {
     *) die "unknown workload $1" ;;
   esac
 }
-# The order every system runs its data workloads in: reads first, then overwrites.
+# The data workloads in the order they run: reads first, then overwrites; each one runs
+# on every system in turn.
 data_workloads=(randread-4k-qd1 randread-4k-qd32 seqread-1m-qd8 randwrite-4k-qd32 seqwrite-1m-qd8)
+systems=(raw blockd qemu-nbd qemu-nbd-qcow2 nbdkit)
 total_runs=32 # 5 systems x (5 data workloads + first-touch) + 2 after-snapshot
 run_no=0
 
@@ -254,7 +259,7 @@ run_fio() {
 }
 
 # --- servers ---------------------------------------------------------------------------
-server_pid=""
+declare -A server_pids=()
 # start_server NAME SOCKET CMD...: starts a server in the background, logging to
 # scratch/logs/NAME.log, and waits for its unix socket.
 start_server() {
@@ -262,11 +267,12 @@ start_server() {
   shift 2
   rm -f "$sock" # a stale socket blocks some servers from starting
   "$@" >>"$scratch/logs/$name.log" 2>&1 &
-  server_pid=$!
-  pids+=("$server_pid")
+  local pid=$!
+  server_pids[$name]=$pid
+  pids+=("$pid")
   local i
   for i in $(seq 300); do
-    if ! kill -0 "$server_pid" 2>/dev/null; then
+    if ! kill -0 "$pid" 2>/dev/null; then
       tail -n 20 "$scratch/logs/$name.log" >&2 || true
       die "$name exited during start-up: $*"
     fi
@@ -277,14 +283,17 @@ start_server() {
   die "$name did not create its socket $sock within 30 s"
 }
 
-# stop_server: SIGTERM the last started server and wait for it (SIGKILL after 30 s).
+# stop_server NAME: SIGTERM, and wait (SIGKILL after 120 s). A server stopping after heavy
+# writes may take a while: it flushes, and the VM's disk flushes its host-side cache.
 stop_server() {
-  local pid="$server_pid" i
+  local name="$1" i
+  local pid="${server_pids[$name]:-}"
   [ -n "$pid" ] || return 0
+  local t0=$SECONDS
   kill -TERM "$pid" 2>/dev/null || true
-  for i in $(seq 300); do
+  for i in $(seq 1200); do
     kill -0 "$pid" 2>/dev/null || break
-    [ "$i" -lt 300 ] && sleep 0.1
+    [ "$i" -lt 1200 ] && sleep 0.1
   done
   kill -KILL "$pid" 2>/dev/null || true
   wait "$pid" 2>/dev/null || true
@@ -293,10 +302,11 @@ stop_server() {
     [ "$p" = "$pid" ] || kept+=("$p")
   done
   pids=("${kept[@]+"${kept[@]}"}")
-  server_pid=""
+  unset "server_pids[$name]"
+  [ $((SECONDS - t0)) -lt 5 ] || log "  $name took $((SECONDS - t0)) s to stop (flushing)"
 }
 
-nbd_uri() { echo "nbd+unix:///?socket=$1"; }
+nbd_uri() { echo "nbd+unix:///?socket=$scratch/$1.sock"; }
 qemu_nbd() { # qemu_nbd NAME FORMAT FILE
   local sock="$scratch/$1.sock"
   start_server "$1" "$sock" qemu-nbd -t -k "$sock" -f "$2" --cache=none --aio=io_uring "$3"
@@ -305,78 +315,52 @@ nbdkit_file() { # nbdkit_file FILE
   local sock="$scratch/nbdkit.sock"
   start_server nbdkit "$sock" nbdkit -f -U "$sock" file "file=$1" cache=none
 }
-
-# preallocated FILE: a file of data_size bytes allocated on disk (not sparse).
-preallocated() {
-  rm -f "$1"
-  fallocate -l "$data_size" "$1" || die "fallocate $1 failed (filesystem: $(df -T "$scratch" | awk 'NR == 2 {print $2}'))"
-}
 fresh_sparse() { # fresh_sparse FILE SIZE
   rm -f "$1"
   truncate -s "$2" "$1"
 }
+ctl() { "$blockctl_bin" --api "$api" "$@"; }
 
-# --- raw, qemu-nbd, nbdkit: one preallocated, prefilled file ---------------------------
+# target_of SYSTEM: sets tgt to SYSTEM's fio target options (raw: the data file; the
+# others: their NBD URI).
+target_of() {
+  case "$1" in
+    raw) tgt=(--ioengine=io_uring --direct=1 "--filename=$raw") ;;
+    blockd) tgt=(--ioengine=nbd "--uri=$blockd_uri") ;;
+    *) tgt=(--ioengine=nbd "--uri=$(nbd_uri "$1")") ;;
+  esac
+}
+tgt=()
+blockd_uri=""
+
+# --- set-up: every system up at once, each on prefilled data ----------------------------
+# raw, qemu-nbd and nbdkit share one preallocated file; qcow2 and blockd prefill their own
+# thin image through NBD. Then every workload runs on every system back to back, so that
+# the machine's load (other builds on the same cores) drifts as little as possible
+# between the systems a ratio compares.
 raw="$scratch/data.raw"
 ft_raw="$scratch/first-touch.raw"
-preallocated "$raw"
-raw_target=(--ioengine=io_uring --direct=1 "--filename=$raw")
-run_fio raw prefill "${raw_target[@]}"
-for w in "${data_workloads[@]}"; do
-  run_fio raw "$w" "${raw_target[@]}"
-done
-fresh_sparse "$ft_raw" "$ft_size"
-run_fio raw randwrite-4k-qd32-first-touch --ioengine=io_uring --direct=1 "--filename=$ft_raw"
-
-qemu_nbd qemu-nbd raw "$raw"
-for w in "${data_workloads[@]}"; do
-  run_fio qemu-nbd "$w" --ioengine=nbd "--uri=$(nbd_uri "$scratch/qemu-nbd.sock")"
-done
-stop_server
-fresh_sparse "$ft_raw" "$ft_size"
-qemu_nbd qemu-nbd raw "$ft_raw"
-run_fio qemu-nbd randwrite-4k-qd32-first-touch --ioengine=nbd "--uri=$(nbd_uri "$scratch/qemu-nbd.sock")"
-stop_server
-
-nbdkit_file "$raw"
-for w in "${data_workloads[@]}"; do
-  run_fio nbdkit "$w" --ioengine=nbd "--uri=$(nbd_uri "$scratch/nbdkit.sock")"
-done
-stop_server
-fresh_sparse "$ft_raw" "$ft_size"
-nbdkit_file "$ft_raw"
-run_fio nbdkit randwrite-4k-qd32-first-touch --ioengine=nbd "--uri=$(nbd_uri "$scratch/nbdkit.sock")"
-stop_server
-rm -f "$raw" "$ft_raw"
-
-# --- qemu-nbd-qcow2: thin image, internal snapshot on a stopped server -----------------
 qcow="$scratch/data.qcow2"
 ft_qcow="$scratch/first-touch.qcow2"
-qcow_uri="$(nbd_uri "$scratch/qemu-nbd-qcow2.sock")"
-qemu-img create -q -f qcow2 -o cluster_size=$chunk "$qcow" "$data_size" || die "qemu-img create failed"
-qemu_nbd qemu-nbd-qcow2 qcow2 "$qcow"
-run_fio qemu-nbd-qcow2 prefill --ioengine=nbd "--uri=$qcow_uri"
-for w in "${data_workloads[@]}"; do
-  run_fio qemu-nbd-qcow2 "$w" --ioengine=nbd "--uri=$qcow_uri"
-done
-stop_server
-qemu-img snapshot -c bench-snap "$qcow" || die "qemu-img snapshot -c failed"
-qemu_nbd qemu-nbd-qcow2 qcow2 "$qcow"
-run_fio qemu-nbd-qcow2 randwrite-4k-qd32-after-snapshot --ioengine=nbd "--uri=$qcow_uri"
-stop_server
-rm -f "$qcow"
-qemu-img create -q -f qcow2 -o cluster_size=$chunk "$ft_qcow" "$ft_size" || die "qemu-img create failed"
-qemu_nbd qemu-nbd-qcow2 qcow2 "$ft_qcow"
-run_fio qemu-nbd-qcow2 randwrite-4k-qd32-first-touch --ioengine=nbd "--uri=$qcow_uri"
-stop_server
-rm -f "$ft_qcow"
-
-# --- blockd: a release daemon, sparse pool, one data volume, a snapshot, a fresh volume --
 state="$scratch/blockd"
 api="$state/api.sock"
+
+log "set-up: preallocated raw file, qcow2 image, blockd daemon ($((data_size >> 20)) MiB each)"
+rm -f "$raw"
+fallocate -l "$data_size" "$raw" ||
+  die "fallocate $raw failed (filesystem: $(df -T "$scratch" | awk 'NR == 2 {print $2}'))"
+target_of raw
+run_fio raw prefill "${tgt[@]}"
+qemu_nbd qemu-nbd raw "$raw"
+nbdkit_file "$raw"
+
+qemu-img create -q -f qcow2 -o cluster_size=$chunk "$qcow" "$data_size" || die "qemu-img create failed"
+qemu_nbd qemu-nbd-qcow2 qcow2 "$qcow"
+target_of qemu-nbd-qcow2
+run_fio qemu-nbd-qcow2 prefill "${tgt[@]}"
+
 mkdir -p "$state"
 pool_size=$(((data_size + ft_size) * 2))
-ctl() { "$blockctl_bin" --api "$api" "$@"; }
 start_server blockd "$api" "$blockd_bin" --state-dir "$state" \
   --pool "bench=$scratch/blockd-pool.img,size=$pool_size,chunk=$chunk"
 for _ in $(seq 100); do
@@ -386,18 +370,54 @@ done
 ctl status >/dev/null || die "blockd does not answer on $api (log: $scratch/logs/blockd.log)"
 ctl volume create data --size "$data_size" >/dev/null || die "blockctl volume create failed"
 blockd_uri="$(ctl export data)" || die "blockctl export failed"
-run_fio blockd prefill --ioengine=nbd "--uri=$blockd_uri"
+target_of blockd
+run_fio blockd prefill "${tgt[@]}"
+
+# --- the data workloads, each on every system -------------------------------------------
 for w in "${data_workloads[@]}"; do
-  run_fio blockd "$w" --ioengine=nbd "--uri=$blockd_uri"
+  for system in "${systems[@]}"; do
+    target_of "$system"
+    run_fio "$system" "$w" "${tgt[@]}"
+  done
 done
-snap_start=$(date +%s%N)
+
+# --- copy-on-write after a snapshot: blockd, then qcow2 (internal snapshot, server stopped)
 ctl snapshot create data bench-snap >/dev/null || die "blockctl snapshot create failed"
-snap_ms=$((($(date +%s%N) - snap_start) / 1000000))
-printf 'blockd_snapshot_create_ms\t%s\n' "$snap_ms" >>"$out/machine.tsv"
-run_fio blockd randwrite-4k-qd32-after-snapshot --ioengine=nbd "--uri=$blockd_uri"
+target_of blockd
+run_fio blockd randwrite-4k-qd32-after-snapshot "${tgt[@]}"
+stop_server qemu-nbd-qcow2
+qemu-img snapshot -c bench-snap "$qcow" || die "qemu-img snapshot -c failed"
+qemu_nbd qemu-nbd-qcow2 qcow2 "$qcow"
+target_of qemu-nbd-qcow2
+run_fio qemu-nbd-qcow2 randwrite-4k-qd32-after-snapshot "${tgt[@]}"
+
+# --- first touch: fresh targets ---------------------------------------------------------
+stop_server qemu-nbd
+stop_server nbdkit
+stop_server qemu-nbd-qcow2
+rm -f "$raw" "$qcow"
+fresh_sparse "$ft_raw" "$ft_size"
+run_fio raw randwrite-4k-qd32-first-touch --ioengine=io_uring --direct=1 "--filename=$ft_raw"
 ctl volume create first-touch --size "$ft_size" >/dev/null || die "blockctl volume create failed"
-run_fio blockd randwrite-4k-qd32-first-touch --ioengine=nbd "--uri=$(ctl export first-touch)"
-stop_server
+ft_uri="$(ctl export first-touch)" || die "blockctl export failed"
+run_fio blockd randwrite-4k-qd32-first-touch --ioengine=nbd "--uri=$ft_uri"
+fresh_sparse "$ft_raw" "$ft_size"
+qemu_nbd qemu-nbd raw "$ft_raw"
+target_of qemu-nbd
+run_fio qemu-nbd randwrite-4k-qd32-first-touch "${tgt[@]}"
+stop_server qemu-nbd
+qemu-img create -q -f qcow2 -o cluster_size=$chunk "$ft_qcow" "$ft_size" || die "qemu-img create failed"
+qemu_nbd qemu-nbd-qcow2 qcow2 "$ft_qcow"
+target_of qemu-nbd-qcow2
+run_fio qemu-nbd-qcow2 randwrite-4k-qd32-first-touch "${tgt[@]}"
+stop_server qemu-nbd-qcow2
+fresh_sparse "$ft_raw" "$ft_size"
+nbdkit_file "$ft_raw"
+target_of nbdkit
+run_fio nbdkit randwrite-4k-qd32-first-touch "${tgt[@]}"
+stop_server nbdkit
+stop_server blockd
+rm -f "$ft_raw" "$ft_qcow" "$scratch/blockd-pool.img"
 
 # --- engine figures ------------------------------------------------------------------------
 if [ "$engine_figures" = 1 ]; then
