@@ -7,9 +7,12 @@
 //! - `VOL@SNAP` opens read-only; the engine refuses writes to it as well (defence in depth);
 //! - every request is recorded in the per-image metrics (ops, bytes, latency, errors);
 //! - QoS limits are read from the engine on every request, so `set_qos` applies at once;
-//! - reads may complete asynchronously ([`EngineReadQueue`]): planned by the engine, read
-//!   from the device on the connection's own io_uring ring, each holding a [`ReadPin`] (the
-//!   pool's reclaim lock, shared) from plan to completion like a synchronous read does.
+//! - reads, and writes that overwrite chunks the volume already owns, may complete
+//!   asynchronously ([`EngineIoQueue`]): planned by the engine, done on the connection's own
+//!   io_uring ring, each holding a [`ReadPin`] (the pool's reclaim lock, shared) or a
+//!   [`WritePin`] (also the lineage's writer gate, so no snapshot starts under it) from plan
+//!   to completion, as the synchronous calls hold those locks. Writes that need fresh
+//!   chunks or copy-on-write, and FUA writes, take the synchronous path.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -20,12 +23,12 @@ use std::time::Instant;
 
 use tokio::io::unix::AsyncFd;
 
-use crate::device::uring::ReadRing;
-use crate::engine::{Engine, EngineError, ImageHandle, ReadPin};
+use crate::device::uring::IoRing;
+use crate::engine::{Engine, EngineError, ImageHandle, ReadPin, WritePin};
 use crate::metrics::{ImageIoMetrics, IoOp, Metrics};
 use crate::nbd::{
-    Errno, ExportListing, ExportRegistry, ExportTarget, Extent, ExtentKind, IoBuf, OpenError,
-    ReadDone, ReadQueue, ReadStart, ZeroMode,
+    Errno, ExportListing, ExportRegistry, ExportTarget, Extent, ExtentKind, IoBuf, IoQueue,
+    OpenError, QueueDone, QueueStart, ZeroMode,
 };
 use crate::qos::Qos;
 
@@ -217,8 +220,8 @@ impl ExportTarget for EngineTarget {
         })
     }
 
-    fn read_queue(&self) -> Option<Box<dyn ReadQueue>> {
-        let ring = self.engine.read_ring(&self.handle)?;
+    fn io_queue(&self) -> Option<Box<dyn IoQueue>> {
+        let ring = self.engine.io_ring(&self.handle)?;
         // SAFETY: the eventfd is owned by `ring`, which lives in the same queue and is
         // dropped after `fd` (field order), so the descriptor stays open and the same for
         // the AsyncFd's whole life.
@@ -230,7 +233,7 @@ impl ExportTarget for EngineTarget {
                 |e| tracing::debug!(error = %e, "Cannot poll a read ring; reads stay synchronous"),
             )
             .ok()?;
-        Some(Box::new(EngineReadQueue {
+        Some(Box::new(EngineIoQueue {
             fd,
             ring,
             reads: HashMap::new(),
@@ -250,7 +253,7 @@ impl ExportTarget for EngineTarget {
     }
 }
 
-/// The eventfd of a [`ReadRing`], as tokio polls it (the ring owns the descriptor).
+/// The eventfd of a [`IoRing`], as tokio polls it (the ring owns the descriptor).
 struct EventFd(RawFd);
 
 impl AsRawFd for EventFd {
@@ -259,16 +262,23 @@ impl AsRawFd for EventFd {
     }
 }
 
-/// A read in flight on an [`EngineReadQueue`].
+/// What keeps the chunks of an op in flight owned by the image (released only after the
+/// last device I/O of the op completed).
+enum Pin {
+    /// Only held, never read: dropping it releases the chunks.
+    Read(#[allow(dead_code)] ReadPin),
+    Write(WritePin),
+}
+
+/// A read or write in flight on an [`EngineIoQueue`].
 struct PendingRead {
     buf: IoBuf,
     zeros: Vec<Range<usize>>,
-    /// Device reads not completed yet.
+    /// Device I/Os not completed yet.
     ops_left: usize,
     error: Option<Errno>,
     start: Instant,
-    /// Released only after the last device read of this request completed.
-    _pin: ReadPin,
+    pin: Pin,
 }
 
 /// One connection's asynchronous reads of an engine image.
@@ -276,9 +286,9 @@ struct PendingRead {
 /// Field order matters: `fd` is deregistered before `ring` closes the descriptor, and
 /// `ring` (whose drop waits for reads in flight) goes before `reads` frees their buffers
 /// and pins.
-struct EngineReadQueue {
+struct EngineIoQueue {
     fd: AsyncFd<EventFd>,
-    ring: ReadRing,
+    ring: IoRing,
     reads: HashMap<u64, PendingRead>,
     reaped: Vec<(u64, std::io::Result<()>)>,
     engine: Engine,
@@ -286,21 +296,30 @@ struct EngineReadQueue {
     io: ImageIoMetrics,
 }
 
-impl EngineReadQueue {
-    fn finish(&self, tag: u64, read: PendingRead) -> ReadDone {
+impl EngineIoQueue {
+    fn finish(&self, tag: u64, read: PendingRead) -> QueueDone {
+        let op = match &read.pin {
+            Pin::Read(_) => IoOp::Read,
+            Pin::Write(pin) => {
+                if read.error.is_none() {
+                    self.engine.overwritten(pin);
+                }
+                IoOp::Write
+            }
+        };
         let result = match read.error {
             None => {
                 self.io
-                    .record(IoOp::Read, read.buf.len() as u64, read.start.elapsed());
+                    .record(op, read.buf.len() as u64, read.start.elapsed());
                 Ok(())
             }
             Some(errno) => {
-                self.io.record_error(IoOp::Read);
+                self.io.record_error(op);
                 tracing::debug!(image = %self.handle.name(), error = %errno, "NBD read failed");
                 Err(errno)
             }
         };
-        ReadDone {
+        QueueDone {
             tag,
             result,
             buf: read.buf,
@@ -309,11 +328,11 @@ impl EngineReadQueue {
     }
 }
 
-impl ReadQueue for EngineReadQueue {
-    fn start(&mut self, tag: u64, offset: u64, mut buf: IoBuf) -> ReadStart {
+impl IoQueue for EngineIoQueue {
+    fn start(&mut self, tag: u64, offset: u64, mut buf: IoBuf) -> QueueStart {
         // A commit waiting to release chunks: let the synchronous path wait for it.
         let Some(pin) = self.engine.try_read_pin(&self.handle) else {
-            return ReadStart::Declined(buf);
+            return QueueStart::Declined(buf);
         };
         let start = Instant::now();
         let (ops, zeros) = match self.engine.plan_read(&pin, &self.handle, offset, &mut buf) {
@@ -321,7 +340,7 @@ impl ReadQueue for EngineReadQueue {
             Err(e) => {
                 self.io.record_error(IoOp::Read);
                 tracing::debug!(image = %self.handle.name(), error = %e, "NBD request failed");
-                return ReadStart::Done(ReadDone {
+                return QueueStart::Done(QueueDone {
                     tag,
                     result: Err(errno(&e)),
                     buf,
@@ -335,7 +354,7 @@ impl ReadQueue for EngineReadQueue {
             ops_left: 0,
             error: None,
             start,
-            _pin: pin,
+            pin: Pin::Read(pin),
         };
         let base = read.buf.as_mut_ptr();
         for op in &ops {
@@ -346,7 +365,7 @@ impl ReadQueue for EngineReadQueue {
             // for every read in flight.
             let pushed = unsafe {
                 self.ring
-                    .push(tag, op.offset, base.wrapping_add(op.pos), op.len)
+                    .push_read(tag, op.offset, base.wrapping_add(op.pos), op.len)
             };
             match pushed {
                 Ok(()) => read.ops_left += 1,
@@ -357,10 +376,68 @@ impl ReadQueue for EngineReadQueue {
             }
         }
         if read.ops_left == 0 {
-            return ReadStart::Done(self.finish(tag, read));
+            return QueueStart::Done(self.finish(tag, read));
         }
         self.reads.insert(tag, read);
-        ReadStart::Started
+        QueueStart::Started
+    }
+
+    fn start_write(&mut self, tag: u64, offset: u64, data: IoBuf) -> QueueStart {
+        // A snapshot or a chunk release waiting: let the synchronous path wait for it.
+        let Some(pin) = self.engine.try_write_pin(&self.handle) else {
+            return QueueStart::Declined(data);
+        };
+        let start = Instant::now();
+        let ops = match self
+            .engine
+            .plan_overwrite(&pin, &self.handle, offset, data.len() as u64)
+        {
+            Ok(Some(ops)) => ops,
+            // Needs fresh chunks or copy-on-write: the synchronous path does that.
+            Ok(None) => return QueueStart::Declined(data),
+            Err(e) => {
+                self.io.record_error(IoOp::Write);
+                tracing::debug!(image = %self.handle.name(), error = %e, "NBD request failed");
+                return QueueStart::Done(QueueDone {
+                    tag,
+                    result: Err(errno(&e)),
+                    buf: data,
+                    zeros: Vec::new(),
+                });
+            }
+        };
+        let mut write = PendingRead {
+            buf: data,
+            zeros: Vec::new(),
+            ops_left: 0,
+            error: None,
+            start,
+            pin: Pin::Write(pin),
+        };
+        let base = write.buf.as_ptr();
+        for op in &ops {
+            // SAFETY: `plan_overwrite` returns ranges within the data (`pos + len <= its
+            // len`). The buffer's heap memory does not move when `write` moves into
+            // `self.reads`, where it stays, unmodified, until the ring reports this device
+            // write (in `poll_complete`); dropping the queue drops `ring` first, which
+            // waits for every op in flight.
+            let pushed = unsafe {
+                self.ring
+                    .push_write(tag, op.offset, base.wrapping_add(op.pos), op.len)
+            };
+            match pushed {
+                Ok(()) => write.ops_left += 1,
+                Err(e) => {
+                    write.error.get_or_insert(Errno::from(e));
+                    break;
+                }
+            }
+        }
+        if write.ops_left == 0 {
+            return QueueStart::Done(self.finish(tag, write));
+        }
+        self.reads.insert(tag, write);
+        QueueStart::Started
     }
 
     fn submit(&mut self) {
@@ -374,7 +451,7 @@ impl ReadQueue for EngineReadQueue {
         self.reads.len()
     }
 
-    fn poll_complete(&mut self, cx: &mut Context<'_>, out: &mut Vec<ReadDone>) -> Poll<()> {
+    fn poll_complete(&mut self, cx: &mut Context<'_>, out: &mut Vec<QueueDone>) -> Poll<()> {
         let before = out.len();
         loop {
             let mut ready = match self.fd.poll_read_ready(cx) {
@@ -559,7 +636,7 @@ mod tests {
         let engine = engine(dir.path());
         let registry = Arc::new(EngineExports::new(engine.clone(), Metrics::new()));
         let target = registry.open("v").unwrap();
-        let queued = tokio::task::spawn_blocking(move || target.read_queue().is_some())
+        let queued = tokio::task::spawn_blocking(move || target.io_queue().is_some())
             .await
             .unwrap();
         let uring = engine.pools()[0].io_engine == IoEngine::Uring;
@@ -684,6 +761,55 @@ mod tests {
             let at = reads[&got].0 as usize;
             assert!(data == model[at..at + (1 << 20)], "final read at {at}");
         }
+    }
+
+    /// An overwrite in flight (its pin held) keeps a snapshot from starting, so the
+    /// snapshot never shares a chunk still being overwritten in place; after the
+    /// snapshot the same range needs copy-on-write and is not planned as an overwrite.
+    #[test]
+    fn write_pin_holds_off_snapshots_and_overwrites_stop_after_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = engine(dir.path());
+        let h = engine.open_image("v").unwrap();
+        // A hole is not an overwrite.
+        let pin = engine.try_write_pin(&h).unwrap();
+        assert_eq!(engine.plan_overwrite(&pin, &h, 0, 4096).unwrap(), None);
+        drop(pin);
+        engine.write(&h, 0, &[7u8; 8192]).unwrap();
+        let pin = engine.try_write_pin(&h).unwrap();
+        let ops = engine
+            .plan_overwrite(&pin, &h, 4096, 4096)
+            .unwrap()
+            .unwrap();
+        assert_eq!(ops.len(), 1);
+        assert_eq!((ops[0].pos, ops[0].len), (0, 4096));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let snapper = {
+            let engine = engine.clone();
+            std::thread::spawn(move || {
+                engine.create_snapshot("v", "s").unwrap();
+                tx.send(()).unwrap();
+            })
+        };
+        assert!(
+            rx.recv_timeout(std::time::Duration::from_millis(300))
+                .is_err(),
+            "snapshot started while an overwrite was in flight"
+        );
+        // While the snapshot waits, no new pin is handed out.
+        assert!(engine.try_write_pin(&h).is_none());
+        engine.overwritten(&pin);
+        drop(pin);
+        rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
+        snapper.join().unwrap();
+        let pin = engine.try_write_pin(&h).unwrap();
+        assert_eq!(engine.plan_overwrite(&pin, &h, 4096, 4096).unwrap(), None);
+        drop(pin);
+        let snap = engine.open_image("v@s").unwrap();
+        assert!(
+            engine.try_write_pin(&snap).is_none(),
+            "snapshots are read-only"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

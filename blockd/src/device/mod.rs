@@ -151,9 +151,9 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
     /// Deallocates the range (fallocate PUNCH_HOLE on files, BLKDISCARD on devices).
     fn punch(&self, offset: u64, len: u64) -> Result<()>;
 
-    /// A private ring for asynchronous reads ([`uring::ReadRing`]), when the backend has
+    /// A private ring for asynchronous reads ([`uring::IoRing`]), when the backend has
     /// one (io_uring); None means "use `submit`".
-    fn read_ring(&self) -> Option<uring::ReadRing> {
+    fn io_ring(&self) -> Option<uring::IoRing> {
         None
     }
 

@@ -104,9 +104,9 @@ impl UringDevice {
         &self.target
     }
 
-    /// A private [`ReadRing`] on this device's files.
-    pub fn read_ring(&self) -> io::Result<ReadRing> {
-        ReadRing::new(self.pool.fds, self.target.has_direct())
+    /// A private [`IoRing`] on this device's files.
+    pub fn io_ring(&self) -> io::Result<IoRing> {
+        IoRing::new(self.pool.fds, self.target.has_direct())
     }
 
     /// The fixed-file slot an I/O goes through.
@@ -309,8 +309,8 @@ impl BlockDevice for UringDevice {
         }
     }
 
-    fn read_ring(&self) -> Option<ReadRing> {
-        match UringDevice::read_ring(self) {
+    fn io_ring(&self) -> Option<IoRing> {
+        match UringDevice::io_ring(self) {
             Ok(ring) => Some(ring),
             Err(err) => {
                 tracing::debug!(error = %err, "Cannot set up a read ring; reads stay synchronous");
@@ -325,30 +325,33 @@ impl BlockDevice for UringDevice {
     }
 }
 
-/// A private ring for reads that complete asynchronously: the NBD server pushes reads
-/// and learns about completions through an eventfd it polls on its runtime, instead of a
-/// thread blocking in [`BlockDevice::submit`].
+/// A private ring for reads and writes that complete asynchronously: the NBD server pushes
+/// them and learns about completions through an eventfd it polls on its runtime, instead
+/// of a thread blocking in [`BlockDevice::submit`]. Ops of one ring are not ordered
+/// against each other (overlapping requests in flight are the client's business, as with
+/// any disk).
 ///
 /// Owned by one task; the same fixed files as the pool's rings (which keep the files open
 /// in the kernel for as long as the ring lives).
 ///
-/// Invariant: a buffer given to [`ReadRing::push`] is used by the kernel until its
-/// completion is returned by [`ReadRing::reap`]; dropping the ring waits for every read
-/// still in flight (and aborts the process if it cannot), so no buffer is freed early
-/// by the ring's owner unwinding.
-pub struct ReadRing {
+/// Invariant: a buffer given to [`IoRing::push_read`] or [`IoRing::push_write`] is used by
+/// the kernel until its completion is returned by [`IoRing::reap`]; dropping the ring
+/// waits for every op still in flight (and aborts the process if it cannot), so no buffer
+/// is freed early by the ring's owner unwinding.
+pub struct IoRing {
     ring: IoUring,
     eventfd: std::os::fd::OwnedFd,
     direct: bool,
-    /// Reads pushed and not yet completed, by slot (`user_data`).
-    slots: Vec<Option<RingRead>>,
+    /// Ops pushed and not yet completed, by slot (`user_data`).
+    slots: Vec<Option<RingOp>>,
     free: Vec<usize>,
     in_flight: usize,
 }
 
-/// One read of a [`ReadRing`].
-struct RingRead {
+/// One read or write of an [`IoRing`].
+struct RingOp {
     tag: u64,
+    write: bool,
     offset: u64,
     addr: *mut u8,
     len: usize,
@@ -357,21 +360,21 @@ struct RingRead {
 
 // SAFETY: the raw buffer addresses are only handed to the kernel; the caller of `push`
 // guarantees they stay valid (whichever thread the ring moves to) until reaped.
-unsafe impl Send for ReadRing {}
+unsafe impl Send for IoRing {}
 
-impl fmt::Debug for ReadRing {
+impl fmt::Debug for IoRing {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ReadRing")
+        f.debug_struct("IoRing")
             .field("in_flight", &self.in_flight)
             .finish_non_exhaustive()
     }
 }
 
-/// Completion queue of a [`ReadRing`]: room for a connection's reads in flight.
+/// Completion queue of a [`IoRing`]: room for a connection's reads in flight.
 const READ_RING_CQ: u32 = 4096;
 
-impl ReadRing {
-    fn new(fds: [RawFd; 2], direct: bool) -> io::Result<ReadRing> {
+impl IoRing {
+    fn new(fds: [RawFd; 2], direct: bool) -> io::Result<IoRing> {
         let ring = IoUring::builder()
             .setup_clamp()
             .setup_cqsize(READ_RING_CQ)
@@ -385,7 +388,7 @@ impl ReadRing {
         // SAFETY: `fd` was just created and is owned by nothing else.
         let eventfd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
         ring.submitter().register_eventfd(fd)?;
-        Ok(ReadRing {
+        Ok(IoRing {
             ring,
             eventfd,
             direct,
@@ -400,32 +403,60 @@ impl ReadRing {
         self.eventfd.as_raw_fd()
     }
 
-    /// Reads pushed and not yet reaped.
+    /// Ops pushed and not yet reaped.
     pub fn in_flight(&self) -> usize {
         self.in_flight
     }
 
     /// Queues a read of `len` bytes at device `offset` into `addr`, reported by
-    /// [`ReadRing::reap`] with `tag`. Goes to the kernel at the next [`ReadRing::submit`]
+    /// [`IoRing::reap`] with `tag`. Goes to the kernel at the next [`IoRing::submit`]
     /// (or earlier when the submission queue is full).
     ///
     /// # Safety
     /// `addr` must be valid for writes of `len` bytes, and not otherwise accessed, until
     /// `reap` reports this read (or the ring is dropped).
-    pub unsafe fn push(
+    pub unsafe fn push_read(
         &mut self,
         tag: u64,
         offset: u64,
         addr: *mut u8,
         len: usize,
     ) -> io::Result<()> {
-        let read = RingRead {
+        self.push(RingOp {
             tag,
+            write: false,
             offset,
             addr,
             len,
             done: 0,
-        };
+        })
+    }
+
+    /// Queues a write of the `len` bytes at `addr` to device `offset`, like
+    /// [`IoRing::push_read`].
+    ///
+    /// # Safety
+    /// `addr` must be valid for reads of `len` bytes, and not modified, until `reap`
+    /// reports this write (or the ring is dropped).
+    pub unsafe fn push_write(
+        &mut self,
+        tag: u64,
+        offset: u64,
+        addr: *const u8,
+        len: usize,
+    ) -> io::Result<()> {
+        self.push(RingOp {
+            tag,
+            write: true,
+            offset,
+            // Only read by the kernel for a write.
+            addr: addr.cast_mut(),
+            len,
+            done: 0,
+        })
+    }
+
+    fn push(&mut self, read: RingOp) -> io::Result<()> {
         let slot = match self.free.pop() {
             Some(slot) => {
                 self.slots[slot] = Some(read);
@@ -454,13 +485,19 @@ impl ReadRing {
         } else {
             BUFFERED_SLOT
         });
-        let entry = opcode::Read::new(fd, addr, len as u32)
-            .offset(offset)
-            .build()
-            .user_data(slot as u64);
+        let entry = if read.write {
+            opcode::Write::new(fd, addr, len as u32)
+                .offset(offset)
+                .build()
+        } else {
+            opcode::Read::new(fd, addr, len as u32)
+                .offset(offset)
+                .build()
+        }
+        .user_data(slot as u64);
         loop {
             // SAFETY: the SQE points into the caller's buffer within its bounds
-            // (`done < len`), which `push`'s contract keeps valid until the read is reaped;
+            // (`done < len`), which the push contract keeps valid until the op is reaped;
             // the slot stays in use (and counted in `in_flight`) until then.
             if unsafe { self.ring.submission().push(&entry) }.is_ok() {
                 return Ok(());
@@ -509,6 +546,7 @@ impl ReadRing {
             let result = match usize::try_from(res) {
                 Err(_) if -res == libc::EINTR || -res == libc::EAGAIN => None,
                 Err(_) => Some(Err(io::Error::from_raw_os_error(-res))),
+                Ok(0) if read.write => Some(Err(io::ErrorKind::WriteZero.into())),
                 Ok(0) => Some(Err(io::ErrorKind::UnexpectedEof.into())),
                 Ok(n) => {
                     read.done += n;
@@ -532,7 +570,7 @@ impl ReadRing {
     }
 }
 
-impl Drop for ReadRing {
+impl Drop for IoRing {
     fn drop(&mut self) {
         let mut done = Vec::new();
         while self.in_flight > 0 {
@@ -848,7 +886,7 @@ mod tests {
     }
 
     #[test]
-    fn read_ring_completes_aligned_and_unaligned_reads_by_tag() {
+    fn io_ring_completes_aligned_and_unaligned_reads_by_tag() {
         let Some((_dir, dev)) = device(1 << 20) else {
             return;
         };
@@ -857,7 +895,7 @@ mod tests {
             *b = (i % 251) as u8;
         }
         dev.write_at(0, &data).unwrap();
-        let mut ring = dev.read_ring().unwrap();
+        let mut ring = dev.io_ring().unwrap();
         // (tag, offset, len): aligned (O_DIRECT slot) and unaligned (buffered slot).
         let reads = [
             (1u64, 0u64, 4096usize),
@@ -869,7 +907,7 @@ mod tests {
         for (read, buf) in reads.iter().zip(bufs.iter_mut()) {
             // SAFETY: `bufs` outlives every read: all are reaped (or the ring dropped,
             // which waits) before the buffers are dropped at the end of the test.
-            unsafe { ring.push(read.0, read.1, buf.as_mut_ptr(), read.2) }.unwrap();
+            unsafe { ring.push_read(read.0, read.1, buf.as_mut_ptr(), read.2) }.unwrap();
         }
         ring.submit().unwrap();
         let mut done = Vec::new();
@@ -891,10 +929,31 @@ mod tests {
             let at = read.1 as usize;
             assert_eq!(&buf[..], &data[at..at + read.2], "read {}", read.0);
         }
+        // Writes, aligned and not, then read back.
+        let patch = AlignedBuf::zeroed(8192);
+        // SAFETY: `patch` outlives both writes, reaped below.
+        unsafe {
+            ring.push_write(20, 16384, patch.as_ptr(), 8192).unwrap();
+            ring.push_write(21, 30001, patch.as_ptr(), 3).unwrap();
+        }
+        ring.submit().unwrap();
+        done.clear();
+        while done.len() < 2 {
+            enter(&mut ring.ring).unwrap();
+            ring.reap(&mut done).unwrap();
+        }
+        assert!(done.iter().all(|(_, r)| r.is_ok()));
+        let mut back = vec![9u8; 32768];
+        dev.read_at(0, &mut back).unwrap();
+        assert_eq!(&back[..16384], &data[..16384]);
+        assert!(back[16384..24576].iter().all(|&b| b == 0));
+        assert_eq!(&back[24576..30001], &data[24576..30001]);
+        assert_eq!(&back[30001..30004], &[0, 0, 0]);
+        assert_eq!(&back[30004..], &data[30004..32768]);
         // Past the end: an error, not a hang.
         let mut tail = AlignedBuf::zeroed(4096);
         // SAFETY: `tail` outlives the read (reaped below, or waited for by the drop).
-        unsafe { ring.push(9, (1 << 20) - 2048, tail.as_mut_ptr(), 4096) }.unwrap();
+        unsafe { ring.push_read(9, (1 << 20) - 2048, tail.as_mut_ptr(), 4096) }.unwrap();
         ring.submit().unwrap();
         done.clear();
         while done.is_empty() {
@@ -905,7 +964,7 @@ mod tests {
         assert!(done[0].1.is_err());
         // Dropping with reads in flight waits for them.
         // SAFETY: `tail` is dropped after `ring`, whose drop waits for this read.
-        unsafe { ring.push(10, 0, tail.as_mut_ptr(), 4096) }.unwrap();
+        unsafe { ring.push_read(10, 0, tail.as_mut_ptr(), 4096) }.unwrap();
         ring.submit().unwrap();
         drop(ring);
         assert_eq!(&tail[..], &data[..4096]);

@@ -21,13 +21,39 @@ use super::state::{Resolved, State};
 use super::types::Extent;
 use super::{Engine, ImageHandle, PoolRt};
 
-/// One device read of a planned image read: `len` bytes at device `offset` into the
-/// buffer at `pos`.
+/// One device I/O of a planned image read or write: `len` bytes at device `offset`, to or
+/// from the caller's buffer at `pos`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DeviceRead {
+pub struct DeviceIo {
     pub pos: usize,
     pub len: usize,
     pub offset: u64,
+}
+
+/// Holds a lineage's writer gate and its pool's `reclaim` lock shared, as a synchronous
+/// write does for its whole duration. May move between threads.
+pub struct WritePin {
+    gate: Arc<parking_lot::RwLock<()>>,
+    pool: Arc<PoolRt>,
+}
+
+impl std::fmt::Debug for WritePin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WritePin")
+            .field("pool", &self.pool.name)
+            .finish()
+    }
+}
+
+impl Drop for WritePin {
+    fn drop(&mut self) {
+        // SAFETY: `try_write_pin` took both locks shared and forgot the guards; this pin
+        // is the only owner of those holds and gives each back once.
+        unsafe {
+            self.pool.reclaim.force_unlock_read();
+            self.gate.force_unlock_read();
+        }
+    }
 }
 
 /// Holds a pool's `reclaim` lock shared, as data I/O does for its whole duration, so no
@@ -186,7 +212,7 @@ impl Engine {
         let ops = Self::device_reads(pool, plan, buf);
         let mut rest: &mut [u8] = buf;
         let mut consumed = 0usize;
-        for DeviceRead { pos, len, offset } in ops {
+        for DeviceIo { pos, len, offset } in ops {
             let tail = std::mem::take(&mut rest);
             let (_, tail) = tail.split_at_mut(pos - consumed);
             let (mine, tail) = tail.split_at_mut(len);
@@ -197,8 +223,8 @@ impl Engine {
     }
 
     /// Zero-fills what `plan` says reads as zeros; returns the device reads for the rest.
-    fn device_reads(pool: &PoolRt, plan: &[(Piece, Resolved)], buf: &mut [u8]) -> Vec<DeviceRead> {
-        let mut ops: Vec<DeviceRead> = Vec::new();
+    fn device_reads(pool: &PoolRt, plan: &[(Piece, Resolved)], buf: &mut [u8]) -> Vec<DeviceIo> {
+        let mut ops: Vec<DeviceIo> = Vec::new();
         for (p, r) in plan {
             let (pos, len) = (p.pos, p.len as usize);
             match *r {
@@ -216,7 +242,7 @@ impl Engine {
                             continue;
                         }
                     }
-                    ops.push(DeviceRead {
+                    ops.push(DeviceIo {
                         pos,
                         len: data_len,
                         offset,
@@ -249,7 +275,7 @@ impl Engine {
         h: &ImageHandle,
         offset: u64,
         buf: &mut [u8],
-    ) -> Result<(Vec<DeviceRead>, Vec<std::ops::Range<usize>>)> {
+    ) -> Result<(Vec<DeviceIo>, Vec<std::ops::Range<usize>>)> {
         let pool = &self.inner.pools[h.pool];
         debug_assert!(Arc::ptr_eq(pool, &pin.pool), "pin of another pool");
         let cs = pool.chunk_size;
@@ -280,9 +306,85 @@ impl Engine {
         Ok((Self::device_reads(pool, &plan, buf), zeros))
     }
 
+    /// Pins a volume head for overwrites planned with [`Engine::plan_overwrite`], without
+    /// waiting: its lineage gate shared (so no snapshot starts while the write is in
+    /// flight) and its pool's reclaim lock shared. None for snapshots, deleted images, or
+    /// while a snapshot or a release of freed chunks waits (then write the synchronous way).
+    pub fn try_write_pin(&self, h: &ImageHandle) -> Option<WritePin> {
+        let gate = self.writer_gate(h).ok()?;
+        let pool = self.inner.pools[h.pool].clone();
+        let gate_guard = gate.try_read()?;
+        let Some(reclaim_guard) = pool.reclaim.try_read() else {
+            drop(gate_guard);
+            return None;
+        };
+        // Both shared holds outlive their guards (the pin may move to another thread);
+        // `WritePin::drop` gives each back exactly once.
+        std::mem::forget(gate_guard);
+        std::mem::forget(reclaim_guard);
+        Some(WritePin { gate, pool })
+    }
+
+    /// Plans a write of `len` bytes at `offset` that overwrites chunks the head already
+    /// owns, without doing the device I/O: the device writes (`pos` into the caller's data)
+    /// the caller must complete while holding `pin`, then report with
+    /// [`Engine::overwritten`]. None when any piece needs more (a fresh chunk,
+    /// copy-on-write, a chunk being copied): use [`Engine::write`].
+    pub fn plan_overwrite(
+        &self,
+        pin: &WritePin,
+        h: &ImageHandle,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<Vec<DeviceIo>>> {
+        let pool = &self.inner.pools[h.pool];
+        debug_assert!(Arc::ptr_eq(pool, &pin.pool), "pin of another pool");
+        let cs = pool.chunk_size;
+        let mut ops: Vec<DeviceIo> = Vec::new();
+        {
+            let st = self.inner.state.lock();
+            Self::check_writable(&st)?;
+            Self::check_range(&st, h, offset, len)?;
+            let lin = &st.lineages[&h.lineage];
+            let e_head = lin.rec.e_head;
+            for p in pieces(offset, len, cs) {
+                if lin.cow_inflight.contains(&p.chunk) {
+                    return Ok(None);
+                }
+                let phys = match lin.map.get(&(p.chunk, e_head)) {
+                    Some(&phys) if phys != ZERO => phys,
+                    _ => return Ok(None),
+                };
+                let at = pool.offset(phys) + p.at;
+                match ops.last_mut() {
+                    Some(last)
+                        if last.pos + last.len == p.pos && last.offset + last.len as u64 == at =>
+                    {
+                        last.len += p.len as usize;
+                    }
+                    _ => ops.push(DeviceIo {
+                        pos: p.pos,
+                        len: p.len as usize,
+                        offset: at,
+                    }),
+                }
+            }
+        }
+        pool.dirty.store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(Some(ops))
+    }
+
+    /// Reports that the device writes of a [`Engine::plan_overwrite`] completed: the
+    /// next flush syncs the device (see `execute_write`).
+    pub fn overwritten(&self, pin: &WritePin) {
+        pin.pool
+            .dirty
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// A private asynchronous read ring on the image's pool device, when it has one.
-    pub fn read_ring(&self, h: &ImageHandle) -> Option<crate::device::uring::ReadRing> {
-        self.inner.pools[h.pool].device.read_ring()
+    pub fn io_ring(&self, h: &ImageHandle) -> Option<crate::device::uring::IoRing> {
+        self.inner.pools[h.pool].device.io_ring()
     }
 
     /// The lineage gate a writer of `h` holds shared; refuses snapshots and deleted images.
@@ -461,6 +563,10 @@ impl Engine {
         // Coalescing adjacent writes matters for sequential streams: neighbouring fresh
         // chunks are usually neighbours on the device too.
         pool.device.submit(&mut writes)?;
+        // Dirty again now that the data is written: a commit that cleared the flag while
+        // these writes were in flight may have synced the device before they landed, and
+        // the next flush must not skip the device sync for writes acknowledged after it.
+        pool.dirty.store(true, std::sync::atomic::Ordering::SeqCst);
         Ok(())
     }
 

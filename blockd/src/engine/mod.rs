@@ -62,7 +62,7 @@ use crate::meta::keys::{self, ZERO};
 use crate::meta::{Cf, MetaStore, WriteBatch};
 
 pub use error::{EngineError, ObjectKind, Result};
-pub use io::{DeviceRead, ReadPin};
+pub use io::{DeviceIo, ReadPin, WritePin};
 use records::{ImageKind, ImageRecord, Intent, LineageRecord, ParentRef, PoolRecord};
 use state::{Allocator, Lineage, State};
 use superblock::Superblock;

@@ -12,14 +12,14 @@
 //! [`ExportTarget`]s, and a target does the I/O. Target methods are *blocking* (the engine
 //! does synchronous io_uring/pread I/O), so the server calls them from tokio's blocking
 //! pool, never on a runtime worker (unless a target opts in with
-//! [`ExportTarget::nonblocking`]). Reads are the exception when the target offers a
-//! [`ReadQueue`]: they are started and completed on the runtime (io_uring + eventfd), with
-//! no thread hop, and answered one by one as they complete.
+//! [`ExportTarget::nonblocking`]). Reads and plain writes are the exception when the
+//! target offers an [`IoQueue`]: they are started and completed on the runtime (io_uring +
+//! eventfd), with no thread hop, and answered one by one as they complete.
 //!
 //! ```text
 //!  client ──unix/TLS──▶ connection task ─┬─ handshake (options) ── registry.open(name)
-//!                                        └─ transmission: reader ─┬─▶ reads ─▶ read task
-//!                      (decodes every request already buffered;   │    ReadQueue: start,
+//!                                        └─ transmission: reader ─┬─▶ reads, writes ─▶ I/O task
+//!                      (decodes every request already buffered;   │    IoQueue: start,
 //!                       bounded in flight)                        │    poll_complete
 //!                                                                 └─▶ others: qos wait,
 //!                                                                     spawn_blocking(op)
@@ -182,10 +182,11 @@ pub trait ExportTarget: Send + Sync {
         Qos::UNLIMITED
     }
 
-    /// A queue for this connection's reads that completes them asynchronously (io_uring
-    /// with an eventfd), or None to run every read through [`ExportTarget::read`] on the
-    /// blocking pool. Called once per connection, on the blocking pool.
-    fn read_queue(&self) -> Option<Box<dyn ReadQueue>> {
+    /// A queue for this connection's reads and plain (non-FUA) writes that completes them
+    /// asynchronously (io_uring with an eventfd), or None to run every request through the
+    /// methods above on the blocking pool. Called once per connection, on the blocking
+    /// pool.
+    fn io_queue(&self) -> Option<Box<dyn IoQueue>> {
         None
     }
 
@@ -198,41 +199,49 @@ pub trait ExportTarget: Send + Sync {
     }
 }
 
-/// A connection's asynchronous reads (see [`ExportTarget::read_queue`]).
+/// A connection's asynchronous reads and writes (see [`ExportTarget::io_queue`]).
 ///
 /// Called only from the connection's own task, on the runtime: no method may block.
 /// Dropping the queue waits for reads still in flight (their buffers belong to it).
-pub trait ReadQueue: Send {
+pub trait IoQueue: Send {
     /// Starts reading `buf.len()` bytes at `offset` (validated as for
-    /// [`ExportTarget::read`]); `tag` names it in [`ReadQueue::poll_complete`].
-    fn start(&mut self, tag: u64, offset: u64, buf: IoBuf) -> ReadStart;
+    /// [`ExportTarget::read`]); `tag` names it in [`IoQueue::poll_complete`].
+    fn start(&mut self, tag: u64, offset: u64, buf: IoBuf) -> QueueStart;
 
-    /// Hands the reads started since the last call to the device.
+    /// Starts writing `data` at `offset` (validated as for [`ExportTarget::write`], no
+    /// FUA); reported like a read, with `data` given back. The default declines.
+    fn start_write(&mut self, tag: u64, offset: u64, data: IoBuf) -> QueueStart {
+        let _ = (tag, offset);
+        QueueStart::Declined(data)
+    }
+
+    /// Hands the ops started since the last call to the device.
     fn submit(&mut self);
 
-    /// Reads started and not yet reported.
+    /// Ops started and not yet reported.
     fn in_flight(&self) -> usize;
 
-    /// Appends finished reads to `out`; `Ready` once at least one was appended.
-    fn poll_complete(&mut self, cx: &mut Context<'_>, out: &mut Vec<ReadDone>) -> Poll<()>;
+    /// Appends finished ops to `out`; `Ready` once at least one was appended.
+    fn poll_complete(&mut self, cx: &mut Context<'_>, out: &mut Vec<QueueDone>) -> Poll<()>;
 }
 
-/// What [`ReadQueue::start`] did with a read.
-pub enum ReadStart {
-    /// In flight: reported later by [`ReadQueue::poll_complete`].
+/// What [`IoQueue::start`] did with a read.
+pub enum QueueStart {
+    /// In flight: reported later by [`IoQueue::poll_complete`].
     Started,
     /// Finished at once (nothing to read from the device, or failed before any I/O).
-    Done(ReadDone),
+    Done(QueueDone),
     /// Not started (the queue cannot take it now): run it through [`ExportTarget::read`].
     Declined(IoBuf),
 }
 
-/// A finished read of a [`ReadQueue`].
-pub struct ReadDone {
+/// A finished read or write of an [`IoQueue`].
+pub struct QueueDone {
     pub tag: u64,
     pub result: Result<(), Errno>,
     pub buf: IoBuf,
-    /// Ranges of `buf` known to read as zeros (holes), ascending; the rest is data.
+    /// For a read: ranges of `buf` known to read as zeros (holes), ascending; the rest is
+    /// data. Empty for a write.
     pub zeros: Vec<std::ops::Range<usize>>,
 }
 

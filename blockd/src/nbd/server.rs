@@ -8,11 +8,12 @@
 //!    Unknown options get `NBD_REP_ERR_UNSUP`; malformed ones `NBD_REP_ERR_INVALID`.
 //! 2. **Transmission**: the connection task reads requests and validates them (range,
 //!    alignment, flags, size limits), and with each one every further request already in
-//!    its read buffer. A rejected request is answered at once. Valid reads go to the
-//!    connection's read task when the target has a [`ReadQueue`] (started on the runtime,
-//!    answered as each completes), else run as one batch on the blocking pool; every other
-//!    valid request runs on tokio's blocking pool (after an async QoS wait when the export
-//!    is limited, which reads then wait for too), and the blocking closure encodes its
+//!    its read buffer. A rejected request is answered at once. Valid reads and non-FUA
+//!    writes go to the connection's I/O task when the target has an [`IoQueue`] (started
+//!    on the runtime, answered as each completes; ops the queue declines fall back to the
+//!    blocking pool), else reads run as one batch on the blocking pool; every other valid
+//!    request runs on tokio's blocking pool (after an async QoS wait when the export is
+//!    limited, which reads and writes then wait for too), and the blocking closure encodes its
 //!    reply and queues it for the connection's single writer task. Replies go out in
 //!    completion order (the protocol allows it); the cookie matches them to requests.
 //!    Payloads and read buffers are aligned and recycled per connection
@@ -27,7 +28,7 @@
 //!   for it; an oversized write payload is drained through a small buffer and answered
 //!   `NBD_EINVAL`, keeping the stream in sync;
 //! - target methods run only on the blocking pool, never on a runtime worker, unless the
-//!   target declares itself non-blocking ([`ExportTarget::nonblocking`]); a [`ReadQueue`]
+//!   target declares itself non-blocking ([`ExportTarget::nonblocking`]); a [`IoQueue`]
 //!   is called on the runtime by contract (it never blocks);
 //! - a protocol violation or a socket error ends only its own connection; a panic in a
 //!   target call becomes an `NBD_EIO` reply to that request;
@@ -72,8 +73,8 @@ use tracing::{debug, info, warn, Instrument};
 use super::buffers::{BufPool, IoBuf};
 use super::codec::*;
 use super::{
-    Errno, ExportRegistry, ExportTarget, Extent, ExtentKind, OpenError, ReadDone, ReadQueue,
-    ReadStart, ZeroMode,
+    Errno, ExportRegistry, ExportTarget, Extent, ExtentKind, IoQueue, OpenError, QueueDone,
+    QueueStart, ZeroMode,
 };
 use crate::qos::Limiter;
 
@@ -1336,16 +1337,17 @@ where
     let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
     let (tx, rx) = mpsc::unbounded_channel::<Vec<Outgoing>>();
     let writer = tokio::spawn(write_replies(wr, rx).instrument(span.clone()));
-    // Reads complete asynchronously on their own task when the target offers a queue.
+    // Reads and plain writes complete asynchronously on their own task when the target
+    // offers a queue.
     let queue = {
         let target = ctx.target.clone();
-        blocking(move || target.read_queue()).await.ok().flatten()
+        blocking(move || target.io_queue()).await.ok().flatten()
     };
     let (reads_tx, reads_task) = match queue {
         Some(queue) => {
             let (jobs_tx, jobs_rx) = mpsc::unbounded_channel();
             let task = tokio::spawn(
-                run_async_reads(ctx.clone(), queue, jobs_rx, tx.clone()).instrument(span.clone()),
+                run_queued_io(ctx.clone(), queue, jobs_rx, tx.clone()).instrument(span.clone()),
             );
             (Some(jobs_tx), Some(task))
         }
@@ -1573,7 +1575,13 @@ fn dispatch_batch(
     if let (Some(reads_tx), true) = (reads_tx, unlimited) {
         let mut reads = Vec::new();
         for incoming in batch {
-            if incoming.verdict.is_ok() && incoming.req.command == Command::Read {
+            let queued = match incoming.req.command {
+                Command::Read => true,
+                // FUA needs a flush after the write: the blocking path does both.
+                Command::Write => !incoming.req.has_flag(NBD_CMD_FLAG_FUA),
+                _ => false,
+            };
+            if incoming.verdict.is_ok() && queued {
                 reads.push(incoming);
             } else {
                 dispatch(ctx, incoming, tx, stop);
@@ -1610,19 +1618,19 @@ fn dispatch_batch(
     }
 }
 
-/// The connection's asynchronous reads: starts the reads the reader hands over on the
-/// target's [`ReadQueue`] and answers each as soon as it completes. Ends when the reader
-/// is done (channel closed) and nothing is in flight. Reads the queue declines run on the
-/// blocking pool as usual.
-async fn run_async_reads(
+/// The connection's asynchronous I/O: starts the reads and plain writes the reader hands
+/// over on the target's [`IoQueue`] and answers each as soon as it completes. Ends when
+/// the reader is done (channel closed) and nothing is in flight. Ops the queue declines
+/// run on the blocking pool as usual.
+async fn run_queued_io(
     ctx: Arc<RequestCtx>,
-    mut queue: Box<dyn ReadQueue>,
+    mut queue: Box<dyn IoQueue>,
     mut jobs: mpsc::UnboundedReceiver<Vec<Incoming>>,
     tx: mpsc::UnboundedSender<Vec<Outgoing>>,
 ) {
     let mut pending: HashMap<u64, Incoming> = HashMap::new();
     let mut next_tag = 0u64;
-    let mut done: Vec<ReadDone> = Vec::new();
+    let mut done: Vec<QueueDone> = Vec::new();
     let mut open = true;
     while open || queue.in_flight() > 0 {
         let busy = queue.in_flight() > 0;
@@ -1633,16 +1641,28 @@ async fn run_async_reads(
                     continue;
                 };
                 let mut replies = Vec::new();
-                for incoming in batch {
+                for mut incoming in batch {
                     let tag = next_tag;
                     next_tag += 1;
-                    let buf = ctx.bufs.take(incoming.req.length as usize);
-                    match queue.start(tag, incoming.req.offset, buf) {
-                        ReadStart::Started => {
+                    let offset = incoming.req.offset;
+                    let started = if incoming.req.command == Command::Write {
+                        let data = std::mem::replace(&mut incoming.payload, IoBuf::empty());
+                        queue.start_write(tag, offset, data)
+                    } else {
+                        let buf = ctx.bufs.take(incoming.req.length as usize);
+                        queue.start(tag, offset, buf)
+                    };
+                    match started {
+                        QueueStart::Started => {
                             pending.insert(tag, incoming);
                         }
-                        ReadStart::Done(read) => replies.push(read_reply(&ctx, incoming, read)),
-                        ReadStart::Declined(_) => run_blocking(ctx.clone(), incoming, tx.clone()),
+                        QueueStart::Done(done) => replies.push(queued_reply(&ctx, incoming, done)),
+                        QueueStart::Declined(buf) => {
+                            if incoming.req.command == Command::Write {
+                                incoming.payload = buf;
+                            }
+                            run_blocking(ctx.clone(), incoming, tx.clone());
+                        }
                     }
                 }
                 queue.submit();
@@ -1655,7 +1675,7 @@ async fn run_async_reads(
                     .drain(..)
                     .filter_map(|read| {
                         let incoming = pending.remove(&read.tag)?;
-                        Some(read_reply(&ctx, incoming, read))
+                        Some(queued_reply(&ctx, incoming, read))
                     })
                     .collect();
                 if !replies.is_empty() {
@@ -1666,10 +1686,11 @@ async fn run_async_reads(
     }
 }
 
-/// The reply to a read finished by a [`ReadQueue`].
-fn read_reply(ctx: &RequestCtx, incoming: Incoming, read: ReadDone) -> Outgoing {
+/// The reply to a read or write finished by an [`IoQueue`].
+fn queued_reply(ctx: &RequestCtx, incoming: Incoming, read: QueueDone) -> Outgoing {
     let req = incoming.req;
     let outcome = match read.result {
+        Ok(()) if req.command == Command::Write => Outcome::Done,
         Ok(()) => {
             let len = read.buf.len();
             let sparse = ctx.structured && !req.has_flag(NBD_CMD_FLAG_DF);

@@ -998,13 +998,13 @@ impl ExportTarget for Gated {
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, Errno> {
         self.inner.block_status(offset, len)
     }
-    fn read_queue(&self) -> Option<Box<dyn ReadQueue>> {
+    fn io_queue(&self) -> Option<Box<dyn IoQueue>> {
         self.queue.then(|| {
             Box::new(FakeQueue {
                 inner: self.inner.clone(),
                 started: Vec::new(),
                 waker: None,
-            }) as Box<dyn ReadQueue>
+            }) as Box<dyn IoQueue>
         })
     }
 }
@@ -1017,13 +1017,13 @@ struct FakeQueue {
     waker: Option<std::task::Waker>,
 }
 
-impl ReadQueue for FakeQueue {
-    fn start(&mut self, tag: u64, offset: u64, buf: IoBuf) -> ReadStart {
+impl IoQueue for FakeQueue {
+    fn start(&mut self, tag: u64, offset: u64, buf: IoBuf) -> QueueStart {
         if offset == 0 {
-            return ReadStart::Declined(buf);
+            return QueueStart::Declined(buf);
         }
         self.started.push((tag, offset, buf));
-        ReadStart::Started
+        QueueStart::Started
     }
     fn submit(&mut self) {
         if let Some(w) = self.waker.take() {
@@ -1036,14 +1036,14 @@ impl ReadQueue for FakeQueue {
     fn poll_complete(
         &mut self,
         cx: &mut std::task::Context<'_>,
-        out: &mut Vec<ReadDone>,
+        out: &mut Vec<QueueDone>,
     ) -> std::task::Poll<()> {
         let Some((tag, offset, mut buf)) = self.started.pop() else {
             self.waker = Some(cx.waker().clone());
             return std::task::Poll::Pending;
         };
         let result = self.inner.read(offset, &mut buf);
-        out.push(ReadDone {
+        out.push(QueueDone {
             tag,
             result,
             buf,
