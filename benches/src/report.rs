@@ -562,8 +562,9 @@ pub fn render_markdown(
     let _ = writeln!(md, "\n## fio command lines\n");
     let _ = writeln!(
         md,
-        "Exactly as run, in order (`prefill` writes the whole data file/volume once and is not \
-         a result). Every system gets the same options; only the target differs: \
+        "Exactly as run, in order: each workload on every system back to back (`prefill` \
+         writes the whole data file/volume once and is not a result). Every system gets the \
+         same options; only the target differs: \
          `--ioengine=io_uring --direct=1 --filename=FILE` for raw, `--ioengine=nbd \
          --uri=URI` for the NBD servers. Servers: `qemu-nbd -t -k SOCK -f raw|qcow2 \
          --cache=none --aio=io_uring FILE`, `nbdkit -f -U SOCK file file=FILE cache=none`, \
