@@ -635,5 +635,54 @@ impl Drop for CsiShim {
                 eprintln!("--- csi-shim log ---\n{}--- end ---", self.log());
             }
         }
+        sweep(self.dir.path());
+    }
+}
+
+/// Removes everything a test's csi-shim may have left under `root` (a failed test must
+/// not leak into the next one or the machine): the detached helpers it started (proxies,
+/// FUSE servers) are killed, loop devices backed by files under `root` are detached, and
+/// mounts under `root` are unmounted, deepest first.
+pub fn sweep(root: &Path) {
+    let root_text = root.display().to_string();
+    // Loop devices first: their backing files live on FUSE mounts under `root`.
+    if let Ok(out) = Command::new("losetup")
+        .args(["-n", "-O", "NAME,BACK-FILE", "-l"])
+        .output()
+    {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let mut fields = line.split_whitespace();
+            if let (Some(dev), Some(back)) = (fields.next(), fields.next()) {
+                if back.starts_with(&root_text) {
+                    let _ = Command::new("losetup").args(["-d", dev]).status();
+                }
+            }
+        }
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let mut points: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter(|p| p.starts_with(&root_text))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for point in points {
+        let _ = Command::new("umount").arg("-l").arg(point).status();
+    }
+    if let Ok(procs) = std::fs::read_dir("/proc") {
+        for entry in procs.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|p| p.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(&root_text) {
+                // SAFETY: kill(2) with a pid read from /proc; at worst the process is gone.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
     }
 }

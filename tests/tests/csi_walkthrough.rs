@@ -8,12 +8,12 @@
 //! not the later change) on a file system that spans the larger volume; pvc0 is expanded
 //! online; everything is torn down and the pool is empty again.
 //!
-//! Needs root (mounts, loop devices) and FUSE + nbdfuse for the fuse-loop attacher; skips
-//! with the reason otherwise.
+//! Needs root (mounts, loop devices) and FUSE for the fuse-loop attacher; skips with the
+//! reason otherwise. Whatever a failed run leaves mounted or attached is swept when the
+//! `CsiShim` helper drops.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use blockd_proto::csi;
 use blockd_proto::csi::controller_client::ControllerClient;
@@ -35,7 +35,7 @@ fn skip_reason() -> Option<String> {
     if !Path::new("/dev/fuse").exists() {
         return Some("no /dev/fuse".into());
     }
-    for tool in ["nbdfuse", "losetup", "mkfs.ext4", "mkfs.xfs", "mount"] {
+    for tool in ["losetup", "mkfs.ext4", "mkfs.xfs", "mount"] {
         if !have_tool(tool) {
             return Some(format!(
                 "{tool} is not installed (tools/test.sh installs it)"
@@ -43,28 +43,6 @@ fn skip_reason() -> Option<String> {
         }
     }
     None
-}
-
-/// Unmounts whatever is still mounted under `root` when dropped (a failed test must not
-/// leave mounts behind), deepest first.
-struct MountGuard(PathBuf);
-
-impl Drop for MountGuard {
-    fn drop(&mut self) {
-        let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
-            return;
-        };
-        let root = self.0.display().to_string();
-        let mut points: Vec<&str> = mounts
-            .lines()
-            .filter_map(|l| l.split_whitespace().nth(1))
-            .filter(|p| p.starts_with(&root))
-            .collect();
-        points.sort_by_key(|p| std::cmp::Reverse(p.len()));
-        for point in points {
-            let _ = Command::new("umount").arg("-l").arg(point).status();
-        }
-    }
 }
 
 fn mount_cap(fs: &str) -> csi::VolumeCapability {
@@ -244,7 +222,6 @@ fn seed_chapter_walkthrough() {
         &["--attach", "fuse-loop", "--overprovisioning-ratio", "100"],
     );
     let root = shim.scratch().join("kubelet");
-    let _guard = MountGuard(root.clone());
     let rt = runtime();
     rt.block_on(async {
         let channel = shim.channel().await;
