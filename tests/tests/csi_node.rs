@@ -24,7 +24,7 @@ use tonic::Code;
 const NODE: &str = "node-a";
 const MIB: u64 = 1 << 20;
 
-/// Builds the helper binaries the node service starts (`csi-nbd-proxy`), next to
+/// Builds the helper binaries the node service starts (csi-nbd-proxy, csi-fuse-nbd), next to
 /// csi-shim, once per test process. With `CSI_SHIM_BIN` set, they are expected next to it.
 fn build_helpers() -> &'static Result<PathBuf, String> {
     static BUILT: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
@@ -45,31 +45,25 @@ fn build_helpers() -> &'static Result<PathBuf, String> {
                     "CARGO_TARGET_DIR",
                     dir.parent().expect("<target>/<profile>"),
                 )
-                .args([
-                    "build",
-                    "--quiet",
-                    "-p",
-                    "csi-shim",
-                    "--bin",
-                    "csi-nbd-proxy",
-                ]);
+                .args(["build", "--quiet", "-p", "csi-shim"])
+                .args(["--bin", "csi-nbd-proxy", "--bin", "csi-fuse-nbd"]);
             if dir.file_name().is_some_and(|n| n == "release") {
                 cmd.arg("--release");
             }
             let out = cmd.output().map_err(|e| format!("cannot run cargo: {e}"))?;
             if !out.status.success() {
                 return Err(format!(
-                    "building csi-nbd-proxy failed:\n{}",
+                    "building csi-nbd-proxy and csi-fuse-nbd failed:\n{}",
                     String::from_utf8_lossy(&out.stderr)
                 ));
             }
         }
-        let proxy = dir.join("csi-nbd-proxy");
-        if proxy.exists() {
-            Ok(proxy)
-        } else {
-            Err(format!("{} does not exist", proxy.display()))
+        for helper in ["csi-nbd-proxy", "csi-fuse-nbd"] {
+            if !dir.join(helper).exists() {
+                return Err(format!("{} does not exist", dir.join(helper).display()));
+            }
         }
+        Ok(dir)
     })
 }
 
@@ -160,6 +154,22 @@ impl Drop for Cleanup {
         }
         for (point, _) in mounts_under(&self.0) {
             let _ = Command::new("umount").arg("-l").arg(&point).status();
+        }
+        // Helpers (FUSE server, proxy) of volumes a failed test left staged.
+        let root = self.0.display().to_string();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            let helper = ["csi-nbd-proxy", "csi-fuse-nbd", "nbdfuse"]
+                .iter()
+                .any(|h| cmdline.split(' ').next().is_some_and(|p| p.ends_with(h)));
+            if helper && cmdline.contains(&root) {
+                // SAFETY: kill(2) on a helper process started for this test's directories.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
         }
     }
 }
@@ -745,15 +755,15 @@ fn stats_follow_writes_and_report_a_dead_attachment() {
         let pidfile = std::fs::read_dir(env.shim.state_dir().join("attach"))
             .expect("attach dir")
             .filter_map(|e| e.ok())
-            .map(|e| e.path().join("nbdfuse.pid"))
+            .map(|e| e.path().join("fuse.pid"))
             .find(|p| p.exists())
-            .expect("nbdfuse pid file");
+            .expect("FUSE server pid file");
         let pid: i32 = std::fs::read_to_string(&pidfile)
             .expect("pid")
             .trim()
             .parse()
             .expect("pid number");
-        // SAFETY: kill(2) on the nbdfuse pid read from the attachment's pid file.
+        // SAFETY: kill(2) on the FUSE server pid read from the attachment's pid file.
         assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
         let deadline = Instant::now() + Duration::from_secs(10);
         let condition = loop {
@@ -770,7 +780,7 @@ fn stats_follow_writes_and_report_a_dead_attachment() {
         assert!(condition.abnormal, "{condition:?}");
         // Either the dead helper or the failed read is named, whichever is seen first.
         assert!(
-            condition.message.contains("nbdfuse") || condition.message.contains("/dev/loop"),
+            condition.message.contains("FUSE server") || condition.message.contains("/dev/loop"),
             "{}",
             condition.message
         );
@@ -785,35 +795,68 @@ fn online_expansion_shows_in_df() {
     require_root_and_tools!();
     runtime().block_on(async {
         let mut env = Env::start(&["--attach", "fuse-loop"]).await;
-        let id = env.volume("grow", "128M");
-        let (staging, target) = env.mount(&id, "grow", mount_cap("ext4")).await;
+        // XFS (at least 300 MiB): grown with xfs_growfs while published and written.
+        let id = env.volume("grow", "320M");
+        let (staging, target) = env.mount(&id, "grow", mount_cap("xfs")).await;
         write_synced(&target.join("before"), &content(7, MIB as usize));
         let small = df_bytes(&target);
-        assert!(small < 128 * MIB, "{small}");
+        assert!(small < 320 * MIB, "{small}");
 
         env.daemon
-            .ctl_ok(&["volume", "resize", "grow", "--size", "384M"]);
+            .ctl_ok(&["volume", "resize", "grow", "--size", "640M"]);
         for _ in 0..2 {
             let grown = env
-                .expand(&id, &target, 384 * MIB)
+                .expand(&id, &target, 640 * MIB)
                 .await
                 .unwrap_or_else(|s| panic!("NodeExpandVolume: {s}\n{}", env.shim.log()));
-            assert_eq!(grown.capacity_bytes, (384 * MIB) as i64);
+            assert_eq!(grown.capacity_bytes, (640 * MIB) as i64);
         }
         let big = df_bytes(&target);
-        assert!(big > 350 * MIB, "df after expansion: {big}");
+        assert!(big > 550 * MIB, "df after expansion: {big}");
         assert_eq!(
             checksum(&std::fs::read(target.join("before")).expect("data kept")),
             checksum(&content(7, MIB as usize))
         );
-        write_synced(&target.join("after"), &content(8, 200 * MIB as usize));
-
+        // Fill past the old end of the volume (the file system had 320 MiB).
+        for i in 0..5 {
+            write_synced(
+                &target.join(format!("after-{i}")),
+                &content(100 + i, 80 * MIB as usize),
+            );
+        }
         // More than blockd holds: OUT_OF_RANGE.
         expect_code(
             env.expand(&id, &target, 1 << 30).await,
             Code::OutOfRange,
             "expand past the blockd volume",
         );
+        env.umount(&id, &staging, &target).await;
+
+        // ext4 grows online only with CAP_SYS_RESOURCE; without it the call says so.
+        let id = env.volume("grow4", "128M");
+        let (staging, target) = env.mount(&id, "grow4", mount_cap("ext4")).await;
+        env.daemon
+            .ctl_ok(&["volume", "resize", "grow4", "--size", "384M"]);
+        let status = std::fs::read_to_string("/proc/self/status").expect("status");
+        let cap_eff = status
+            .lines()
+            .find_map(|l| l.strip_prefix("CapEff:"))
+            .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
+            .expect("CapEff");
+        if cap_eff & (1 << 24) != 0 {
+            env.expand(&id, &target, 384 * MIB)
+                .await
+                .expect("grow ext4");
+            assert!(df_bytes(&target) > 350 * MIB);
+        } else {
+            eprintln!("no CAP_SYS_RESOURCE here: checking that ext4 growth explains why");
+            let msg = expect_code(
+                env.expand(&id, &target, 384 * MIB).await,
+                Code::FailedPrecondition,
+                "ext4 growth without CAP_SYS_RESOURCE",
+            );
+            assert!(msg.contains("CAP_SYS_RESOURCE"), "{msg}");
+        }
         env.umount(&id, &staging, &target).await;
         env.assert_clean().await;
     });
@@ -1261,7 +1304,7 @@ fn blockd_restart_while_mounted_and_written_is_invisible() {
             .expect("a work directory");
         assert!(
             work.join("proxy.sock").exists(),
-            "nbdfuse connects through csi-nbd-proxy: {:?}",
+            "the FUSE server connects through csi-nbd-proxy: {:?}",
             std::fs::read_dir(&work).map(|d| d.count())
         );
 

@@ -142,6 +142,15 @@ pub enum NodeError {
         detail: String,
     },
 
+    #[error(
+        "Cannot {action}: the kernel requires {capability}, which csi-shim does not hold \
+         (grant it to the container, or expand the volume while it is unstaged)"
+    )]
+    MissingCapability {
+        capability: &'static str,
+        action: String,
+    },
+
     #[error("Cannot attach with {mode}: {reason}")]
     AttachUnavailable { mode: &'static str, reason: String },
 
@@ -202,6 +211,7 @@ impl From<NodeError> for Status {
             | NodeError::StillPublished { .. }
             | NodeError::FsMismatch { .. }
             | NodeError::OnlineGrowUnsupported { .. }
+            | NodeError::MissingCapability { .. }
             | NodeError::AttachUnavailable { .. } => Status::failed_precondition(message),
             NodeError::CapacityOutOfRange { .. } => Status::out_of_range(message),
             NodeError::CommandTimeout { .. } => Status::deadline_exceeded(message),

@@ -218,7 +218,8 @@ mod tests {
             attachment: Attachment::FuseLoop {
                 dir: "/state/attach/x".into(),
                 device: "/dev/loop7".into(),
-                nbdfuse_pid: 42,
+                fuse_server: "csi-fuse-nbd".into(),
+                fuse_pid: 42,
                 proxy_pid: None,
                 uri: "nbd+unix:///vol?socket=/s".into(),
             },

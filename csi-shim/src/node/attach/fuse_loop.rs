@@ -2,16 +2,19 @@
 //!
 //! ```text
 //!   WORK/                         per-volume work directory (see attach/mod.rs)
-//!   ├── fuse/                     FUSE mount point, served by nbdfuse
+//!   ├── fuse/                     FUSE mount point, served by csi-fuse-nbd (or nbdfuse)
 //!   │   └── nbd                   the export as a file  ──losetup --direct-io=on──▶ /dev/loopN
-//!   ├── nbdfuse.pid, nbdfuse.log
+//!   ├── fuse.pid, fuse.log, size  (the FUSE server; `size` is what it should grow to)
 //!   └── proxy.sock, proxy.pid, proxy.log   (csi-nbd-proxy, when installed)
 //! ```
 //!
 //! Invariants:
-//! - nbdfuse (and the proxy) run in their own sessions with their output in log files, so
-//!   they outlive a csi-shim restart; nbdfuse connects through the proxy when the proxy
-//!   binary is installed next to csi-shim, so that it never sees blockd restart;
+//! - the FUSE server (and the proxy) run in their own sessions with their output in log
+//!   files, so they outlive a csi-shim restart; the FUSE server connects through the
+//!   proxy when the proxy binary is installed next to csi-shim, so that it never sees
+//!   blockd restart;
+//! - the FUSE server is csi-fuse-nbd when installed next to csi-shim (its file grows with
+//!   the export, so volumes expand online), else nbdfuse (whose file keeps its size);
 //! - the loop device runs in direct-I/O mode, so no second page cache sits between the file
 //!   system and blockd, and FLUSH from the file system reaches blockd;
 //! - [`detach`] works from the work directory alone (loop devices are found through
@@ -27,8 +30,21 @@ use super::Attachment;
 use crate::node::error::{NodeError, Result};
 use crate::node::{exec, fs, mount};
 
-/// The file nbdfuse creates in its mount point.
+/// The file the FUSE server presents in its mount point.
 const FUSE_FILE: &str = "nbd";
+/// The FUSE servers, by command name.
+const NBDFUSE: &str = "nbdfuse";
+const FUSE_FILE_SERVER: &str = "csi-fuse-nbd";
+
+/// Helper binaries found next to csi-shim.
+#[derive(Debug, Clone, Default)]
+pub struct Helpers {
+    /// csi-nbd-proxy: hides blockd restarts from the FUSE server.
+    pub proxy: Option<PathBuf>,
+    /// csi-fuse-nbd: a FUSE file whose size follows the export (online expansion);
+    /// nbdfuse is used when it is absent.
+    pub fuse_file: Option<PathBuf>,
+}
 /// How long nbdfuse and the proxy may take to come up.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a helper process may take to exit after its work is undone.
@@ -43,25 +59,21 @@ fn fuse_file(dir: &Path) -> PathBuf {
 }
 
 /// Attaches `volume`, exported by blockd at `uri`, through nbdfuse and a loop device.
-pub async fn attach(
-    dir: &Path,
-    volume: &str,
-    uri: &str,
-    proxy: Option<&Path>,
-) -> Result<Attachment> {
+pub async fn attach(dir: &Path, volume: &str, uri: &str, helpers: &Helpers) -> Result<Attachment> {
+    let proxy = helpers.proxy.as_deref();
     // Leftovers of an attachment that crashed half-way.
     detach(dir).await?;
     std::fs::create_dir_all(fuse_dir(dir))
         .map_err(|e| NodeError::io(format!("Creating {}", fuse_dir(dir).display()), e))?;
 
-    let (nbd_uri, proxy_pid) = match proxy {
+    let upstream = socket_of(uri).ok_or_else(|| {
+        NodeError::io(
+            format!("blockd returned export URI {uri:?} without a socket"),
+            std::io::Error::from(std::io::ErrorKind::InvalidData),
+        )
+    })?;
+    let (nbd_uri, nbd_socket, proxy_pid) = match proxy {
         Some(binary) => {
-            let upstream = socket_of(uri).ok_or_else(|| {
-                NodeError::io(
-                    format!("blockd returned export URI {uri:?} without a socket"),
-                    std::io::Error::from(std::io::ErrorKind::InvalidData),
-                )
-            })?;
             let pid = match start_proxy(dir, binary, &upstream, volume).await {
                 Ok(pid) => pid,
                 Err(err) => {
@@ -75,14 +87,21 @@ pub async fn attach(
                     "nbd+unix:///{volume}?socket={}",
                     uri_escape(&socket.display().to_string())
                 ),
+                socket,
                 Some(pid),
             )
         }
-        None => (uri.to_string(), None),
+        None => (uri.to_string(), upstream, None),
     };
 
     let result = async {
-        let nbdfuse_pid = start_nbdfuse(dir, &nbd_uri).await?;
+        let (fuse_server, fuse_pid) = match &helpers.fuse_file {
+            Some(binary) => (
+                FUSE_FILE_SERVER.to_string(),
+                start_fuse_file(dir, binary, &nbd_socket, volume).await?,
+            ),
+            None => (NBDFUSE.to_string(), start_nbdfuse(dir, &nbd_uri).await?),
+        };
         let file = fuse_file(dir);
         let out = exec::run(
             "losetup",
@@ -99,7 +118,8 @@ pub async fn attach(
         Ok(Attachment::FuseLoop {
             dir: dir.to_path_buf(),
             device,
-            nbdfuse_pid,
+            fuse_server,
+            fuse_pid,
             proxy_pid,
             uri: nbd_uri.clone(),
         })
@@ -140,8 +160,8 @@ pub async fn detach(dir: &Path) -> Result<()> {
             Err(err) => return Err(err),
         }
     }
-    stop_process(&dir.join("nbdfuse.pid"), "nbdfuse").await;
-    stop_process(&dir.join("proxy.pid"), "csi-nbd-proxy").await;
+    stop_process(&dir.join("fuse.pid"), &[NBDFUSE, FUSE_FILE_SERVER]).await;
+    stop_process(&dir.join("proxy.pid"), &["csi-nbd-proxy"]).await;
     match std::fs::remove_dir_all(dir) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -149,12 +169,31 @@ pub async fn detach(dir: &Path) -> Result<()> {
     }
 }
 
-/// Re-reads the size of the FUSE file into the loop device; returns the device size.
+/// Makes the FUSE file and the loop device follow a grown export; returns the device
+/// size.
 ///
-/// nbdfuse learns the export size once, at connect time, so the FUSE file (and with it
-/// the loop device) only grows when nbdfuse has reconnected since blockd grew the volume.
+/// csi-fuse-nbd re-reads the size when the size file names a larger one and the file is
+/// stat'ed (see `fuse_file`); `losetup -c` then re-reads the file size into the loop
+/// device. nbdfuse learns the export size once, at connect time, so with nbdfuse the
+/// device cannot grow online.
 pub async fn refresh_size(attachment: &Attachment, volume_size: u64) -> Result<u64> {
-    let Attachment::FuseLoop { device, dir, .. } = attachment;
+    let Attachment::FuseLoop {
+        device,
+        dir,
+        fuse_server,
+        ..
+    } = attachment;
+    let size_file = dir.join("size");
+    std::fs::write(&size_file, format!("{volume_size}\n"))
+        .map_err(|e| NodeError::io(format!("Writing {}", size_file.display()), e))?;
+    let file = fuse_file(dir);
+    let stat = tokio::task::spawn_blocking(move || std::fs::metadata(&file)).await;
+    let context = || format!("Reading the size of {}", fuse_file(dir).display());
+    match stat {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return Err(NodeError::io(context(), e)),
+        Err(e) => return Err(NodeError::io(context(), std::io::Error::other(e))),
+    }
     exec::run("losetup", &[Path::new("-c"), device], exec::SHORT).await?;
     let size = fs::device_size(device)
         .map_err(|e| NodeError::io(format!("Reading the size of {}", device.display()), e))?;
@@ -164,8 +203,14 @@ pub async fn refresh_size(attachment: &Attachment, volume_size: u64) -> Result<u
             device_size: size,
             volume_size,
             detail: format!(
-                "nbdfuse (log {}) serves the size it saw at connect time",
-                dir.join("nbdfuse.log").display()
+                "the FUSE server {fuse_server} (log {}) did not pick up the new size{}",
+                dir.join("fuse.log").display(),
+                if fuse_server == NBDFUSE {
+                    "; nbdfuse serves the size it saw at connect time: install \
+                     csi-fuse-nbd next to csi-shim"
+                } else {
+                    ""
+                }
             ),
         });
     }
@@ -177,16 +222,17 @@ pub fn problem(attachment: &Attachment) -> Option<String> {
     let Attachment::FuseLoop {
         dir,
         device,
-        nbdfuse_pid,
+        fuse_server,
+        fuse_pid,
         proxy_pid,
         ..
     } = attachment;
-    if !process_is(*nbdfuse_pid, "nbdfuse") {
+    if !process_is(*fuse_pid, fuse_server) {
         return Some(format!(
-            "nbdfuse (pid {nbdfuse_pid}) is not running, so {} has no backing file; \
-             see {}",
+            "the FUSE server {fuse_server} (pid {fuse_pid}) is not running, so {} has no \
+             backing file; see {}",
             device.display(),
-            dir.join("nbdfuse.log").display()
+            dir.join("fuse.log").display()
         ));
     }
     if let Some(pid) = proxy_pid {
@@ -286,16 +332,52 @@ fn tail(path: &Path) -> String {
 
 /// Starts nbdfuse on `uri` and waits until it serves the file; returns its pid.
 async fn start_nbdfuse(dir: &Path, uri: &str) -> Result<u32> {
-    let pidfile = dir.join("nbdfuse.pid");
-    let log = dir.join("nbdfuse.log");
-    let _ = std::fs::remove_file(&pidfile);
-    let mut cmd = detached(Path::new("nbdfuse"), &log)?;
+    let mut cmd = detached(Path::new(NBDFUSE), &dir.join("fuse.log"))?;
+    let pidfile = dir.join("fuse.pid");
     cmd.arg("-P").arg(&pidfile).arg(fuse_dir(dir)).arg(uri);
     let rendered = format!(
         "nbdfuse -P {} {} {uri}",
         pidfile.display(),
         fuse_dir(dir).display()
     );
+    wait_fuse_ready(dir, cmd, rendered).await
+}
+
+/// Starts csi-fuse-nbd on `socket`/`export` and waits until it serves the file.
+async fn start_fuse_file(dir: &Path, binary: &Path, socket: &Path, export: &str) -> Result<u32> {
+    let mut cmd = detached(binary, &dir.join("fuse.log"))?;
+    let pidfile = dir.join("fuse.pid");
+    let size_file = dir.join("size");
+    cmd.arg("--mount")
+        .arg(fuse_dir(dir))
+        .arg("--socket")
+        .arg(socket)
+        .arg("--export")
+        .arg(export)
+        .arg("--size-file")
+        .arg(&size_file)
+        .arg("--pidfile")
+        .arg(&pidfile);
+    let rendered = format!(
+        "{} --mount {} --socket {} --export {export} --size-file {} --pidfile {}",
+        binary.display(),
+        fuse_dir(dir).display(),
+        socket.display(),
+        size_file.display(),
+        pidfile.display()
+    );
+    wait_fuse_ready(dir, cmd, rendered).await
+}
+
+/// Spawns a FUSE server command and waits for its pid file and file; returns its pid.
+async fn wait_fuse_ready(
+    dir: &Path,
+    mut cmd: tokio::process::Command,
+    rendered: String,
+) -> Result<u32> {
+    let pidfile = dir.join("fuse.pid");
+    let log = dir.join("fuse.log");
+    let _ = std::fs::remove_file(&pidfile);
     let mut child = cmd
         .spawn()
         .map_err(|e| NodeError::io(format!("Cannot run `{rendered}`"), e))?;
@@ -313,7 +395,7 @@ async fn start_nbdfuse(dir: &Path, uri: &str) -> Result<u32> {
         }
         if let Some(pid) = read_pid(&pidfile) {
             if fuse_file(dir).exists() {
-                tracing::info!(pid, uri, mount_point = %fuse_dir(dir).display(), "nbdfuse serving");
+                tracing::info!(pid, command = %rendered, "FUSE server serving");
                 // Dropping the handle leaves nbdfuse running; tokio reaps it when it exits.
                 return Ok(pid);
             }
@@ -410,9 +492,12 @@ fn process_is(pid: u32, name: &str) -> bool {
 }
 
 /// Waits for the process in `pidfile` to exit (it should, once its mount or socket is
-/// gone); then SIGTERM, then SIGKILL. Signals only a live process named `name`.
-async fn stop_process(pidfile: &Path, name: &str) {
+/// gone); then SIGTERM, then SIGKILL. Signals only a live process with one of `names`.
+async fn stop_process(pidfile: &Path, names: &[&str]) {
     let Some(pid) = read_pid(pidfile) else {
+        return;
+    };
+    let Some(name) = names.iter().copied().find(|n| process_is(pid, n)) else {
         return;
     };
     let signal_and_wait = |signal: Option<i32>, wait: Duration| async move {

@@ -20,7 +20,9 @@
 //!   half-made attachment even when no record of it was written;
 //! - [`Attachment`] is the serialisable description stored in the volume's state record.
 
+pub mod fuse_file;
 pub mod fuse_loop;
+pub mod nbd_client;
 
 use std::path::{Path, PathBuf};
 
@@ -39,7 +41,9 @@ pub enum Attachment {
         dir: PathBuf,
         /// The loop device, e.g. `/dev/loop3`.
         device: PathBuf,
-        nbdfuse_pid: u32,
+        /// The FUSE server's command name (`csi-fuse-nbd` or `nbdfuse`) and pid.
+        fuse_server: String,
+        fuse_pid: u32,
         /// The reconnecting proxy between nbdfuse and blockd, when one runs.
         proxy_pid: Option<u32>,
         /// The NBD URI nbdfuse serves.
@@ -106,9 +110,8 @@ pub struct Attacher {
     kind: Kind,
     /// `--state-dir/attach`: one work directory per volume.
     root: PathBuf,
-    /// blockd's NBD socket is taken from the export URI; this is where the proxy binary
-    /// would be (next to csi-shim), if installed.
-    proxy_binary: Option<PathBuf>,
+    /// Helper binaries installed next to csi-shim.
+    helpers: fuse_loop::Helpers,
 }
 
 impl Attacher {
@@ -124,14 +127,21 @@ impl Attacher {
                 }
             }
         };
-        let proxy_binary = std::env::current_exe()
-            .ok()
-            .and_then(|exe| exe.parent().map(|d| d.join("csi-nbd-proxy")))
-            .filter(|p| p.is_file());
+        let beside = |name: &str| {
+            std::env::current_exe()
+                .ok()
+                .and_then(|exe| exe.parent().map(|d| d.join(name)))
+                .filter(|p| p.is_file())
+        };
+        let helpers = fuse_loop::Helpers {
+            proxy: beside("csi-nbd-proxy"),
+            fuse_file: beside("csi-fuse-nbd"),
+        };
+        tracing::info!(proxy = ?helpers.proxy, fuse_file = ?helpers.fuse_file, "attach helpers");
         Attacher {
             kind,
             root: args.state_dir.join("attach"),
-            proxy_binary,
+            helpers,
         }
     }
 
@@ -163,7 +173,7 @@ impl Attacher {
         match self.kind {
             Kind::FuseLoop => {
                 let dir = self.work_dir(volume_id);
-                fuse_loop::attach(&dir, volume, uri, self.proxy_binary.as_deref()).await
+                fuse_loop::attach(&dir, volume, uri, &self.helpers).await
             }
             Kind::KernelNbd => Err(NodeError::AttachUnavailable {
                 mode: Kind::KernelNbd.name(),
