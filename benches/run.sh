@@ -283,27 +283,33 @@ start_server() {
   die "$name did not create its socket $sock within 30 s"
 }
 
-# stop_server NAME: SIGTERM, and wait (SIGKILL after 120 s). A server stopping after heavy
-# writes may take a while: it flushes, and the VM's disk flushes its host-side cache.
-stop_server() {
-  local name="$1" i
-  local pid="${server_pids[$name]:-}"
-  [ -n "$pid" ] || return 0
-  local t0=$SECONDS
-  kill -TERM "$pid" 2>/dev/null || true
-  for i in $(seq 1200); do
-    kill -0 "$pid" 2>/dev/null || break
-    [ "$i" -lt 1200 ] && sleep 0.1
+# stop_servers NAME...: SIGTERM them all, then wait for each (SIGKILL after 120 s). A
+# server stopping after heavy writes may take a while: it flushes, and the VM's disk
+# flushes its host-side cache; stopping several at once overlaps those waits.
+stop_servers() {
+  local name pid i p t0=$SECONDS
+  local -a stopping=()
+  for name in "$@"; do
+    pid="${server_pids[$name]:-}"
+    [ -n "$pid" ] || continue
+    kill -TERM "$pid" 2>/dev/null || true
+    stopping+=("$pid")
+    unset "server_pids[$name]"
   done
-  kill -KILL "$pid" 2>/dev/null || true
-  wait "$pid" 2>/dev/null || true
-  local kept=() p
-  for p in "${pids[@]}"; do
-    [ "$p" = "$pid" ] || kept+=("$p")
+  for pid in "${stopping[@]+"${stopping[@]}"}"; do
+    for i in $(seq 1200); do
+      kill -0 "$pid" 2>/dev/null || break
+      [ "$i" -lt 1200 ] && sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    local kept=()
+    for p in "${pids[@]}"; do
+      [ "$p" = "$pid" ] || kept+=("$p")
+    done
+    pids=("${kept[@]+"${kept[@]}"}")
   done
-  pids=("${kept[@]+"${kept[@]}"}")
-  unset "server_pids[$name]"
-  [ $((SECONDS - t0)) -lt 5 ] || log "  $name took $((SECONDS - t0)) s to stop (flushing)"
+  [ $((SECONDS - t0)) -lt 5 ] || log "  stopping $* took $((SECONDS - t0)) s (flushing)"
 }
 
 nbd_uri() { echo "nbd+unix:///?socket=$scratch/$1.sock"; }
@@ -385,16 +391,14 @@ done
 ctl snapshot create data bench-snap >/dev/null || die "blockctl snapshot create failed"
 target_of blockd
 run_fio blockd randwrite-4k-qd32-after-snapshot "${tgt[@]}"
-stop_server qemu-nbd-qcow2
+stop_servers qemu-nbd-qcow2
 qemu-img snapshot -c bench-snap "$qcow" || die "qemu-img snapshot -c failed"
 qemu_nbd qemu-nbd-qcow2 qcow2 "$qcow"
 target_of qemu-nbd-qcow2
 run_fio qemu-nbd-qcow2 randwrite-4k-qd32-after-snapshot "${tgt[@]}"
 
 # --- first touch: fresh targets ---------------------------------------------------------
-stop_server qemu-nbd
-stop_server nbdkit
-stop_server qemu-nbd-qcow2
+stop_servers qemu-nbd nbdkit qemu-nbd-qcow2
 rm -f "$raw" "$qcow"
 fresh_sparse "$ft_raw" "$ft_size"
 run_fio raw randwrite-4k-qd32-first-touch --ioengine=io_uring --direct=1 "--filename=$ft_raw"
@@ -405,18 +409,17 @@ fresh_sparse "$ft_raw" "$ft_size"
 qemu_nbd qemu-nbd raw "$ft_raw"
 target_of qemu-nbd
 run_fio qemu-nbd randwrite-4k-qd32-first-touch "${tgt[@]}"
-stop_server qemu-nbd
+stop_servers qemu-nbd
 qemu-img create -q -f qcow2 -o cluster_size=$chunk "$ft_qcow" "$ft_size" || die "qemu-img create failed"
 qemu_nbd qemu-nbd-qcow2 qcow2 "$ft_qcow"
 target_of qemu-nbd-qcow2
 run_fio qemu-nbd-qcow2 randwrite-4k-qd32-first-touch "${tgt[@]}"
-stop_server qemu-nbd-qcow2
+stop_servers qemu-nbd-qcow2
 fresh_sparse "$ft_raw" "$ft_size"
 nbdkit_file "$ft_raw"
 target_of nbdkit
 run_fio nbdkit randwrite-4k-qd32-first-touch "${tgt[@]}"
-stop_server nbdkit
-stop_server blockd
+stop_servers nbdkit blockd
 rm -f "$ft_raw" "$ft_qcow" "$scratch/blockd-pool.img"
 
 # --- engine figures ------------------------------------------------------------------------
