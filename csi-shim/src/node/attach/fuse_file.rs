@@ -459,3 +459,44 @@ pub fn parse_args(args: impl Iterator<Item = String>) -> Result<Config, String> 
 pub fn file_path(mount_point: &Path) -> PathBuf {
     mount_point.join("nbd")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arguments_are_parsed_and_checked() {
+        let args = [
+            "--mount",
+            "/m",
+            "--socket",
+            "/s",
+            "--export",
+            "v",
+            "--size-file",
+            "/z",
+            "--pidfile",
+            "/p",
+            "--reconnect-timeout",
+            "5",
+        ];
+        let cfg = parse_args(args.iter().map(|s| s.to_string())).unwrap();
+        assert_eq!(cfg.mount_point, PathBuf::from("/m"));
+        assert_eq!(cfg.export, "v");
+        assert_eq!(cfg.pidfile, Some(PathBuf::from("/p")));
+        assert_eq!(cfg.reconnect_timeout, Duration::from_secs(5));
+        assert!(parse_args(["--mount", "/m"].iter().map(|s| s.to_string())).is_err());
+        assert!(parse_args(["--bogus"].iter().map(|s| s.to_string())).is_err());
+        assert!(parse_args(["--export"].iter().map(|s| s.to_string())).is_err());
+    }
+
+    #[test]
+    fn attributes_have_the_kernel_layout() {
+        let a = attr(FILE, 1 << 20);
+        assert_eq!(a.len(), 88);
+        assert_eq!(le64(&a, 8), 1 << 20);
+        assert_eq!(le32(&a, 60), libc::S_IFREG | 0o600);
+        assert_eq!(attr_out(ROOT, 0).len(), 104);
+        assert_eq!(le32(&attr(ROOT, 0), 60), libc::S_IFDIR | 0o755);
+    }
+}

@@ -182,7 +182,10 @@ pub async fn refresh_size(attachment: &Attachment, volume_size: u64) -> Result<u
         dir,
         fuse_server,
         ..
-    } = attachment;
+    } = attachment
+    else {
+        return Err(NodeError::BadCapability("not a fuse-loop attachment"));
+    };
     let size_file = dir.join("size");
     std::fs::write(&size_file, format!("{volume_size}\n"))
         .map_err(|e| NodeError::io(format!("Writing {}", size_file.display()), e))?;
@@ -226,7 +229,10 @@ pub fn problem(attachment: &Attachment) -> Option<String> {
         fuse_pid,
         proxy_pid,
         ..
-    } = attachment;
+    } = attachment
+    else {
+        return None;
+    };
     if !process_is(*fuse_pid, fuse_server) {
         return Some(format!(
             "the FUSE server {fuse_server} (pid {fuse_pid}) is not running, so {} has no \
@@ -254,7 +260,7 @@ pub fn problem(attachment: &Attachment) -> Option<String> {
 }
 
 /// The socket path of an `nbd+unix:///IMAGE?socket=PATH` URI.
-fn socket_of(uri: &str) -> Option<PathBuf> {
+pub(super) fn socket_of(uri: &str) -> Option<PathBuf> {
     let query = uri.split_once('?')?.1;
     let raw = query.split('&').find_map(|kv| kv.strip_prefix("socket="))?;
     Some(PathBuf::from(percent_decode(raw)))
@@ -412,7 +418,12 @@ async fn wait_fuse_ready(
 }
 
 /// Starts the reconnecting proxy for `volume` and waits for its socket; returns its pid.
-async fn start_proxy(dir: &Path, binary: &Path, upstream: &Path, volume: &str) -> Result<u32> {
+pub(super) async fn start_proxy(
+    dir: &Path,
+    binary: &Path,
+    upstream: &Path,
+    volume: &str,
+) -> Result<u32> {
     let socket = dir.join("proxy.sock");
     let pidfile = dir.join("proxy.pid");
     let log = dir.join("proxy.log");
@@ -473,7 +484,7 @@ fn read_pid(path: &Path) -> Option<u32> {
 }
 
 /// Whether `pid` is a live (not zombie) process whose command name is `name`.
-fn process_is(pid: u32, name: &str) -> bool {
+pub(super) fn process_is(pid: u32, name: &str) -> bool {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return false;
     };
@@ -489,6 +500,11 @@ fn process_is(pid: u32, name: &str) -> bool {
     // The kernel truncates COMM to 15 bytes.
     let expected = &name[..name.len().min(15)];
     comm == expected && !matches!(state, Some('Z') | Some('X') | None)
+}
+
+/// Stops the proxy of the work directory `dir`, if one runs.
+pub(super) async fn stop_proxy(dir: &Path) {
+    stop_process(&dir.join("proxy.pid"), &["csi-nbd-proxy"]).await;
 }
 
 /// Waits for the process in `pidfile` to exit (it should, once its mount or socket is

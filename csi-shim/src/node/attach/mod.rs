@@ -22,7 +22,9 @@
 
 pub mod fuse_file;
 pub mod fuse_loop;
+pub mod kernel_nbd;
 pub mod nbd_client;
+pub mod nbd_netlink;
 
 use std::path::{Path, PathBuf};
 
@@ -49,13 +51,23 @@ pub enum Attachment {
         /// The NBD URI nbdfuse serves.
         uri: String,
     },
+    KernelNbd {
+        /// The work directory (proxy socket and pid file, device index).
+        dir: PathBuf,
+        index: u32,
+        /// `/dev/nbdN`.
+        device: PathBuf,
+        proxy_pid: Option<u32>,
+        /// The NBD socket the kernel was given (the proxy's, or blockd's).
+        socket: PathBuf,
+    },
 }
 
 impl Attachment {
     /// The block device a file system or a publication uses.
     pub fn device(&self) -> &Path {
         match self {
-            Attachment::FuseLoop { device, .. } => device,
+            Attachment::FuseLoop { device, .. } | Attachment::KernelNbd { device, .. } => device,
         }
     }
 
@@ -63,6 +75,9 @@ impl Attachment {
     pub fn problem(&self) -> Option<String> {
         match self {
             Attachment::FuseLoop { .. } => fuse_loop::problem(self),
+            Attachment::KernelNbd {
+                index, proxy_pid, ..
+            } => kernel_nbd::problem(*index, *proxy_pid),
         }
     }
 }
@@ -90,6 +105,9 @@ pub fn kernel_nbd_present() -> bool {
 
 /// Why kernel NBD cannot be used on this node, if it cannot.
 pub fn kernel_nbd_unavailable() -> Option<String> {
+    if nbd_netlink::available() {
+        return None;
+    }
     if !kernel_nbd_present() {
         return Some(
             "the kernel nbd module is not loaded (no /sys/module/nbd, no /dev/nbd0); \
@@ -98,7 +116,7 @@ pub fn kernel_nbd_unavailable() -> Option<String> {
         );
     }
     Some(
-        "this build of csi-shim has no kernel NBD netlink attacher yet; \
+        "the kernel nbd module is loaded but its generic netlink family does not answer; \
          start csi-shim with --attach fuse-loop"
             .to_string(),
     )
@@ -175,10 +193,11 @@ impl Attacher {
                 let dir = self.work_dir(volume_id);
                 fuse_loop::attach(&dir, volume, uri, &self.helpers).await
             }
-            Kind::KernelNbd => Err(NodeError::AttachUnavailable {
-                mode: Kind::KernelNbd.name(),
-                reason: kernel_nbd_unavailable().unwrap_or_default(),
-            }),
+            Kind::KernelNbd => {
+                self.check()?;
+                let dir = self.work_dir(volume_id);
+                kernel_nbd::attach(&dir, volume, uri, &self.helpers).await
+            }
         }
     }
 
@@ -186,16 +205,23 @@ impl Attacher {
     /// left in its work directory. Idempotent.
     pub async fn detach(&self, volume_id: &str, attachment: Option<&Attachment>) -> Result<()> {
         let dir = match attachment {
-            Some(Attachment::FuseLoop { dir, .. }) => dir.clone(),
+            Some(Attachment::FuseLoop { dir, .. } | Attachment::KernelNbd { dir, .. }) => {
+                dir.clone()
+            }
             None => self.work_dir(volume_id),
         };
-        fuse_loop::detach(&dir).await
+        if dir.join("nbd.index").exists() {
+            kernel_nbd::detach(&dir).await
+        } else {
+            fuse_loop::detach(&dir).await
+        }
     }
 
     /// Makes the device follow the (grown) size of the export; returns the device size.
     pub async fn refresh_size(&self, attachment: &mut Attachment, volume_size: u64) -> Result<u64> {
         match attachment {
             Attachment::FuseLoop { .. } => fuse_loop::refresh_size(attachment, volume_size).await,
+            Attachment::KernelNbd { device, .. } => kernel_nbd::refresh_size(device, volume_size),
         }
     }
 }

@@ -168,3 +168,75 @@ impl Connection {
         Ok(error)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    /// A one-connection NBD server with a 1 MiB export held in memory.
+    fn fake_server(socket: &Path, size: u64) -> std::thread::JoinHandle<Vec<u8>> {
+        let listener = UnixListener::bind(socket).unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut disk = vec![0u8; size as usize];
+            s.write_all(&NBDMAGIC.to_be_bytes()).unwrap();
+            s.write_all(&IHAVEOPT.to_be_bytes()).unwrap();
+            s.write_all(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes())
+                .unwrap();
+            assert_eq!(read_u32(&mut s).unwrap(), 3);
+            assert_eq!(read_u64(&mut s).unwrap(), IHAVEOPT);
+            assert_eq!(read_u32(&mut s).unwrap(), OPT_GO);
+            let len = read_u32(&mut s).unwrap();
+            let mut data = vec![0u8; len as usize];
+            s.read_exact(&mut data).unwrap();
+            assert_eq!(&data[4..8], b"disk");
+            let mut info = INFO_EXPORT.to_be_bytes().to_vec();
+            info.extend_from_slice(&size.to_be_bytes());
+            info.extend_from_slice(&(1u16 | SEND_FLUSH).to_be_bytes());
+            for (kind, body) in [(REP_INFO, info), (REP_ACK, Vec::new())] {
+                s.write_all(&REPLY_MAGIC.to_be_bytes()).unwrap();
+                s.write_all(&OPT_GO.to_be_bytes()).unwrap();
+                s.write_all(&kind.to_be_bytes()).unwrap();
+                s.write_all(&(body.len() as u32).to_be_bytes()).unwrap();
+                s.write_all(&body).unwrap();
+            }
+            let mut head = [0u8; 28];
+            while s.read_exact(&mut head).is_ok() {
+                let kind = u16::from_be_bytes([head[6], head[7]]);
+                let offset = u64::from_be_bytes(head[16..24].try_into().unwrap()) as usize;
+                let len = u32::from_be_bytes(head[24..28].try_into().unwrap()) as usize;
+                let mut reply = SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
+                reply.extend_from_slice(&0u32.to_be_bytes());
+                reply.extend_from_slice(&head[8..16]);
+                match kind {
+                    CMD_WRITE => s.read_exact(&mut disk[offset..offset + len]).unwrap(),
+                    CMD_READ => reply.extend_from_slice(&disk[offset..offset + len]),
+                    _ => {}
+                }
+                s.write_all(&reply).unwrap();
+            }
+            disk
+        })
+    }
+
+    #[test]
+    fn handshake_then_write_read_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("nbd.sock");
+        let server = fake_server(&socket, 1 << 20);
+        let mut conn = Connection::open(&socket, "disk").unwrap();
+        assert_eq!(conn.size, 1 << 20);
+        assert_ne!(conn.flags & SEND_FLUSH, 0);
+        let mut data = vec![0x5au8; 8192];
+        assert_eq!(conn.request(CMD_WRITE, 4096, 8192, &mut data).unwrap(), 0);
+        assert_eq!(conn.request(CMD_FLUSH, 0, 0, &mut []).unwrap(), 0);
+        let mut back = vec![0u8; 8192];
+        assert_eq!(conn.request(CMD_READ, 4096, 8192, &mut back).unwrap(), 0);
+        assert_eq!(back, data);
+        drop(conn);
+        let disk = server.join().unwrap();
+        assert!(disk[4096..12288].iter().all(|b| *b == 0x5a));
+        assert!(disk[..4096].iter().all(|b| *b == 0));
+    }
+}
