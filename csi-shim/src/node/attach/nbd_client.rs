@@ -12,7 +12,10 @@ use std::path::Path;
 use std::time::Duration;
 
 /// How long a request may wait for its reply before the connection counts as dead.
-pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longer than csi-nbd-proxy's reconnect window (120 s by default), inside which a
+/// request legitimately waits for a restarting blockd: resending a request the proxy
+/// may still execute would let an old write land after a newer one.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(150);
 
 const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
