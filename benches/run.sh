@@ -244,6 +244,11 @@ run_fio() {
   else
     log "  $system: prefill $((data_size >> 20)) MiB"
   fi
+  # Write back what earlier runs left dirty (page cache, the VM disk's host-side cache)
+  # before measuring, so that one system's write-back does not land in the next one's run.
+  local t0=$SECONDS
+  sync
+  [ $((SECONDS - t0)) -lt 3 ] || log "  (waited $((SECONDS - t0)) s for write-back first)"
   if ! "${cmd[@]}" >"$base.out" 2>"$base.err"; then
     cat "$base.err" >&2
     die "fio failed for $system $workload: ${cmd[*]}"
