@@ -151,8 +151,8 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
     /// Deallocates the range (fallocate PUNCH_HOLE on files, BLKDISCARD on devices).
     fn punch(&self, offset: u64, len: u64) -> Result<()>;
 
-    /// A private ring for asynchronous reads ([`uring::IoRing`]), when the backend has
-    /// one (io_uring); None means "use `submit`".
+    /// A private ring for asynchronous reads and writes ([`uring::IoRing`]), when the
+    /// backend has one (io_uring); None means "use `submit`".
     fn io_ring(&self) -> Option<uring::IoRing> {
         None
     }

@@ -9,6 +9,10 @@
 //!                                 all CQEs reaped ─► ring back to the pool ─► return
 //! ```
 //!
+//! Besides the pooled rings behind [`BlockDevice::submit`], a caller may own an [`IoRing`]:
+//! a private ring whose reads and writes complete asynchronously, signalled on an eventfd
+//! (the NBD server's data path).
+//!
 //! Rings: one per I/O thread, taken from a pool for the duration of a call (a thread that
 //! finds the pool empty sets up a new ring), so concurrent callers never share a
 //! submission queue. `SINGLE_ISSUER`/`DEFER_TASKRUN` are not used because a pooled ring
