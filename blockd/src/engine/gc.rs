@@ -291,6 +291,10 @@ impl Engine {
                     })
                     .collect();
                 pool.device.submit(&mut writes)?;
+                // Again after the writes: a commit that ran while they were in flight may
+                // have cleared the flag and flushed before they landed, and the commit
+                // that publishes these copies must not skip the device flush.
+                pool.dirty.store(true, Ordering::SeqCst);
                 Ok(())
             })();
             {
