@@ -16,6 +16,8 @@
 //!   publish a new size to the loop driver;
 //! - one request at a time, answered in order; an NBD transport error reconnects and
 //!   resends (blockd restarts are hidden below us by csi-nbd-proxy);
+//! - at most [`FLUSH_EVERY`] bytes are written between two NBD flushes, so the proxy's
+//!   replay journal of unflushed writes stays small and its own flushes never run;
 //! - the server exits when its mount goes away (`ENODEV` from `/dev/fuse`).
 //!
 //! The FUSE wire structs follow `linux/fuse.h` (protocol 7.31).
@@ -34,6 +36,8 @@ const ROOT: u64 = 1;
 const FILE: u64 = 2;
 const FILE_NAME: &[u8] = b"nbd";
 const MAX_WRITE: u32 = 1 << 20;
+/// Bytes written after which the server flushes on its own (see the module docs).
+pub const FLUSH_EVERY: u64 = 32 << 20;
 
 const LOOKUP: u32 = 1;
 const FORGET: u32 = 2;
@@ -81,6 +85,8 @@ pub struct Config {
 struct Server {
     cfg: Config,
     conn: Connection,
+    /// Bytes written since the last flush.
+    unflushed: u64,
 }
 
 fn le32(b: &[u8], at: usize) -> u32 {
@@ -246,7 +252,18 @@ impl Server {
                 if offset + u64::from(len) > size {
                     Err(libc::ENOSPC)
                 } else {
-                    self.nbd(nbd::CMD_WRITE, offset, len, &mut data).map(|()| {
+                    let written = self.nbd(nbd::CMD_WRITE, offset, len, &mut data);
+                    self.unflushed += u64::from(len);
+                    let flushed = if written.is_ok()
+                        && self.unflushed >= FLUSH_EVERY
+                        && self.conn.flags & nbd::SEND_FLUSH != 0
+                    {
+                        self.unflushed = 0;
+                        self.nbd(nbd::CMD_FLUSH, 0, 0, &mut [])
+                    } else {
+                        Ok(())
+                    };
+                    written.and(flushed).map(|()| {
                         let mut out = len.to_le_bytes().to_vec();
                         out.extend_from_slice(&[0u8; 4]);
                         out
@@ -254,6 +271,7 @@ impl Server {
                 }
             }
             FSYNC if self.conn.flags & nbd::SEND_FLUSH != 0 => {
+                self.unflushed = 0;
                 self.nbd(nbd::CMD_FLUSH, 0, 0, &mut []).map(|()| Vec::new())
             }
             FALLOCATE if node == FILE => {
@@ -358,7 +376,11 @@ pub fn serve(cfg: Config) -> io::Result<()> {
     if let Some(pidfile) = &cfg.pidfile {
         std::fs::write(pidfile, format!("{}\n", std::process::id()))?;
     }
-    let mut server = Server { cfg, conn };
+    let mut server = Server {
+        cfg,
+        conn,
+        unflushed: 0,
+    };
     run(&mut server, dev)
 }
 

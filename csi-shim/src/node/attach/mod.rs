@@ -2,12 +2,15 @@
 //!
 //! ```text
 //!   blockd NBD socket ──(csi-nbd-proxy, when installed)──┬─ kernel nbd (netlink) → /dev/nbdN
-//!                                                       └─ nbdfuse → FUSE file → loop (direct I/O) → /dev/loopN
+//!                                                       └─ csi-fuse-nbd (or nbdfuse) → FUSE file
+//!                                                            → loop (direct I/O) → /dev/loopN
 //! ```
 //!
 //! - Kernel NBD, configured over generic netlink, where the `nbd` module is loaded.
-//! - fuse-loop everywhere else: `nbdfuse` presents the export as a file on a private FUSE
-//!   mount and `losetup --direct-io=on` turns that file into a loop device.
+//! - fuse-loop everywhere else: a FUSE server presents the export as a file on a private
+//!   FUSE mount and `losetup --direct-io=on` turns that file into a loop device. The server
+//!   is `csi-fuse-nbd` (see [`fuse_file`]; its file grows with the export, so volumes
+//!   expand online) when installed next to csi-shim, else `nbdfuse` (fixed size).
 //!
 //! `--attach auto` picks kernel NBD when the module is present, fuse-loop otherwise.
 //!
