@@ -119,8 +119,8 @@ if drv:
     spec = drv["spec"]
     check(spec.get("attachRequired") is False, "CSIDriver attachRequired: false")
     check(spec.get("podInfoOnMount") is False, "CSIDriver podInfoOnMount: false")
-    check(set(spec.get("volumeLifecycleModes", [])) == {"Persistent", "Ephemeral"},
-          "CSIDriver lifecycle modes Persistent and Ephemeral")
+    check(spec.get("volumeLifecycleModes") == ["Persistent"],
+          "CSIDriver lifecycle mode Persistent (inline Ephemeral is not implemented)")
 
 ds = by.get(("DaemonSet", "blockd"))
 check(ds is not None, "DaemonSet blockd exists")
