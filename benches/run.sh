@@ -244,10 +244,15 @@ run_fio() {
   else
     log "  $system: prefill $((data_size >> 20)) MiB"
   fi
-  # Write back what earlier runs left dirty (page cache, the VM disk's host-side cache)
-  # before measuring, so that one system's write-back does not land in the next one's run.
-  local t0=$SECONDS
-  sync
+  # Write back what earlier runs left dirty in our files (page cache, the VM disk's
+  # host-side cache) before measuring, so that one system's write-back does not land in the
+  # next one's run. Only our files: a global sync would wait for everyone's on a shared box.
+  local t0=$SECONDS f
+  local -a ours=()
+  for f in "$scratch"/*.raw "$scratch"/*.qcow2 "$scratch"/blockd-pool.img; do
+    [ -f "$f" ] && ours+=("$f")
+  done
+  [ ${#ours[@]} -eq 0 ] || sync -- "${ours[@]}" || true
   [ $((SECONDS - t0)) -lt 3 ] || log "  (waited $((SECONDS - t0)) s for write-back first)"
   if ! "${cmd[@]}" >"$base.out" 2>"$base.err"; then
     cat "$base.err" >&2
