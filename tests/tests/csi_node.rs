@@ -1331,3 +1331,37 @@ fn blockd_restart_while_mounted_and_written_is_invisible() {
         env.assert_clean().await;
     });
 }
+
+#[test]
+fn stage_grows_a_file_system_smaller_than_its_volume() {
+    require_root_and_tools!();
+    runtime().block_on(async {
+        let mut env = Env::start(&["--attach", "fuse-loop"]).await;
+        // As after a restore or clone into a larger volume, or a ControllerExpandVolume
+        // while unstaged: the file system is smaller than the volume at the next stage.
+        for (name, fs, small, big) in [
+            ("off4", "ext4", "128M", "384M"),
+            ("offx", "xfs", "320M", "640M"),
+        ] {
+            let id = env.volume(name, small);
+            let (staging, target) = env.mount(&id, name, mount_cap(fs)).await;
+            write_synced(&target.join("kept"), &content(3, MIB as usize));
+            let before = df_bytes(&target);
+            env.umount(&id, &staging, &target).await;
+            env.daemon
+                .ctl_ok(&["volume", "resize", name, "--size", big]);
+            let (staging, target) = env.mount(&id, name, mount_cap(fs)).await;
+            let after = df_bytes(&target);
+            assert!(
+                after > before + 200 * MIB,
+                "{fs}: stage grows the file system to the volume: {before} -> {after}"
+            );
+            assert_eq!(
+                checksum(&std::fs::read(target.join("kept")).expect("data kept")),
+                checksum(&content(3, MIB as usize))
+            );
+            env.umount(&id, &staging, &target).await;
+        }
+        env.assert_clean().await;
+    });
+}

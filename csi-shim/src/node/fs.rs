@@ -106,6 +106,42 @@ pub async fn mkfs(device: &Path, fs: FsType) -> Result<()> {
     Ok(())
 }
 
+/// A file system this much smaller than its device is grown at stage time (a volume
+/// restored or cloned into a larger size); xfs keeps its internal log and ext4 its
+/// metadata inside the device, so small differences are normal.
+pub const GROW_SLACK: u64 = 64 << 20;
+
+/// Grows an unmounted ext4 file system to fill `device` when the device is larger by
+/// more than [`GROW_SLACK`]: `e2fsck -f -p` (resize2fs requires a checked file system),
+/// then `resize2fs`. Offline resizing needs no kernel capability.
+pub async fn grow_ext4_offline(device: &Path) -> Result<()> {
+    let out = exec::run("dumpe2fs", &[Path::new("-h"), device], exec::SHORT).await?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |name: &str| -> Option<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    let (Some(blocks), Some(block_size)) = (field("Block count:"), field("Block size:")) else {
+        return Ok(());
+    };
+    let fs_bytes = blocks.saturating_mul(block_size);
+    let device_bytes = device_size(device)
+        .map_err(|e| NodeError::io(format!("Reading the size of {}", device.display()), e))?;
+    if device_bytes <= fs_bytes.saturating_add(GROW_SLACK) {
+        return Ok(());
+    }
+    tracing::info!(device = %device.display(), fs_bytes, device_bytes, "growing ext4 to fill its volume");
+    let check = [Path::new("-f"), Path::new("-p"), device];
+    let out = exec::run_unchecked("e2fsck", &check, exec::LONG).await?;
+    // 0: clean, 1: errors corrected; anything else needs a person.
+    if !matches!(out.status.code(), Some(0) | Some(1)) {
+        return Err(exec::failed("e2fsck", &check, &out));
+    }
+    exec::run("resize2fs", &[device], exec::LONG).await?;
+    Ok(())
+}
+
 /// `CAP_SYS_RESOURCE`, which the kernel requires for online ext4 resizing.
 const CAP_SYS_RESOURCE: u32 = 24;
 

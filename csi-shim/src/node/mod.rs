@@ -317,6 +317,11 @@ impl NodeService {
                         requested: fs_type,
                     });
                 }
+                if found == "ext4" {
+                    // A volume restored or cloned into a larger size: grow ext4 before
+                    // mounting (offline resize needs no CAP_SYS_RESOURCE).
+                    fs::grow_ext4_offline(&device).await?;
+                }
                 found
             }
             fs::Content::Other(found) => {
@@ -336,6 +341,16 @@ impl NodeService {
         }
         mount::mount(&device, &record.staging_path, &fs_name, &options).await?;
         tracing::info!(volume_id = %record.volume_id, staging_path = %record.staging_path.display(), fs_type = %fs_name, "mounted");
+        if fs_name == "xfs" {
+            let fs_bytes = mount::statvfs(&record.staging_path)
+                .map(|st| st.f_blocks * st.f_frsize)
+                .unwrap_or(u64::MAX);
+            let device_bytes = fs::device_size(&device).unwrap_or(0);
+            // xfs keeps its log inside the data section: compare with some slack.
+            if device_bytes > fs_bytes.saturating_add(fs::GROW_SLACK) {
+                fs::grow(&device, &record.staging_path, "xfs").await?;
+            }
+        }
         record.capability.access = Access::Mount {
             fs_type: fs_name,
             mount_flags,
