@@ -5,7 +5,7 @@
 //! pvc0 (11Gi, default-block, ext4) and pvc1 (14Gi, performance-block, xfs, 20 IOPS/GiB)
 //! are created, staged, published and written; snap1 of pvc0 is taken; pvc0 changes after
 //! the snapshot; pvc-reclaim is restored from snap1 at 600Gi and shows snap1's files (and
-//! not the later change) on a file system that spans the larger volume; pvc0 is expanded
+//! not the later change) on a file system that spans the larger volume; pvc1 is expanded
 //! online; everything is torn down and the pool is empty again.
 //!
 //! Needs root (mounts, loop devices) and FUSE for the fuse-loop attacher; skips with the
@@ -338,40 +338,46 @@ fn seed_chapter_walkthrough() {
         assert!(!stats.usage.is_empty());
         assert!(!stats.volume_condition.expect("condition").abnormal);
 
-        // 5. Expand pvc0 online to 20Gi.
+        // 5. Expand pvc1 online to 20Gi (xfs grows mounted; growing a mounted ext4 needs
+        // CAP_SYS_RESOURCE, which these test machines withhold even from root).
         let grown = csi
             .controller
             .controller_expand_volume(csi::ControllerExpandVolumeRequest {
-                volume_id: pvc0.volume_id.clone(),
+                volume_id: pvc1.volume_id.clone(),
                 capacity_range: Some(csi::CapacityRange {
                     required_bytes: 20 * GIB,
                     limit_bytes: 0,
                 }),
-                volume_capability: Some(mount_cap("ext4")),
+                volume_capability: Some(mount_cap("xfs")),
                 ..Default::default()
             })
             .await
             .expect("ControllerExpandVolume")
             .into_inner();
         assert!(grown.node_expansion_required);
-        let staging0 = root.join("staging").join(pvc0.volume_id.replace('/', "_"));
+        assert_eq!(grown.capacity_bytes, 20 * GIB);
+        let staging1 = root.join("staging").join(pvc1.volume_id.replace('/', "_"));
         csi.node
             .node_expand_volume(csi::NodeExpandVolumeRequest {
-                volume_id: pvc0.volume_id.clone(),
-                volume_path: data0.display().to_string(),
+                volume_id: pvc1.volume_id.clone(),
+                volume_path: data1.display().to_string(),
                 capacity_range: Some(csi::CapacityRange {
                     required_bytes: 20 * GIB,
                     limit_bytes: 0,
                 }),
-                staging_target_path: staging0.display().to_string(),
-                volume_capability: Some(mount_cap("ext4")),
+                staging_target_path: staging1.display().to_string(),
+                volume_capability: Some(mount_cap("xfs")),
                 ..Default::default()
             })
             .await
             .expect("NodeExpandVolume");
         assert!(
-            fs_bytes(&data0) > 19 * GIB as u64,
-            "df shows the grown pvc0"
+            fs_bytes(&data1) > 19 * GIB as u64,
+            "df shows the grown pvc1"
+        );
+        assert_eq!(
+            std::fs::read(data1.join("fast")).expect("pvc1 data"),
+            content(2, 1 << 20)
         );
         assert_eq!(
             std::fs::read(data0.join("after-snapshot")).expect("pvc0 data"),

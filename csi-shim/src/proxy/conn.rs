@@ -544,6 +544,7 @@ async fn upstream_to_client(
                 let accepted = shared.accept_reply(origin, &req, payload.as_ref(), error, mark);
                 let flush_now = match accepted {
                     Accepted::Stale => {
+                        cw.flush().await?;
                         up = match reconnect(&conn, up, &mut gen, "generation changed").await {
                             Ok(up) => up,
                             Err(err) => return give_up(&conn, &mut cw, err).await,
@@ -567,9 +568,13 @@ async fn upstream_to_client(
                     if req.kind == wire::CMD_READ && error == 0 {
                         cw.write_all(&buf[..req.len as usize]).await?;
                     }
-                    if up.buffer().is_empty() {
-                        cw.flush().await?;
-                    }
+                }
+                // Flush whenever no further reply is already buffered, whatever this reply
+                // was: an internal flush's reply can be the last one buffered, and leaving
+                // the client's replies before it unsent would stall a client that waits
+                // for them before sending more.
+                if up.buffer().is_empty() {
+                    cw.flush().await?;
                 }
                 if flush_now {
                     spawn_internal_flush(&conn);
