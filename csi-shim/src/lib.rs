@@ -18,8 +18,8 @@ pub mod identity;
 pub mod ids;
 pub mod locks;
 pub mod node;
-pub mod proxy;
 pub mod params;
+pub mod proxy;
 
 use std::sync::Arc;
 
