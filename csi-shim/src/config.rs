@@ -31,8 +31,8 @@ pub enum AttachMode {
     Auto,
     /// Kernel NBD configured over generic netlink.
     Nbd,
-    /// The NBD export presented as a file through FUSE (nbdfuse), attached to a loop device
-    /// in direct-I/O mode.
+    /// The NBD export presented as a file through FUSE (csi-fuse-nbd, or nbdfuse when that
+    /// is not installed), attached to a loop device in direct-I/O mode.
     FuseLoop,
 }
 
@@ -51,7 +51,7 @@ pub enum LogFormat {
 ///   csi-shim --endpoint unix:///var/lib/kubelet/plugins/blockd.csi.io/csi.sock \
 ///            --blockd-api /var/lib/blockd/api.sock --node-id "$NODE_NAME"
 #[derive(Debug, Clone, Parser)]
-#[command(name = "csi-shim", version, about, long_about = None, verbatim_doc_comment)]
+#[command(name = "csi-shim", version, verbatim_doc_comment)]
 pub struct Args {
     /// CSI endpoint to serve on: `unix:///path/csi.sock` or a plain socket path.
     #[arg(long, env = "CSI_ENDPOINT")]

@@ -8,7 +8,8 @@ use csi_shim::config::{Args, LogFormat};
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    init_logging(args.log_format);
+    let log_format = args.log_format;
+    init_logging(log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -23,7 +24,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             let message = format!("{err:#}");
-            tracing::error!(error = %message, "csi-shim failed");
+            match log_format {
+                // A JSON log stays one JSON object per line.
+                LogFormat::Json => tracing::error!(error = %message, "csi-shim failed"),
+                LogFormat::Text => eprintln!("error: {message}"),
+            }
             ExitCode::FAILURE
         }
     }
