@@ -29,6 +29,10 @@ struct Args {
     /// Seconds to keep reconnecting after blockd went away before failing I/O.
     #[arg(long, value_name = "SECS", default_value_t = 120)]
     reconnect_timeout: u64,
+    /// Bytes of acknowledged, unflushed writes kept for replay before the proxy sends a
+    /// flush of its own (tests set it small to exercise that path).
+    #[arg(long, value_name = "BYTES", default_value_t = proxy::DEFAULT_JOURNAL_LIMIT, hide = true)]
+    journal_limit: usize,
     /// Write the process id to this file (removed on exit).
     #[arg(long, value_name = "FILE")]
     pidfile: Option<PathBuf>,
@@ -67,7 +71,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         upstream_socket: args.upstream_socket,
         export: args.export,
         reconnect_timeout: Duration::from_secs(args.reconnect_timeout),
-        journal_limit: proxy::DEFAULT_JOURNAL_LIMIT,
+        journal_limit: args.journal_limit,
     };
     let listener = proxy::bind(&cfg.listen)?;
     if let Some(pidfile) = &args.pidfile {
