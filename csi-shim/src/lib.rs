@@ -125,7 +125,8 @@ fn bind(socket: &std::path::Path) -> anyhow::Result<UnixListener> {
     UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))
 }
 
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or SIGINT (the binaries of this crate stop on either).
+pub async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = match signal(SignalKind::terminate()) {
         Ok(term) => term,
@@ -140,4 +141,20 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
     }
     tracing::info!("shutdown signal received");
+}
+
+/// Logs to stderr as text or JSON, filtered by the environment variable `env_var` (then
+/// `RUST_LOG`, default `info`). Shared by the binaries of this crate.
+pub fn init_logging(format: config::LogFormat, env_var: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env(env_var)
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        config::LogFormat::Text => builder.with_target(false).init(),
+        config::LogFormat::Json => builder.json().with_current_span(true).init(),
+    }
 }

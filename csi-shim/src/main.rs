@@ -9,7 +9,7 @@ use csi_shim::config::{Args, LogFormat};
 fn main() -> ExitCode {
     let args = Args::parse();
     let log_format = args.log_format;
-    init_logging(log_format);
+    csi_shim::init_logging(log_format, "CSI_SHIM_LOG");
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -31,19 +31,5 @@ fn main() -> ExitCode {
             }
             ExitCode::FAILURE
         }
-    }
-}
-
-fn init_logging(format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("CSI_SHIM_LOG")
-        .or_else(|_| EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.with_target(false).init(),
-        LogFormat::Json => builder.json().with_current_span(true).init(),
     }
 }

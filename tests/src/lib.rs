@@ -218,11 +218,7 @@ impl Daemon {
     }
 
     fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log_path)
-            .expect("daemon log file");
+        let log = append_log(&self.log_path);
         let child = Command::new(binary("blockd"))
             .args(self.args())
             .env("RUST_LOG", "info")
@@ -441,6 +437,15 @@ impl Drop for Daemon {
     }
 }
 
+/// Opens (creating) a process log for appending, so restarts add to one file.
+fn append_log(path: &Path) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("log file {}: {e}", path.display()))
+}
+
 /// A `blockctl` command aimed at `api` and isolated from the caller's environment.
 pub fn ctl_command(api: &Path) -> Command {
     let mut cmd = Command::new(binary("blockctl"));
@@ -537,11 +542,7 @@ impl CsiShim {
     }
 
     fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log_path)
-            .expect("csi-shim log file");
+        let log = append_log(&self.log_path);
         let child = Command::new(binary("csi-shim"))
             .args(&self.args)
             .env("CSI_SHIM_LOG", "debug")

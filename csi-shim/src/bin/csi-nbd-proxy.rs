@@ -43,7 +43,7 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    init_logging(args.log_format);
+    csi_shim::init_logging(args.log_format, "CSI_NBD_PROXY_LOG");
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -86,42 +86,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "csi-nbd-proxy serving"
     );
     let shared = Shared::new(cfg);
-    proxy::serve(shared, listener, shutdown_signal()).await;
+    proxy::serve(shared, listener, csi_shim::shutdown_signal()).await;
     let _ = std::fs::remove_file(&args.listen);
     if let Some(pidfile) = &args.pidfile {
         let _ = std::fs::remove_file(pidfile);
     }
     tracing::info!("csi-nbd-proxy stopped");
     Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(err) => {
-            tracing::warn!(error = %err, "cannot watch SIGTERM; stop with SIGINT");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
-    tracing::info!("shutdown signal received");
-}
-
-fn init_logging(format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("CSI_NBD_PROXY_LOG")
-        .or_else(|_| EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.with_target(false).init(),
-        LogFormat::Json => builder.json().with_current_span(true).init(),
-    }
 }

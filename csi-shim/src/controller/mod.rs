@@ -109,6 +109,30 @@ impl ControllerService {
         }
     }
 
+    /// The volume id `id` of this node, for calls that act on an existing volume: a
+    /// malformed id is `NOT_FOUND` (no volume can have it), another node's is
+    /// [`Self::elsewhere`]. `what` names the role in messages ("volume", "source volume").
+    fn local_volume(&self, what: &str, id: &str) -> Result<VolumeId, Status> {
+        match self.locate_volume(id) {
+            Located::Here(vid) => Ok(vid),
+            Located::Elsewhere(vid) => Err(self.elsewhere(what, id, &vid.node)),
+            Located::Malformed(err) => Err(Status::not_found(format!(
+                "{what} {id:?} does not exist: {err}"
+            ))),
+        }
+    }
+
+    /// Like [`Self::local_volume`], for an existing snapshot.
+    fn local_snapshot(&self, id: &str) -> Result<SnapshotId, Status> {
+        match self.locate_snapshot(id) {
+            Located::Here(sid) => Ok(sid),
+            Located::Elsewhere(sid) => Err(self.elsewhere("snapshot", id, &sid.node)),
+            Located::Malformed(err) => Err(Status::not_found(format!(
+                "snapshot {id:?} does not exist: {err}"
+            ))),
+        }
+    }
+
     /// `FAILED_PRECONDITION` for an operation on an object another node holds.
     fn elsewhere(&self, what: &str, id: &str, node: &str) -> Status {
         Status::failed_precondition(format!(

@@ -58,18 +58,7 @@ impl ControllerService {
                  no parameters"
             )));
         }
-        let vid = match self.locate_volume(&req.source_volume_id) {
-            Located::Malformed(err) => {
-                return Err(Status::not_found(format!(
-                    "source volume {:?} does not exist: {err}",
-                    req.source_volume_id
-                )))
-            }
-            Located::Elsewhere(vid) => {
-                return Err(self.elsewhere("source volume", &req.source_volume_id, &vid.node))
-            }
-            Located::Here(vid) => vid,
-        };
+        let vid = self.local_volume("source volume", &req.source_volume_id)?;
         let name = blockd_name(NameKind::Snapshot, &req.name);
         let _guard = self.driver.locks.try_lock(&lock_key(self.node(), &name))?;
         if let Some(existing) = self.blockd_snapshot(&name).await? {
@@ -191,18 +180,7 @@ impl ControllerService {
         if req.snapshot_id.is_empty() {
             return Err(Status::invalid_argument("snapshot_id is required"));
         }
-        let sid = match self.locate_snapshot(&req.snapshot_id) {
-            Located::Malformed(err) => {
-                return Err(Status::not_found(format!(
-                    "snapshot {:?} does not exist: {err}",
-                    req.snapshot_id
-                )))
-            }
-            Located::Elsewhere(sid) => {
-                return Err(self.elsewhere("snapshot", &req.snapshot_id, &sid.node))
-            }
-            Located::Here(sid) => sid,
-        };
+        let sid = self.local_snapshot(&req.snapshot_id)?;
         let snapshot = self
             .blockd_snapshot(&sid.snapshot)
             .await?

@@ -492,18 +492,7 @@ impl ControllerService {
         {
             return Err(Status::invalid_argument(err.to_string()));
         }
-        let vid = match self.locate_volume(&req.volume_id) {
-            Located::Malformed(err) => {
-                return Err(Status::not_found(format!(
-                    "volume {:?} does not exist: {err}",
-                    req.volume_id
-                )))
-            }
-            Located::Elsewhere(vid) => {
-                return Err(self.elsewhere("volume", &req.volume_id, &vid.node))
-            }
-            Located::Here(vid) => vid,
-        };
+        let vid = self.local_volume("volume", &req.volume_id)?;
         if self.blockd_volume(&vid.volume).await?.is_none() {
             return Err(Status::not_found(format!(
                 "volume {:?} does not exist",
@@ -639,18 +628,7 @@ impl ControllerService {
             // Unknown: let the node decide (NodeExpandVolume on a block volume is a no-op).
             None => true,
         };
-        let vid = match self.locate_volume(&req.volume_id) {
-            Located::Malformed(err) => {
-                return Err(Status::not_found(format!(
-                    "volume {:?} does not exist: {err}",
-                    req.volume_id
-                )))
-            }
-            Located::Elsewhere(vid) => {
-                return Err(self.elsewhere("volume", &req.volume_id, &vid.node))
-            }
-            Located::Here(vid) => vid,
-        };
+        let vid = self.local_volume("volume", &req.volume_id)?;
         let _guard = self.driver.locks.try_lock(&vid.to_string())?;
         let volume = self.blockd_volume(&vid.volume).await?.ok_or_else(|| {
             Status::not_found(format!("volume {:?} does not exist", req.volume_id))
@@ -703,18 +681,7 @@ impl ControllerService {
         if req.volume_id.is_empty() {
             return Err(Status::invalid_argument("volume_id is required"));
         }
-        let vid = match self.locate_volume(&req.volume_id) {
-            Located::Malformed(err) => {
-                return Err(Status::not_found(format!(
-                    "volume {:?} does not exist: {err}",
-                    req.volume_id
-                )))
-            }
-            Located::Elsewhere(vid) => {
-                return Err(self.elsewhere("volume", &req.volume_id, &vid.node))
-            }
-            Located::Here(vid) => vid,
-        };
+        let vid = self.local_volume("volume", &req.volume_id)?;
         let volume = self.blockd_volume(&vid.volume).await?.ok_or_else(|| {
             Status::not_found(format!("volume {:?} does not exist", req.volume_id))
         })?;

@@ -1,5 +1,6 @@
 //! A small blocking NBD client for the FUSE file server: fixed-newstyle handshake with
-//! `NBD_OPT_GO`, simple replies, one request in flight.
+//! `NBD_OPT_GO`, simple replies, one request in flight. The wire format (constants,
+//! handshake, request and reply encoding) is csi-nbd-proxy's, in [`crate::proxy::wire`].
 //!
 //! Invariant: a [`Connection`] either completes a request or reports an I/O error (a
 //! reply that does not come within [`REPLY_TIMEOUT`] is one); the caller reconnects (a
@@ -11,37 +12,17 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
+use crate::proxy::wire::{self, Request, SimpleReply, WireError};
+pub use crate::proxy::wire::{
+    CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, FLAG_SEND_FLUSH as SEND_FLUSH,
+    FLAG_SEND_TRIM as SEND_TRIM, FLAG_SEND_WRITE_ZEROES as SEND_WRITE_ZEROES,
+};
+
 /// How long a request may wait for its reply before the connection counts as dead.
 /// Longer than csi-nbd-proxy's reconnect window (120 s by default), inside which a
 /// request legitimately waits for a restarting blockd: resending a request the proxy
 /// may still execute would let an old write land after a newer one.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(150);
-
-const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
-const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
-const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-const REQUEST_MAGIC: u32 = 0x2560_9513;
-const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
-
-const FLAG_FIXED_NEWSTYLE: u16 = 1;
-const FLAG_NO_ZEROES: u16 = 2;
-const OPT_GO: u32 = 7;
-const REP_ACK: u32 = 1;
-const REP_INFO: u32 = 3;
-const INFO_EXPORT: u16 = 0;
-
-/// Transmission flags.
-pub const SEND_FLUSH: u16 = 1 << 2;
-pub const SEND_TRIM: u16 = 1 << 5;
-pub const SEND_WRITE_ZEROES: u16 = 1 << 6;
-pub const READ_ONLY: u16 = 1 << 1;
-
-/// Command types.
-pub const CMD_READ: u16 = 0;
-pub const CMD_WRITE: u16 = 1;
-pub const CMD_FLUSH: u16 = 3;
-pub const CMD_TRIM: u16 = 4;
-pub const CMD_WRITE_ZEROES: u16 = 6;
 
 /// One NBD connection in the transmission phase.
 #[derive(Debug)]
@@ -52,26 +33,11 @@ pub struct Connection {
     cookie: u64,
 }
 
-fn read_u16(s: &mut impl Read) -> io::Result<u16> {
-    let mut b = [0u8; 2];
-    s.read_exact(&mut b)?;
-    Ok(u16::from_be_bytes(b))
-}
-
-fn read_u32(s: &mut impl Read) -> io::Result<u32> {
-    let mut b = [0u8; 4];
-    s.read_exact(&mut b)?;
-    Ok(u32::from_be_bytes(b))
-}
-
-fn read_u64(s: &mut impl Read) -> io::Result<u64> {
-    let mut b = [0u8; 8];
-    s.read_exact(&mut b)?;
-    Ok(u64::from_be_bytes(b))
-}
-
-fn protocol(msg: String) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, msg)
+fn protocol(err: WireError) -> io::Error {
+    match err {
+        WireError::Io(err) => err,
+        other => io::Error::new(io::ErrorKind::InvalidData, other.to_string()),
+    }
 }
 
 impl Connection {
@@ -80,56 +46,11 @@ impl Connection {
         let mut s = UnixStream::connect(socket)?;
         s.set_read_timeout(Some(REPLY_TIMEOUT))?;
         s.set_write_timeout(Some(REPLY_TIMEOUT))?;
-        if read_u64(&mut s)? != NBDMAGIC || read_u64(&mut s)? != IHAVEOPT {
-            return Err(protocol("not a fixed-newstyle NBD server".into()));
-        }
-        let server_flags = read_u16(&mut s)?;
-        if server_flags & FLAG_FIXED_NEWSTYLE == 0 {
-            return Err(protocol("server lacks fixed newstyle".into()));
-        }
-        let client_flags = u32::from(FLAG_FIXED_NEWSTYLE | (server_flags & FLAG_NO_ZEROES));
-        let mut msg = Vec::new();
-        msg.extend_from_slice(&client_flags.to_be_bytes());
-        msg.extend_from_slice(&IHAVEOPT.to_be_bytes());
-        msg.extend_from_slice(&OPT_GO.to_be_bytes());
-        msg.extend_from_slice(&(4 + export.len() as u32 + 2).to_be_bytes());
-        msg.extend_from_slice(&(export.len() as u32).to_be_bytes());
-        msg.extend_from_slice(export.as_bytes());
-        msg.extend_from_slice(&0u16.to_be_bytes());
-        s.write_all(&msg)?;
-        let mut size = None;
-        let mut flags = 0;
-        loop {
-            if read_u64(&mut s)? != REPLY_MAGIC {
-                return Err(protocol("bad option reply magic".into()));
-            }
-            let _option = read_u32(&mut s)?;
-            let kind = read_u32(&mut s)?;
-            let len = read_u32(&mut s)? as usize;
-            let mut data = vec![0u8; len];
-            s.read_exact(&mut data)?;
-            if kind & 0x8000_0000 != 0 {
-                return Err(protocol(format!(
-                    "server refused export {export:?} (reply {kind:#x}): {}",
-                    String::from_utf8_lossy(data.get(..).unwrap_or_default())
-                )));
-            }
-            match kind {
-                REP_INFO if len >= 12 && u16::from_be_bytes([data[0], data[1]]) == INFO_EXPORT => {
-                    let mut sz = [0u8; 8];
-                    sz.copy_from_slice(&data[2..10]);
-                    size = Some(u64::from_be_bytes(sz));
-                    flags = u16::from_be_bytes([data[10], data[11]]);
-                }
-                REP_ACK => break,
-                _ => {}
-            }
-        }
-        let size = size.ok_or_else(|| protocol("server sent no export size".into()))?;
+        let info = wire::client_handshake(&mut s, export, false).map_err(protocol)?;
         Ok(Connection {
             stream: s,
-            size,
-            flags,
+            size: info.size,
+            flags: info.flags,
             cookie: 0,
         })
     }
@@ -144,38 +65,58 @@ impl Connection {
         data: &mut [u8],
     ) -> io::Result<u32> {
         self.cookie += 1;
-        let mut head = [0u8; 28];
-        head[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        head[6..8].copy_from_slice(&kind.to_be_bytes());
-        head[8..16].copy_from_slice(&self.cookie.to_be_bytes());
-        head[16..24].copy_from_slice(&offset.to_be_bytes());
-        head[24..28].copy_from_slice(&length.to_be_bytes());
+        let head = Request {
+            flags: 0,
+            kind,
+            cookie: self.cookie,
+            offset,
+            len: length,
+        }
+        .encode();
         if kind == CMD_WRITE {
-            let mut msg = Vec::with_capacity(28 + data.len());
+            let mut msg = Vec::with_capacity(head.len() + data.len());
             msg.extend_from_slice(&head);
             msg.extend_from_slice(data);
             self.stream.write_all(&msg)?;
         } else {
             self.stream.write_all(&head)?;
         }
-        if read_u32(&mut self.stream)? != SIMPLE_REPLY_MAGIC {
-            return Err(protocol("bad reply magic".into()));
+        let mut r = [0u8; wire::REPLY_LEN];
+        self.stream.read_exact(&mut r)?;
+        let reply = SimpleReply::decode(&r).map_err(protocol)?;
+        if reply.cookie != self.cookie {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "reply for another request",
+            ));
         }
-        let error = read_u32(&mut self.stream)?;
-        if read_u64(&mut self.stream)? != self.cookie {
-            return Err(protocol("reply for another request".into()));
-        }
-        if kind == CMD_READ && error == 0 {
+        if kind == CMD_READ && reply.error == 0 {
             self.stream.read_exact(data)?;
         }
-        Ok(error)
+        Ok(reply.error)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::wire::{
+        FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, INFO_EXPORT, NBDMAGIC,
+        OPTION_REPLY_MAGIC as REPLY_MAGIC, OPT_GO, REP_ACK, REP_INFO, SIMPLE_REPLY_MAGIC,
+    };
     use std::os::unix::net::UnixListener;
+
+    fn read_u32(s: &mut impl Read) -> io::Result<u32> {
+        let mut b = [0u8; 4];
+        s.read_exact(&mut b)?;
+        Ok(u32::from_be_bytes(b))
+    }
+
+    fn read_u64(s: &mut impl Read) -> io::Result<u64> {
+        let mut b = [0u8; 8];
+        s.read_exact(&mut b)?;
+        Ok(u64::from_be_bytes(b))
+    }
 
     /// A one-connection NBD server with a 1 MiB export held in memory.
     fn fake_server(socket: &Path, size: u64) -> std::thread::JoinHandle<Vec<u8>> {
