@@ -166,9 +166,9 @@ impl ControllerService {
         }
     }
 
-    /// The pool named `name`, or the default pool; `None` when there is no such pool.
-    async fn blockd_pool(&self, name: Option<&str>) -> Result<Option<v1::Pool>, Status> {
-        let pools = self
+    /// Every pool of this node's blockd.
+    async fn list_pools(&self) -> Result<Vec<v1::Pool>, Status> {
+        Ok(self
             .driver
             .blockd
             .pools()
@@ -176,7 +176,12 @@ impl ControllerService {
             .await
             .map_err(|status| upstream("listing pools", status))?
             .into_inner()
-            .pools;
+            .pools)
+    }
+
+    /// The pool named `name`, or the default pool; `None` when there is no such pool.
+    async fn blockd_pool(&self, name: Option<&str>) -> Result<Option<v1::Pool>, Status> {
+        let pools = self.list_pools().await?;
         Ok(pools.into_iter().find(|p| match name {
             Some(name) => p.name == name,
             None => p.is_default,

@@ -146,15 +146,7 @@ impl ControllerService {
 
     /// Pool name → health, for volume conditions.
     async fn pool_health(&self) -> Result<HashMap<String, String>, Status> {
-        let pools = self
-            .driver
-            .blockd
-            .pools()
-            .list_pools(v1::ListPoolsRequest::default())
-            .await
-            .map_err(|status| upstream("listing pools", status))?
-            .into_inner()
-            .pools;
+        let pools = self.list_pools().await?;
         Ok(pools.into_iter().map(|p| (p.name, p.health)).collect())
     }
 

@@ -378,15 +378,33 @@ async fn start_fuse_file(dir: &Path, binary: &Path, socket: &Path, export: &str)
 /// Spawns a FUSE server command and waits for its pid file and file; returns its pid.
 async fn wait_fuse_ready(
     dir: &Path,
-    mut cmd: tokio::process::Command,
+    cmd: tokio::process::Command,
     rendered: String,
 ) -> Result<u32> {
     let pidfile = dir.join("fuse.pid");
-    let log = dir.join("fuse.log");
     let _ = std::fs::remove_file(&pidfile);
+    let pid = spawn_until_ready(cmd, &rendered, &dir.join("fuse.log"), |_| {
+        read_pid(&pidfile).filter(|_| fuse_file(dir).exists())
+    })
+    .await?;
+    // Dropping the handle leaves the server running; tokio reaps it when it exits.
+    tracing::info!(pid, command = %rendered, "FUSE server serving");
+    Ok(pid)
+}
+
+/// Spawns `cmd` (a detached helper logging to `log`) and polls `ready` until it yields
+/// the helper's pid. Fails with the helper's log when it exits first, and kills it when it
+/// is not ready within [`READY_TIMEOUT`]. `ready` gets the pid the child was spawned with.
+async fn spawn_until_ready(
+    mut cmd: tokio::process::Command,
+    rendered: &str,
+    log: &Path,
+    mut ready: impl FnMut(u32) -> Option<u32>,
+) -> Result<u32> {
     let mut child = cmd
         .spawn()
         .map_err(|e| NodeError::io(format!("Cannot run `{rendered}`"), e))?;
+    let spawned = child.id().unwrap_or_default();
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
         if let Some(status) = child
@@ -394,22 +412,18 @@ async fn wait_fuse_ready(
             .map_err(|e| NodeError::io(format!("Waiting for `{rendered}`"), e))?
         {
             return Err(NodeError::Command {
-                command: rendered,
+                command: rendered.to_string(),
                 status: status.to_string(),
-                stderr: tail(&log),
+                stderr: tail(log),
             });
         }
-        if let Some(pid) = read_pid(&pidfile) {
-            if fuse_file(dir).exists() {
-                tracing::info!(pid, command = %rendered, "FUSE server serving");
-                // Dropping the handle leaves nbdfuse running; tokio reaps it when it exits.
-                return Ok(pid);
-            }
+        if let Some(pid) = ready(spawned) {
+            return Ok(pid);
         }
         if Instant::now() > deadline {
             let _ = child.start_kill();
             return Err(NodeError::CommandTimeout {
-                command: format!("{rendered} (log: {})", tail(&log)),
+                command: format!("{rendered} (log: {})", tail(log)),
                 timeout: READY_TIMEOUT,
             });
         }
@@ -444,39 +458,18 @@ pub(super) async fn start_proxy(
         upstream.display(),
         pidfile.display()
     );
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| NodeError::io(format!("Cannot run `{rendered}`"), e))?;
-    let pid = child.id().unwrap_or_default();
-    let deadline = Instant::now() + READY_TIMEOUT;
-    loop {
-        if let Some(status) = child
-            .try_wait()
-            .map_err(|e| NodeError::io(format!("Waiting for `{rendered}`"), e))?
-        {
-            return Err(NodeError::Command {
-                command: rendered,
-                status: status.to_string(),
-                stderr: tail(&log),
-            });
-        }
-        if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
-            // The pid file is the proxy's to write; make sure detach can find it anyway.
-            if read_pid(&pidfile).is_none() {
-                let _ = std::fs::write(&pidfile, format!("{pid}\n"));
-            }
-            tracing::info!(pid, socket = %socket.display(), upstream = %upstream.display(), "csi-nbd-proxy serving");
-            return Ok(pid);
-        }
-        if Instant::now() > deadline {
-            let _ = child.start_kill();
-            return Err(NodeError::CommandTimeout {
-                command: format!("{rendered} (log: {})", tail(&log)),
-                timeout: READY_TIMEOUT,
-            });
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
+    let pid = spawn_until_ready(cmd, &rendered, &log, |pid| {
+        std::os::unix::net::UnixStream::connect(&socket)
+            .is_ok()
+            .then_some(pid)
+    })
+    .await?;
+    // The pid file is the proxy's to write; make sure detach can find it anyway.
+    if read_pid(&pidfile).is_none() {
+        let _ = std::fs::write(&pidfile, format!("{pid}\n"));
     }
+    tracing::info!(pid, socket = %socket.display(), upstream = %upstream.display(), "csi-nbd-proxy serving");
+    Ok(pid)
 }
 
 fn read_pid(path: &Path) -> Option<u32> {
