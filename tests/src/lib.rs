@@ -487,13 +487,34 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .expect("tokio runtime")
 }
 
-/// Whether `tool` is on PATH. Tests that need a missing tool print why and skip
+/// Whether `tool` is on PATH. Tests that need a missing tool call [`skip`] and return
 /// (tools/test.sh installs every tool they use).
 pub fn have_tool(tool: &str) -> bool {
     Command::new("sh")
         .args(["-c", &format!("command -v {tool}")])
         .output()
         .is_ok_and(|o| o.status.success())
+}
+
+/// Whether the environment variable `CI` says this is a CI run (`true` or `1`).
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
+}
+
+/// Reports that a test cannot run here (no root, no `/dev/fuse`, a missing tool): prints
+/// `skipping: {reason}`, after which the caller returns. Under `CI=true` (or `CI=1`) it
+/// panics instead, so that a test cannot pass in CI by not running.
+pub fn skip(reason: &str) {
+    if in_ci() {
+        panic!("CI=true: this test cannot be skipped: {reason}");
+    }
+    eprintln!("skipping: {reason}");
+}
+
+/// Whether this process runs as root (mounts, loop devices and NBD devices need it).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
 }
 
 /// A `csi-shim` process serving on a socket in its own temporary directory, talking to a
