@@ -61,3 +61,8 @@ if have cargo-nextest; then
 else
   cargo test --workspace --no-fail-fast -- --test-threads "${TEST_THREADS:-2}"
 fi
+
+# The kernel suite (real /dev/nbdN, online ext4 growth) inside one guest boot: the host's
+# kernel may lack the modules. tests/vm/kernel-suite.sh installs QEMU and the kernel.
+echo "test.sh: kernel suite (tests/vm/kernel-suite.sh)"
+tests/vm/kernel-suite.sh

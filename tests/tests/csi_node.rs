@@ -1,6 +1,10 @@
-//! The CSI Node service on real mounts: a real blockd, a real csi-shim (`--attach
-//! fuse-loop`: nbdfuse + loop devices, as on nodes without the kernel `nbd` module), real
-//! mkfs, mount, bind mounts and file I/O. Volumes are created with blockd's API directly.
+//! The CSI Node service on real mounts: a real blockd, a real csi-shim, real mkfs, mount,
+//! bind mounts and file I/O. Volumes are created with blockd's API directly.
+//!
+//! The attacher under test is `BLOCKD_TEST_ATTACH`: `fuse-loop` (the default: csi-fuse-nbd
+//! + loop devices, as on nodes without the kernel `nbd` module) or `nbd` (the kernel's
+//! `/dev/nbdN` over netlink). `tools/test.sh` runs this file on the host with fuse-loop and
+//! again inside a guest kernel (`tests/vm/run.sh`) with `nbd`, where ext4 also grows online.
 //!
 //! Every test owns its daemon, its csi-shim and its directories; a [`Cleanup`] guard
 //! unmounts everything under the test's directories and detaches their loop devices even
@@ -14,6 +18,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use blockd_proto::csi;
+use blockd_proto::csi::controller_client::ControllerClient;
 use blockd_proto::csi::node_client::NodeClient;
 use blockd_proto::csi::volume_capability::access_mode::Mode;
 use blockd_proto::csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
@@ -67,17 +72,49 @@ fn build_helpers() -> &'static Result<PathBuf, String> {
     })
 }
 
+/// The attacher under test (`BLOCKD_TEST_ATTACH`): `fuse-loop` or `nbd`.
+fn attach_mode() -> &'static str {
+    static MODE: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+    MODE.get_or_init(|| match std::env::var("BLOCKD_TEST_ATTACH").as_deref() {
+        Err(_) | Ok("") | Ok("fuse-loop") => "fuse-loop",
+        Ok("nbd") => "nbd",
+        Ok(other) => panic!("BLOCKD_TEST_ATTACH={other:?}: expected fuse-loop or nbd"),
+    })
+}
+
+fn kernel_nbd() -> bool {
+    attach_mode() == "nbd"
+}
+
+/// The device-node prefix of the attacher under test.
+fn device_prefix() -> &'static str {
+    if kernel_nbd() {
+        "/dev/nbd"
+    } else {
+        "/dev/loop"
+    }
+}
+
 /// Why these tests cannot run here, if they cannot.
 fn skip_reason() -> Option<String> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Some("needs root for mounts and loop devices".into());
     }
-    if !Path::new("/dev/fuse").exists() {
+    if kernel_nbd() {
+        if !Path::new("/sys/module/nbd").exists() {
+            return Some(
+                "BLOCKD_TEST_ATTACH=nbd needs the kernel nbd module (run it in tests/vm/run.sh)"
+                    .into(),
+            );
+        }
+    } else if !Path::new("/dev/fuse").exists() {
         return Some("no /dev/fuse".into());
     }
     for tool in [
-        "nbdfuse",
+        "nbdcopy",
+        "e2fsck",
+        "fio",
         "losetup",
         "mkfs.ext4",
         "mkfs.xfs",
@@ -98,7 +135,7 @@ fn skip_reason() -> Option<String> {
 macro_rules! require_root_and_tools {
     () => {
         if let Some(reason) = skip_reason() {
-            eprintln!("skipping: {reason}");
+            blockd_tests::skip(&reason);
             return;
         }
     };
@@ -185,7 +222,15 @@ struct Env {
 }
 
 impl Env {
+    /// A daemon and a csi-shim with the attacher under test and `shim_args`.
     async fn start(shim_args: &[&str]) -> Env {
+        let mut args = vec!["--attach", attach_mode()];
+        args.extend_from_slice(shim_args);
+        Env::start_exactly(&args).await
+    }
+
+    /// A daemon and a csi-shim with exactly `shim_args`.
+    async fn start_exactly(shim_args: &[&str]) -> Env {
         if let Err(err) = build_helpers() {
             panic!("{err}");
         }
@@ -318,6 +363,23 @@ impl Env {
             .map(|r| r.into_inner())
     }
 
+    /// ControllerExpandVolume to `bytes`, as external-resizer calls it.
+    async fn controller_expand(&mut self, id: &str, bytes: u64) -> csi::ControllerExpandVolumeResponse {
+        let mut controller = ControllerClient::new(self.shim.channel().await);
+        controller
+            .controller_expand_volume(csi::ControllerExpandVolumeRequest {
+                volume_id: id.into(),
+                capacity_range: Some(csi::CapacityRange {
+                    required_bytes: bytes as i64,
+                    limit_bytes: 0,
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|s| panic!("ControllerExpandVolume {id}: {s}"))
+            .into_inner()
+    }
+
     /// Stage and publish (each twice: both are idempotent).
     async fn mount(
         &mut self,
@@ -357,6 +419,19 @@ impl Env {
                 panic!("NodeUnstageVolume #{round} {id}: {s}\n{}", self.shim.log())
             });
         }
+    }
+
+    /// The block devices attached for this node's volumes: loop devices under its
+    /// directories, or the `/dev/nbdN` its attachments name.
+    fn attached_devices(&self) -> Vec<PathBuf> {
+        let mut devices = loops_under(&self.root);
+        let attach = self.shim.state_dir().join("attach");
+        for dir in std::fs::read_dir(&attach).into_iter().flatten().flatten() {
+            if let Ok(index) = std::fs::read_to_string(dir.path().join("nbd.index")) {
+                devices.push(PathBuf::from(format!("/dev/nbd{}", index.trim())));
+            }
+        }
+        devices
     }
 
     /// Asserts that no mount, loop device, helper process or export of this node is left.
@@ -509,11 +584,11 @@ fn mount_of(path: &Path) -> Option<(String, String)> {
 fn lifecycle_ext4_files_survive_unstage_and_restage() {
     require_root_and_tools!();
     runtime().block_on(async {
-        let mut env = Env::start(&["--attach", "fuse-loop"]).await;
+        let mut env = Env::start(&[]).await;
         let id = env.volume("life", "256M");
         let (staging, target) = env.mount(&id, "life", mount_cap("ext4")).await;
         let (source, options) = mount_of(&staging).expect("staging path is mounted");
-        assert!(source.starts_with("/dev/loop"), "{source}");
+        assert!(source.starts_with(device_prefix()), "{source}");
         assert!(
             options.split(',').any(|o| o == "noatime"),
             "mount_flags applied: {options}"
@@ -549,7 +624,7 @@ fn lifecycle_ext4_files_survive_unstage_and_restage() {
 fn xfs_with_a_read_only_publication_beside_a_writable_one() {
     require_root_and_tools!();
     runtime().block_on(async {
-        let mut env = Env::start(&["--attach", "fuse-loop"]).await;
+        let mut env = Env::start(&[]).await;
         // mkfs.xfs needs at least 300 MiB.
         let id = env.volume("shared", "512M");
         let cap = mount_cap_mode("xfs", Mode::SingleNodeMultiWriter);
@@ -615,7 +690,7 @@ fn block_mode_publishes_the_device_and_data_reaches_blockd() {
         return;
     }
     runtime().block_on(async {
-        let mut env = Env::start(&["--attach", "fuse-loop"]).await;
+        let mut env = Env::start(&[]).await;
         let id = env.volume("raw", "64M");
         let (staging, target) = env.mount(&id, "raw", block_cap()).await;
         assert!(
@@ -706,7 +781,7 @@ fn block_mode_publishes_the_device_and_data_reaches_blockd() {
 fn stats_follow_writes_and_report_a_dead_attachment() {
     require_root_and_tools!();
     runtime().block_on(async {
-        let mut env = Env::start(&["--attach", "fuse-loop"]).await;
+        let mut env = Env::start(&[]).await;
         let id = env.volume("stats", "256M");
         let (staging, target) = env.mount(&id, "stats", mount_cap("ext4")).await;
         let before = env.stats(&id, &target).await.expect("stats");
@@ -751,13 +826,15 @@ fn stats_follow_writes_and_report_a_dead_attachment() {
             "stats on a path the volume is not at",
         );
 
-        // nbdfuse dies: the volume is abnormal, and unstage still cleans up.
+        // The helper serving the device dies (the FUSE server, or the proxy the kernel's
+        // socket leads to): the volume is abnormal, and unstage still cleans up.
+        let helper = if kernel_nbd() { "proxy.pid" } else { "fuse.pid" };
         let pidfile = std::fs::read_dir(env.shim.state_dir().join("attach"))
             .expect("attach dir")
             .filter_map(|e| e.ok())
-            .map(|e| e.path().join("fuse.pid"))
+            .map(|e| e.path().join(helper))
             .find(|p| p.exists())
-            .expect("FUSE server pid file");
+            .expect("helper pid file");
         let pid: i32 = std::fs::read_to_string(&pidfile)
             .expect("pid")
             .trim()
@@ -780,7 +857,9 @@ fn stats_follow_writes_and_report_a_dead_attachment() {
         assert!(condition.abnormal, "{condition:?}");
         // Either the dead helper or the failed read is named, whichever is seen first.
         assert!(
-            condition.message.contains("FUSE server") || condition.message.contains("/dev/loop"),
+            ["FUSE server", "csi-nbd-proxy", device_prefix()]
+                .iter()
+                .any(|m| condition.message.contains(m)),
             "{}",
             condition.message
         );
@@ -794,7 +873,7 @@ fn stats_follow_writes_and_report_a_dead_attachment() {
 fn online_expansion_shows_in_df() {
     require_root_and_tools!();
     runtime().block_on(async {
-        let mut env = Env::start(&["--attach", "fuse-loop"]).await;
+        let mut env = Env::start(&[]).await;
         // XFS (at least 300 MiB): grown with xfs_growfs while published and written.
         let id = env.volume("grow", "320M");
         let (staging, target) = env.mount(&id, "grow", mount_cap("xfs")).await;
@@ -835,8 +914,10 @@ fn online_expansion_shows_in_df() {
         // ext4 grows online only with CAP_SYS_RESOURCE; without it the call says so.
         let id = env.volume("grow4", "128M");
         let (staging, target) = env.mount(&id, "grow4", mount_cap("ext4")).await;
-        env.daemon
-            .ctl_ok(&["volume", "resize", "grow4", "--size", "384M"]);
+        // Through the CSI controller, as external-resizer does it.
+        let grown = env.controller_expand(&id, 384 * MIB).await;
+        assert_eq!(grown.capacity_bytes, (384 * MIB) as i64);
+        assert!(grown.node_expansion_required);
         let status = std::fs::read_to_string("/proc/self/status").expect("status");
         let cap_eff = status
             .lines()
@@ -844,10 +925,30 @@ fn online_expansion_shows_in_df() {
             .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
             .expect("CapEff");
         if cap_eff & (1 << 24) != 0 {
+            write_synced(&target.join("before"), &content(8, MIB as usize));
             env.expand(&id, &target, 384 * MIB)
                 .await
-                .expect("grow ext4");
-            assert!(df_bytes(&target) > 350 * MIB);
+                .unwrap_or_else(|s| panic!("grow ext4: {s}\n{}", env.shim.log()));
+            assert!(df_bytes(&target) > 350 * MIB, "{}", df_bytes(&target));
+            // Written past the old end, and read back after a restage.
+            for i in 0..3 {
+                write_synced(
+                    &target.join(format!("after-{i}")),
+                    &content(200 + i, 60 * MIB as usize),
+                );
+            }
+            env.umount(&id, &staging, &target).await;
+            let (s2, t2) = env.mount(&id, "grow4", mount_cap("ext4")).await;
+            for i in 0..3 {
+                assert_eq!(
+                    checksum(&std::fs::read(t2.join(format!("after-{i}"))).expect("kept")),
+                    checksum(&content(200 + i, 60 * MIB as usize))
+                );
+            }
+            env.umount(&id, &s2, &t2).await;
+            assert_fsck_clean(&env, "grow4", "ext4");
+            env.assert_clean().await;
+            return;
         } else {
             eprintln!("no CAP_SYS_RESOURCE here: checking that ext4 growth explains why");
             let msg = expect_code(
@@ -866,7 +967,7 @@ fn online_expansion_shows_in_df() {
 fn spec_error_codes() {
     require_root_and_tools!();
     runtime().block_on(async {
-        let mut env = Env::start(&["--attach", "fuse-loop", "--max-volumes", "17"]).await;
+        let mut env = Env::start(&["--max-volumes", "17"]).await;
         let id = env.volume("errs", "64M");
         let staging = env.staging("errs");
         let target = env.target("errs");
@@ -1138,7 +1239,7 @@ fn spec_error_codes() {
 fn concurrent_stage_of_one_volume_is_aborted_or_ok() {
     require_root_and_tools!();
     runtime().block_on(async {
-        let mut env = Env::start(&["--attach", "fuse-loop"]).await;
+        let mut env = Env::start(&[]).await;
         let id = env.volume("race", "256M");
         let staging = env.staging("race");
         let calls: Vec<_> = (0..3)
@@ -1165,7 +1266,7 @@ fn concurrent_stage_of_one_volume_is_aborted_or_ok() {
             .await
             .expect("stage after the race");
         assert_eq!(
-            loops_under(&env.root).len(),
+            env.attached_devices().len(),
             1,
             "exactly one attachment for the volume"
         );
@@ -1204,16 +1305,118 @@ fn verify_written(dir: &Path, count: u64) {
     }
 }
 
+/// A fio job that writes `dir/fio.dat` with crc32c headers for `seconds`, verifying what it
+/// wrote as it goes (`verify_backlog`) and once more at the end; O_DIRECT, an fsync every
+/// 8 writes. Its exit status is non-zero on any I/O error or verification failure.
+fn spawn_fio(dir: &Path, seconds: u32) -> std::process::Child {
+    Command::new("fio")
+        .arg("--name=verify")
+        .arg(format!("--filename={}", dir.join("fio.dat").display()))
+        .args([
+            "--size=48M",
+            "--bs=64k",
+            "--rw=randwrite",
+            "--ioengine=psync",
+            "--direct=1",
+            "--fsync=8",
+            "--verify=crc32c",
+            "--verify_backlog=16",
+            "--verify_fatal=1",
+            "--time_based",
+        ])
+        .arg(format!("--runtime={seconds}"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn fio")
+}
+
+fn finish_fio(child: std::process::Child) {
+    let out = child.wait_with_output().expect("fio");
+    let text = String::from_utf8_lossy(&out.stdout).to_string()
+        + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && text.contains("err= 0"),
+        "fio verify failed ({}):\n{text}",
+        out.status
+    );
+}
+
+/// The kernel log's lines, or `None` where it cannot be read.
+fn kernel_log() -> Option<Vec<String>> {
+    let out = Command::new("dmesg").output().ok()?;
+    out.status.success().then(|| {
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect()
+    })
+}
+
+/// Asserts that the kernel logged no error for `device` after line `mark` of its log.
+fn assert_no_kernel_errors(mark: Option<usize>, device: &str) {
+    let (Some(mark), Some(log)) = (mark, kernel_log()) else {
+        if kernel_nbd() {
+            panic!("the kernel log cannot be read in the guest");
+        }
+        eprintln!("the kernel log cannot be read here; not checked for {device}");
+        return;
+    };
+    let name = device.trim_start_matches("/dev/");
+    let errors: Vec<_> = log
+        .iter()
+        .skip(mark)
+        .filter(|l| l.contains(name) && l.to_ascii_lowercase().contains("error"))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "the kernel logged errors for {device}: {errors:#?}"
+    );
+}
+
+/// Copies blockd volume `name` out over NBD (nbdcopy) and checks its file system with
+/// `e2fsck -fn` / `xfs_repair -n`: the volume must be unstaged.
+fn assert_fsck_clean(env: &Env, name: &str, fs: &str) {
+    let uri = env.daemon.ctl_ok(&["export", name]).trim().to_string();
+    let image = env.root.join(format!("{name}.img"));
+    let copy = Command::new("nbdcopy")
+        .arg(&uri)
+        .arg(&image)
+        .output()
+        .expect("nbdcopy");
+    assert!(
+        copy.status.success(),
+        "nbdcopy: {}",
+        String::from_utf8_lossy(&copy.stderr)
+    );
+    env.daemon.ctl_ok(&["unexport", name]);
+    let out = match fs {
+        "xfs" => Command::new("xfs_repair").arg("-n").arg("-f").arg(&image).output(),
+        _ => Command::new("e2fsck").arg("-f").arg("-n").arg(&image).output(),
+    }
+    .expect("fsck");
+    assert!(
+        out.status.success(),
+        "fsck of {name} ({fs}) is not clean:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_file(&image).expect("remove the image");
+}
+
 #[test]
 fn csi_shim_sigkill_and_restart_keep_the_mount_working() {
     require_root_and_tools!();
     runtime().block_on(async {
-        let mut env = Env::start(&["--attach", "fuse-loop"]).await;
+        let mut env = Env::start(&[]).await;
         let id = env.volume("survivor", "256M");
         let (staging, target) = env.mount(&id, "survivor", mount_cap("ext4")).await;
+        let device = mount_of(&staging).expect("mounted").0;
+        let mark = kernel_log().map(|l| l.len());
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let writer = spawn_writer(target.clone(), stop.clone());
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        let fio = spawn_fio(&target, 6);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
 
         let status = env.shim.stop_with(libc::SIGKILL);
         assert_eq!(
@@ -1224,6 +1427,7 @@ fn csi_shim_sigkill_and_restart_keep_the_mount_working() {
         env.shim.restart();
         env.reconnect().await;
         tokio::time::sleep(Duration::from_millis(500)).await;
+        finish_fio(fio);
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let written = writer
             .join()
@@ -1231,6 +1435,7 @@ fn csi_shim_sigkill_and_restart_keep_the_mount_working() {
             .expect("writes never fail");
         assert!(written > 0);
         verify_written(&target, written);
+        assert_no_kernel_errors(mark, &device);
 
         // The restarted service knows the volume: stats, idempotent stage and publish.
         let stats = env.stats(&id, &target).await.expect("stats after restart");
@@ -1242,47 +1447,55 @@ fn csi_shim_sigkill_and_restart_keep_the_mount_working() {
             .await
             .expect("publish after restart");
         env.umount(&id, &staging, &target).await;
+        assert_fsck_clean(&env, "survivor", "ext4");
         env.assert_clean().await;
     });
 }
 
 #[test]
-fn attach_nbd_needs_the_kernel_module_and_auto_falls_back_to_fuse_loop() {
+fn attach_nbd_needs_the_kernel_module_and_auto_prefers_it() {
     require_root_and_tools!();
     runtime().block_on(async {
-        let module = Path::new("/sys/module/nbd").exists() || Path::new("/dev/nbd0").exists();
+        let module = Path::new("/sys/module/nbd").exists();
         {
-            let mut env = Env::start(&["--attach", "nbd"]).await;
+            let mut env = Env::start_exactly(&["--attach", "nbd"]).await;
             let id = env.volume("kernel", "64M");
             let staging = env.staging("kernel");
             if module {
-                eprintln!("the nbd module is present: staging through kernel NBD");
-                env.stage(&id, &staging, mount_cap("ext4")).await.expect("stage via kernel nbd");
+                env.stage(&id, &staging, mount_cap("ext4"))
+                    .await
+                    .expect("stage via kernel nbd");
+                let (source, _) = mount_of(&staging).expect("mounted");
+                assert!(source.starts_with("/dev/nbd"), "{source}");
                 env.unstage(&id, &staging).await.expect("unstage");
             } else {
-                eprintln!(
-                    "skipping the kernel NBD lifecycle: no nbd module (/sys/module/nbd, /dev/nbd0); \
-                     checking that --attach nbd refuses with a clear reason"
-                );
+                // Without the module, --attach nbd must refuse with a reason and a way out.
                 let msg = expect_code(
                     env.stage(&id, &staging, mount_cap("ext4")).await,
                     Code::FailedPrecondition,
                     "--attach nbd without the module",
                 );
-                assert!(msg.contains("nbd module") && msg.contains("fuse-loop"), "{msg}");
+                assert!(
+                    msg.contains("nbd module") && msg.contains("fuse-loop"),
+                    "{msg}"
+                );
             }
             env.assert_clean().await;
         }
-        if module {
-            eprintln!("skipping the auto-fallback check: this node has the nbd module");
-            return;
-        }
-        let mut env = Env::start(&["--attach", "auto"]).await;
+        // auto: kernel NBD where the module is, fuse-loop elsewhere.
+        let mut env = Env::start_exactly(&["--attach", "auto"]).await;
         let id = env.volume("auto", "64M");
         let staging = env.staging("auto");
-        env.stage(&id, &staging, block_cap()).await.expect("stage with --attach auto");
-        let loops = loops_under(&env.root);
-        assert_eq!(loops.len(), 1, "auto picked fuse-loop: {loops:?}");
+        env.stage(&id, &staging, block_cap())
+            .await
+            .expect("stage with --attach auto");
+        let devices = env.attached_devices();
+        assert_eq!(devices.len(), 1, "{devices:?}");
+        let want = if module { "/dev/nbd" } else { "/dev/loop" };
+        assert!(
+            devices[0].display().to_string().starts_with(want),
+            "auto picked {devices:?}, expected {want}*"
+        );
         env.unstage(&id, &staging).await.expect("unstage");
         env.assert_clean().await;
     });
@@ -1292,7 +1505,7 @@ fn attach_nbd_needs_the_kernel_module_and_auto_falls_back_to_fuse_loop() {
 fn blockd_restart_while_mounted_and_written_is_invisible() {
     require_root_and_tools!();
     runtime().block_on(async {
-        let mut env = Env::start(&["--attach", "fuse-loop"]).await;
+        let mut env = Env::start(&[]).await;
         let id = env.volume("steady", "256M");
         let (staging, target) = env.mount(&id, "steady", mount_cap("ext4")).await;
         // The attachment goes through csi-nbd-proxy, which outlives blockd restarts.
@@ -1308,13 +1521,20 @@ fn blockd_restart_while_mounted_and_written_is_invisible() {
             std::fs::read_dir(&work).map(|d| d.count())
         );
 
+        let device = mount_of(&staging).expect("mounted").0;
+        let mark = kernel_log().map(|l| l.len());
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let writer = spawn_writer(target.clone(), stop.clone());
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        let fio = spawn_fio(&target, 8);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
         env.daemon.kill();
         tokio::time::sleep(Duration::from_millis(300)).await;
         env.daemon.restart();
         tokio::time::sleep(Duration::from_millis(1500)).await;
+        // A second kill, while fio's verification reads are in flight too.
+        env.daemon.kill();
+        env.daemon.restart();
+        finish_fio(fio);
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let written = writer
             .join()
@@ -1322,12 +1542,14 @@ fn blockd_restart_while_mounted_and_written_is_invisible() {
             .unwrap_or_else(|e| panic!("I/O failed across the blockd restart: {e}"));
         assert!(written > 0);
         verify_written(&target, written);
+        assert_no_kernel_errors(mark, &device);
         let stats = env.stats(&id, &target).await.expect("stats");
         assert!(
             !stats.volume_condition.expect("condition").abnormal,
             "the volume is healthy after blockd restarted"
         );
         env.umount(&id, &staging, &target).await;
+        assert_fsck_clean(&env, "steady", "ext4");
         env.assert_clean().await;
     });
 }
@@ -1336,7 +1558,7 @@ fn blockd_restart_while_mounted_and_written_is_invisible() {
 fn stage_grows_a_file_system_smaller_than_its_volume() {
     require_root_and_tools!();
     runtime().block_on(async {
-        let mut env = Env::start(&["--attach", "fuse-loop"]).await;
+        let mut env = Env::start(&[]).await;
         // As after a restore or clone into a larger volume, or a ControllerExpandVolume
         // while unstaged: the file system is smaller than the volume at the next stage.
         for (name, fs, small, big) in [
