@@ -68,24 +68,10 @@ fn build_binaries() -> &'static Result<(), String> {
         let mut cmd = Command::new(cargo);
         cmd.current_dir(workspace_root())
             .env("CARGO_TARGET_DIR", target_dir)
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "blockd",
-                "--bin",
-                "blockd",
-                "-p",
-                "blockd-tools",
-                "--bin",
-                "blockctl",
-                "-p",
-                "csi-shim",
-                "--bin",
-                "csi-shim",
-                "--bin",
-                "csi-nbd-proxy",
-            ]);
+            // The same package set and dev-dependency features as `cargo test --workspace`:
+            // a narrower `cargo build -p ...` resolves bindgen's dependencies with other
+            // features and compiles RocksDB's C++ all over again.
+            .args(["build", "--quiet", "--workspace", "--bins", "--tests"]);
         if profile_dir.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }

@@ -50,8 +50,8 @@ fn build_helpers() -> &'static Result<PathBuf, String> {
                     "CARGO_TARGET_DIR",
                     dir.parent().expect("<target>/<profile>"),
                 )
-                .args(["build", "--quiet", "-p", "csi-shim"])
-                .args(["--bin", "csi-nbd-proxy", "--bin", "csi-fuse-nbd"]);
+                // As `cargo test --workspace` resolves features (see blockd_tests::binary).
+                .args(["build", "--quiet", "--workspace", "--bins", "--tests"]);
             if dir.file_name().is_some_and(|n| n == "release") {
                 cmd.arg("--release");
             }
@@ -929,7 +929,8 @@ fn online_expansion_shows_in_df() {
             env.expand(&id, &target, 384 * MIB)
                 .await
                 .unwrap_or_else(|s| panic!("grow ext4: {s}\n{}", env.shim.log()));
-            assert!(df_bytes(&target) > 350 * MIB, "{}", df_bytes(&target));
+            // 128 MiB of ext4 offered about 110 MiB; 384 MiB offers about 340 MiB.
+            assert!(df_bytes(&target) > 300 * MIB, "{}", df_bytes(&target));
             // Written past the old end, and read back after a restage.
             for i in 0..3 {
                 write_synced(

@@ -33,10 +33,9 @@ if ! tests/vm/run.sh --setup; then
 fi
 command -v qemu-system-x86_64 >/dev/null || skip_or_fail "QEMU is not installed"
 
-# Host-side builds: the binaries, and the test executables (their paths from cargo).
-cargo build --quiet -p blockd --bin blockd -p blockd-tools --bin blockctl \
-  -p csi-shim --bin csi-shim --bin csi-nbd-proxy --bin csi-fuse-nbd
-csi_node=$(cargo test --quiet -p blockd-tests --test csi_node --no-run --message-format=json 2>/dev/null |
+# Host-side builds: the binaries and the test executables, with the package set and
+# features of `cargo test --workspace` (a narrower `-p` build would compile RocksDB again).
+csi_node=$(cargo build --quiet --workspace --bins --tests --message-format=json |
   python3 -c 'import json,sys
 for line in sys.stdin:
     m = json.loads(line)
@@ -55,7 +54,7 @@ set +e
 # are slow, and the tests time their helpers out generously but not without limit.
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-tests/vm/run.sh --timeout 1200 -- "$csi_node" --test-threads 1 "$@" 2>&1 | tee "$log"
+tests/vm/run.sh --timeout 1200 -- "$csi_node" --test-threads 1 --color never "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 echo "kernel suite: guest part took $(($(date +%s) - started)) s, exit status $status"
