@@ -863,6 +863,28 @@ fn stats_follow_writes_and_report_a_dead_attachment() {
             "{}",
             condition.message
         );
+        if kernel_nbd() {
+            // /dev/nbdN outlives its proxy, with the file system mounted on it: a restarted
+            // csi-shim gives it a new proxy (NBD_CMD_RECONFIGURE) and I/O carries on.
+            env.shim.stop_with(libc::SIGKILL);
+            env.shim.restart();
+            env.reconnect().await;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let stats = env.stats(&id, &target).await.expect("stats after restart");
+                let condition = stats.volume_condition.expect("condition");
+                if !condition.abnormal {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the volume was not reconnected: {condition:?}\n{}",
+                    env.shim.log()
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            write_synced(&target.join("after-reconnect"), &content(9, MIB as usize));
+        }
 
         env.umount(&id, &staging, &target).await;
         env.assert_clean().await;
