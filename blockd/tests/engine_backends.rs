@@ -14,6 +14,8 @@ use blockd::meta::mem::MemStore;
 use blockd::meta::rocks::RocksStore;
 use blockd::meta::MetaStore;
 
+mod common;
+
 const MIB: u64 = 1 << 20;
 
 enum Kind {
@@ -67,14 +69,14 @@ impl Fixture {
                         dev_path = PathBuf::from(p);
                     }
                     Ok(o) => {
-                        eprintln!(
-                            "skipping: losetup failed: {}",
+                        common::skip(&format!(
+                            "losetup failed: {}",
                             String::from_utf8_lossy(&o.stderr).trim()
-                        );
+                        ));
                         return None;
                     }
                     Err(e) => {
-                        eprintln!("skipping: losetup unavailable: {e}");
+                        common::skip(&format!("losetup unavailable: {e}"));
                         return None;
                     }
                 }

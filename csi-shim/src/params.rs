@@ -7,7 +7,7 @@
 //! | `csi.storage.k8s.io/fstype`  | `ext4` or `xfs`                          | file system of mount volumes     |
 //! | `maxIops`                    | a positive integer                      | IOPS limit of the volume         |
 //! | `iopsPerGB`                  | a positive integer                      | IOPS limit = iopsPerGB × size in GiB (rounded up), capped by `maxIops` when both are given |
-//! | `maxBandwidth`               | bytes per second: `104857600`, `100Mi`, `100MiB`, `1G` (all powers of two) | bandwidth limit of the volume |
+//! | `maxBandwidth`               | bytes per second as a Kubernetes quantity: `104857600`, `90Mi` (90×2^20), `90M` (90×10^6), `1.5Gi`, `1e9` | bandwidth limit of the volume |
 //!
 //! Invariants: an unknown key is refused (a typo in a StorageClass must not silently give
 //! an unlimited volume), except keys under `csi.storage.k8s.io/`, which are the
@@ -21,7 +21,6 @@ use std::collections::HashMap;
 use std::fmt;
 
 use blockd_proto::model::{validate_name, NameKind};
-use blockd_proto::size::parse_size;
 
 /// Parameter keys this driver understands.
 pub const POOL: &str = "pool";
@@ -148,7 +147,8 @@ impl VolumeParams {
                         key: MAX_BANDWIDTH,
                         value: value.clone(),
                         reason: format!(
-                            "expected bytes per second such as 104857600, 100Mi or 1G ({err})"
+                            "expected bytes per second as a Kubernetes quantity such as \
+                             104857600, 90Mi (90×2^20) or 90M (90×10^6): {err}"
                         ),
                     })?;
                     if bytes == 0 {
@@ -190,21 +190,78 @@ impl VolumeParams {
     }
 }
 
-/// Bytes per second as blockd sizes (`512`, `64K`, `10MiB`, all powers of two, see
-/// `blockd_proto::size`) or as Kubernetes binary quantities (`90Mi`, `1Gi`), which is how
-/// StorageClass authors write them.
-fn parse_bandwidth(value: &str) -> Result<u64, blockd_proto::size::SizeError> {
-    let trimmed = value.trim();
-    let quantity = ["Ki", "Mi", "Gi", "Ti", "Pi"]
-        .iter()
-        .find(|suffix| trimmed.ends_with(*suffix));
-    match quantity {
-        Some(_) => parse_size(&format!("{trimmed}B")).map_err(|mut err| {
-            err.input = value.to_string();
-            err
-        }),
-        None => parse_size(value),
+/// Bytes per second as a Kubernetes `resource.Quantity`, the syntax StorageClass authors
+/// know from `resources.requests`: a decimal number (fraction allowed) with an optional
+/// binary suffix (`Ki` `Mi` `Gi` `Ti` `Pi` `Ei`, powers of 2^10), decimal suffix (`k` `M`
+/// `G` `T` `P` `E`, powers of 10^3) or decimal exponent (`e9`, `E9`). So `1G` is 10^9 and
+/// `1Gi` is 2^30, as in Kubernetes. A fraction of a byte rounds up, as `Quantity.Value()`
+/// does. Anything else (`10GB`, `1gi`, `-5`, `1m`) is an error that says what is expected.
+fn parse_bandwidth(value: &str) -> Result<u64, String> {
+    let raw = value.trim();
+    let split = raw
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '+'))
+        .unwrap_or(raw.len());
+    let (number, suffix) = raw.split_at(split);
+    let number = number.strip_prefix('+').unwrap_or(number);
+    let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+    if whole.is_empty() && fraction.is_empty()
+        || !whole
+            .chars()
+            .chain(fraction.chars())
+            .all(|c| c.is_ascii_digit())
+    {
+        return Err("expected a number, then optionally a suffix".into());
     }
+    // value = digits / 10^fraction_len × multiplier, computed exactly in u128.
+    let significant = format!("{whole}{fraction}");
+    let significant = significant.trim_start_matches('0');
+    let digits: u128 = if significant.is_empty() {
+        0
+    } else {
+        significant
+            .parse()
+            .map_err(|_| "the number is too large".to_string())?
+    };
+    let (numerator_scale, denominator_exp): (u128, u32) = match suffix {
+        "" => (1, 0),
+        "Ki" => (1 << 10, 0),
+        "Mi" => (1 << 20, 0),
+        "Gi" => (1 << 30, 0),
+        "Ti" => (1 << 40, 0),
+        "Pi" => (1 << 50, 0),
+        "Ei" => (1 << 60, 0),
+        "k" => (10u128.pow(3), 0),
+        "M" => (10u128.pow(6), 0),
+        "G" => (10u128.pow(9), 0),
+        "T" => (10u128.pow(12), 0),
+        "P" => (10u128.pow(15), 0),
+        "E" => (10u128.pow(18), 0),
+        exp if exp.starts_with(['e', 'E']) => {
+            let e: i32 = exp[1..]
+                .parse()
+                .map_err(|_| format!("{exp:?} is not a decimal exponent such as e9"))?;
+            match e {
+                0..=18 => (10u128.pow(e as u32), 0),
+                -18..=-1 => (1, e.unsigned_abs()),
+                _ => return Err(format!("exponent {e} is out of range")),
+            }
+        }
+        other => {
+            return Err(format!(
+                "unknown suffix {other:?}: use Ki, Mi, Gi, Ti, Pi, Ei (powers of 1024) or \
+                 k, M, G, T, P, E (powers of 1000)"
+            ))
+        }
+    };
+    let fraction_len = u32::try_from(fraction.len()).map_err(|_| "too many digits".to_string())?;
+    let denominator = 10u128
+        .checked_pow(fraction_len + denominator_exp)
+        .ok_or_else(|| "too many digits".to_string())?;
+    let bytes = digits
+        .checked_mul(numerator_scale)
+        .ok_or_else(|| "the number is too large".to_string())?
+        .div_ceil(denominator);
+    u64::try_from(bytes).map_err(|_| "the number is too large".to_string())
 }
 
 fn positive_integer(key: &'static str, value: &str) -> Result<u64, ParamError> {
@@ -273,8 +330,16 @@ mod tests {
             ("200Mi", 200 << 20),
             ("90Mi", 90 << 20),
             ("1Gi", 1 << 30),
-            ("1G", 1 << 30),
-            ("64KiB", 64 << 10),
+            ("1G", 1_000_000_000),
+            ("90M", 90_000_000),
+            ("64Ki", 64 << 10),
+            ("1.5Gi", 3 << 29),
+            ("0.5k", 500),
+            ("1e9", 1_000_000_000),
+            ("2E3", 2000),
+            ("1.0001k", 1001),
+            ("+7", 7),
+            ("12e-1", 2),
         ] {
             let p = VolumeParams::parse(&map(&[(MAX_BANDWIDTH, raw)])).unwrap();
             assert_eq!(p.max_bandwidth_bytes, Some(want), "{raw}");
@@ -304,7 +369,17 @@ mod tests {
             (IOPS_PER_GB, "1.5", "positive whole number"),
             (MAX_BANDWIDTH, "fast", "bytes per second"),
             (MAX_BANDWIDTH, "0", "greater than 0"),
-            (MAX_BANDWIDTH, "10GB", "bytes per second"),
+            (MAX_BANDWIDTH, "10GB", "unknown suffix"),
+            (MAX_BANDWIDTH, "64KiB", "unknown suffix"),
+            (MAX_BANDWIDTH, "1gi", "unknown suffix"),
+            (MAX_BANDWIDTH, "-5", "expected a number"),
+            (MAX_BANDWIDTH, "1e99", "out of range"),
+            (
+                MAX_BANDWIDTH,
+                "99999999999999999999999999999999999999999Ei",
+                "too large",
+            ),
+            (MAX_BANDWIDTH, ".", "expected a number"),
         ];
         for (key, value, needle) in cases {
             let err = VolumeParams::parse(&map(&[(key, value)])).unwrap_err();

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use blockd_tests::have_tool;
+use blockd_tests::{have_tool, skip};
 
 /// Generous: run.sh first builds blockd in release, which may have to compile it.
 const TIMEOUT: Duration = Duration::from_secs(20 * 60);
@@ -101,7 +101,9 @@ fn run_sh() -> PathBuf {
 fn quick_run_reports_every_system_and_workload() {
     for tool in ["fio", "qemu-nbd", "qemu-img", "nbdkit", "gnuplot"] {
         if !have_tool(tool) {
-            eprintln!("skipping: {tool} is not installed (tools/test.sh installs it)");
+            skip(&format!(
+                "{tool} is not installed (tools/test.sh installs it)"
+            ));
             return;
         }
     }

@@ -19,7 +19,7 @@ use blockd_proto::csi::volume_capability::access_mode::Mode;
 use blockd_proto::csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
 use blockd_proto::csi::volume_content_source::{SnapshotSource, Type as SourceType, VolumeSource};
 use blockd_proto::v1;
-use blockd_tests::{have_tool, runtime, CsiShim, Daemon};
+use blockd_tests::{have_tool, runtime, skip, CsiShim, Daemon};
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -1679,7 +1679,7 @@ fn nbd_write(uri: &str, offset: u64, len: u64) {
 #[test]
 fn capacity_follows_writes_and_a_full_pool_refuses_new_volumes() {
     if !have_tool("qemu-io") {
-        eprintln!("SKIP: qemu-io is not installed (tools/test.sh installs it)");
+        skip("qemu-io is not installed (tools/test.sh installs it)");
         return;
     }
     let pool_dir = tempfile::tempdir().expect("pool dir");

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use blockd_tests::{bin_dir, binary, have_tool, Daemon};
+use blockd_tests::{bin_dir, binary, have_tool, skip, Daemon};
 
 const MIB: u64 = 1 << 20;
 
@@ -134,10 +134,11 @@ impl Drop for Proxy {
     }
 }
 
+/// Whether every tool in `names` is installed; if not, [`skip`]s naming the first missing.
 fn tools(names: &[&str]) -> bool {
     for t in names {
         if !have_tool(t) {
-            eprintln!("skipping: {t} is not installed (tools/test.sh installs it)");
+            skip(&format!("{t} is not installed (tools/test.sh installs it)"));
             return false;
         }
     }
@@ -313,8 +314,11 @@ fn block(i: u64, len: usize) -> Vec<u8> {
 /// blockd directly.
 #[test]
 fn nbdfuse_survives_blockd_kill_and_restart() {
-    if !tools(&["nbdfuse", "nbdcopy", "umount"]) || !Path::new("/dev/fuse").exists() {
-        eprintln!("skipping: nbdfuse/nbdcopy/umount or /dev/fuse missing");
+    if !tools(&["nbdfuse", "nbdcopy", "umount"]) {
+        return;
+    }
+    if !Path::new("/dev/fuse").exists() {
+        skip("/dev/fuse is missing (nbdfuse needs FUSE)");
         return;
     }
     let mut daemon = Daemon::start();

@@ -9,8 +9,8 @@
 //! online; everything is torn down and the pool is empty again.
 //!
 //! Needs root (mounts, loop devices) and FUSE for the fuse-loop attacher; skips with the
-//! reason otherwise. Whatever a failed run leaves mounted or attached is swept when the
-//! `CsiShim` helper drops.
+//! reason otherwise (and fails under `CI=true`). Whatever a failed run leaves mounted or
+//! attached is swept when the `CsiShim` helper drops.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -21,15 +21,15 @@ use blockd_proto::csi::identity_client::IdentityClient;
 use blockd_proto::csi::node_client::NodeClient;
 use blockd_proto::csi::volume_capability::access_mode::Mode;
 use blockd_proto::csi::volume_capability::{AccessMode, AccessType, MountVolume};
-use blockd_tests::{have_tool, runtime, CsiShim, Daemon};
+use blockd_tests::{have_tool, is_root, runtime, skip, CsiShim, Daemon};
 use tonic::transport::Channel;
 
 const NODE: &str = "node-a";
 const GIB: i64 = 1 << 30;
 
+/// Why this test cannot run here, if it cannot.
 fn skip_reason() -> Option<String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !is_root() {
         return Some("needs root for mounts and loop devices".into());
     }
     if !Path::new("/dev/fuse").exists() {
@@ -207,7 +207,7 @@ fn write_synced(path: &Path, data: &[u8]) {
 #[test]
 fn seed_chapter_walkthrough() {
     if let Some(reason) = skip_reason() {
-        eprintln!("SKIP: {reason}");
+        skip(&reason);
         return;
     }
     let pool_dir = tempfile::tempdir().expect("pool dir");

@@ -164,7 +164,7 @@ fn sigterm_during_load_exits_cleanly() {
 #[test]
 fn sigterm_during_nbd_writes_exits_cleanly() {
     if !blockd_tests::have_tool("qemu-io") {
-        eprintln!("skipping: qemu-io not installed (tools/test.sh installs it)");
+        blockd_tests::skip("qemu-io is not installed (tools/test.sh installs it)");
         return;
     }
     let mut d = Daemon::start();
@@ -220,7 +220,7 @@ fn sigterm_during_nbd_writes_exits_cleanly() {
 #[test]
 fn unexport_closes_open_nbd_connections() {
     if !blockd_tests::have_tool("qemu-io") {
-        eprintln!("skipping: qemu-io not installed (tools/test.sh installs it)");
+        blockd_tests::skip("qemu-io is not installed (tools/test.sh installs it)");
         return;
     }
     let d = Daemon::start();

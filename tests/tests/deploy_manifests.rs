@@ -88,7 +88,7 @@ fn kustomization_renders_and_every_object_validates() {
     let (validator, _) = match tools() {
         Ok(tools) => tools,
         Err(reason) => {
-            eprintln!("SKIP: {reason}");
+            blockd_tests::skip(&reason);
             return;
         }
     };
@@ -186,7 +186,7 @@ fn manifests_say_what_the_csi_driver_needs() {
     let (_, python) = match tools() {
         Ok(tools) => tools,
         Err(reason) => {
-            eprintln!("SKIP: {reason}");
+            blockd_tests::skip(&reason);
             return;
         }
     };

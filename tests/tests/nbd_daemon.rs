@@ -9,7 +9,10 @@ use blockd_tests::Daemon;
 macro_rules! require {
     ($($tool:expr),+) => {
         $(if !blockd_tests::have_tool($tool) {
-            eprintln!("skipping: {} not installed (tools/test.sh installs it)", $tool);
+            blockd_tests::skip(&format!(
+                "{} is not installed (tools/test.sh installs it)",
+                $tool
+            ));
             return;
         })+
     };
