@@ -7,7 +7,9 @@
 //!
 //! [`check`] answers with the first problem as a sentence; callers decide whether that is
 //! `INVALID_ARGUMENT` (CreateVolume, GetCapacity) or an unconfirmed answer
-//! (ValidateVolumeCapabilities).
+//! (ValidateVolumeCapabilities). It checks every capability's required fields
+//! ([`CapabilityError::is_missing_field`]) before whether any is supported, so that a
+//! missing field is reported whichever capability lacks it.
 
 use blockd_proto::csi::volume_capability::access_mode::Mode;
 use blockd_proto::csi::volume_capability::AccessType;
@@ -37,6 +39,21 @@ pub enum CapabilityError {
     UnsupportedFs { index: usize, fs_type: String },
 }
 
+impl CapabilityError {
+    /// Whether this is a required field that is missing (the request is malformed), as
+    /// opposed to a well-formed capability blockd does not support.
+    pub fn is_missing_field(&self) -> bool {
+        match self {
+            CapabilityError::Missing
+            | CapabilityError::NoAccessMode { .. }
+            | CapabilityError::NoAccessType { .. } => true,
+            CapabilityError::UnsupportedMode { .. } | CapabilityError::UnsupportedFs { .. } => {
+                false
+            }
+        }
+    }
+}
+
 impl From<CapabilityError> for tonic::Status {
     fn from(err: CapabilityError) -> Self {
         tonic::Status::invalid_argument(err.to_string())
@@ -58,6 +75,19 @@ pub struct Access {
 pub fn check(capabilities: &[VolumeCapability]) -> Result<Access, CapabilityError> {
     if capabilities.is_empty() {
         return Err(CapabilityError::Missing);
+    }
+    // Required fields of every capability first, then what each one asks for.
+    for (index, cap) in capabilities.iter().enumerate() {
+        match &cap.access_mode {
+            None => return Err(CapabilityError::NoAccessMode { index }),
+            Some(mode) if mode.mode == Mode::Unknown as i32 => {
+                return Err(CapabilityError::NoAccessMode { index })
+            }
+            Some(_) => {}
+        }
+        if cap.access_type.is_none() {
+            return Err(CapabilityError::NoAccessType { index });
+        }
     }
     let mut access = Access::default();
     for (index, cap) in capabilities.iter().enumerate() {
@@ -191,5 +221,22 @@ mod tests {
             cap(Mode::SingleNodeWriter, mount("xfs")),
         ];
         assert!(check(&mixed).is_err());
+    }
+
+    #[test]
+    fn missing_fields_come_before_unsupported_values() {
+        // One capability both unsupported and incomplete: the missing field.
+        let err = check(&[cap(Mode::MultiNodeMultiWriter, None)]).unwrap_err();
+        assert_eq!(err, CapabilityError::NoAccessType { index: 0 });
+        assert!(err.is_missing_field());
+        // An unsupported capability before an incomplete one: still the missing field.
+        let err = check(&[
+            cap(Mode::SingleNodeWriter, mount("btrfs")),
+            cap(Mode::SingleNodeWriter, None),
+        ])
+        .unwrap_err();
+        assert_eq!(err, CapabilityError::NoAccessType { index: 1 });
+        let err = check(&[cap(Mode::MultiNodeReaderOnly, mount(""))]).unwrap_err();
+        assert!(!err.is_missing_field(), "{err}");
     }
 }

@@ -11,6 +11,10 @@
 //! - One operation per object at a time: mutating calls take [`crate::locks::OpLocks`]
 //!   on the volume id (`NODE/VOLUME`) or on `snapshot:NODE/SNAPSHOT`; a concurrent call
 //!   on the same object gets `ABORTED` and the orchestrator retries.
+//! - Every RPC validates every required field of its request (`INVALID_ARGUMENT`, naming
+//!   the field) before it parses an id or asks blockd anything, as the spec orders it: a
+//!   request with a missing field and an unknown id is `INVALID_ARGUMENT`, not
+//!   `NOT_FOUND`.
 //! - Every mutating call is idempotent: a retry finds what the first call made (names map
 //!   to blockd names by a pure function) and answers as the first call did.
 //! - An id naming another node is never `NOT_FOUND`: CreateVolume from such a source is

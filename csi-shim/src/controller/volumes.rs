@@ -12,12 +12,30 @@ use blockd_proto::size::format_size;
 use blockd_proto::v1;
 use tonic::{Code, Status};
 
-use super::capability::{self, CapabilityError};
+use super::capability;
 use super::capacity::{self, Range, SIZE_GRANULE};
 use super::{ControllerService, Located};
 use crate::blockd::upstream;
 use crate::ids::{blockd_name, SnapshotId, VolumeId};
 use crate::params::{self, VolumeParams};
+
+/// Checks the required fields of a CreateVolume content source (`INVALID_ARGUMENT`):
+/// it names a snapshot or a volume, by a non-empty id. Whether the id names anything is
+/// `locate_source`'s and `resolve`'s question, asked later.
+fn source_fields(source: &VolumeContentSource) -> Result<(), Status> {
+    match &source.r#type {
+        None => Err(Status::invalid_argument(
+            "volume_content_source is set but names neither a snapshot nor a volume",
+        )),
+        Some(volume_content_source::Type::Snapshot(s)) if s.snapshot_id.is_empty() => Err(
+            Status::invalid_argument("volume_content_source.snapshot.snapshot_id is required"),
+        ),
+        Some(volume_content_source::Type::Volume(v)) if v.volume_id.is_empty() => Err(
+            Status::invalid_argument("volume_content_source.volume.volume_id is required"),
+        ),
+        Some(_) => Ok(()),
+    }
+}
 
 /// What a new volume is to be made from: a snapshot or volume on this node, named but
 /// not yet looked up (so that a retried CreateVolume finds its volume even if the source
@@ -264,6 +282,9 @@ impl ControllerService {
             (param, cap) => param.or(cap),
         };
         let range = Range::parse(req.capacity_range.as_ref())?;
+        if let Some(source) = &req.volume_content_source {
+            source_fields(source)?;
+        }
         if let Some(topology) = &req.accessibility_requirements {
             if !topology.requisite.is_empty() && !topology.requisite.iter().any(|t| self.admits(t))
             {
@@ -476,13 +497,10 @@ impl ControllerService {
             return Err(Status::invalid_argument("volume_id is required"));
         }
         let checked = capability::check(&req.volume_capabilities);
-        if let Err(
-            err @ (CapabilityError::Missing
-            | CapabilityError::NoAccessMode { .. }
-            | CapabilityError::NoAccessType { .. }),
-        ) = &checked
-        {
-            return Err(Status::invalid_argument(err.to_string()));
+        if let Err(err) = &checked {
+            if err.is_missing_field() {
+                return Err(Status::invalid_argument(err.to_string()));
+            }
         }
         let vid = self.local_volume("volume", &req.volume_id)?;
         if self.blockd_volume(&vid.volume).await?.is_none() {
@@ -612,6 +630,9 @@ impl ControllerService {
             return Err(Status::invalid_argument("capacity_range is required"));
         };
         let range = Range::parse(Some(range))?;
+        if range.is_empty() {
+            return Err(capacity::SizeError::Empty.into());
+        }
         let node_expansion_required = match &req.volume_capability {
             Some(cap) => {
                 capability::check(std::slice::from_ref(cap))?;

@@ -3,9 +3,15 @@
 //! Every variant names what went wrong in terms an operator can act on: the volume, the
 //! path, the command that failed and what it printed. The mapping onto gRPC codes follows
 //! the per-RPC error tables of the CSI spec (v1.13): missing fields are
-//! `INVALID_ARGUMENT`, a volume that does not exist (or lives on another node) is
-//! `NOT_FOUND`, a staged or published volume asked for with an incompatible capability is
-//! `ALREADY_EXISTS`, publishing before staging is `FAILED_PRECONDITION`.
+//! `INVALID_ARGUMENT`, a volume that does not exist (or lives on another node, or is not
+//! at the `volume_path` asked about) is `NOT_FOUND`, a staged or published volume asked
+//! for with an incompatible capability is `ALREADY_EXISTS`, publishing before staging is
+//! `FAILED_PRECONDITION`.
+//!
+//! Which error a request gets when it has several problems is the handlers' order, not
+//! this mapping: every field variant (`MissingField`, `RelativePath`, `BadCapability`,
+//! `UnsupportedFsType`) is raised before any variant that needs the volume id looked up
+//! (`MalformedId`, `OtherNode`, `VolumeNotFound`, `UnknownPath`, ...).
 
 use std::path::PathBuf;
 use std::time::Duration;

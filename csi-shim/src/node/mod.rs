@@ -20,6 +20,12 @@
 //!   missing; unstage and unpublish of something already gone succeed;
 //! - csi-shim holds no resource of a staged volume in its own process: a restart (even
 //!   SIGKILL) leaves mounts and I/O working, and the restarted process can unstage them.
+//!
+//! Every RPC checks its request in the spec's order: first every required field
+//! (`INVALID_ARGUMENT`, naming the field), then the request's own preconditions
+//! (publishing without a staging path, an access mode no blockd volume supports), and
+//! only then the volume id and the volume (`NOT_FOUND`), so that a request with both a
+//! missing field and an unknown volume is answered `INVALID_ARGUMENT`.
 
 pub mod attach;
 pub mod error;
@@ -132,11 +138,10 @@ impl NodeService {
         Ok(())
     }
 
-    /// Parses a volume id and checks that the volume lives on this node.
+    /// Parses a volume id and checks that the volume lives on this node (`NOT_FOUND`
+    /// otherwise). Callers check that the field is set first, with [`required_id`].
     fn volume_id(&self, raw: &str) -> Result<VolumeId> {
-        if raw.is_empty() {
-            return Err(NodeError::MissingField("volume_id"));
-        }
+        required_id(raw)?;
         let id = VolumeId::parse(raw)?;
         if id.node != self.driver.args.node_id {
             return Err(NodeError::OtherNode {
@@ -725,7 +730,9 @@ fn access_compatible(staged: &Access, requested: &Access) -> bool {
     }
 }
 
-/// Validates a capability and turns it into the node's form.
+/// Validates a capability's fields (`INVALID_ARGUMENT`) and turns it into the node's
+/// form. Whether blockd supports its access mode is [`supported`]'s question, asked after
+/// every field of the request is checked.
 fn capability(cap: Option<&VolumeCapability>) -> Result<Capability> {
     let cap = cap.ok_or(NodeError::MissingField("volume_capability"))?;
     let mode = cap
@@ -734,17 +741,8 @@ fn capability(cap: Option<&VolumeCapability>) -> Result<Capability> {
         .ok_or(NodeError::BadCapability("access_mode is required"))?;
     let mode = Mode::try_from(mode.mode)
         .map_err(|_| NodeError::BadCapability("access_mode has an unknown value"))?;
-    match mode {
-        Mode::Unknown => return Err(NodeError::BadCapability("access_mode is required")),
-        Mode::MultiNodeReaderOnly | Mode::MultiNodeSingleWriter | Mode::MultiNodeMultiWriter => {
-            return Err(NodeError::UnsupportedAccessMode(
-                mode.as_str_name().to_string(),
-            ))
-        }
-        Mode::SingleNodeWriter
-        | Mode::SingleNodeReaderOnly
-        | Mode::SingleNodeSingleWriter
-        | Mode::SingleNodeMultiWriter => {}
+    if mode == Mode::Unknown {
+        return Err(NodeError::BadCapability("access_mode is required"));
     }
     let access = match cap.access_type.as_ref().ok_or(NodeError::BadCapability(
         "access_type (mount or block) is required",
@@ -766,16 +764,62 @@ fn capability(cap: Option<&VolumeCapability>) -> Result<Capability> {
     })
 }
 
+/// Checks that blockd serves a (validated) capability's access mode: every
+/// `SINGLE_NODE_*` mode, no `MULTI_NODE_*` one (a blockd volume lives on one node).
+fn supported(cap: &Capability) -> Result<()> {
+    match Mode::from_str_name(&cap.mode) {
+        Some(
+            Mode::SingleNodeWriter
+            | Mode::SingleNodeReaderOnly
+            | Mode::SingleNodeSingleWriter
+            | Mode::SingleNodeMultiWriter,
+        ) => Ok(()),
+        _ => Err(NodeError::UnsupportedAccessMode(cap.mode.clone())),
+    }
+}
+
+/// A required volume id: set (`INVALID_ARGUMENT` otherwise). Whether it names a volume
+/// is [`NodeService::volume_id`]'s question.
+fn required_id(raw: &str) -> Result<&str> {
+    if raw.is_empty() {
+        return Err(NodeError::MissingField("volume_id"));
+    }
+    Ok(raw)
+}
+
 /// A required absolute path argument.
 fn required_path(raw: &str, field: &'static str) -> Result<PathBuf> {
     if raw.is_empty() {
         return Err(NodeError::MissingField(field));
     }
+    absolute_path(raw, field)
+}
+
+/// An optional path argument: `None` when unset, absolute when set.
+fn optional_path(raw: &str, field: &'static str) -> Result<Option<PathBuf>> {
+    if raw.is_empty() {
+        return Ok(None);
+    }
+    absolute_path(raw, field).map(Some)
+}
+
+fn absolute_path(raw: &str, field: &'static str) -> Result<PathBuf> {
     let path = PathBuf::from(raw);
     if !path.is_absolute() {
         return Err(NodeError::RelativePath { field, path });
     }
     Ok(path)
+}
+
+/// The `volume_path` of NodeGetVolumeStats and NodeExpandVolume: required, and otherwise
+/// just a key into the staged volume's record. A path that is not where the volume is
+/// staged or published, relative or missing ones included, is the spec's "volume does
+/// not exist on the specified path" (`NOT_FOUND`), answered by [`NodeService::record_at`].
+fn volume_path(raw: &str) -> Result<PathBuf> {
+    if raw.is_empty() {
+        return Err(NodeError::MissingField("volume_path"));
+    }
+    Ok(PathBuf::from(raw))
 }
 
 /// Runs an RPC body in a span with the volume id, logging its failure once.
@@ -805,9 +849,11 @@ impl Node for NodeService {
     ) -> std::result::Result<Response<NodeStageVolumeResponse>, Status> {
         let req = request.into_inner();
         traced("NodeStageVolume", &req.volume_id, async {
-            let id = self.volume_id(&req.volume_id)?;
+            required_id(&req.volume_id)?;
             let staging = required_path(&req.staging_target_path, "staging_target_path")?;
             let cap = capability(req.volume_capability.as_ref())?;
+            supported(&cap)?;
+            let id = self.volume_id(&req.volume_id)?;
             let _guard = self.driver.locks.try_lock(&req.volume_id)?;
             self.stage(&id, staging, cap).await?;
             Ok(NodeStageVolumeResponse {})
@@ -821,8 +867,9 @@ impl Node for NodeService {
     ) -> std::result::Result<Response<NodeUnstageVolumeResponse>, Status> {
         let req = request.into_inner();
         traced("NodeUnstageVolume", &req.volume_id, async {
-            let id = self.volume_id(&req.volume_id)?;
+            required_id(&req.volume_id)?;
             let staging = required_path(&req.staging_target_path, "staging_target_path")?;
+            let id = self.volume_id(&req.volume_id)?;
             let _guard = self.driver.locks.try_lock(&req.volume_id)?;
             self.unstage(&id, staging).await?;
             Ok(NodeUnstageVolumeResponse {})
@@ -836,17 +883,19 @@ impl Node for NodeService {
     ) -> std::result::Result<Response<NodePublishVolumeResponse>, Status> {
         let req = request.into_inner();
         traced("NodePublishVolume", &req.volume_id, async {
-            let id = self.volume_id(&req.volume_id)?;
+            required_id(&req.volume_id)?;
             let target = required_path(&req.target_path, "target_path")?;
             let cap = capability(req.volume_capability.as_ref())?;
-            if req.staging_target_path.is_empty() {
+            let staging = optional_path(&req.staging_target_path, "staging_target_path")?;
+            let Some(staging) = staging else {
                 // The spec's code for "staging target path not set" (we stage/unstage).
                 return Err(Status::failed_precondition(
                     "staging_target_path is required: this driver stages volumes \
                      (NodeStageVolume) before publishing them",
                 ));
-            }
-            let staging = required_path(&req.staging_target_path, "staging_target_path")?;
+            };
+            supported(&cap)?;
+            let id = self.volume_id(&req.volume_id)?;
             let _guard = self.driver.locks.try_lock(&req.volume_id)?;
             self.publish(&id, staging, target, cap, req.readonly)
                 .await?;
@@ -861,8 +910,9 @@ impl Node for NodeService {
     ) -> std::result::Result<Response<NodeUnpublishVolumeResponse>, Status> {
         let req = request.into_inner();
         traced("NodeUnpublishVolume", &req.volume_id, async {
-            let id = self.volume_id(&req.volume_id)?;
+            required_id(&req.volume_id)?;
             let target = required_path(&req.target_path, "target_path")?;
+            let id = self.volume_id(&req.volume_id)?;
             let _guard = self.driver.locks.try_lock(&req.volume_id)?;
             self.unpublish(&id, target).await?;
             Ok(NodeUnpublishVolumeResponse {})
@@ -876,8 +926,10 @@ impl Node for NodeService {
     ) -> std::result::Result<Response<NodeGetVolumeStatsResponse>, Status> {
         let req = request.into_inner();
         traced("NodeGetVolumeStats", &req.volume_id, async {
+            required_id(&req.volume_id)?;
+            let path = volume_path(&req.volume_path)?;
+            optional_path(&req.staging_target_path, "staging_target_path")?;
             let id = self.volume_id(&req.volume_id)?;
-            let path = required_path(&req.volume_path, "volume_path")?;
             Ok(self.stats(&id, path).await?)
         })
         .await
@@ -889,12 +941,14 @@ impl Node for NodeService {
     ) -> std::result::Result<Response<NodeExpandVolumeResponse>, Status> {
         let req = request.into_inner();
         traced("NodeExpandVolume", &req.volume_id, async {
-            let id = self.volume_id(&req.volume_id)?;
-            let path = required_path(&req.volume_path, "volume_path")?;
-            let requested_block = match &req.volume_capability {
-                Some(cap) => Some(capability(Some(cap))?.access == Access::Block),
-                None => None,
-            };
+            required_id(&req.volume_id)?;
+            let path = volume_path(&req.volume_path)?;
+            optional_path(&req.staging_target_path, "staging_target_path")?;
+            let requested = req
+                .volume_capability
+                .as_ref()
+                .map(|cap| capability(Some(cap)))
+                .transpose()?;
             let required = req
                 .capacity_range
                 .map(|r| r.required_bytes.max(0) as u64)
@@ -907,6 +961,12 @@ impl Node for NodeService {
                     )));
                 }
             }
+            if let Some(cap) = &requested {
+                // NodeExpandVolume's code for "exceeds capabilities" is INVALID_ARGUMENT.
+                supported(cap).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            }
+            let requested_block = requested.map(|cap| cap.access == Access::Block);
+            let id = self.volume_id(&req.volume_id)?;
             let _guard = self.driver.locks.try_lock(&req.volume_id)?;
             let size = self.expand(&id, path, required, requested_block).await?;
             Ok(NodeExpandVolumeResponse {
@@ -985,10 +1045,14 @@ mod tests {
             capability(Some(&mount_cap("btrfs", Mode::SingleNodeWriter))),
             Err(NodeError::UnsupportedFsType(_))
         ));
+        // A multi-node mode is a well-formed field that blockd does not support.
+        let multi = capability(Some(&mount_cap("", Mode::MultiNodeMultiWriter))).unwrap();
         assert!(matches!(
-            capability(Some(&mount_cap("", Mode::MultiNodeMultiWriter))),
+            supported(&multi),
             Err(NodeError::UnsupportedAccessMode(_))
         ));
+        let single = capability(Some(&mount_cap("", Mode::SingleNodeMultiWriter))).unwrap();
+        assert!(supported(&single).is_ok());
         assert!(matches!(
             capability(Some(&mount_cap("", Mode::Unknown))),
             Err(NodeError::BadCapability(_))
@@ -1018,6 +1082,20 @@ mod tests {
     fn errors_map_to_the_spec_codes() {
         let code = |e: NodeError| Status::from(e).code();
         assert_eq!(code(NodeError::MissingField("x")), Code::InvalidArgument);
+        assert_eq!(
+            code(NodeError::RelativePath {
+                field: "target_path",
+                path: "rel".into()
+            }),
+            Code::InvalidArgument
+        );
+        assert_eq!(
+            code(NodeError::UnknownPath {
+                volume_id: "a/b".into(),
+                path: "some/path".into()
+            }),
+            Code::NotFound
+        );
         assert_eq!(
             code(NodeError::OtherNode {
                 volume_id: "a/b".into(),
@@ -1054,5 +1132,23 @@ mod tests {
             Err(NodeError::RelativePath { .. })
         ));
         assert_eq!(required_path("/a", "t").unwrap(), PathBuf::from("/a"));
+        assert_eq!(optional_path("", "t").unwrap(), None);
+        assert!(matches!(
+            optional_path("rel", "t"),
+            Err(NodeError::RelativePath { .. })
+        ));
+        // volume_path names a place to look the volume up: only its absence is invalid.
+        assert!(matches!(
+            volume_path(""),
+            Err(NodeError::MissingField("volume_path"))
+        ));
+        assert_eq!(
+            volume_path("some/path").unwrap(),
+            PathBuf::from("some/path")
+        );
+        assert!(matches!(
+            required_id(""),
+            Err(NodeError::MissingField("volume_id"))
+        ));
     }
 }
