@@ -27,7 +27,7 @@ pub const BLOCK: u64 = 4096;
 /// A sparse in-memory export.
 #[derive(Debug)]
 pub struct MemExport {
-    size: u64,
+    size: AtomicU64,
     read_only: bool,
     description: String,
     blocks: Mutex<HashMap<u64, Box<[u8]>>>,
@@ -42,7 +42,7 @@ impl MemExport {
     /// An empty (all-hole) export of `size` bytes.
     pub fn new(size: u64) -> Self {
         Self {
-            size,
+            size: AtomicU64::new(size),
             read_only: false,
             description: String::new(),
             blocks: Mutex::new(HashMap::new()),
@@ -75,6 +75,12 @@ impl MemExport {
     pub fn with_inline_calls(mut self, inline: bool) -> Self {
         self.nonblocking = inline;
         self
+    }
+
+    /// Grows the export to `size` bytes (a smaller size is ignored), as a volume grows
+    /// while clients are connected.
+    pub fn grow(&self, size: u64) {
+        self.size.fetch_max(size, Ordering::Relaxed);
     }
 
     /// Changes the QoS limits; applies to the next request.
@@ -116,7 +122,7 @@ impl MemExport {
 
     fn check_range(&self, offset: u64, len: u64) -> Result<(), Errno> {
         match offset.checked_add(len) {
-            Some(end) if end <= self.size => Ok(()),
+            Some(end) if end <= self.size.load(Ordering::Relaxed) => Ok(()),
             _ => Err(Errno::EINVAL),
         }
     }
@@ -149,7 +155,7 @@ fn for_each_piece(offset: u64, len: u64, mut f: impl FnMut(u64, usize, usize, us
 
 impl ExportTarget for MemExport {
     fn size(&self) -> Result<u64, Errno> {
-        Ok(self.size)
+        Ok(self.size.load(Ordering::Relaxed))
     }
 
     fn read_only(&self) -> bool {

@@ -133,7 +133,8 @@ pub enum ZeroMode {
 
 /// One exported image, as the server sees it. All methods may block.
 pub trait ExportTarget: Send + Sync {
-    /// Size in bytes, read once per connection at `NBD_OPT_GO`/`NBD_OPT_EXPORT_NAME`.
+    /// Size in bytes, read once per connection at `NBD_OPT_GO`/`NBD_OPT_EXPORT_NAME`, and
+    /// again when a request reaches past it (the export may have grown).
     fn size(&self) -> Result<u64, Errno>;
 
     /// Whether writes are refused (snapshots). Advertised as `NBD_FLAG_READ_ONLY`.

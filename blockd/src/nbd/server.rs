@@ -49,7 +49,11 @@
 //! - Read-only exports do not advertise FUA, TRIM, WRITE_ZEROES or FAST_ZERO; writes to
 //!   them fail with `NBD_EPERM`.
 //! - Writes past the end get `NBD_ENOSPC`, other out-of-range requests `NBD_EINVAL` (the
-//!   spec's "SHOULD" for each).
+//!   spec's "SHOULD" for each). "The end" is the size negotiated at the handshake until a
+//!   request reaches past it: then the target's size is read again (on the blocking pool),
+//!   and an export that grew meanwhile serves the new range on the same connection. The
+//!   kernel NBD client learns a grown size over netlink, never by a new handshake, so
+//!   csi-shim's online expansion of `/dev/nbdX` depends on this.
 //! - `NBD_CMD_CACHE` is accepted as a no-op (not advertised; some clients send it anyway).
 
 use std::collections::HashMap;
@@ -1157,7 +1161,9 @@ async fn blocking<T: Send + 'static>(
 struct RequestCtx {
     target: Arc<dyn ExportTarget>,
     export: String,
-    size: u64,
+    /// The export size requests are checked against: negotiated at the handshake, raised
+    /// when the export grows (see [`RequestCtx::refresh_size`]).
+    size: AtomicU64,
     flags: u16,
     structured: bool,
     base_allocation: bool,
@@ -1181,6 +1187,36 @@ const fn reject(error: u32, message: &'static str) -> Reject {
 }
 
 impl RequestCtx {
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::Relaxed)
+    }
+
+    /// Whether `req` reaches past the size this connection checks against.
+    fn past_end(&self, req: &Request) -> bool {
+        req.offset
+            .checked_add(req.length as u64)
+            .is_none_or(|end| end > self.size())
+    }
+
+    /// Re-reads the target's size (on the blocking pool) after a request reached past the
+    /// end; returns whether it grew. A volume may grow while connected, and a client may
+    /// learn the new size without a new handshake: the kernel NBD client is told it over
+    /// netlink (csi-shim's online expansion). Only ever raises the size: a shrink needs
+    /// `force` in the engine, which checks its own bounds.
+    async fn refresh_size(&self) -> bool {
+        let target = self.target.clone();
+        match blocking(move || target.size()).await {
+            Ok(Ok(size)) => {
+                let before = self.size.fetch_max(size, Ordering::Relaxed);
+                if size > before {
+                    info!(export = %self.export, before, size, "export grew; serving the new size");
+                }
+                size > before
+            }
+            _ => false,
+        }
+    }
+
     /// Validates a request against the negotiated session; `Ok` means the target may be
     /// called with it as is.
     fn check(&self, req: &Request) -> Result<(), Reject> {
@@ -1231,8 +1267,9 @@ impl RequestCtx {
             }
             _ => {}
         }
+        let size = self.size();
         let end = req.offset.checked_add(req.length as u64);
-        if end.is_none_or(|end| end > self.size) {
+        if end.is_none_or(|end| end > size) {
             return Err(match req.command {
                 Command::Write | Command::WriteZeroes => {
                     reject(NBD_ENOSPC, "request reaches beyond the end of the export")
@@ -1243,7 +1280,7 @@ impl RequestCtx {
         let end = end.unwrap_or(0);
         if self.strict_alignment && req.command != Command::BlockStatus {
             let min = MIN_BLOCK_SIZE as u64;
-            let tail_ok = (req.length as u64).is_multiple_of(min) || end == self.size;
+            let tail_ok = (req.length as u64).is_multiple_of(min) || end == size;
             if !req.offset.is_multiple_of(min) || !tail_ok {
                 return Err(reject(
                     NBD_EINVAL,
@@ -1324,7 +1361,7 @@ where
     let ctx = Arc::new(RequestCtx {
         target: session.target.clone(),
         export: session.export.clone(),
-        size: session.size,
+        size: AtomicU64::new(session.size),
         flags: session.flags,
         structured: session.structured,
         base_allocation: session.base_allocation,
@@ -1473,7 +1510,10 @@ async fn read_request<R: AsyncRead + Unpin>(
     if req.command == Command::Disc {
         return Ok(None);
     }
-    let verdict = ctx.check(&req);
+    let mut verdict = ctx.check(&req);
+    if verdict.is_err() && ctx.past_end(&req) && ctx.refresh_size().await {
+        verdict = ctx.check(&req);
+    }
     let request_permit = requests
         .clone()
         .acquire_owned()

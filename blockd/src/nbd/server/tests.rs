@@ -488,6 +488,25 @@ async fn simple_replies_read_write_and_errors() {
     assert_eq!(c.read(512, 1024).await, (0, expect));
 }
 
+/// A connection made before the export grew serves the new range once a request reaches
+/// into it (the kernel NBD client learns a new size over netlink, not by a handshake).
+#[tokio::test]
+async fn a_grown_export_serves_the_new_range_on_old_connections() {
+    let (server, reg) = setup();
+    let (mut c, _) = Client::connect_go(&server, "vol", false).await;
+    assert_eq!(c.write(SIZE, &[7; 4096]).await, NBD_ENOSPC);
+    assert_eq!(c.read(SIZE, 4096).await.0, NBD_EINVAL);
+    reg.get("vol").unwrap().grow(2 * SIZE);
+    assert_eq!(c.write(SIZE, &[7; 4096]).await, 0);
+    assert_eq!(c.read(SIZE, 4096).await, (0, vec![7; 4096]));
+    // A request ending exactly at the new end passes the alignment tail rule.
+    assert_eq!(c.read(2 * SIZE - 512, 512).await.0, 0);
+    // Past the new end is still refused, and the connection stays healthy.
+    assert_eq!(c.read(2 * SIZE - 512, 1024).await.0, NBD_EINVAL);
+    assert_eq!(c.write(2 * SIZE, &[1; 512]).await, NBD_ENOSPC);
+    assert_eq!(c.read(0, 512).await, (0, vec![0; 512]));
+}
+
 #[tokio::test]
 async fn unaligned_requests_allowed_without_block_size_negotiation() {
     let (server, _) = setup();
