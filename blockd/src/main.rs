@@ -58,6 +58,8 @@ fn main() -> ExitCode {
         }
     };
     init_logging(config.log_format);
+    // Before any thread exists (runtimes, RocksDB): threads inherit the flag.
+    become_io_flusher();
     match run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -109,6 +111,39 @@ fn one_line(err: &anyhow::Error) -> String {
         }
     }
     parts.join(": ").replace('\n', " ")
+}
+
+/// `PR_SET_IO_FLUSHER` from `linux/prctl.h` (the libc crate defines it for Android only).
+const PR_SET_IO_FLUSHER: libc::c_int = 57;
+
+/// Marks the process an I/O flusher (`prctl(PR_SET_IO_FLUSHER)`, Linux 5.6+): blockd
+/// completes the writes that memory reclaim issues to `/dev/nbdX` and to loop devices on
+/// its exports, so its own allocations must not wait on that reclaim (the flag sets
+/// `PF_MEMALLOC_NOIO | PF_LOCAL_THROTTLE`). Per thread and inherited by new threads,
+/// hence called before any thread starts. It needs `CAP_SYS_RESOURCE`: without it blockd
+/// warns and runs on (with that deadlock risk under memory pressure).
+///
+/// No `mlockall`: it would pin the RocksDB block cache, every I/O buffer and every mapping
+/// the process makes, and turn allocation failures into crashes, only to keep our own
+/// code resident; that code pages in from the root file system, never from a device
+/// blockd serves. (The same helper, for csi-shim's binaries, is `csi_shim::io_flusher`;
+/// the crates do not share code.)
+fn become_io_flusher() {
+    // SAFETY: prctl(2) with integer arguments only; no memory is passed or retained.
+    let rc = unsafe { libc::prctl(PR_SET_IO_FLUSHER, 1 as libc::c_ulong, 0, 0, 0) };
+    if rc == 0 {
+        tracing::info!("running as an I/O flusher (PR_SET_IO_FLUSHER)");
+        return;
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EPERM) {
+        tracing::warn!(
+            "cannot set PR_SET_IO_FLUSHER without CAP_SYS_RESOURCE; continuing: under memory \
+             pressure, reclaim may wait on write-back that blockd itself must serve"
+        );
+    } else {
+        tracing::warn!(error = %err, "cannot set PR_SET_IO_FLUSHER (Linux 5.6 or later has it); continuing");
+    }
 }
 
 /// Logs go to stderr; `RUST_LOG` (or `BLOCKD_LOG`) filters them, `info` by default.

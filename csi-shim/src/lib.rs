@@ -9,13 +9,15 @@
 //!
 //! Shared pieces: [`ids`] (how CSI ids name blockd objects and the node holding them),
 //! [`locks`] (one operation per volume at a time, `ABORTED` for the next),
-//! [`blockd`] (the lazy, self-reconnecting API channel), [`config`] (flags).
+//! [`blockd`] (the lazy, self-reconnecting API channel), [`config`] (flags),
+//! [`io_flusher`] (`PR_SET_IO_FLUSHER` for the helpers in the write-back path).
 
 pub mod blockd;
 pub mod config;
 pub mod controller;
 pub mod identity;
 pub mod ids;
+pub mod io_flusher;
 pub mod locks;
 pub mod node;
 pub mod params;

@@ -44,6 +44,8 @@ struct Args {
 fn main() -> ExitCode {
     let args = Args::parse();
     csi_shim::init_logging(args.log_format, "CSI_NBD_PROXY_LOG");
+    // Before the runtime starts its threads: they inherit the flag.
+    csi_shim::io_flusher::become_io_flusher("csi-nbd-proxy");
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -18,6 +18,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // It serves the file a loop device writes back to: see `csi_shim::io_flusher`.
+    if let Err(err) = csi_shim::io_flusher::set() {
+        eprintln!(
+            "csi-fuse-nbd: cannot set PR_SET_IO_FLUSHER ({err}; it needs CAP_SYS_RESOURCE); \
+             continuing"
+        );
+    }
     let mount = cfg.mount_point.display().to_string();
     match fuse_file::serve(cfg) {
         Ok(()) => ExitCode::SUCCESS,
