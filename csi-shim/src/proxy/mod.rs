@@ -18,6 +18,9 @@
 //! proxy never sees that crash, so the proxy must make it invisible: it keeps every
 //! acknowledged, non-FUA write and write-zeroes (payloads are shared `Arc`s, no copy) until
 //! a successful flush covers it, and replays them after a reconnect before anything else.
+//! A FUA write is durable by itself and needs no replay, except to keep its place after
+//! an older journaled write it overlaps: replaying that one alone would put the older data
+//! back over it, so such a FUA write is journaled too.
 //! The journal is bounded: past [`Config::journal_limit`] bytes the proxy issues a flush of
 //! its own.
 //!
@@ -221,7 +224,9 @@ impl Shared {
         }
         let fua = req.flags & wire::CMD_FLAG_FUA != 0 && upstream_flags & wire::FLAG_SEND_FUA != 0;
         match req.kind {
-            wire::CMD_WRITE | wire::CMD_WRITE_ZEROES if !fua => {
+            wire::CMD_WRITE | wire::CMD_WRITE_ZEROES
+                if !fua || j.entries.iter().any(|e| overlaps(&e.req, req)) =>
+            {
                 let seq = j.next_seq;
                 j.next_seq += 1;
                 j.bytes += payload.map_or(0, |p| p.len());
@@ -682,10 +687,10 @@ mod tests {
         let mark = shared.flush_mark();
         // Acknowledged after the flush was sent: not covered by it.
         shared.accept_reply(o(1, 2, FLAGS), &write(8192, 4096, 0), Some(&p), 0, 0);
-        // FUA writes and failed writes are never kept.
+        // FUA writes over nothing journaled and failed writes are never kept.
         shared.accept_reply(
             o(1, 1, FLAGS),
-            &write(0, 4096, wire::CMD_FLAG_FUA),
+            &write(65536, 4096, wire::CMD_FLAG_FUA),
             Some(&p),
             0,
             0,
@@ -701,6 +706,35 @@ mod tests {
         assert_eq!(j.entries.len(), 1);
         assert_eq!(j.entries[0].req.offset, 8192);
         assert_eq!(j.bytes, 4096);
+    }
+
+    #[test]
+    fn a_fua_write_over_a_journaled_write_keeps_its_place_in_the_replay() {
+        let shared = Shared::new(cfg());
+        let old = Arc::new(vec![1u8; 4096]);
+        let new = Arc::new(vec![2u8; 4096]);
+        shared.accept_reply(o(1, 1, FLAGS), &write(0, 4096, 0), Some(&old), 0, 0);
+        // Durable by itself and overlapping nothing journaled: not kept.
+        shared.accept_reply(
+            o(1, 1, FLAGS),
+            &write(65536, 4096, wire::CMD_FLAG_FUA),
+            Some(&new),
+            0,
+            0,
+        );
+        assert_eq!(shared.journal.lock().entries.len(), 1);
+        // Over the journaled write: kept after it, so a replay ends with the new data.
+        shared.accept_reply(
+            o(1, 1, FLAGS),
+            &write(2048, 4096, wire::CMD_FLAG_FUA),
+            Some(&new),
+            0,
+            0,
+        );
+        let j = shared.journal.lock();
+        assert_eq!(j.entries.len(), 2);
+        assert_eq!(j.entries[1].req.offset, 2048);
+        assert_eq!(j.entries[1].payload.as_deref(), Some(&*new));
     }
 
     #[test]
