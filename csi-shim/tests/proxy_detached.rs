@@ -19,6 +19,7 @@ fn detached_proxy_runs_in_its_own_session_and_stops_on_sigterm() {
         export: "v1".into(),
         reconnect_timeout: Duration::from_secs(5),
         journal_limit: DEFAULT_JOURNAL_LIMIT,
+        exit_after_disconnect: false,
     };
     let pidfile = dir.path().join("proxy.pid");
     let log_path = dir.path().join("proxy.log");

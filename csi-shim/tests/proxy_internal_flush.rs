@@ -171,6 +171,7 @@ fn a_client_reply_ahead_of_an_internal_flush_reply_is_delivered() {
         export: "x".into(),
         reconnect_timeout: Duration::from_secs(5),
         journal_limit: 4096,
+        exit_after_disconnect: false,
     };
     let shared = proxy::Shared::new(cfg);
     let listener = {

@@ -670,3 +670,65 @@ fn internal_flushes_never_hold_back_client_replies() {
         assert!(!out.contains("Pattern verification failed"), "{out}");
     }
 }
+
+/// With `--exit-after-disconnect` (how the kernel attacher starts its proxies) the proxy
+/// exits as soon as its clients have sent `NBD_CMD_DISC`, as the kernel does on every
+/// connection of a device it disconnects: unstaging then waits milliseconds, not a signal
+/// escalation. A client that only hangs up (or a probe) does not end it, and while any
+/// client is still in transmission it keeps serving.
+#[test]
+fn exit_after_disconnect_ends_the_proxy_with_its_last_client() {
+    let daemon = Daemon::start();
+    volume(&daemon, "v1", "16M");
+    let mut proxy = Proxy::start_with(&daemon, "v1", 30, &["--exit-after-disconnect"]);
+    let socket = proxy.socket.clone();
+
+    // A liveness probe, and a client that hangs up without NBD_CMD_DISC.
+    drop(RawClient::connect(&socket));
+    let mut c = RawClient::connect(&socket);
+    c.go().expect("go");
+    drop(c);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(proxy.is_running(), "proxy exited:\n{}", proxy.log());
+
+    // Two connections, as the kernel makes for a multi-conn device.
+    let mut a = RawClient::connect(&socket);
+    a.go().expect("go a");
+    let mut b = RawClient::connect(&socket);
+    b.go().expect("go b");
+    a.write(1, 0, &[0x5a; 4096]);
+    a.request(2, 2, 0, 0, &[]);
+    let mut rest = Vec::new();
+    a.s.read_to_end(&mut rest).expect("EOF after NBD_CMD_DISC");
+    assert!(rest.is_empty());
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        proxy.is_running(),
+        "exited with a client still in transmission:\n{}",
+        proxy.log()
+    );
+    assert_eq!(b.read(3, 0, 4096), vec![0x5a; 4096]);
+
+    let started = Instant::now();
+    b.request(2, 4, 0, 0, &[]);
+    let status = loop {
+        if let Some(status) = proxy
+            .child
+            .as_mut()
+            .and_then(|c| c.try_wait().expect("wait proxy"))
+        {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the proxy did not exit after the last NBD_CMD_DISC:\n{}",
+            proxy.log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let waited = started.elapsed();
+    assert!(status.success(), "{status}:\n{}", proxy.log());
+    assert!(waited < Duration::from_secs(1), "exit took {waited:?}");
+    assert!(!socket.exists(), "the proxy left its socket behind");
+    assert!(proxy.log().contains("NBD_CMD_DISC"), "{}", proxy.log());
+}

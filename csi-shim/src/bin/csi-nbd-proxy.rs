@@ -1,7 +1,8 @@
 //! `csi-nbd-proxy`: the reconnecting NBD proxy the CSI node service starts (detached, one
-//! per staged volume) between an attacher and blockd. Parses flags, sets up logs, writes
-//! the pid file, and runs [`csi_shim::proxy`] until SIGTERM/SIGINT; see that module for
-//! the protocol and the replay rules.
+//! per staged volume) between an attacher and blockd. Parses flags, sets up logs, marks
+//! itself an I/O flusher ([`csi_shim::io_flusher`]), writes the pid file, and runs
+//! [`csi_shim::proxy`] until SIGTERM/SIGINT (or, with `--exit-after-disconnect`, until its
+//! last client disconnected); see that module for the protocol and the replay rules.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -27,12 +28,16 @@ struct Args {
     #[arg(long, value_name = "IMAGE")]
     export: String,
     /// Seconds to keep reconnecting after blockd went away before failing I/O.
-    #[arg(long, value_name = "SECS", default_value_t = 120)]
+    #[arg(long, value_name = "SECS", default_value_t = proxy::DEFAULT_RECONNECT_TIMEOUT.as_secs())]
     reconnect_timeout: u64,
     /// Bytes of acknowledged, unflushed writes kept for replay before the proxy sends a
     /// flush of its own (tests set it small to exercise that path).
     #[arg(long, value_name = "BYTES", default_value_t = proxy::DEFAULT_JOURNAL_LIMIT, hide = true)]
     journal_limit: usize,
+    /// Exit once a client has sent NBD_CMD_DISC and no client is left (the kernel NBD
+    /// client disconnects every connection when its device is disconnected).
+    #[arg(long)]
+    exit_after_disconnect: bool,
     /// Write the process id to this file (removed on exit).
     #[arg(long, value_name = "FILE")]
     pidfile: Option<PathBuf>,
@@ -74,6 +79,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         export: args.export,
         reconnect_timeout: Duration::from_secs(args.reconnect_timeout),
         journal_limit: args.journal_limit,
+        exit_after_disconnect: args.exit_after_disconnect,
     };
     let listener = proxy::bind(&cfg.listen)?;
     if let Some(pidfile) = &args.pidfile {
@@ -85,6 +91,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         upstream = %cfg.upstream_socket.display(),
         export = %cfg.export,
         reconnect_timeout_s = cfg.reconnect_timeout.as_secs(),
+        exit_after_disconnect = cfg.exit_after_disconnect,
         "csi-nbd-proxy serving"
     );
     let shared = Shared::new(cfg);

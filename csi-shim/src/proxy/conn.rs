@@ -212,6 +212,7 @@ async fn serve(shared: Arc<Shared>, mut stream: UnixStream, id: u64) -> Result<(
     let Some((up, gen, want_block_size)) = handshake(&shared, &mut stream).await? else {
         return Ok(());
     };
+    let mut in_transmission = shared.enter_transmission();
     info!(
         size = up.info.size,
         flags = up.info.flags,
@@ -247,6 +248,9 @@ async fn serve(shared: Arc<Shared>, mut stream: UnixStream, id: u64) -> Result<(
     a.abort();
     let mut w = conn.writer.lock().await;
     shutdown_writer(&mut w);
+    if conn.table.lock().disc {
+        in_transmission.sent_disc();
+    }
     res
 }
 

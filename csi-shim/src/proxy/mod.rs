@@ -40,7 +40,13 @@
 //!   flushing connection only);
 //! - when the upstream stays away longer than `--reconnect-timeout`, every request in
 //!   flight is answered `NBD_EIO` and the client connection is closed; the journal is kept
-//!   and replayed first by the next client that gets through.
+//!   and replayed first by the next client that gets through;
+//! - with [`Config::exit_after_disconnect`] (the kernel attacher's proxies) the process
+//!   ends once a client that entered transmission has sent `NBD_CMD_DISC` and no client is
+//!   left in transmission: the kernel sends `NBD_CMD_DISC` on every connection when its
+//!   device is disconnected, so the proxy goes with it instead of waiting for a signal.
+//!   A client that merely closes (a kernel socket shut down after an I/O timeout, which
+//!   `NBD_CMD_RECONFIGURE` may replace) does not end it.
 //!
 //! Assumption: losing an upstream connection means the daemon behind it went away (all
 //! its connections die together). A daemon that drops one connection but keeps serving
@@ -74,6 +80,10 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 const REPLAY_BATCH: usize = 64;
 /// Default bytes of acknowledged, unflushed writes kept before the proxy flushes itself.
 pub const DEFAULT_JOURNAL_LIMIT: usize = 64 << 20;
+/// Default reconnect window (`--reconnect-timeout`): how long a blockd restart may take
+/// before requests fail. The kernel attacher's timeouts are derived from it
+/// (`node::attach::nbd_netlink`).
+pub const DEFAULT_RECONNECT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// What the proxy serves and where it forwards.
 #[derive(Debug, Clone)]
@@ -89,6 +99,8 @@ pub struct Config {
     /// Bytes of acknowledged, unflushed writes kept for replay before the proxy issues a
     /// flush of its own.
     pub journal_limit: usize,
+    /// Exit once a client sent `NBD_CMD_DISC` and no client is left in transmission.
+    pub exit_after_disconnect: bool,
 }
 
 /// Errors that end the proxy or one of its upstream attempts.
@@ -162,6 +174,40 @@ pub struct Shared {
     gen_tx: watch::Sender<u64>,
     recovery: tokio::sync::Mutex<()>,
     next_conn: AtomicU64,
+    clients: Mutex<Clients>,
+    /// Becomes true when the last client in transmission left after an `NBD_CMD_DISC`.
+    finished: watch::Sender<bool>,
+}
+
+/// Clients in the transmission phase.
+#[derive(Debug, Default)]
+struct Clients {
+    in_transmission: usize,
+    disconnect_seen: bool,
+}
+
+/// Counts one client in transmission until dropped (see [`Shared::enter_transmission`]).
+pub(crate) struct InTransmission {
+    shared: Arc<Shared>,
+    sent_disc: bool,
+}
+
+impl InTransmission {
+    /// The client sent `NBD_CMD_DISC`.
+    pub(crate) fn sent_disc(&mut self) {
+        self.sent_disc = true;
+    }
+}
+
+impl Drop for InTransmission {
+    fn drop(&mut self) {
+        let mut c = self.shared.clients.lock();
+        c.in_transmission -= 1;
+        c.disconnect_seen |= self.sent_disc;
+        if c.in_transmission == 0 && c.disconnect_seen {
+            self.shared.finished.send_replace(true);
+        }
+    }
 }
 
 impl Shared {
@@ -177,7 +223,18 @@ impl Shared {
             gen_tx,
             recovery: tokio::sync::Mutex::new(()),
             next_conn: AtomicU64::new(1),
+            clients: Mutex::new(Clients::default()),
+            finished: watch::channel(false).0,
         })
+    }
+
+    /// Counts a client that entered transmission until the returned guard is dropped.
+    pub(crate) fn enter_transmission(self: &Arc<Self>) -> InTransmission {
+        self.clients.lock().in_transmission += 1;
+        InTransmission {
+            shared: Arc::clone(self),
+            sent_disc: false,
+        }
     }
 
     pub(crate) fn conn_id(&self) -> u64 {
@@ -568,16 +625,23 @@ pub fn bind(path: &Path) -> Result<UnixListener, ProxyError> {
     })
 }
 
-/// Accepts clients on `listener` until `shutdown` resolves, one task per client.
+/// Accepts clients on `listener` until `shutdown` resolves (or, with
+/// [`Config::exit_after_disconnect`], the last client disconnected), one task per client.
 pub async fn serve(
     shared: Arc<Shared>,
     listener: UnixListener,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
+    let mut finished = shared.finished.subscribe();
+    let exit_after_disconnect = shared.cfg.exit_after_disconnect;
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
+            _ = last_client_left(&mut finished), if exit_after_disconnect => {
+                info!("the last client disconnected with NBD_CMD_DISC; exiting");
+                break;
+            }
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let shared = Arc::clone(&shared);
@@ -589,6 +653,13 @@ pub async fn serve(
                 }
             },
         }
+    }
+}
+
+/// Resolves once [`Shared::finished`] is true (never, if its sender is gone).
+async fn last_client_left(finished: &mut watch::Receiver<bool>) {
+    if finished.wait_for(|f| *f).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 
@@ -621,6 +692,9 @@ pub fn spawn_detached(
     if let Some(p) = pidfile {
         cmd.arg("--pidfile").arg(p);
     }
+    if cfg.exit_after_disconnect {
+        cmd.arg("--exit-after-disconnect");
+    }
     match log {
         Some(f) => cmd.stderr(f),
         None => cmd.stderr(Stdio::null()),
@@ -649,6 +723,7 @@ mod tests {
             export: "v".into(),
             reconnect_timeout: Duration::from_secs(1),
             journal_limit: 8192,
+            exit_after_disconnect: true,
         }
     }
 
@@ -781,6 +856,24 @@ mod tests {
             shared.accept_reply(o(3, 1, FLAGS), &write(8192, 4096, 0), Some(&p), 0, 0),
             Accepted::Yes { flush_now: false }
         );
+    }
+
+    #[test]
+    fn finished_only_after_a_disconnect_and_the_last_client() {
+        let shared = Shared::new(cfg());
+        let finished = shared.finished.subscribe();
+        let mut a = shared.enter_transmission();
+        let b = shared.enter_transmission();
+        // A client that closes without NBD_CMD_DISC (say, a socket the kernel shut down
+        // after a timeout) ends nothing.
+        drop(b);
+        assert!(!*finished.borrow());
+        let c = shared.enter_transmission();
+        a.sent_disc();
+        drop(a);
+        assert!(!*finished.borrow(), "a client is still in transmission");
+        drop(c);
+        assert!(*finished.borrow());
     }
 
     #[test]
