@@ -79,6 +79,12 @@ pub struct Args {
     #[arg(long, value_name = "DIR", default_value = "/var/lib/blockd-csi")]
     pub state_dir: PathBuf,
 
+    /// Connections per kernel NBD device (one kernel queue and receive worker each) when
+    /// blockd allows several (it advertises NBD_FLAG_CAN_MULTI_CONN); default: the
+    /// number of CPUs, at most 4.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub nbd_connections: Option<u16>,
+
     /// Largest number of volumes this node publishes (reported by NodeGetInfo).
     #[arg(long, default_value_t = 256)]
     pub max_volumes: i64,
@@ -95,6 +101,18 @@ pub struct Args {
 }
 
 impl Args {
+    /// `--nbd-connections`, or its default: the CPUs, 1 to 4. More connections than CPUs
+    /// only add context switches; past 4 the proxy and blockd, not the kernel queue,
+    /// limit a single volume.
+    pub fn nbd_connections(&self) -> usize {
+        match self.nbd_connections {
+            Some(n) => n.into(),
+            None => std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .clamp(1, 4),
+        }
+    }
+
     /// The socket path named by `--endpoint`.
     pub fn endpoint_path(&self) -> Result<PathBuf, String> {
         let raw = self.endpoint.as_str();

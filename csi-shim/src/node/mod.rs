@@ -79,7 +79,9 @@ impl NodeService {
     ///
     /// Attachments need no re-attaching: their helpers run outside csi-shim. A volume
     /// whose attachment is broken (say, after a reboot) is reported here and repaired by
-    /// the next NodeStageVolume, or cleaned up by NodeUnstageVolume.
+    /// the next NodeStageVolume, or cleaned up by NodeUnstageVolume; a kernel NBD device
+    /// whose proxy died (a restart of this container) is reconnected to a new proxy in
+    /// the background at once ([`Attacher::spawn_reconnect`]).
     pub async fn start(driver: Arc<Driver>) -> anyhow::Result<Self> {
         let store = StateStore::open(&driver.args.state_dir.join("volumes"))?;
         let attacher = Attacher::new(&driver.args);
@@ -93,11 +95,16 @@ impl NodeService {
                     published = record.published.len(),
                     "staged volume still attached"
                 ),
-                Some(problem) => tracing::warn!(
-                    volume_id = %record.volume_id,
-                    problem = %problem,
-                    "staged volume is broken; NodeStageVolume repairs it, NodeUnstageVolume removes it"
-                ),
+                Some(problem) => {
+                    tracing::warn!(
+                        volume_id = %record.volume_id,
+                        problem = %problem,
+                        "staged volume is broken; NodeStageVolume repairs it, NodeUnstageVolume removes it"
+                    );
+                    // A kernel NBD device outlives its proxy (killed with our container):
+                    // reconnect it to a new one before its queued I/O times out.
+                    attacher.spawn_reconnect(&driver.locks, &record.volume_id, &record.attachment);
+                }
             }
             records.insert(record.volume_id.clone(), record);
         }

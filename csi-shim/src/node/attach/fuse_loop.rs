@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use super::Attachment;
 use crate::node::error::{NodeError, Result};
 use crate::node::{exec, fs, mount};
+use crate::proxy::DEFAULT_RECONNECT_TIMEOUT;
 
 /// The file the FUSE server presents in its mount point.
 const FUSE_FILE: &str = "nbd";
@@ -47,8 +48,11 @@ pub struct Helpers {
 }
 /// How long nbdfuse and the proxy may take to come up.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
-/// How long a helper process may take to exit after its work is undone.
+/// How long a helper process may take to exit after its work is undone, and after each
+/// signal.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a proxy whose client has gone may take to exit before it is signalled.
+const PROXY_IDLE_GRACE: Duration = Duration::from_millis(200);
 
 fn fuse_dir(dir: &Path) -> PathBuf {
     dir.join("fuse")
@@ -74,7 +78,7 @@ pub async fn attach(dir: &Path, volume: &str, uri: &str, helpers: &Helpers) -> R
     })?;
     let (nbd_uri, nbd_socket, proxy_pid) = match proxy {
         Some(binary) => {
-            let pid = match start_proxy(dir, binary, &upstream, volume).await {
+            let pid = match start_proxy(dir, binary, &upstream, volume, false).await {
                 Ok(pid) => pid,
                 Err(err) => {
                     let _ = detach(dir).await;
@@ -160,8 +164,14 @@ pub async fn detach(dir: &Path) -> Result<()> {
             Err(err) => return Err(err),
         }
     }
-    stop_process(&dir.join("fuse.pid"), &[NBDFUSE, FUSE_FILE_SERVER]).await;
-    stop_process(&dir.join("proxy.pid"), &["csi-nbd-proxy"]).await;
+    stop_process(
+        &dir.join("fuse.pid"),
+        &[NBDFUSE, FUSE_FILE_SERVER],
+        EXIT_TIMEOUT,
+    )
+    .await;
+    // The proxy's only client, the FUSE server, is gone: it has nothing left to do.
+    stop_proxy(dir, PROXY_IDLE_GRACE).await;
     match std::fs::remove_dir_all(dir) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -432,11 +442,14 @@ async fn spawn_until_ready(
 }
 
 /// Starts the reconnecting proxy for `volume` and waits for its socket; returns its pid.
+/// With `exit_after_disconnect` (a kernel client) it exits once its clients disconnected
+/// with `NBD_CMD_DISC`.
 pub(super) async fn start_proxy(
     dir: &Path,
     binary: &Path,
     upstream: &Path,
     volume: &str,
+    exit_after_disconnect: bool,
 ) -> Result<u32> {
     let socket = dir.join("proxy.sock");
     let pidfile = dir.join("proxy.pid");
@@ -450,13 +463,26 @@ pub(super) async fn start_proxy(
         .arg("--export")
         .arg(volume)
         .arg("--pidfile")
-        .arg(&pidfile);
+        .arg(&pidfile)
+        // Said explicitly: the kernel attacher's timeouts are derived from it.
+        .arg("--reconnect-timeout")
+        .arg(DEFAULT_RECONNECT_TIMEOUT.as_secs().to_string());
+    if exit_after_disconnect {
+        cmd.arg("--exit-after-disconnect");
+    }
     let rendered = format!(
-        "{} --listen {} --upstream-socket {} --export {volume} --pidfile {}",
+        "{} --listen {} --upstream-socket {} --export {volume} --pidfile {} \
+         --reconnect-timeout {}{}",
         binary.display(),
         socket.display(),
         upstream.display(),
-        pidfile.display()
+        pidfile.display(),
+        DEFAULT_RECONNECT_TIMEOUT.as_secs(),
+        if exit_after_disconnect {
+            " --exit-after-disconnect"
+        } else {
+            ""
+        }
     );
     let pid = spawn_until_ready(cmd, &rendered, &log, |pid| {
         std::os::unix::net::UnixStream::connect(&socket)
@@ -495,14 +521,16 @@ pub(super) fn process_is(pid: u32, name: &str) -> bool {
     comm == expected && !matches!(state, Some('Z') | Some('X') | None)
 }
 
-/// Stops the proxy of the work directory `dir`, if one runs.
-pub(super) async fn stop_proxy(dir: &Path) {
-    stop_process(&dir.join("proxy.pid"), &["csi-nbd-proxy"]).await;
+/// Stops the proxy of the work directory `dir`, if one runs: waits `grace` for it to exit
+/// by itself, then signals it.
+pub(super) async fn stop_proxy(dir: &Path, grace: Duration) {
+    stop_process(&dir.join("proxy.pid"), &["csi-nbd-proxy"], grace).await;
 }
 
-/// Waits for the process in `pidfile` to exit (it should, once its mount or socket is
-/// gone); then SIGTERM, then SIGKILL. Signals only a live process with one of `names`.
-async fn stop_process(pidfile: &Path, names: &[&str]) {
+/// Waits up to `grace` for the process in `pidfile` to exit (it should, once its mount or
+/// its clients are gone); then SIGTERM, then SIGKILL, [`EXIT_TIMEOUT`] each. Signals only
+/// a live process with one of `names`.
+async fn stop_process(pidfile: &Path, names: &[&str], grace: Duration) {
     let Some(pid) = read_pid(pidfile) else {
         return;
     };
@@ -512,12 +540,16 @@ async fn stop_process(pidfile: &Path, names: &[&str]) {
     let signal_and_wait = |signal: Option<i32>, wait: Duration| async move {
         if let Some(signal) = signal {
             if process_is(pid, name) {
-                tracing::warn!(
-                    pid,
-                    process = name,
-                    signal,
-                    "signalling a helper that did not exit"
-                );
+                if signal == libc::SIGKILL {
+                    tracing::warn!(
+                        pid,
+                        process = name,
+                        signal,
+                        "killing a helper that ignored SIGTERM"
+                    );
+                } else {
+                    tracing::info!(pid, process = name, signal, "signalling a helper to stop");
+                }
                 // SAFETY: kill(2) with a pid we just checked is a live `name` process.
                 unsafe { libc::kill(pid as libc::pid_t, signal) };
             }
@@ -531,7 +563,7 @@ async fn stop_process(pidfile: &Path, names: &[&str]) {
         }
         true
     };
-    if signal_and_wait(None, EXIT_TIMEOUT).await {
+    if signal_and_wait(None, grace).await {
         return;
     }
     if signal_and_wait(Some(libc::SIGTERM), EXIT_TIMEOUT).await {

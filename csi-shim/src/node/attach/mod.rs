@@ -6,7 +6,9 @@
 //!                                                            → loop (direct I/O) → /dev/loopN
 //! ```
 //!
-//! - Kernel NBD, configured over generic netlink, where the `nbd` module is loaded.
+//! - Kernel NBD, configured over generic netlink, where the `nbd` module is loaded (see
+//!   [`kernel_nbd`]: several connections per device, online grow, prompt detach, and
+//!   reconnect to a new proxy).
 //! - fuse-loop everywhere else: a FUSE server presents the export as a file on a private
 //!   FUSE mount and `losetup --direct-io=on` turns that file into a loop device. The server
 //!   is `csi-fuse-nbd` (see [`fuse_file`]; its file grows with the export, so volumes
@@ -36,6 +38,7 @@ use serde::{Deserialize, Serialize};
 use super::error::{NodeError, Result};
 use super::state::file_key;
 use crate::config::{Args, AttachMode};
+use crate::locks::OpLocks;
 
 /// A live attachment, as recorded in the state file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,8 +82,11 @@ impl Attachment {
         match self {
             Attachment::FuseLoop { .. } => fuse_loop::problem(self),
             Attachment::KernelNbd {
-                index, proxy_pid, ..
-            } => kernel_nbd::problem(*index, *proxy_pid),
+                dir,
+                index,
+                proxy_pid,
+                ..
+            } => kernel_nbd::problem(dir, *index, *proxy_pid),
         }
     }
 }
@@ -129,6 +135,8 @@ pub fn kernel_nbd_unavailable() -> Option<String> {
 #[derive(Debug)]
 pub struct Attacher {
     kind: Kind,
+    /// Connections per kernel NBD device (`--nbd-connections`).
+    nbd_connections: usize,
     /// `--state-dir/attach`: one work directory per volume.
     root: PathBuf,
     /// Helper binaries installed next to csi-shim.
@@ -161,6 +169,7 @@ impl Attacher {
         tracing::info!(proxy = ?helpers.proxy, fuse_file = ?helpers.fuse_file, "attach helpers");
         Attacher {
             kind,
+            nbd_connections: args.nbd_connections(),
             root: args.state_dir.join("attach"),
             helpers,
         }
@@ -199,7 +208,7 @@ impl Attacher {
             Kind::KernelNbd => {
                 self.check()?;
                 let dir = self.work_dir(volume_id);
-                kernel_nbd::attach(&dir, volume, uri, &self.helpers).await
+                kernel_nbd::attach(&dir, volume, uri, &self.helpers, self.nbd_connections).await
             }
         }
     }
@@ -224,7 +233,39 @@ impl Attacher {
     pub async fn refresh_size(&self, attachment: &mut Attachment, volume_size: u64) -> Result<u64> {
         match attachment {
             Attachment::FuseLoop { .. } => fuse_loop::refresh_size(attachment, volume_size).await,
-            Attachment::KernelNbd { device, .. } => kernel_nbd::refresh_size(device, volume_size),
+            Attachment::KernelNbd {
+                dir, index, device, ..
+            } => kernel_nbd::refresh_size(dir, *index, device, volume_size).await,
         }
+    }
+
+    /// Repairs, in the background, an attachment whose helper died while its device
+    /// lives on, without disturbing a file system mounted on it: a kernel NBD device gets a
+    /// new proxy and new sockets ([`kernel_nbd::reconnect`]). Runs under the volume's
+    /// operation lock (skipped when an operation holds it: that operation repairs or
+    /// removes the attachment itself). A fuse-loop attachment cannot be repaired in place
+    /// (its loop device holds the dead FUSE file): NodeStageVolume redoes it.
+    pub fn spawn_reconnect(&self, locks: &OpLocks, volume_id: &str, attachment: &Attachment) {
+        if !matches!(attachment, Attachment::KernelNbd { .. }) {
+            return;
+        }
+        let Ok(guard) = locks.try_lock(volume_id) else {
+            return;
+        };
+        let helpers = self.helpers.clone();
+        let attachment = attachment.clone();
+        let volume_id = volume_id.to_string();
+        tokio::spawn(async move {
+            let _guard = guard;
+            match kernel_nbd::reconnect(&attachment, &helpers).await {
+                Ok(Some(pid)) => tracing::info!(volume_id, proxy_pid = pid, "volume reconnected"),
+                Ok(None) => {}
+                Err(err) => tracing::warn!(
+                    volume_id,
+                    error = %err,
+                    "cannot reconnect the volume; NodeStageVolume repairs it, NodeUnstageVolume removes it"
+                ),
+            }
+        });
     }
 }

@@ -1,10 +1,12 @@
 //! Kernel NBD attacher over generic netlink (`linux/nbd-netlink.h`): a hand-written
-//! client that hands the kernel a socket already past the NBD handshake and gets a
+//! client that hands the kernel sockets already past the NBD handshake and gets a
 //! `/dev/nbdN` back.
 //!
 //! ```text
-//!  UnixStream to csi-nbd-proxy ──handshake() (NBD_OPT_GO)──▶ connect(fd, size, flags, bs)
-//!        ──NBD_CMD_CONNECT──▶ kernel: /dev/nbdN ──… proxy restarted …──▶ reconfigure(N, new fd)
+//!  UnixStream(s) to csi-nbd-proxy ──handshake() (NBD_OPT_GO)──▶ connect(fds, params)
+//!        ──NBD_CMD_CONNECT──▶ kernel: /dev/nbdN
+//!        ──NBD_CMD_RECONFIGURE { SIZE_BYTES }──▶ resize(N, bytes): online grow
+//!        ──NBD_CMD_RECONFIGURE { SOCKETS }──▶ reconfigure(N, fds): replaces dead sockets
 //!        ──NBD_CMD_DISCONNECT──▶ gone
 //! ```
 //!
@@ -13,14 +15,53 @@
 //! no state: every call opens its own `NETLINK_GENERIC` socket and resolves the `nbd`
 //! family id (`CTRL_CMD_GETFAMILY`), so it can run from any thread.
 //!
+//! What the kernel does with each message (drivers/block/nbd.c, Linux 6.12):
+//! - `NBD_CMD_CONNECT` takes every `NBD_SOCK_ITEM` as one connection (one blk-mq hardware
+//!   queue each) and refuses more than one unless the server flags carry
+//!   `NBD_FLAG_CAN_MULTI_CONN`;
+//! - `NBD_CMD_RECONFIGURE` on a connected, netlink-made device (`nbd_genl_reconfigure`)
+//!   applies `NBD_ATTR_SIZE_BYTES`/`NBD_ATTR_BLOCK_SIZE_BYTES` through
+//!   `nbd_genl_size_set`, which freezes the queue and calls `set_capacity_and_notify`: the
+//!   device grows at once, mounted or not, and a change uevent goes out. [`resize`] sends
+//!   the size alone: the logical block size of a device with a file system on it must
+//!   not change. Its `NBD_ATTR_SOCKETS` replace only *dead* connections
+//!   (`nbd_reconnect_socket`; a socket beyond the dead ones is ignored). A device made
+//!   with `NBD_ATTR_BACKEND_IDENTIFIER` accepts a reconfiguration only when it carries
+//!   the same identifier, so every message here names it;
+//! - `NBD_CMD_DISCONNECT` sends `NBD_CMD_DISC` on every connection, shuts the sockets
+//!   down and fails whatever is still queued.
+//!
+//! Timeouts ([`DEFAULT_IO_TIMEOUT`], [`DEFAULT_DEAD_CONN_TIMEOUT`]), and why:
+//! - the kernel's socket is never blockd's: it is csi-nbd-proxy's, and the proxy hides a
+//!   blockd restart by holding requests while it reconnects for up to its reconnect window
+//!   ([`crate::proxy::DEFAULT_RECONNECT_TIMEOUT`], 120 s), replaying its journal and
+//!   resending. When the window passes, the proxy itself answers `NBD_EIO` and closes: so
+//!   the proxy, not the kernel, decides when an outage of blockd becomes an I/O error;
+//! - the I/O timeout must therefore never fire first. When it fires, the kernel does not
+//!   retry on the same connection: it shuts the socket down (`nbd_xmit_timeout` ->
+//!   `nbd_mark_nsock_dead`) and requeues the request, which then waits for a new socket
+//!   and fails with EIO after the dead-connection timeout. With `NBD_ATTR_TIMEOUT` 0 the
+//!   kernel only warns for one connection, but with several it still kills a socket after
+//!   the block layer's default 30 s, so 0 is no way out. The I/O timeout is the window
+//!   plus 60 s: the last upstream handshake attempt may start just before the window
+//!   ends (10 s), the replay of a journal of at most 64 MiB and the resend take seconds,
+//!   and a request may already have been running in blockd when it died;
+//! - the dead-connection timeout is how long I/O waits, when every connection is dead,
+//!   for `NBD_CMD_RECONFIGURE` with new sockets. Every socket dies together when the
+//!   proxy exits: a restart of the pod (a DaemonSet update restarts blockd and csi-shim,
+//!   and the proxies with csi-shim's container). That is the same outage as a blockd
+//!   restart seen from the file system, plus csi-shim's start and its reattach
+//!   ([`super::kernel_nbd::reconnect`]), so it gets the same budget as the I/O timeout;
+//! - a blockd that hangs without dying is not hidden: the proxy cannot see it, and the
+//!   I/O timeout bounds how long the file system waits before EIO.
+//!
 //! Invariants:
 //! - every request carries `NLM_F_ACK` and a call returns only after the kernel's
 //!   acknowledgement (or its error, as [`NetlinkError::Kernel`] with the errno);
-//! - the socket descriptor given to [`connect`]/[`reconfigure`] stays open until the
-//!   kernel has answered (the kernel takes its own reference), then it is closed here;
-//! - the kernel I/O timeout ([`DEFAULT_IO_TIMEOUT`]) is longer than the proxy's
-//!   reconnect window, because a request may legitimately wait in the proxy while blockd
-//!   restarts; a timeout would fail the I/O and turn the file system read-only.
+//! - the socket descriptors given to [`connect`]/[`reconfigure`] stay open until the
+//!   kernel has answered (the kernel takes its own references), then they are closed here;
+//! - [`DEFAULT_IO_TIMEOUT`] and [`DEFAULT_DEAD_CONN_TIMEOUT`] are longer than the proxy's
+//!   reconnect window (checked at compile time).
 //!
 //! `unsafe` is used only for the libc socket calls, each with its `SAFETY` note.
 
@@ -30,6 +71,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::proxy;
 use crate::proxy::wire::{self, ExportInfo, WireError};
 
 // netlink(7) / genetlink.
@@ -59,6 +101,7 @@ const NBD_ATTR_SERVER_FLAGS: u16 = 5;
 const NBD_ATTR_SOCKETS: u16 = 7;
 const NBD_ATTR_DEAD_CONN_TIMEOUT: u16 = 8;
 const NBD_ATTR_DEVICE_LIST: u16 = 9;
+const NBD_ATTR_BACKEND_IDENTIFIER: u16 = 10;
 const NBD_DEVICE_ITEM: u16 = 1;
 const NBD_DEVICE_INDEX: u16 = 1;
 const NBD_DEVICE_CONNECTED: u16 = 2;
@@ -69,11 +112,19 @@ const NBD_CMD_DISCONNECT: u8 = 2;
 const NBD_CMD_RECONFIGURE: u8 = 3;
 const NBD_CMD_STATUS: u8 = 5;
 
-/// Kernel I/O timeout: longer than the proxy's default 120 s reconnect window.
-pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(180);
-/// How long the kernel keeps a device whose connection died waiting for
-/// [`reconfigure`] before failing I/O.
-pub const DEFAULT_DEAD_CONN_TIMEOUT: Duration = Duration::from_secs(120);
+/// Kernel I/O timeout (`NBD_ATTR_TIMEOUT`): the proxy's reconnect window plus 60 s (see
+/// the module docs).
+pub const DEFAULT_IO_TIMEOUT: Duration =
+    Duration::from_secs(proxy::DEFAULT_RECONNECT_TIMEOUT.as_secs() + 60);
+/// How long the kernel keeps I/O of a device whose connections all died waiting for
+/// [`reconfigure`] before failing it (`NBD_ATTR_DEAD_CONN_TIMEOUT`; see the module docs).
+pub const DEFAULT_DEAD_CONN_TIMEOUT: Duration = DEFAULT_IO_TIMEOUT;
+const _: () = assert!(
+    DEFAULT_IO_TIMEOUT.as_secs() > proxy::DEFAULT_RECONNECT_TIMEOUT.as_secs()
+        && DEFAULT_DEAD_CONN_TIMEOUT.as_secs() > proxy::DEFAULT_RECONNECT_TIMEOUT.as_secs()
+);
+/// The most connections per device [`connect`] accepts (one blk-mq queue each).
+pub const MAX_CONNECTIONS: usize = 16;
 /// How long to wait for the kernel's answer.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -93,11 +144,22 @@ pub enum NetlinkError {
     InvalidBlockSize(u32),
     #[error("NBD handshake with the proxy failed")]
     Handshake(#[from] WireError),
+    #[error("{0} connections per device; the kernel takes 1 to {MAX_CONNECTIONS}")]
+    Connections(usize),
+    #[error(
+        "{0} connections per device, but the server does not advertise \
+         NBD_FLAG_CAN_MULTI_CONN"
+    )]
+    NoMultiConn(usize),
 }
 
-/// Device parameters for [`connect_with`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Device parameters for [`connect`].
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnectParams {
+    /// Names what the device serves (`NBD_ATTR_BACKEND_IDENTIFIER`, shown in
+    /// `/sys/block/nbdX/backend`); the kernel then refuses any reconfiguration that does
+    /// not name it, so a stale record can never resize or rewire another volume's device.
+    pub backend: String,
     /// Export size in bytes.
     pub size: u64,
     /// Logical block size (512..=4096, power of two).
@@ -125,8 +187,18 @@ pub fn available() -> bool {
 /// Runs the NBD client handshake (`NBD_OPT_GO`, simple replies, asking for block sizes)
 /// on a connected stream to the proxy; afterwards the stream is ready for the kernel.
 pub fn handshake(stream: &mut UnixStream, export: &str) -> Result<ExportInfo, NetlinkError> {
+    handshake_within(stream, export, REPLY_TIMEOUT)
+}
+
+/// [`handshake`] waiting up to `timeout` for each answer (a proxy answers `NBD_OPT_GO`
+/// only once blockd does).
+pub fn handshake_within(
+    stream: &mut UnixStream,
+    export: &str,
+    timeout: Duration,
+) -> Result<ExportInfo, NetlinkError> {
     stream
-        .set_read_timeout(Some(REPLY_TIMEOUT))
+        .set_read_timeout(Some(timeout))
         .map_err(NetlinkError::Io)?;
     let info = wire::client_handshake(stream, export, true)?;
     stream.set_read_timeout(None).map_err(NetlinkError::Io)?;
@@ -142,33 +214,34 @@ pub fn kernel_block_size(info: &ExportInfo) -> u32 {
     }
 }
 
-/// Hands `sock` (past the handshake) to the kernel and returns the new device index
-/// (`/dev/nbd<index>`), with the default timeouts.
-pub fn connect(sock: OwnedFd, size: u64, flags: u16, block_size: u32) -> Result<u32, NetlinkError> {
-    connect_with(
-        sock,
-        &ConnectParams {
-            size,
-            block_size,
-            server_flags: flags,
-            io_timeout: DEFAULT_IO_TIMEOUT,
-            dead_conn_timeout: DEFAULT_DEAD_CONN_TIMEOUT,
-        },
-    )
+/// Device parameters for an export served as `backend`, with the default timeouts.
+pub fn params_for(info: &ExportInfo, backend: &str) -> ConnectParams {
+    ConnectParams {
+        backend: backend.to_string(),
+        size: info.size,
+        block_size: kernel_block_size(info),
+        server_flags: info.flags,
+        io_timeout: DEFAULT_IO_TIMEOUT,
+        dead_conn_timeout: DEFAULT_DEAD_CONN_TIMEOUT,
+    }
 }
 
-/// [`connect`] with explicit parameters.
-pub fn connect_with(sock: OwnedFd, params: &ConnectParams) -> Result<u32, NetlinkError> {
+/// Hands `socks` (each past the handshake with the same export) to the kernel as one
+/// device and returns its index (`/dev/nbd<index>`). More than one socket needs
+/// `NBD_FLAG_CAN_MULTI_CONN` in `params.server_flags`.
+pub fn connect(socks: Vec<OwnedFd>, params: &ConnectParams) -> Result<u32, NetlinkError> {
     let bs = params.block_size;
     if !bs.is_power_of_two() || !(512..=4096).contains(&bs) {
         return Err(NetlinkError::InvalidBlockSize(bs));
     }
+    check_connections(socks.len(), params.server_flags)?;
+    let fds: Vec<u32> = socks.iter().map(|s| s.as_raw_fd() as u32).collect();
     let mut nl = Netlink::open()?;
     let family = nl.family_id()?;
     let seq = nl.next_seq();
-    let msg = connect_message(family, seq, sock.as_raw_fd() as u32, params);
+    let msg = connect_message(family, seq, &fds, params);
     let replies = nl.exchange(&msg, seq, "NBD_CMD_CONNECT")?;
-    drop(sock);
+    drop(socks);
     replies
         .iter()
         .find_map(|attrs| find_u32(attrs, NBD_ATTR_INDEX))
@@ -177,14 +250,40 @@ pub fn connect_with(sock: OwnedFd, params: &ConnectParams) -> Result<u32, Netlin
         ))
 }
 
-/// Gives device `index` a new socket (past the handshake) after its connection died.
-pub fn reconfigure(index: u32, sock: OwnedFd) -> Result<(), NetlinkError> {
+fn check_connections(n: usize, server_flags: u16) -> Result<(), NetlinkError> {
+    if n == 0 || n > MAX_CONNECTIONS {
+        return Err(NetlinkError::Connections(n));
+    }
+    if n > 1 && server_flags & wire::FLAG_CAN_MULTI_CONN == 0 {
+        return Err(NetlinkError::NoMultiConn(n));
+    }
+    Ok(())
+}
+
+/// Gives device `index` (made for `backend`) new sockets (past the handshake) in place of
+/// dead ones; the kernel ignores sockets beyond the number of dead connections.
+pub fn reconfigure(index: u32, backend: &str, socks: Vec<OwnedFd>) -> Result<(), NetlinkError> {
+    if socks.is_empty() || socks.len() > MAX_CONNECTIONS {
+        return Err(NetlinkError::Connections(socks.len()));
+    }
+    let fds: Vec<u32> = socks.iter().map(|s| s.as_raw_fd() as u32).collect();
     let mut nl = Netlink::open()?;
     let family = nl.family_id()?;
     let seq = nl.next_seq();
-    let msg = reconfigure_message(family, seq, index, sock.as_raw_fd() as u32);
+    let msg = reconfigure_message(family, seq, index, backend, &fds);
     nl.exchange(&msg, seq, "NBD_CMD_RECONFIGURE")?;
-    drop(sock);
+    drop(socks);
+    Ok(())
+}
+
+/// Sets the size of connected device `index` (made for `backend`) to `size` bytes, online
+/// (the block size is left as it is).
+pub fn resize(index: u32, backend: &str, size: u64) -> Result<(), NetlinkError> {
+    let mut nl = Netlink::open()?;
+    let family = nl.family_id()?;
+    let seq = nl.next_seq();
+    let msg = resize_message(family, seq, index, backend, size);
+    nl.exchange(&msg, seq, "NBD_CMD_RECONFIGURE")?;
     Ok(())
 }
 
@@ -239,7 +338,7 @@ fn device_connected(attrs: &[u8], index: u32) -> Option<bool> {
     None
 }
 
-fn connect_message(family: u16, seq: u32, fd: u32, p: &ConnectParams) -> Vec<u8> {
+fn connect_message(family: u16, seq: u32, fds: &[u32], p: &ConnectParams) -> Vec<u8> {
     let mut m = MessageBuilder::new(
         family,
         NLM_F_REQUEST | NLM_F_ACK,
@@ -252,11 +351,12 @@ fn connect_message(family: u16, seq: u32, fd: u32, p: &ConnectParams) -> Vec<u8>
     m.u64(NBD_ATTR_SERVER_FLAGS, p.server_flags.into());
     m.u64(NBD_ATTR_TIMEOUT, p.io_timeout.as_secs());
     m.u64(NBD_ATTR_DEAD_CONN_TIMEOUT, p.dead_conn_timeout.as_secs());
-    sockets(&mut m, fd);
+    sockets(&mut m, fds);
+    m.string(NBD_ATTR_BACKEND_IDENTIFIER, &p.backend);
     m.finish()
 }
 
-fn reconfigure_message(family: u16, seq: u32, index: u32, fd: u32) -> Vec<u8> {
+fn reconfigure_message(family: u16, seq: u32, index: u32, backend: &str, fds: &[u32]) -> Vec<u8> {
     let mut m = MessageBuilder::new(
         family,
         NLM_F_REQUEST | NLM_F_ACK,
@@ -265,15 +365,33 @@ fn reconfigure_message(family: u16, seq: u32, index: u32, fd: u32) -> Vec<u8> {
         NBD_GENL_VERSION,
     );
     m.u32(NBD_ATTR_INDEX, index);
-    sockets(&mut m, fd);
+    m.string(NBD_ATTR_BACKEND_IDENTIFIER, backend);
+    sockets(&mut m, fds);
     m.finish()
 }
 
-fn sockets(m: &mut MessageBuilder, fd: u32) {
+fn resize_message(family: u16, seq: u32, index: u32, backend: &str, size: u64) -> Vec<u8> {
+    let mut m = MessageBuilder::new(
+        family,
+        NLM_F_REQUEST | NLM_F_ACK,
+        seq,
+        NBD_CMD_RECONFIGURE,
+        NBD_GENL_VERSION,
+    );
+    m.u32(NBD_ATTR_INDEX, index);
+    m.string(NBD_ATTR_BACKEND_IDENTIFIER, backend);
+    m.u64(NBD_ATTR_SIZE_BYTES, size);
+    m.finish()
+}
+
+/// `NBD_ATTR_SOCKETS { NBD_SOCK_ITEM { NBD_SOCK_FD } ... }`, one item per descriptor.
+fn sockets(m: &mut MessageBuilder, fds: &[u32]) {
     let socks = m.nest_start(NBD_ATTR_SOCKETS);
-    let item = m.nest_start(NBD_SOCK_ITEM);
-    m.u32(NBD_SOCK_FD, fd);
-    m.nest_end(item);
+    for &fd in fds {
+        let item = m.nest_start(NBD_SOCK_ITEM);
+        m.u32(NBD_SOCK_FD, fd);
+        m.nest_end(item);
+    }
     m.nest_end(socks);
 }
 
@@ -610,9 +728,19 @@ mod tests {
         assert_eq!(attrs, vec![(7, &b"ab\0"[..]), (8, &ne32(0xdead_beef)[..])]);
     }
 
+    /// `NBD_ATTR_BACKEND_IDENTIFIER` "v1\0": 4 + 3 bytes, padded to 8.
+    fn backend_attr() -> Vec<u8> {
+        let mut e = Vec::new();
+        e.extend(ne16(7));
+        e.extend(ne16(10));
+        e.extend(b"v1\0\0");
+        e
+    }
+
     #[test]
     fn connect_is_byte_exact() {
         let p = ConnectParams {
+            backend: "v1".into(),
             size: 1 << 30,
             block_size: 4096,
             server_flags: 0x10d,
@@ -620,7 +748,7 @@ mod tests {
             dead_conn_timeout: Duration::from_secs(120),
         };
         let mut e = Vec::new();
-        e.extend(ne32(96));
+        e.extend(ne32(104));
         e.extend(ne16(0x1a)); // the resolved nbd family
         e.extend(ne16(5));
         e.extend(ne32(3));
@@ -644,13 +772,118 @@ mod tests {
         e.extend(ne16(8)); // NBD_SOCK_FD
         e.extend(ne16(1));
         e.extend(ne32(5));
-        assert_eq!(connect_message(0x1a, 3, 5, &p), e);
+        e.extend(backend_attr());
+        assert_eq!(connect_message(0x1a, 3, &[5], &p), e);
+    }
+
+    #[test]
+    fn connect_with_two_sockets_is_byte_exact() {
+        let p = ConnectParams {
+            backend: "v1".into(),
+            size: 1 << 30,
+            block_size: 4096,
+            server_flags: 0x10d,
+            io_timeout: Duration::from_secs(180),
+            dead_conn_timeout: Duration::from_secs(180),
+        };
+        let one = connect_message(0x1a, 3, &[5], &p);
+        let two = connect_message(0x1a, 3, &[5, 6], &p);
+        // One more NBD_SOCK_ITEM (12 bytes): the nest and the message grow by as much.
+        assert_eq!(two.len(), one.len() + 12);
+        assert_eq!(&two[0..4], &ne32(116));
+        let mut tail = Vec::new();
+        tail.extend(ne16(28)); // NBD_ATTR_SOCKETS, nested, two items
+        tail.extend(ne16(7 | 0x8000));
+        for fd in [5u32, 6] {
+            tail.extend(ne16(12));
+            tail.extend(ne16(1 | 0x8000));
+            tail.extend(ne16(8));
+            tail.extend(ne16(1));
+            tail.extend(ne32(fd));
+        }
+        tail.extend(backend_attr());
+        assert_eq!(&two[80..], &tail[..]);
+        assert_eq!(&two[4..80], &one[4..80]);
+    }
+
+    #[test]
+    fn resize_is_byte_exact() {
+        let mut e = Vec::new();
+        e.extend(ne32(48));
+        e.extend(ne16(0x1a));
+        e.extend(ne16(5)); // NLM_F_REQUEST | NLM_F_ACK
+        e.extend(ne32(7));
+        e.extend(ne32(0));
+        e.extend([3, 1, 0, 0]); // NBD_CMD_RECONFIGURE, version 1
+        e.extend(ne16(8));
+        e.extend(ne16(1)); // NBD_ATTR_INDEX
+        e.extend(ne32(4));
+        e.extend(backend_attr());
+        e.extend(ne16(12));
+        e.extend(ne16(2)); // NBD_ATTR_SIZE_BYTES
+        e.extend(ne64(3 << 30));
+        assert_eq!(resize_message(0x1a, 7, 4, "v1", 3 << 30), e);
+    }
+
+    #[test]
+    fn connection_counts_are_checked_before_talking_to_the_kernel() {
+        let multi = wire::FLAG_HAS_FLAGS | wire::FLAG_CAN_MULTI_CONN;
+        assert!(check_connections(1, wire::FLAG_HAS_FLAGS).is_ok());
+        assert!(check_connections(4, multi).is_ok());
+        assert!(matches!(
+            check_connections(0, multi),
+            Err(NetlinkError::Connections(0))
+        ));
+        assert!(matches!(
+            check_connections(MAX_CONNECTIONS + 1, multi),
+            Err(NetlinkError::Connections(_))
+        ));
+        assert!(matches!(
+            check_connections(2, wire::FLAG_HAS_FLAGS),
+            Err(NetlinkError::NoMultiConn(2))
+        ));
+        let (a, _a) = UnixStream::pair().unwrap();
+        let (b, _b) = UnixStream::pair().unwrap();
+        let params = ConnectParams {
+            server_flags: wire::FLAG_HAS_FLAGS,
+            ..params_for(
+                &ExportInfo {
+                    size: 1 << 20,
+                    flags: wire::FLAG_HAS_FLAGS,
+                    block_size: None,
+                },
+                "v1",
+            )
+        };
+        assert!(matches!(
+            connect(vec![a.into(), b.into()], &params),
+            Err(NetlinkError::NoMultiConn(2))
+        ));
+        assert!(matches!(
+            reconfigure(0, "v1", Vec::new()),
+            Err(NetlinkError::Connections(0))
+        ));
+    }
+
+    #[test]
+    fn kernel_timeouts_outlast_the_proxy_window() {
+        let p = params_for(
+            &ExportInfo {
+                size: 1 << 20,
+                flags: 1,
+                block_size: None,
+            },
+            "v1",
+        );
+        assert!(p.io_timeout > proxy::DEFAULT_RECONNECT_TIMEOUT);
+        assert!(p.dead_conn_timeout > proxy::DEFAULT_RECONNECT_TIMEOUT);
+        assert_eq!(p.io_timeout, Duration::from_secs(180));
     }
 
     #[test]
     fn reconfigure_is_byte_exact() {
         let mut e = Vec::new();
-        e.extend(ne32(44));
+        e.extend(ne32(52));
         e.extend(ne16(0x1a));
         e.extend(ne16(5));
         e.extend(ne32(4));
@@ -659,6 +892,7 @@ mod tests {
         e.extend(ne16(8));
         e.extend(ne16(1)); // NBD_ATTR_INDEX
         e.extend(ne32(2));
+        e.extend(backend_attr());
         e.extend(ne16(16));
         e.extend(ne16(7 | 0x8000));
         e.extend(ne16(12));
@@ -666,7 +900,7 @@ mod tests {
         e.extend(ne16(8));
         e.extend(ne16(1));
         e.extend(ne32(9));
-        assert_eq!(reconfigure_message(0x1a, 4, 2, 9), e);
+        assert_eq!(reconfigure_message(0x1a, 4, 2, "v1", &[9]), e);
     }
 
     fn header(len: u32, ty: u16, seq: u32) -> Vec<u8> {
@@ -753,7 +987,18 @@ mod tests {
     #[test]
     fn block_size_is_checked_before_talking_to_the_kernel() {
         let (a, _b) = UnixStream::pair().unwrap();
-        let err = connect(a.into(), 1 << 20, 1, 1000).unwrap_err();
+        let params = ConnectParams {
+            block_size: 1000,
+            ..params_for(
+                &ExportInfo {
+                    size: 1 << 20,
+                    flags: 1,
+                    block_size: None,
+                },
+                "v1",
+            )
+        };
+        let err = connect(vec![a.into()], &params).unwrap_err();
         assert!(matches!(err, NetlinkError::InvalidBlockSize(1000)));
     }
 
