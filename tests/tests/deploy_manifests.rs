@@ -147,6 +147,15 @@ if ds:
           "csi-shim mounts the kubelet dir with Bidirectional propagation")
     check(cs.get("csi-shim", {}).get("securityContext", {}).get("privileged") is True,
           "csi-shim is privileged")
+    init = {c["name"]: c for c in pod.get("initContainers", [])}
+    nbd = " ".join(init.get("load-nbd", {}).get("command", []))
+    check("modprobe nbd" in nbd and "max_part=0" in nbd,
+          "an init container loads the nbd module without partition scanning")
+    check(init.get("load-nbd", {}).get("securityContext", {}).get("privileged") is True,
+          "the nbd loader is privileged")
+    modules = [m for m in init.get("load-nbd", {}).get("volumeMounts", [])
+               if m["mountPath"] == "/lib/modules"]
+    check(len(modules) == 1, "the nbd loader sees the host's /lib/modules")
     reg = args("node-driver-registrar")
     check("--kubelet-registration-path=/var/lib/kubelet/plugins/blockd.csi.io/csi.sock" in reg,
           "registrar registers the plugin socket")
