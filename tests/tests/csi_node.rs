@@ -2,7 +2,7 @@
 //! bind mounts and file I/O. Volumes are created with blockd's API directly.
 //!
 //! The attacher under test is `BLOCKD_TEST_ATTACH`: `fuse-loop` (the default: csi-fuse-nbd
-//! + loop devices, as on nodes without the kernel `nbd` module) or `nbd` (the kernel's
+//! and loop devices, as on nodes without the kernel `nbd` module) or `nbd` (the kernel's
 //! `/dev/nbdN` over netlink). `tools/test.sh` runs this file on the host with fuse-loop and
 //! again inside a guest kernel (`tests/vm/run.sh`) with `nbd`, where ext4 also grows online.
 //!
@@ -364,7 +364,11 @@ impl Env {
     }
 
     /// ControllerExpandVolume to `bytes`, as external-resizer calls it.
-    async fn controller_expand(&mut self, id: &str, bytes: u64) -> csi::ControllerExpandVolumeResponse {
+    async fn controller_expand(
+        &mut self,
+        id: &str,
+        bytes: u64,
+    ) -> csi::ControllerExpandVolumeResponse {
         let mut controller = ControllerClient::new(self.shim.channel().await);
         controller
             .controller_expand_volume(csi::ControllerExpandVolumeRequest {
@@ -828,7 +832,11 @@ fn stats_follow_writes_and_report_a_dead_attachment() {
 
         // The helper serving the device dies (the FUSE server, or the proxy the kernel's
         // socket leads to): the volume is abnormal, and unstage still cleans up.
-        let helper = if kernel_nbd() { "proxy.pid" } else { "fuse.pid" };
+        let helper = if kernel_nbd() {
+            "proxy.pid"
+        } else {
+            "fuse.pid"
+        };
         let pidfile = std::fs::read_dir(env.shim.state_dir().join("attach"))
             .expect("attach dir")
             .filter_map(|e| e.ok())
@@ -1356,8 +1364,8 @@ fn spawn_fio(dir: &Path, seconds: u32) -> std::process::Child {
 
 fn finish_fio(child: std::process::Child) {
     let out = child.wait_with_output().expect("fio");
-    let text = String::from_utf8_lossy(&out.stdout).to_string()
-        + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success() && text.contains("err= 0"),
         "fio verify failed ({}):\n{text}",
@@ -1414,8 +1422,16 @@ fn assert_fsck_clean(env: &Env, name: &str, fs: &str) {
     );
     env.daemon.ctl_ok(&["unexport", name]);
     let out = match fs {
-        "xfs" => Command::new("xfs_repair").arg("-n").arg("-f").arg(&image).output(),
-        _ => Command::new("e2fsck").arg("-f").arg("-n").arg(&image).output(),
+        "xfs" => Command::new("xfs_repair")
+            .arg("-n")
+            .arg("-f")
+            .arg(&image)
+            .output(),
+        _ => Command::new("e2fsck")
+            .arg("-f")
+            .arg("-n")
+            .arg(&image)
+            .output(),
     }
     .expect("fsck");
     assert!(
