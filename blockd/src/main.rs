@@ -58,8 +58,6 @@ fn main() -> ExitCode {
         }
     };
     init_logging(config.log_format);
-    // Before any thread exists (runtimes, RocksDB): threads inherit the flag.
-    become_io_flusher();
     match run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -155,7 +153,9 @@ fn init_logging(format: LogFormat) {
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colour only for a person at a terminal: log files and collectors get plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Text => builder.with_target(false).init(),
         LogFormat::Json => builder
@@ -177,6 +177,9 @@ fn run(mut config: Config) -> anyhow::Result<()> {
         )
     })?;
     let lock = StateLock::acquire(&config.lock_path(), &config.state_dir)?;
+    // Before any thread exists (runtimes, RocksDB): threads inherit the flag. After the
+    // lock, so that a refused start prints its one error line and nothing else.
+    become_io_flusher();
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         state_dir = %config.state_dir.display(),

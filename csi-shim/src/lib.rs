@@ -154,7 +154,9 @@ pub fn init_logging(format: config::LogFormat, env_var: &str) {
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colour only for a person at a terminal: log files and collectors get plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         config::LogFormat::Text => builder.with_target(false).init(),
         config::LogFormat::Json => builder.json().with_current_span(true).init(),
