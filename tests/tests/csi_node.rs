@@ -1497,7 +1497,9 @@ fn attach_nbd_needs_the_kernel_module_and_auto_prefers_it() {
     runtime().block_on(async {
         let module = Path::new("/sys/module/nbd").exists();
         {
-            let mut env = Env::start_exactly(&["--attach", "nbd"]).await;
+            // One connection per device here; the rest of the suite uses the default
+            // (one per CPU, up to 4, as blockd advertises multi-conn).
+            let mut env = Env::start_exactly(&["--attach", "nbd", "--nbd-connections", "1"]).await;
             let id = env.volume("kernel", "64M");
             let staging = env.staging("kernel");
             if module {
@@ -1506,6 +1508,15 @@ fn attach_nbd_needs_the_kernel_module_and_auto_prefers_it() {
                     .expect("stage via kernel nbd");
                 let (source, _) = mount_of(&staging).expect("mounted");
                 assert!(source.starts_with("/dev/nbd"), "{source}");
+                write_synced(&staging.join("one"), &content(5, MIB as usize));
+                env.unstage(&id, &staging).await.expect("unstage");
+                env.stage(&id, &staging, mount_cap("ext4"))
+                    .await
+                    .expect("restage via kernel nbd");
+                assert_eq!(
+                    checksum(&std::fs::read(staging.join("one")).expect("kept")),
+                    checksum(&content(5, MIB as usize))
+                );
                 env.unstage(&id, &staging).await.expect("unstage");
             } else {
                 // Without the module, --attach nbd must refuse with a reason and a way out.
