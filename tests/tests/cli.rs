@@ -341,3 +341,43 @@ fn failures_are_one_line_and_non_zero() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The RFC 3339 UTC stamp (`YYYY-MM-DDTHH:MM:SSZ`) on the `created` row of a details table.
+fn created_stamp(table: &str) -> String {
+    let row = table
+        .lines()
+        .find(|l| l.contains("created"))
+        .unwrap_or_else(|| panic!("no created row: {table}"));
+    row.split(|c: char| c.is_whitespace() || c == '│' || c == '|')
+        .find(|w| w.len() == 20 && w.ends_with('Z') && w.as_bytes()[10] == b'T')
+        .unwrap_or_else(|| panic!("no RFC 3339 time in {row:?}"))
+        .to_string()
+}
+
+#[test]
+fn tables_show_times_in_rfc3339_and_json_keeps_unix_seconds() {
+    let d = Daemon::start();
+    d.ctl_ok(&["volume", "create", "v", "--size", "1M"]);
+    d.ctl_ok(&["snapshot", "create", "v", "s"]);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    for (kind, name) in [("volume", "v"), ("snapshot", "s")] {
+        let created = d.ctl_json(&[kind, "show", name])["created_unix"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{kind} JSON keeps created_unix as a number"));
+        assert!(created > 0 && created <= now, "{created}");
+        let table = d.ctl_ok(&[kind, "show", name]);
+        assert!(!table.contains(&created.to_string()), "{table}");
+        let stamp = created_stamp(&table);
+        let secs = created % 86_400;
+        let time = format!(
+            "T{:02}:{:02}:{:02}Z",
+            secs / 3600,
+            secs % 3600 / 60,
+            secs % 60
+        );
+        assert!(stamp.ends_with(&time), "{stamp} vs {created}");
+    }
+}

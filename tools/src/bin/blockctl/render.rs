@@ -275,6 +275,32 @@ fn details(rows: Vec<(&str, String)>) -> Table {
     t
 }
 
+/// A Unix time for people: RFC 3339 in UTC to the second (`2026-12-02T03:55:00Z`);
+/// `-` when the daemon did not record one (0). JSON keeps the Unix seconds.
+pub fn format_time(unix: u64) -> String {
+    if unix == 0 {
+        return "-".to_string();
+    }
+    let days = unix / 86_400;
+    let secs = unix % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's `civil_from_days`).
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
+
 fn size_with_bytes(bytes: u64) -> String {
     format!("{} ({bytes} bytes)", format_size(bytes))
 }
@@ -373,7 +399,7 @@ pub fn volume_details(v: &VolumeView) -> Table {
         ("qos", v.qos_text()),
         ("snapshots", v.snapshot_count.to_string()),
         ("exported", yes_no(v.exported).to_string()),
-        ("created (unix)", v.created_unix.to_string()),
+        ("created", format_time(v.created_unix)),
     ])
 }
 
@@ -398,7 +424,7 @@ pub fn snapshot_details(s: &SnapshotView) -> Table {
         ("pool", s.pool.clone()),
         ("size", size_with_bytes(s.size_bytes)),
         ("exported", yes_no(s.exported).to_string()),
-        ("created (unix)", s.created_unix.to_string()),
+        ("created", format_time(s.created_unix)),
     ])
 }
 
@@ -488,6 +514,16 @@ mod tests {
         }
         assert_eq!(json["source_snapshot"], "s");
         assert_eq!(json["size_bytes"], 4096);
+    }
+
+    #[test]
+    fn times_are_rfc3339_in_utc() {
+        assert_eq!(format_time(0), "-");
+        assert_eq!(format_time(1), "1970-01-01T00:00:01Z");
+        assert_eq!(format_time(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(format_time(1_798_761_599), "2026-12-31T23:59:59Z");
+        assert_eq!(format_time(1_798_761_600), "2027-01-01T00:00:00Z");
+        assert_eq!(format_time(4_107_542_400), "2100-03-01T00:00:00Z");
     }
 
     #[test]
