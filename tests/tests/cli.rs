@@ -381,3 +381,50 @@ fn tables_show_times_in_rfc3339_and_json_keeps_unix_seconds() {
         assert!(stamp.ends_with(&time), "{stamp} vs {created}");
     }
 }
+
+#[test]
+fn rounded_sizes_get_a_note_on_stderr() {
+    let d = Daemon::start();
+    let out = d.ctl(&["volume", "create", "odd", "--size", "1000"]);
+    assert!(out.success(), "{}", out.stderr);
+    assert!(
+        out.stdout.contains("created volume \"odd\""),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(
+        out.stderr.trim_end(),
+        "note: size 1000 B rounded up to 4 KiB (sizes are whole multiples of the size granule)"
+    );
+
+    // JSON stays one value on stdout; the note still goes to stderr.
+    let out = d.ctl(&["volume", "create", "odd2", "--size", "5000", "-o", "json"]);
+    assert!(out.success(), "{}", out.stderr);
+    let v: Value = serde_json::from_str(&out.stdout).expect("JSON on stdout");
+    assert_eq!(v["size_bytes"], 8192);
+    assert!(
+        out.stderr.contains("size 5000 B rounded up to 8 KiB"),
+        "{}",
+        out.stderr
+    );
+
+    // Exact sizes say nothing.
+    let out = d.ctl(&["volume", "create", "even", "--size", "4K"]);
+    assert!(out.success() && out.stderr.is_empty(), "{}", out.stderr);
+
+    // Resize rounds the same way and says so.
+    let out = d.ctl(&["volume", "resize", "even", "--size", "10000"]);
+    assert!(out.success(), "{}", out.stderr);
+    assert!(
+        out.stdout.contains("resized volume \"even\" to 12 KiB"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stderr.contains("size 10000 B rounded up to 12 KiB"),
+        "{}",
+        out.stderr
+    );
+    let out = d.ctl(&["volume", "resize", "even", "--size", "16K"]);
+    assert!(out.success() && out.stderr.is_empty(), "{}", out.stderr);
+}

@@ -156,6 +156,17 @@ fn show<T: Serialize>(
     Ok(())
 }
 
+/// Says on stderr (so `-o json` stays one value on stdout) when the daemon rounded a
+/// requested size up to its size granule.
+fn note_rounding(requested: u64, actual: u64) {
+    if actual > requested {
+        eprintln!(
+            "note: size {requested} B rounded up to {} (sizes are whole multiples of the size granule)",
+            format_size(actual)
+        );
+    }
+}
+
 /// Prints a one-line confirmation for people, or the object as JSON for scripts.
 fn confirm<T: Serialize>(output: Output, value: &T, line: String) -> anyhow::Result<()> {
     match output {
@@ -275,6 +286,7 @@ async fn volume(api: &mut Api, out: Output, cmd: VolumeCommand) -> anyhow::Resul
                 (None, Some(v)) => Some(v1::create_volume_request::Source::SourceVolume(v)),
                 (None, None) => None,
             };
+            let requested = args.size;
             let resp = api
                 .volumes
                 .create_volume(v1::CreateVolumeRequest {
@@ -291,6 +303,9 @@ async fn volume(api: &mut Api, out: Output, cmd: VolumeCommand) -> anyhow::Resul
                 resp.volume
                     .ok_or_else(|| anyhow!("the daemon answered without the volume"))?,
             );
+            if let Some(requested) = requested {
+                note_rounding(requested, view.size_bytes);
+            }
             let line = if resp.created {
                 format!(
                     "created volume {:?}: {} in pool {}",
@@ -359,6 +374,7 @@ async fn volume(api: &mut Api, out: Output, cmd: VolumeCommand) -> anyhow::Resul
                 })
                 .await?;
             let view = VolumeView::from(volume.into_inner());
+            note_rounding(size, view.size_bytes);
             let line = format!(
                 "resized volume {:?} to {}",
                 view.name,
