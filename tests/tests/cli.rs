@@ -428,3 +428,58 @@ fn rounded_sizes_get_a_note_on_stderr() {
     let out = d.ctl(&["volume", "resize", "even", "--size", "16K"]);
     assert!(out.success() && out.stderr.is_empty(), "{}", out.stderr);
 }
+
+#[test]
+fn blockd_demo_uses_a_private_directory_and_fails_in_one_line() {
+    let scratch = tempfile::tempdir().expect("scratch directory");
+    let tmp = scratch.path().join("tmp");
+    let cwd = scratch.path().join("cwd");
+    std::fs::create_dir_all(&tmp).unwrap();
+    std::fs::create_dir_all(&cwd).unwrap();
+    let demo = || {
+        let mut cmd = std::process::Command::new(blockd_tests::binary("blockd-demo"));
+        cmd.current_dir(&cwd)
+            .env("TMPDIR", &tmp)
+            .env("RUST_BACKTRACE", "1")
+            .arg("--io-engine")
+            .arg("sync");
+        cmd
+    };
+
+    // By default: a private temporary directory, removed at exit; nothing in the cwd.
+    let out = demo().output().expect("run blockd-demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("fsck: clean"), "{stdout}");
+    assert!(stdout.contains(&tmp.display().to_string()), "{stdout}");
+    assert_eq!(std::fs::read_dir(&cwd).unwrap().count(), 0, "cwd was used");
+    assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0, "not removed");
+
+    // An explicit --state-dir is used and kept.
+    let kept = scratch.path().join("kept");
+    let out = demo().arg("--state-dir").arg(&kept).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(kept.join("pool.img").exists() && kept.join("meta").is_dir());
+
+    // A daemon's state directory is refused in one line, without a backtrace.
+    let d = Daemon::start();
+    let out = demo().arg("--state-dir").arg(d.dir()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(
+        lines[0].starts_with("error: ") && lines[0].contains("metadata store"),
+        "{stderr}"
+    );
+    // The daemon is unharmed.
+    d.ctl_ok(&["volume", "create", "after-demo", "--size", "1M"]);
+}
