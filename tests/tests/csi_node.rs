@@ -892,18 +892,6 @@ fn stats_follow_writes_and_report_a_dead_attachment() {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             write_synced(&target.join("after-reconnect"), &content(9, MIB as usize));
-            // The proxy dies again; this time unstage finds it gone, reconnects, and
-            // unmounts promptly with the file system's last writes in blockd.
-            let pid: i32 = std::fs::read_to_string(&pidfile)
-                .expect("pid")
-                .trim()
-                .parse()
-                .expect("pid number");
-            // SAFETY: kill(2) on the proxy pid read from the attachment's pid file.
-            assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
-            std::fs::File::create(target.join("dirty"))
-                .and_then(|mut f| f.write_all(&content(10, 4096)))
-                .expect("a write into the page cache");
         }
 
         env.umount(&id, &staging, &target).await;

@@ -196,20 +196,6 @@ impl NodeService {
 
     /// Unmounts the staging path (when our device is mounted there) and detaches.
     async fn teardown(&self, record: &StagedVolume) -> Result<()> {
-        // A kernel NBD device whose proxy died would hold the unmount until the kernel's
-        // timeouts fail its write-back; with a new proxy the file system's last writes
-        // reach blockd and the unmount is prompt.
-        if record.attachment.problem().is_some() {
-            match self.attacher.reconnect(&record.attachment).await {
-                Ok(Some(pid)) => {
-                    tracing::info!(volume_id = %record.volume_id, proxy_pid = pid, "reconnected before unmounting")
-                }
-                Ok(None) => {}
-                Err(err) => {
-                    tracing::warn!(volume_id = %record.volume_id, error = %err, "cannot reconnect before unmounting")
-                }
-            }
-        }
         if let Some(entry) = mount::mount_at(&record.staging_path)? {
             if Path::new(&entry.source) == record.attachment.device() {
                 mount::unmount(&record.staging_path).await?;

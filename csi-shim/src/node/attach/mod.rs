@@ -239,16 +239,6 @@ impl Attacher {
         }
     }
 
-    /// Repairs, now, a kernel NBD attachment whose proxy died (see
-    /// [`kernel_nbd::reconnect`]); the caller holds the volume's operation lock. Returns
-    /// the new proxy's pid, or `None` when there was nothing to repair.
-    pub async fn reconnect(&self, attachment: &Attachment) -> Result<Option<u32>> {
-        match attachment {
-            Attachment::KernelNbd { .. } => kernel_nbd::reconnect(attachment, &self.helpers).await,
-            Attachment::FuseLoop { .. } => Ok(None),
-        }
-    }
-
     /// Repairs, in the background, an attachment whose helper died while its device
     /// lives on, without disturbing a file system mounted on it: a kernel NBD device gets a
     /// new proxy and new sockets ([`kernel_nbd::reconnect`]). Runs under the volume's
