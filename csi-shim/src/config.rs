@@ -1,4 +1,4 @@
-//! Command-line configuration of `csi-shim` (see `shared/CONTRACT.md`).
+//! Command-line configuration of `csi-shim` (`csi-shim --help` lists every flag).
 
 use std::path::PathBuf;
 

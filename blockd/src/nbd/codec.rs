@@ -1,7 +1,7 @@
 //! NBD wire format: pure encoders and decoders, no I/O.
 //!
 //! This module owns every byte layout of the fixed-newstyle NBD protocol
-//! (`shared/reference/nbd-protocol.md`): the server greeting and client flags, option
+//! (the NBD project's `doc/proto.md`): the server greeting and client flags, option
 //! requests and option replies of the handshake, transmission requests, simple replies and
 //! structured reply chunks. The server ([`super::server`]) reads fixed-size headers from the
 //! socket and hands the bytes here; tests and fuzzers drive the same functions.

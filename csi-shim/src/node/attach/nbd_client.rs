@@ -5,7 +5,7 @@
 //! Invariant: a [`Connection`] either completes a request or reports an I/O error (a
 //! reply that does not come within [`REPLY_TIMEOUT`] is one); the caller reconnects (a
 //! fresh handshake, which also learns the export's current size) and resends. Protocol
-//! reference: `shared/reference/nbd-protocol.md`.
+//! reference: the NBD project's `doc/proto.md`.
 
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
