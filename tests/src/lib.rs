@@ -694,3 +694,33 @@ pub fn sweep(root: &Path) {
         }
     }
 }
+
+/// Asserts that a gRPC call failed with `code` and a message that mentions `needle` (the
+/// field at fault, for `INVALID_ARGUMENT`); `what` names the call in the failure.
+pub fn expect_status<T: std::fmt::Debug>(
+    what: &str,
+    result: Result<tonic::Response<T>, tonic::Status>,
+    code: tonic::Code,
+    needle: &str,
+) {
+    match result {
+        Ok(answer) => panic!(
+            "{what}: expected {code:?}, got OK {:?}",
+            answer.into_inner()
+        ),
+        Err(status) => {
+            assert_eq!(
+                status.code(),
+                code,
+                "{what}: expected {code:?}, got {:?}: {}",
+                status.code(),
+                status.message()
+            );
+            assert!(
+                status.message().contains(needle),
+                "{what}: message {:?} should mention {needle:?}",
+                status.message()
+            );
+        }
+    }
+}

@@ -19,6 +19,7 @@ use blockd_proto::csi::volume_capability::access_mode::Mode;
 use blockd_proto::csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
 use blockd_proto::csi::volume_content_source::{SnapshotSource, Type as SourceType, VolumeSource};
 use blockd_proto::v1;
+use blockd_tests::expect_status as expect_code;
 use blockd_tests::{have_tool, runtime, skip, CsiShim, Daemon};
 use tonic::transport::Channel;
 use tonic::Code;
@@ -188,30 +189,6 @@ async fn snapshot(c: &mut ControllerClient<Channel>, volume_id: &str, name: &str
     .into_inner()
     .snapshot
     .expect("CreateSnapshot answers a snapshot")
-}
-
-/// Asserts `result` failed with `code` and a message containing `needle`.
-fn expect_code<T: std::fmt::Debug>(
-    what: &str,
-    result: Result<tonic::Response<T>, tonic::Status>,
-    code: Code,
-    needle: &str,
-) {
-    match result {
-        Ok(answer) => panic!(
-            "{what}: expected {code:?}, got OK {:?}",
-            answer.into_inner()
-        ),
-        Err(status) => {
-            assert_eq!(status.code(), code, "{what}: {}", status.message());
-            assert!(
-                status.message().contains(needle),
-                "{what}: message {:?} should mention {needle:?}",
-                status.message()
-            );
-            assert!(!status.message().is_empty(), "{what}: empty message");
-        }
-    }
 }
 
 async fn capacity(

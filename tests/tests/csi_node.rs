@@ -29,8 +29,9 @@ use tonic::Code;
 const NODE: &str = "node-a";
 const MIB: u64 = 1 << 20;
 
-/// Builds the helper binaries the node service starts (csi-nbd-proxy, csi-fuse-nbd), next to
-/// csi-shim, once per test process. With `CSI_SHIM_BIN` set, they are expected next to it.
+/// The directory of the helper binaries the node service starts (csi-nbd-proxy,
+/// csi-fuse-nbd), next to csi-shim. [`blockd_tests::binary`] builds every workspace binary
+/// once per test process; with `CSI_SHIM_BIN` set, the helpers are expected next to it.
 fn build_helpers() -> &'static Result<PathBuf, String> {
     static BUILT: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
     BUILT.get_or_init(|| {
@@ -39,30 +40,6 @@ fn build_helpers() -> &'static Result<PathBuf, String> {
             .parent()
             .expect("csi-shim lives in a directory")
             .to_path_buf();
-        if std::env::var_os("CSI_SHIM_BIN").is_none() {
-            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-            let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-                .parent()
-                .expect("workspace");
-            let mut cmd = Command::new(cargo);
-            cmd.current_dir(workspace)
-                .env(
-                    "CARGO_TARGET_DIR",
-                    dir.parent().expect("<target>/<profile>"),
-                )
-                // As `cargo test --workspace` resolves features (see blockd_tests::binary).
-                .args(["build", "--quiet", "--workspace", "--bins", "--tests"]);
-            if dir.file_name().is_some_and(|n| n == "release") {
-                cmd.arg("--release");
-            }
-            let out = cmd.output().map_err(|e| format!("cannot run cargo: {e}"))?;
-            if !out.status.success() {
-                return Err(format!(
-                    "building csi-nbd-proxy and csi-fuse-nbd failed:\n{}",
-                    String::from_utf8_lossy(&out.stderr)
-                ));
-            }
-        }
         for helper in ["csi-nbd-proxy", "csi-fuse-nbd"] {
             if !dir.join(helper).exists() {
                 return Err(format!("{} does not exist", dir.join(helper).display()));

@@ -19,6 +19,7 @@ use blockd_proto::csi::node_client::NodeClient;
 use blockd_proto::csi::volume_capability::access_mode::Mode;
 use blockd_proto::csi::volume_capability::{AccessMode, AccessType, MountVolume};
 use blockd_proto::csi::volume_content_source::{SnapshotSource, Type as SourceType, VolumeSource};
+use blockd_tests::expect_status as expect_code;
 use blockd_tests::{runtime, CsiShim, Daemon};
 use tonic::transport::Channel;
 use tonic::Code;
@@ -68,36 +69,6 @@ where
         })
         .await
     });
-}
-
-/// Asserts that `result` failed with `code` and a message that mentions `needle` (the
-/// field at fault, for `INVALID_ARGUMENT`).
-fn expect_code<T: std::fmt::Debug>(
-    what: &str,
-    result: Result<tonic::Response<T>, tonic::Status>,
-    code: Code,
-    needle: &str,
-) {
-    match result {
-        Ok(answer) => panic!(
-            "{what}: expected {code:?}, got OK {:?}",
-            answer.into_inner()
-        ),
-        Err(status) => {
-            assert_eq!(
-                status.code(),
-                code,
-                "{what}: expected {code:?}, got {:?}: {}",
-                status.code(),
-                status.message()
-            );
-            assert!(
-                status.message().contains(needle),
-                "{what}: message {:?} should mention {needle:?}",
-                status.message()
-            );
-        }
-    }
 }
 
 fn cap(mode: Mode, access: Option<AccessType>) -> csi::VolumeCapability {

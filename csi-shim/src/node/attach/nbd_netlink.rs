@@ -356,7 +356,9 @@ fn connect_message(family: u16, seq: u32, fds: &[u32], p: &ConnectParams) -> Vec
     m.finish()
 }
 
-fn reconfigure_message(family: u16, seq: u32, index: u32, backend: &str, fds: &[u32]) -> Vec<u8> {
+/// `NBD_CMD_RECONFIGURE` of device `index`, which the kernel refuses unless `backend`
+/// names what the device serves; the caller adds what changes.
+fn reconfigure_of(family: u16, seq: u32, index: u32, backend: &str) -> MessageBuilder {
     let mut m = MessageBuilder::new(
         family,
         NLM_F_REQUEST | NLM_F_ACK,
@@ -366,20 +368,17 @@ fn reconfigure_message(family: u16, seq: u32, index: u32, backend: &str, fds: &[
     );
     m.u32(NBD_ATTR_INDEX, index);
     m.string(NBD_ATTR_BACKEND_IDENTIFIER, backend);
+    m
+}
+
+fn reconfigure_message(family: u16, seq: u32, index: u32, backend: &str, fds: &[u32]) -> Vec<u8> {
+    let mut m = reconfigure_of(family, seq, index, backend);
     sockets(&mut m, fds);
     m.finish()
 }
 
 fn resize_message(family: u16, seq: u32, index: u32, backend: &str, size: u64) -> Vec<u8> {
-    let mut m = MessageBuilder::new(
-        family,
-        NLM_F_REQUEST | NLM_F_ACK,
-        seq,
-        NBD_CMD_RECONFIGURE,
-        NBD_GENL_VERSION,
-    );
-    m.u32(NBD_ATTR_INDEX, index);
-    m.string(NBD_ATTR_BACKEND_IDENTIFIER, backend);
+    let mut m = reconfigure_of(family, seq, index, backend);
     m.u64(NBD_ATTR_SIZE_BYTES, size);
     m.finish()
 }
