@@ -159,8 +159,10 @@ have cargo || die "cargo not found"
 log "building blockd, blockctl and the bench tools (release, CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
 (
   cd "$repo" || exit 1
-  cargo build --release --quiet -p blockd --bin blockd -p blockd-tools --bin blockctl \
-    -p blockd-bench --bin bench-report --bin engine-figures
+  # The whole workspace's binaries, not `-p ...`: a narrower selection resolves the
+  # features of bindgen's dependencies differently and would compile RocksDB's C++ a
+  # second time instead of sharing the release build `tools/run.sh` (README) makes.
+  cargo build --release --quiet --workspace --bins
 ) || die "cargo build --release failed"
 bin="$CARGO_TARGET_DIR/release"
 blockd_bin="$bin/blockd"

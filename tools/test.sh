@@ -14,6 +14,7 @@ mkdir -p "$CARGO_TARGET_DIR"
 need=()
 have() { command -v "$1" >/dev/null 2>&1; }
 have clang || need+=(clang)
+have g++ || need+=(g++)                                        # RocksDB C++
 dpkg -s libclang-dev >/dev/null 2>&1 || need+=(libclang-dev)   # bindgen for librocksdb-sys
 have qemu-img || need+=(qemu-utils)
 have nbdinfo || need+=(libnbd-bin)

@@ -1,6 +1,6 @@
 //! blockd: a local block-storage engine and daemon.
 //!
-//! Layers, each owning its own state (see `DESIGN.md` in the shared docs):
+//! Layers, each owning its own state (see `docs/design.md`):
 //! - [`device`]: the `BlockDevice` trait and its backends (io_uring, sync, memory, faulty);
 //! - [`meta`]: the metadata store trait, its RocksDB and in-memory implementations, and keys;
 //! - [`engine`]: pools, lineages, epochs, chunk maps, copy-on-write, allocation, GC, fsck.

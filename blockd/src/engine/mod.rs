@@ -12,7 +12,7 @@
 //! Every physical chunk is owned by exactly one map entry or is free; free space is
 //! derived from the map at open, so no refcounts exist to drift.
 //!
-//! # Crash safety (DESIGN.md "commit protocol")
+//! # Crash safety (docs/design.md, "Crash safety")
 //! - New mappings live in the in-memory overlay (`State::pending`) until a group commit
 //!   flushes every dirty device and then writes one synced batch: a mapping is never
 //!   durable before its data.
@@ -26,7 +26,7 @@
 //! - Any metadata or device error during a commit fails the engine (`State::failed`):
 //!   memory and disk may disagree, so only a restart (which rebuilds from disk) is safe.
 //!
-//! # Where this differs from DESIGN.md, and why
+//! # Where this differs from the first design, and why
 //! - Epoch 0 is reserved for chunks copied by flatten: they sit *under* every entry of the
 //!   clone, so its snapshots keep reading what they read through the parent.
 //! - GC needs no cursor intent: it derives its work from durable images and lineages, so a

@@ -2,7 +2,7 @@
 //!
 //! [`RocksStore`] opens one RocksDB database with one column family per [`Cf`] (created
 //! when missing) and implements [`MetaStore`] on it. Options follow BlueStore's and
-//! DESIGN.md's notes:
+//! docs/design.md's notes:
 //!
 //! | CF             | compression | filter                     | write buffer | notes                          |
 //! |----------------|-------------|----------------------------|--------------|--------------------------------|
