@@ -19,6 +19,7 @@ dpkg -s libclang-dev >/dev/null 2>&1 || need+=(libclang-dev)   # bindgen for lib
 have qemu-img || need+=(qemu-utils)
 have nbdinfo || need+=(libnbd-bin)
 have fio || need+=(fio)
+have openssl || need+=(openssl)                                # NBD-over-TLS test certificates
 have nbdkit || need+=(nbdkit)
 have gnuplot || need+=(gnuplot-nox)
 have mkfs.ext4 || need+=(e2fsprogs)

@@ -7,7 +7,9 @@
 //!
 //! Invariants after [`Config::validate`]: at least one pool; pool names are valid and
 //! unique; chunk sizes are powers of two within the engine's limits; pool sizes and the
-//! commit interval are positive.
+//! commit interval are positive; NBD over TCP (`nbd-listen`) comes with all three TLS
+//! files (server certificate, key, client CA: mutual TLS, never plain text), TLS files
+//! never come without a listener, and some NBD listener (unix or TCP) exists.
 //!
 //! ```toml
 //! state-dir = "/var/lib/blockd"
@@ -44,6 +46,8 @@ pub const DEFAULT_POOL_NAME: &str = "default";
 pub const DEFAULT_STATE_DIR: &str = "./blockd-data";
 /// Group commit interval when none is given (dm-thin commits about once a second too).
 pub const DEFAULT_COMMIT_INTERVAL_MS: u64 = 1000;
+/// `--nbd-socket none`: no unix socket, NBD over TCP (with TLS) only.
+pub const NBD_SOCKET_NONE: &str = "none";
 
 /// A configuration that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -93,9 +97,27 @@ pub struct Args {
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
 
-    /// The NBD socket [default: DIR/nbd.sock].
-    #[arg(long, value_name = "PATH")]
+    /// The NBD unix socket [default: DIR/nbd.sock]; `none` serves NBD over TCP only.
+    #[arg(long, value_name = "PATH|none")]
     pub nbd_socket: Option<PathBuf>,
+
+    /// Also serve NBD over TCP on ADDR:PORT, for clients on other machines. Always with
+    /// mutual TLS: needs --tls-cert, --tls-key and --tls-client-ca (plain TCP is refused).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub nbd_listen: Option<SocketAddr>,
+
+    /// PEM certificate chain the TCP listener presents (with --nbd-listen).
+    #[arg(long, value_name = "FILE.pem")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, value_name = "FILE.pem")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM bundle of the CAs that client certificates must chain to; every TCP client
+    /// must present one.
+    #[arg(long, value_name = "FILE.pem")]
+    pub tls_client_ca: Option<PathBuf>,
 
     /// Serve Prometheus metrics at http://ADDR/metrics (off unless given).
     #[arg(long, value_name = "ADDR")]
@@ -255,6 +277,10 @@ pub struct Config {
     pub io_engine: IoEngineChoice,
     pub log_format: LogFormat,
     pub commit_interval_ms: u64,
+    pub nbd_listen: Option<SocketAddr>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -268,6 +294,10 @@ impl Default for Config {
             io_engine: IoEngineChoice::Auto,
             log_format: LogFormat::Text,
             commit_interval_ms: DEFAULT_COMMIT_INTERVAL_MS,
+            nbd_listen: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
         }
     }
 }
@@ -329,6 +359,18 @@ impl Config {
         if let Some(ms) = args.commit_interval_ms {
             self.commit_interval_ms = ms;
         }
+        if args.nbd_listen.is_some() {
+            self.nbd_listen = args.nbd_listen;
+        }
+        if args.tls_cert.is_some() {
+            self.tls_cert = args.tls_cert;
+        }
+        if args.tls_key.is_some() {
+            self.tls_key = args.tls_key;
+        }
+        if args.tls_client_ca.is_some() {
+            self.tls_client_ca = args.tls_client_ca;
+        }
     }
 
     /// Checks the invariants listed in the module docs.
@@ -345,6 +387,7 @@ impl Config {
                 reason: "must be greater than 0".into(),
             });
         }
+        self.validate_nbd_listeners()?;
         let pools = self.pools();
         for (i, pool) in pools.iter().enumerate() {
             let bad = |reason: String| ConfigError::Pool {
@@ -380,6 +423,54 @@ impl Config {
         Ok(())
     }
 
+    /// NBD over TCP only with mutual TLS: a listener without all three TLS files, or TLS
+    /// files without a listener, is a mistake the daemon refuses at start rather than
+    /// serving volumes in plain text or silently ignoring the certificates.
+    fn validate_nbd_listeners(&self) -> Result<(), ConfigError> {
+        let tls = [
+            ("tls-cert", &self.tls_cert),
+            ("tls-key", &self.tls_key),
+            ("tls-client-ca", &self.tls_client_ca),
+        ];
+        match self.nbd_listen {
+            Some(addr) => {
+                let missing: Vec<String> = tls
+                    .iter()
+                    .filter(|(_, v)| v.is_none())
+                    .map(|(k, _)| format!("--{k}"))
+                    .collect();
+                if !missing.is_empty() {
+                    return Err(ConfigError::Invalid {
+                        field: "nbd-listen",
+                        reason: format!(
+                            "NBD over TCP ({addr}) is served only with mutual TLS, never in plain text: also give {}",
+                            missing.join(", ")
+                        ),
+                    });
+                }
+            }
+            None => {
+                if let Some((k, _)) = tls.iter().find(|(_, v)| v.is_some()) {
+                    return Err(ConfigError::Invalid {
+                        field: "nbd-listen",
+                        reason: format!(
+                            "--{k} is only used by the TCP listener: add --nbd-listen ADDR:PORT"
+                        ),
+                    });
+                }
+                if self.nbd_socket().is_none() {
+                    return Err(ConfigError::Invalid {
+                        field: "nbd-socket",
+                        reason:
+                            "`none` leaves no way to reach the volumes: add --nbd-listen ADDR:PORT"
+                                .into(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The configured pools, or the default one.
     pub fn pools(&self) -> Vec<PoolConfig> {
         if self.pools.is_empty() {
@@ -400,10 +491,13 @@ impl Config {
             .unwrap_or_else(|| self.state_dir.join("api.sock"))
     }
 
-    pub fn nbd_socket(&self) -> PathBuf {
-        self.nbd_socket
-            .clone()
-            .unwrap_or_else(|| self.state_dir.join("nbd.sock"))
+    /// The NBD unix socket, or None when it is configured as `none` (TCP only).
+    pub fn nbd_socket(&self) -> Option<PathBuf> {
+        match &self.nbd_socket {
+            Some(p) if p.as_os_str() == NBD_SOCKET_NONE => None,
+            Some(p) => Some(p.clone()),
+            None => Some(self.state_dir.join("nbd.sock")),
+        }
     }
 
     pub fn meta_dir(&self) -> PathBuf {
@@ -429,6 +523,18 @@ impl Config {
             *p = std::path::absolute(&*p)?;
         }
         if let Some(p) = &mut self.nbd_socket {
+            if p.as_os_str() != NBD_SOCKET_NONE {
+                *p = std::path::absolute(&*p)?;
+            }
+        }
+        for p in [
+            &mut self.tls_cert,
+            &mut self.tls_key,
+            &mut self.tls_client_ca,
+        ]
+        .into_iter()
+        .flatten()
+        {
             *p = std::path::absolute(&*p)?;
         }
         Ok(())
@@ -444,6 +550,53 @@ mod tests {
     }
 
     #[test]
+    fn tcp_is_mutual_tls_or_nothing() {
+        let tls = [
+            "--tls-cert",
+            "/c.pem",
+            "--tls-key",
+            "/k.pem",
+            "--tls-client-ca",
+            "/ca.pem",
+        ];
+        let mut full = vec!["--nbd-listen", "127.0.0.1:10809"];
+        full.extend(tls);
+        let c = Config::load(args(&full)).unwrap();
+        assert_eq!(c.nbd_listen, Some("127.0.0.1:10809".parse().unwrap()));
+        assert_eq!(c.tls_client_ca, Some(PathBuf::from("/ca.pem")));
+
+        // A listener without every TLS file: refused, naming what is missing.
+        let err = Config::load(args(&["--nbd-listen", "0.0.0.0:10809", "--tls-cert", "/c"]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--tls-key, --tls-client-ca"), "{err}");
+        assert!(err.contains("plain text"), "{err}");
+        // TLS files without a listener: refused rather than ignored.
+        let err = Config::load(args(&["--tls-key", "/k"]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--nbd-listen"), "{err}");
+        // No unix socket and no TCP: nothing could reach a volume.
+        let err = Config::load(args(&["--nbd-socket", "none"]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--nbd-listen"), "{err}");
+        // TCP only.
+        let mut tcp_only = full.clone();
+        tcp_only.extend(["--nbd-socket", "none"]);
+        let c = Config::load(args(&tcp_only)).unwrap();
+        assert_eq!(c.nbd_socket(), None);
+        // The same keys in TOML.
+        let c = Config::from_toml(
+            Path::new("t.toml"),
+            "nbd-listen = \"[::1]:10809\"\ntls-cert = \"/c\"\ntls-key = \"/k\"\ntls-client-ca = \"/ca\"\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.nbd_listen, Some("[::1]:10809".parse().unwrap()));
+    }
+
+    #[test]
     fn defaults_match_the_contract() {
         let c = Config::load(args(&[])).unwrap();
         assert_eq!(c.state_dir, PathBuf::from("./blockd-data"));
@@ -454,7 +607,10 @@ mod tests {
         assert_eq!(pools[0].size_bytes(), 10 << 30);
         assert_eq!(pools[0].chunk_size_bytes(), 64 << 10);
         assert_eq!(c.api_socket(), PathBuf::from("./blockd-data/api.sock"));
-        assert_eq!(c.nbd_socket(), PathBuf::from("./blockd-data/nbd.sock"));
+        assert_eq!(
+            c.nbd_socket(),
+            Some(PathBuf::from("./blockd-data/nbd.sock"))
+        );
         assert_eq!(c.meta_dir(), PathBuf::from("./blockd-data/meta"));
         assert_eq!(c.io_engine, IoEngineChoice::Auto);
         assert_eq!(c.log_format, LogFormat::Text);
@@ -488,7 +644,7 @@ mod tests {
         assert_eq!(pools[1].size_bytes(), 1 << 40);
         assert_eq!(pools[1].chunk_size_bytes(), 256 << 10);
         assert_eq!(c.api_socket(), PathBuf::from("/run/a.sock"));
-        assert_eq!(c.nbd_socket(), PathBuf::from("/run/n.sock"));
+        assert_eq!(c.nbd_socket(), Some(PathBuf::from("/run/n.sock")));
         assert_eq!(c.metrics_addr, Some("127.0.0.1:9571".parse().unwrap()));
         assert_eq!(c.io_engine, IoEngineChoice::Sync);
         assert_eq!(c.log_format, LogFormat::Json);

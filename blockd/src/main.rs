@@ -11,7 +11,9 @@
 //! 2. open the metadata store (`DIR/meta`) and the pools, then the engine, and start its
 //!    background work (group commit timer, GC, resumed flattens);
 //! 3. bind the API socket (a stale one is replaced, a live one refuses the start; mode
-//!    0600), the NBD socket and the metrics listener; serve.
+//!    0600), the NBD socket, the NBD TLS listener (`--nbd-listen`; its certificates are
+//!    loaded before step 2, so a bad file fails the start at once) and the metrics
+//!    listener; serve.
 //!
 //! Shutdown on SIGTERM/SIGINT: stop accepting, let in-flight RPCs and NBD requests
 //! finish (bounded by [`GRACE`]), then `engine.shutdown()` (final commit, background work
@@ -29,13 +31,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use blockd::api::{self, ApiContext, DaemonInfo};
+use blockd::api::{self, ApiContext, DaemonInfo, NbdTcp};
 use blockd::config::{Args, Config, LogFormat};
 use blockd::device;
 use blockd::engine::{Engine, PoolSpec};
 use blockd::meta::rocks::RocksStore;
 use blockd::meta::MetaStore;
 use blockd::metrics::{self, Metrics};
+use blockd::nbd::TlsConfig;
 use clap::Parser;
 use tokio::net::UnixListener;
 use tokio::sync::watch;
@@ -186,6 +189,7 @@ fn run(mut config: Config) -> anyhow::Result<()> {
         "starting blockd"
     );
 
+    let tls = load_tls(&config)?;
     let meta_dir = config.meta_dir();
     let meta: Arc<dyn MetaStore> = Arc::new(
         RocksStore::open(&meta_dir)
@@ -228,7 +232,7 @@ fn run(mut config: Config) -> anyhow::Result<()> {
         .thread_name("blockd")
         .build()
         .context("cannot start the async runtime")?;
-    let served = runtime.block_on(serve(&config, engine.clone(), meta));
+    let served = runtime.block_on(serve(&config, engine.clone(), meta, tls));
     // Blocking engine calls still running (a long flatten) get a moment to finish; the
     // engine's shutdown below is safe with them in flight either way.
     runtime.shutdown_timeout(Duration::from_secs(5));
@@ -242,8 +246,43 @@ fn run(mut config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn info_listen(ctx: &ApiContext) -> String {
+    ctx.info
+        .nbd_tcp
+        .as_ref()
+        .map(|t| t.addr.to_string())
+        .unwrap_or_default()
+}
+
+/// The TLS identity of the NBD TCP listener, when one is configured (the configuration
+/// guarantees all three files are then given).
+fn load_tls(config: &Config) -> anyhow::Result<Option<TlsConfig>> {
+    let (Some(_), Some(cert), Some(key), Some(ca)) = (
+        config.nbd_listen,
+        &config.tls_cert,
+        &config.tls_key,
+        &config.tls_client_ca,
+    ) else {
+        return Ok(None);
+    };
+    let tls = TlsConfig::from_pem_files(cert, key, Some(ca)).with_context(|| {
+        format!(
+            "cannot load the NBD TLS files (--tls-cert {}, --tls-key {}, --tls-client-ca {})",
+            cert.display(),
+            key.display(),
+            ca.display()
+        )
+    })?;
+    Ok(Some(tls))
+}
+
 /// Serves the API, NBD and metrics until a shutdown signal, then drains them.
-async fn serve(config: &Config, engine: Engine, meta: Arc<dyn MetaStore>) -> anyhow::Result<()> {
+async fn serve(
+    config: &Config,
+    engine: Engine,
+    meta: Arc<dyn MetaStore>,
+    tls: Option<TlsConfig>,
+) -> anyhow::Result<()> {
     let shutdown = Shutdown::new();
     shutdown.on_signals()?;
 
@@ -252,10 +291,23 @@ async fn serve(config: &Config, engine: Engine, meta: Arc<dyn MetaStore>) -> any
 
     let api_socket = config.api_socket();
     let nbd_socket = config.nbd_socket();
+    let nbd_tcp = match (config.nbd_listen, tls) {
+        (Some(addr), Some(tls)) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for NBD over TLS on {addr}"))?;
+            let bound = listener
+                .local_addr()
+                .context("cannot read the NBD TCP address")?;
+            Some((listener, tls, NbdTcp::new(bound)))
+        }
+        _ => None,
+    };
     let info = DaemonInfo {
         state_dir: config.state_dir.clone(),
         api_socket: api_socket.clone(),
         nbd_socket: nbd_socket.clone(),
+        nbd_tcp: nbd_tcp.as_ref().map(|(_, _, t)| t.clone()),
         metrics_addr: config.metrics_addr,
         started: Instant::now(),
     };
@@ -271,14 +323,25 @@ async fn serve(config: &Config, engine: Engine, meta: Arc<dyn MetaStore>) -> any
         ));
         let nbd = blockd::nbd::Server::new(registry);
         ctx = ctx.with_nbd(nbd.clone());
-        let stop = shutdown.wait();
-        let path = nbd_socket.clone();
-        tasks.spawn(async move {
-            nbd.serve_unix(&path, stop)
-                .await
-                .map_err(|e| anyhow!(e).context("NBD server failed"))
-        });
-        tracing::info!(nbd_socket = %nbd_socket.display(), "serving NBD");
+        if let Some(path) = nbd_socket.clone() {
+            let stop = shutdown.wait();
+            let nbd = nbd.clone();
+            tracing::info!(nbd_socket = %path.display(), "serving NBD");
+            tasks.spawn(async move {
+                nbd.serve_unix(&path, stop)
+                    .await
+                    .map_err(|e| anyhow!(e).context("NBD server failed"))
+            });
+        }
+        if let Some((listener, tls, tcp)) = nbd_tcp {
+            let stop = shutdown.wait();
+            tracing::info!(addr = %tcp.addr, uri_host = %tcp.host, "serving NBD over TCP with mutual TLS");
+            tasks.spawn(async move {
+                nbd.serve_tls(listener, tls, stop)
+                    .await
+                    .map_err(|e| anyhow!(e).context("NBD TLS server failed"))
+            });
+        }
     }
 
     if let Some(addr) = config.metrics_addr {
@@ -328,7 +391,8 @@ async fn serve(config: &Config, engine: Engine, meta: Arc<dyn MetaStore>) -> any
     let mut grpc = tokio::spawn(grpc);
     tracing::info!(
         api_socket = %api_socket.display(),
-        nbd_socket = %nbd_socket.display(),
+        nbd_socket = %nbd_socket.as_deref().map(|p| p.display().to_string()).unwrap_or_default(),
+        nbd_listen = %info_listen(&ctx),
         "blockd ready"
     );
 

@@ -837,32 +837,17 @@ fn stale_socket_is_replaced_and_live_socket_refused() {
     rt.block_on(task).unwrap().unwrap();
 }
 
-/// Certificates for the TLS test, made with the openssl CLI: a CA, a server certificate
-/// for 127.0.0.1/localhost and a client certificate, all signed by the CA.
+/// Certificates for the TLS test, made by `tools/make-test-certs.sh` (openssl): a CA, a
+/// server certificate for 127.0.0.1/localhost, and `client/` (with a client certificate)
+/// and `anon/` (the CA only) directories in the layout libnbd and qemu read.
 fn make_certs(dir: &Path) -> bool {
-    let sh = |script: &str| {
-        Process::new("sh")
-            .arg("-c")
-            .arg(script)
-            .current_dir(dir)
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-    };
-    sh("set -e
-        openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
-          -subj /CN=test-ca -keyout ca-key.pem -out ca-cert.pem \
-          -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null
-        openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=localhost \
-          -keyout server-key.pem -out server.csr 2>/dev/null
-        printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\\nextendedKeyUsage=serverAuth\\n' > server.ext
-        openssl x509 -req -in server.csr -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial \
-          -days 2 -extfile server.ext -out server-cert.pem 2>/dev/null
-        openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=client \
-          -keyout client-key.pem -out client.csr 2>/dev/null
-        printf 'extendedKeyUsage=clientAuth\\n' > client.ext
-        openssl x509 -req -in client.csr -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial \
-          -days 2 -extfile client.ext -out client-cert.pem 2>/dev/null")
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/make-test-certs.sh");
+    Process::new("sh")
+        .arg(script)
+        .arg(dir)
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
 }
 
 #[test]
@@ -877,13 +862,7 @@ fn tls_over_tcp_with_client_certificates() {
     );
     // libnbd looks for ca-cert.pem, client-cert.pem and client-key.pem in this directory.
     let client_dir = dir.path().join("client");
-    std::fs::create_dir(&client_dir).unwrap();
-    for f in ["ca-cert.pem", "client-cert.pem", "client-key.pem"] {
-        std::fs::copy(dir.path().join(f), client_dir.join(f)).unwrap();
-    }
     let anon_dir = dir.path().join("anon");
-    std::fs::create_dir(&anon_dir).unwrap();
-    std::fs::copy(dir.path().join("ca-cert.pem"), anon_dir.join("ca-cert.pem")).unwrap();
 
     let tls = TlsConfig::from_pem_files(
         &dir.path().join("server-cert.pem"),

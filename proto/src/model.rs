@@ -208,6 +208,18 @@ pub fn nbd_uri(image: &str, socket: &Path) -> String {
     )
 }
 
+/// The NBD URI of an image served over TCP with TLS, as libnbd and qemu read it:
+/// `nbds://HOST:PORT/IMAGE` (an IPv6 host in brackets). The client adds its own
+/// certificate options (libnbd: `?tls-certificates=DIR`).
+pub fn nbds_uri(image: &str, host: &str, port: u16) -> String {
+    let host = if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    };
+    format!("nbds://{host}:{port}/{}", percent_encode(image))
+}
+
 /// Percent-encodes everything but RFC 3986 unreserved characters, `/` and `@`.
 fn percent_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -593,6 +605,16 @@ mod tests {
         for bad in ["", "@s", "v@", "v@s@t", "V", "v/s"] {
             ImageRef::parse(bad).expect_err(bad);
         }
+    }
+
+    #[test]
+    fn nbds_uris_bracket_ipv6_hosts() {
+        assert_eq!(
+            nbds_uri("vol@s 1", "node-1.example", 10809),
+            "nbds://node-1.example:10809/vol@s%201"
+        );
+        assert_eq!(nbds_uri("v", "::1", 7), "nbds://[::1]:7/v");
+        assert_eq!(nbds_uri("v", "[::1]", 7), "nbds://[::1]:7/v");
     }
 
     #[test]

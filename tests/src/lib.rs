@@ -66,6 +66,28 @@ fn build_binaries() -> &'static Result<(), String> {
         let target_dir = profile_dir.parent().expect("<target>/<profile>");
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut cmd = Command::new(cargo);
+        // Cargo gives a test process CARGO_MANIFEST_DIR, CARGO_PKG_* and the like. Some
+        // build scripts (ring's) re-run when those change, so a build started from here
+        // with them set and one from a shell without them would rebuild each other's TLS
+        // stack in turn: start the inner build without what cargo set for this test (a
+        // user's own CARGO_PROFILE_* or CARGO_BUILD_* settings stay, they shape the outer
+        // build too).
+        for (var, _) in std::env::vars_os() {
+            let name = var.to_string_lossy();
+            let set_for_tests = [
+                "CARGO_MANIFEST_",
+                "CARGO_PKG_",
+                "CARGO_CRATE_NAME",
+                "CARGO_BIN_",
+                "CARGO_PRIMARY_PACKAGE",
+                "CARGO_TARGET_TMPDIR",
+                "CARGO_RUSTC_CURRENT_DIR",
+                "OUT_DIR",
+            ];
+            if set_for_tests.iter().any(|p| name.starts_with(p)) {
+                cmd.env_remove(&var);
+            }
+        }
         cmd.current_dir(workspace_root())
             .env("CARGO_TARGET_DIR", target_dir)
             // The same package set and dev-dependency features as `cargo test --workspace`:

@@ -49,7 +49,16 @@ impl DaemonService for DaemonApi {
                     uptime_seconds: info.started.elapsed().as_secs(),
                     state_dir: info.state_dir.display().to_string(),
                     api_socket: info.api_socket.display().to_string(),
-                    nbd_socket: info.nbd_socket.display().to_string(),
+                    nbd_socket: info
+                        .nbd_socket
+                        .as_ref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default(),
+                    nbd_listen: info
+                        .nbd_tcp
+                        .as_ref()
+                        .map(|t| t.addr.to_string())
+                        .unwrap_or_default(),
                     metrics_addr: info.metrics_addr.map(|a| a.to_string()).unwrap_or_default(),
                     pool_count: pools.len() as u64,
                     volume_count: volumes as u64,

@@ -4,7 +4,7 @@
 //! restart); the NBD server asks the engine before it opens an image. This service only
 //! flips that state and tells the client where to connect.
 
-use blockd_proto::model::{nbd_uri, ImageRef};
+use blockd_proto::model::{nbd_uri, nbds_uri, ImageRef};
 use blockd_proto::v1;
 use blockd_proto::v1::export_service_server::ExportService;
 use tonic::{Request, Response, Status};
@@ -21,8 +21,22 @@ impl ExportApi {
         ExportApi { ctx }
     }
 
+    /// The unix-socket URI, or the TLS one when there is no unix socket.
     fn uri(&self, image: &str) -> String {
-        nbd_uri(image, &self.ctx.info.nbd_socket)
+        match &self.ctx.info.nbd_socket {
+            Some(socket) => nbd_uri(image, socket),
+            None => self.tls_uri(image),
+        }
+    }
+
+    /// `nbds://HOST:PORT/IMAGE`, or empty when NBD is not served over TCP.
+    fn tls_uri(&self, image: &str) -> String {
+        self.ctx
+            .info
+            .nbd_tcp
+            .as_ref()
+            .map(|t| nbds_uri(image, &t.host, t.addr.port()))
+            .unwrap_or_default()
     }
 }
 
@@ -40,6 +54,7 @@ impl ExportService for ExportApi {
                 let key = name.clone();
                 let changed = self.ctx.run(move |e| e.set_exported(&key, true)).await?;
                 let uri = self.uri(&name);
+                let tls_uri = self.tls_uri(&name);
                 if changed {
                     tracing::info!(%uri, read_only = image.read_only(), "exported image");
                 }
@@ -48,6 +63,7 @@ impl ExportService for ExportApi {
                     image: name,
                     uri,
                     changed,
+                    tls_uri,
                 }))
             })
             .await
@@ -89,6 +105,7 @@ impl ExportService for ExportApi {
                     .into_iter()
                     .map(|image| v1::ExportInfo {
                         uri: self.uri(&image),
+                        tls_uri: self.tls_uri(&image),
                         read_only: image.contains('@'),
                         image,
                     })

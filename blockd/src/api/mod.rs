@@ -50,13 +50,41 @@ pub use pools::PoolApi;
 pub use snapshots::SnapshotApi;
 pub use volumes::VolumeApi;
 
+/// The NBD-over-TLS listener, as URIs and `GetStatus` describe it.
+#[derive(Debug, Clone)]
+pub struct NbdTcp {
+    pub addr: std::net::SocketAddr,
+    /// What `nbds://` URIs name: the listen IP, or this machine's host name when the
+    /// listener is on every address (0.0.0.0 or [::]), which no remote client can dial.
+    pub host: String,
+}
+
+impl NbdTcp {
+    pub fn new(addr: std::net::SocketAddr) -> Self {
+        let host = if addr.ip().is_unspecified() {
+            hostname().unwrap_or_else(|| "localhost".to_string())
+        } else {
+            addr.ip().to_string()
+        };
+        NbdTcp { addr, host }
+    }
+}
+
+fn hostname() -> Option<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+    let name = name.trim();
+    (!name.is_empty()).then(|| name.to_string())
+}
+
 /// Facts about the running daemon that `GetStatus` reports.
 #[derive(Debug, Clone)]
 pub struct DaemonInfo {
     pub state_dir: PathBuf,
     pub api_socket: PathBuf,
-    /// Absolute: it goes into NBD URIs.
-    pub nbd_socket: PathBuf,
+    /// Absolute: it goes into NBD URIs. None when NBD is served over TCP only.
+    pub nbd_socket: Option<PathBuf>,
+    /// The bound TCP address of the TLS listener, and the host name URIs give for it.
+    pub nbd_tcp: Option<NbdTcp>,
     pub metrics_addr: Option<std::net::SocketAddr>,
     pub started: Instant,
 }

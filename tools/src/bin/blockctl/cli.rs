@@ -70,14 +70,20 @@ pub enum Command {
     /// Exports VOLUME (read-write) or VOLUME@SNAP (read-only) over NBD and prints its URI.
     ///
     /// Idempotent: exporting an exported image prints the same URI. Exports survive a
-    /// daemon restart.
+    /// daemon restart. The URI is the unix socket's (nbd+unix://) unless blockd serves
+    /// NBD over TCP only, or --tls asks for the TCP one (nbds://HOST:PORT/IMAGE, mutual
+    /// TLS: the client needs a certificate signed by blockd's --tls-client-ca).
     #[command(after_help = "Examples:
   blockctl export vol1
   blockctl export vol1@snap1
-  qemu-img info \"$(blockctl export vol1)\"")]
+  qemu-img info \"$(blockctl export vol1)\"
+  nbdinfo \"$(blockctl export vol1 --tls)?tls-certificates=/etc/nbd-client/tls\"")]
     Export {
         /// VOLUME or VOLUME@SNAP.
         image: String,
+        /// Print the nbds:// URI of blockd's TCP listener (an error when it has none).
+        #[arg(long)]
+        tls: bool,
     },
 
     /// Stops exporting an image; new NBD connections to it are refused.

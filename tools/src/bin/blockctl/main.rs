@@ -193,16 +193,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Pool(cmd) => pool(&mut api, out, cmd).await,
         Command::Volume(cmd) => volume(&mut api, out, cmd).await,
         Command::Snapshot(cmd) => snapshot(&mut api, out, cmd).await,
-        Command::Export { image } => {
+        Command::Export { image, tls } => {
             let resp = api
                 .exports
                 .export(v1::ExportRequest { image })
                 .await?
                 .into_inner();
+            if tls && resp.tls_uri.is_empty() {
+                // The export itself happened (it is idempotent and harmless); say why
+                // there is no URI to print.
+                bail!(
+                    "blockd serves no NBD over TCP: start it with --nbd-listen ADDR:PORT and its --tls-* files to get an nbds:// URI"
+                );
+            }
             let view = ExportView {
                 image: resp.image,
-                uri: resp.uri,
+                uri: if tls { resp.tls_uri.clone() } else { resp.uri },
                 read_only: resp.read_only,
+                tls_uri: (!resp.tls_uri.is_empty()).then_some(resp.tls_uri),
             };
             let line = view.uri.clone();
             confirm(out, &view, line)

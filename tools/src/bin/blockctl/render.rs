@@ -145,6 +145,9 @@ pub struct ExportView {
     pub image: String,
     pub uri: String,
     pub read_only: bool,
+    /// The nbds:// URI when blockd also serves NBD over TCP with TLS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_uri: Option<String>,
 }
 
 impl From<v1::ExportInfo> for ExportView {
@@ -153,6 +156,7 @@ impl From<v1::ExportInfo> for ExportView {
             image: e.image,
             uri: e.uri,
             read_only: e.read_only,
+            tls_uri: (!e.tls_uri.is_empty()).then_some(e.tls_uri),
         }
     }
 }
@@ -165,6 +169,8 @@ pub struct StatusView {
     pub state_dir: String,
     pub api_socket: String,
     pub nbd_socket: String,
+    /// The NBD-over-TLS TCP address, when served.
+    pub nbd_listen: Option<String>,
     pub metrics_addr: Option<String>,
     pub pool_count: u64,
     pub volume_count: u64,
@@ -182,6 +188,7 @@ impl From<v1::DaemonStatus> for StatusView {
             state_dir: s.state_dir,
             api_socket: s.api_socket,
             nbd_socket: s.nbd_socket,
+            nbd_listen: (!s.nbd_listen.is_empty()).then_some(s.nbd_listen),
             metrics_addr: (!s.metrics_addr.is_empty()).then_some(s.metrics_addr),
             pool_count: s.pool_count,
             volume_count: s.volume_count,
@@ -429,13 +436,22 @@ pub fn snapshot_details(s: &SnapshotView) -> Table {
 }
 
 pub fn exports_table(exports: &[ExportView]) -> Table {
-    let mut t = table(&["IMAGE", "MODE", "URI"]);
+    let tls = exports.iter().any(|e| e.tls_uri.is_some());
+    let mut headers = vec!["IMAGE", "MODE", "URI"];
+    if tls {
+        headers.push("TLS URI");
+    }
+    let mut t = table(&headers);
     for e in exports {
-        t.add_row(vec![
+        let mut row = vec![
             Cell::new(&e.image),
             Cell::new(if e.read_only { "ro" } else { "rw" }),
             Cell::new(&e.uri),
-        ]);
+        ];
+        if tls {
+            row.push(Cell::new(e.tls_uri.as_deref().unwrap_or("")));
+        }
+        t.add_row(row);
     }
     t
 }
@@ -447,7 +463,18 @@ pub fn status_details(s: &StatusView) -> Table {
         ("uptime", format!("{} s", s.uptime_seconds)),
         ("state dir", s.state_dir.clone()),
         ("api socket", s.api_socket.clone()),
-        ("nbd socket", s.nbd_socket.clone()),
+        (
+            "nbd socket",
+            if s.nbd_socket.is_empty() {
+                "off".to_string()
+            } else {
+                s.nbd_socket.clone()
+            },
+        ),
+        (
+            "nbd over tls",
+            s.nbd_listen.clone().unwrap_or_else(|| "off".to_string()),
+        ),
         (
             "metrics",
             s.metrics_addr
