@@ -27,6 +27,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use blockd_proto::csi::controller_server::ControllerServer;
+use blockd_proto::csi::group_controller_server::GroupControllerServer;
 use blockd_proto::csi::identity_server::IdentityServer;
 use blockd_proto::csi::node_server::NodeServer;
 use tokio::net::UnixListener;
@@ -94,6 +95,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .add_service(reflection)
         .add_optional_service(mode.controller().then(|| {
             ControllerServer::new(controller::ControllerService::new(Arc::clone(&driver)))
+        }))
+        .add_optional_service(mode.controller().then(|| {
+            GroupControllerServer::new(controller::GroupControllerService::new(Arc::clone(&driver)))
         }))
         .add_optional_service(node.map(NodeServer::new));
     router
