@@ -3,7 +3,9 @@
 //! It talks to blockd only through blockd's gRPC API (never linking the engine) and serves
 //! the CSI services on a unix socket:
 //! - [`identity`]: plugin info, capabilities, Probe (ready only when blockd answers);
-//! - [`controller`]: volumes, snapshots, clones, expansion, capacity, listings;
+//! - [`controller`]: volumes, snapshots, clones, expansion, capacity, listings, QoS
+//!   changes (ControllerModifyVolume), and the GroupController (crash-consistent
+//!   VolumeGroupSnapshots, [`controller::groups`]);
 //! - [`node`]: stage (export + attach + mkfs + mount), publish (bind mounts), stats,
 //!   expansion, and the record of staged volumes that survives restarts.
 //!

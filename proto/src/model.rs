@@ -747,4 +747,25 @@ mod tests {
         }
         assert!(PageRequest::new(10, &encode_token("v")).is_ok());
     }
+
+    #[test]
+    fn group_snapshot_requests_are_validated() {
+        let req = |name: &str, volumes: &[&str]| v1::CreateGroupSnapshotRequest {
+            name: name.into(),
+            volumes: volumes.iter().map(|v| v.to_string()).collect(),
+        };
+        let ok = CreateGroupSnapshot::try_from(req("nightly", &["db", "wal"])).unwrap();
+        assert_eq!(ok.name.as_str(), "nightly");
+        assert_eq!(ok.volumes.len(), 2);
+        for (bad, field) in [
+            (req("", &["db"]), "name"),
+            (req("Nightly", &["db"]), "name"),
+            (req("g", &[]), "volumes"),
+            (req("g", &["db", "db"]), "volumes"),
+            (req("g", &["db", "Bad"]), "volumes"),
+        ] {
+            let err = CreateGroupSnapshot::try_from(bad.clone()).expect_err(&format!("{bad:?}"));
+            assert!(err.to_string().contains(field), "{bad:?}: {err}");
+        }
+    }
 }
