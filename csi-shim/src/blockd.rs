@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use blockd_proto::v1::daemon_service_client::DaemonServiceClient;
 use blockd_proto::v1::export_service_client::ExportServiceClient;
+use blockd_proto::v1::group_snapshot_service_client::GroupSnapshotServiceClient;
 use blockd_proto::v1::pool_service_client::PoolServiceClient;
 use blockd_proto::v1::snapshot_service_client::SnapshotServiceClient;
 use blockd_proto::v1::volume_service_client::VolumeServiceClient;
@@ -64,6 +65,9 @@ impl Blockd {
     }
     pub fn daemon(&self) -> DaemonServiceClient<Channel> {
         DaemonServiceClient::new(self.channel.clone())
+    }
+    pub fn groups(&self) -> GroupSnapshotServiceClient<Channel> {
+        GroupSnapshotServiceClient::new(self.channel.clone())
     }
 }
 

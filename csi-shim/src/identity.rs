@@ -71,6 +71,7 @@ impl Identity for IdentityService {
         let mut capabilities = Vec::new();
         if self.driver.args.mode.controller() {
             capabilities.push(service_capability(service::Type::ControllerService));
+            capabilities.push(service_capability(service::Type::GroupControllerService));
         }
         capabilities.push(service_capability(
             service::Type::VolumeAccessibilityConstraints,

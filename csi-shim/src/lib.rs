@@ -3,7 +3,9 @@
 //! It talks to blockd only through blockd's gRPC API (never linking the engine) and serves
 //! the CSI services on a unix socket:
 //! - [`identity`]: plugin info, capabilities, Probe (ready only when blockd answers);
-//! - [`controller`]: volumes, snapshots, clones, expansion, capacity, listings;
+//! - [`controller`]: volumes, snapshots, clones, expansion, capacity, listings, QoS
+//!   changes (ControllerModifyVolume), and the GroupController (crash-consistent
+//!   VolumeGroupSnapshots, [`controller::groups`]);
 //! - [`node`]: stage (export + attach + mkfs + mount), publish (bind mounts), stats,
 //!   expansion, and the record of staged volumes that survives restarts.
 //!
@@ -27,6 +29,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use blockd_proto::csi::controller_server::ControllerServer;
+use blockd_proto::csi::group_controller_server::GroupControllerServer;
 use blockd_proto::csi::identity_server::IdentityServer;
 use blockd_proto::csi::node_server::NodeServer;
 use tokio::net::UnixListener;
@@ -94,6 +97,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .add_service(reflection)
         .add_optional_service(mode.controller().then(|| {
             ControllerServer::new(controller::ControllerService::new(Arc::clone(&driver)))
+        }))
+        .add_optional_service(mode.controller().then(|| {
+            GroupControllerServer::new(controller::GroupControllerService::new(Arc::clone(&driver)))
         }))
         .add_optional_service(node.map(NodeServer::new));
     router

@@ -57,6 +57,11 @@ pub enum ValidationError {
     },
     #[error("Invalid page_token {token:?}: not a token this server handed out")]
     InvalidPageToken { token: String },
+    #[error("Invalid field {field}: {reason}")]
+    InvalidField {
+        field: &'static str,
+        reason: &'static str,
+    },
 }
 
 impl From<ValidationError> for tonic::Status {
@@ -275,6 +280,8 @@ pub struct CreateVolume {
     pub pool: Option<PoolName>,
     pub source: Option<VolumeSource>,
     pub qos: QosLimits,
+    /// IOPS per GiB of size; when non-zero, `qos.max_iops` caps the scaled limit.
+    pub iops_per_gb: u64,
 }
 
 impl TryFrom<v1::CreateVolumeRequest> for CreateVolume {
@@ -320,6 +327,54 @@ impl TryFrom<v1::CreateVolumeRequest> for CreateVolume {
                 max_iops: req.max_iops,
                 max_bandwidth_bytes: req.max_bandwidth_bytes,
             },
+            iops_per_gb: req.iops_per_gb,
+        })
+    }
+}
+
+/// A volume's QoS policy (see `blockd.v1.QosPolicy`); 0 = no limit of that kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QosPolicy {
+    /// The IOPS limit, or with `iops_per_gb` the cap on the scaled limit.
+    pub max_iops: u64,
+    pub iops_per_gb: u64,
+    pub max_bandwidth_bytes: u64,
+}
+
+impl From<v1::QosPolicy> for QosPolicy {
+    fn from(p: v1::QosPolicy) -> Self {
+        QosPolicy {
+            max_iops: p.max_iops,
+            iops_per_gb: p.iops_per_gb,
+            max_bandwidth_bytes: p.max_bandwidth_bytes,
+        }
+    }
+}
+
+impl From<QosPolicy> for v1::QosPolicy {
+    fn from(p: QosPolicy) -> Self {
+        v1::QosPolicy {
+            max_iops: p.max_iops,
+            iops_per_gb: p.iops_per_gb,
+            max_bandwidth_bytes: p.max_bandwidth_bytes,
+        }
+    }
+}
+
+/// A validated `SetVolumeQosPolicyRequest` (a missing `policy` means "unlimited").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetVolumeQosPolicy {
+    pub name: VolumeName,
+    pub policy: QosPolicy,
+}
+
+impl TryFrom<v1::SetVolumeQosPolicyRequest> for SetVolumeQosPolicy {
+    type Error = ValidationError;
+
+    fn try_from(req: v1::SetVolumeQosPolicyRequest) -> Result<Self> {
+        Ok(SetVolumeQosPolicy {
+            name: VolumeName::parse("name", req.name)?,
+            policy: req.policy.map(QosPolicy::from).unwrap_or_default(),
         })
     }
 }
@@ -429,6 +484,43 @@ name_request!(v1::DeleteVolumeRequest => VolumeName.name);
 name_request!(v1::FlattenVolumeRequest => VolumeName.name);
 name_request!(v1::GetSnapshotRequest => SnapshotName.name);
 name_request!(v1::DeleteSnapshotRequest => SnapshotName.name);
+name_request!(v1::GetGroupSnapshotRequest => SnapshotName.name);
+name_request!(v1::DeleteGroupSnapshotRequest => SnapshotName.name);
+
+/// A validated `CreateGroupSnapshotRequest`: a group name (the snapshot naming rule) and
+/// at least one volume, each named once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreateGroupSnapshot {
+    pub name: SnapshotName,
+    pub volumes: Vec<VolumeName>,
+}
+
+impl TryFrom<v1::CreateGroupSnapshotRequest> for CreateGroupSnapshot {
+    type Error = ValidationError;
+
+    fn try_from(req: v1::CreateGroupSnapshotRequest) -> Result<Self> {
+        let name = SnapshotName::parse("name", req.name)?;
+        if req.volumes.is_empty() {
+            return Err(ValidationError::InvalidField {
+                field: "volumes",
+                reason: "a group snapshot needs at least one volume",
+            });
+        }
+        let volumes = req
+            .volumes
+            .into_iter()
+            .map(|v| VolumeName::parse("volumes", v))
+            .collect::<Result<Vec<_>>>()?;
+        let distinct: std::collections::BTreeSet<&VolumeName> = volumes.iter().collect();
+        if distinct.len() != volumes.len() {
+            return Err(ValidationError::InvalidField {
+                field: "volumes",
+                reason: "each volume may be listed once",
+            });
+        }
+        Ok(CreateGroupSnapshot { name, volumes })
+    }
+}
 
 impl TryFrom<v1::ExportRequest> for ImageRef {
     type Error = ValidationError;
@@ -676,5 +768,26 @@ mod tests {
             assert!(matches!(err, ValidationError::InvalidPageToken { .. }));
         }
         assert!(PageRequest::new(10, &encode_token("v")).is_ok());
+    }
+
+    #[test]
+    fn group_snapshot_requests_are_validated() {
+        let req = |name: &str, volumes: &[&str]| v1::CreateGroupSnapshotRequest {
+            name: name.into(),
+            volumes: volumes.iter().map(|v| v.to_string()).collect(),
+        };
+        let ok = CreateGroupSnapshot::try_from(req("nightly", &["db", "wal"])).unwrap();
+        assert_eq!(ok.name.as_str(), "nightly");
+        assert_eq!(ok.volumes.len(), 2);
+        for (bad, field) in [
+            (req("", &["db"]), "name"),
+            (req("Nightly", &["db"]), "name"),
+            (req("g", &[]), "volumes"),
+            (req("g", &["db", "db"]), "volumes"),
+            (req("g", &["db", "Bad"]), "volumes"),
+        ] {
+            let err = CreateGroupSnapshot::try_from(bad.clone()).expect_err(&format!("{bad:?}"));
+            assert!(err.to_string().contains(field), "{bad:?}: {err}");
+        }
     }
 }

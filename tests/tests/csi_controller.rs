@@ -263,6 +263,7 @@ fn identity_info_capabilities_and_controller_capabilities() {
             rpc::Type::SingleNodeMultiWriter,
             rpc::Type::ListVolumesPublishedNodes,
             rpc::Type::GetSnapshot,
+            rpc::Type::ModifyVolume,
         ] {
             assert!(caps.contains(&(want as i32)), "missing {want:?}");
         }
@@ -619,9 +620,9 @@ fn create_volume_refuses_bad_requests_with_spec_codes() {
                 "over-provisioning",
             ),
             (
-                "mutable parameters",
+                "mutable parameter the driver cannot change",
                 csi::CreateVolumeRequest {
-                    mutable_parameters: params(&[("maxIops", "10")]),
+                    mutable_parameters: params(&[("pool", "default")]),
                     ..base.clone()
                 },
                 Code::InvalidArgument,
@@ -1949,6 +1950,12 @@ mod failed_blockd {
         async fn set_volume_qos(
             &self,
             _: Request<v1::SetVolumeQosRequest>,
+        ) -> Result<Response<v1::Volume>, Status> {
+            unused()
+        }
+        async fn set_volume_qos_policy(
+            &self,
+            _: Request<v1::SetVolumeQosPolicyRequest>,
         ) -> Result<Response<v1::Volume>, Status> {
             unused()
         }

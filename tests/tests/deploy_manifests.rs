@@ -55,7 +55,8 @@ fn render() -> String {
 }
 
 /// Runs kubernetes-validate --strict; every object must pass or (only for the
-/// snapshot.storage.k8s.io CRD kinds, which have no built-in schema) be unknown.
+/// snapshot.storage.k8s.io and groupsnapshot.storage.k8s.io CRD kinds, which have no
+/// built-in schema) be unknown.
 fn validate(validate: &Path, file: &Path) {
     let out = Command::new(validate)
         .arg("--strict")
@@ -78,7 +79,8 @@ fn validate(validate: &Path, file: &Path) {
         }
         let crd_without_schema = line.starts_with("WARN")
             && line.contains("Couldn't find schema")
-            && line.contains("snapshot.storage.k8s.io/v1");
+            && (line.contains("snapshot.storage.k8s.io/v1")
+                || line.contains("groupsnapshot.storage.k8s.io/v1beta1"));
         assert!(crd_without_schema, "{}: {line}", file.display());
     }
 }
@@ -185,6 +187,19 @@ for x in vsc:
     check(x.get("driver") == "blockd.csi.io", "VolumeSnapshotClass driver")
     check(x.get("deletionPolicy") in ("Delete", "Retain"), "VolumeSnapshotClass deletionPolicy")
 
+# VolumeAttributesClass and VolumeGroupSnapshot support in the sidecars.
+if ds:
+    check("--feature-gates=Topology=true,VolumeAttributesClass=true" in args("csi-provisioner"),
+          "csi-provisioner passes VolumeAttributesClass parameters to CreateVolume")
+    check("--feature-gates=VolumeAttributesClass=true" in args("csi-resizer"),
+          "csi-resizer calls ControllerModifyVolume")
+    check("--feature-gates=CSIVolumeGroupSnapshot=true" in args("csi-snapshotter"),
+          "csi-snapshotter serves VolumeGroupSnapshots")
+role = by.get(("ClusterRole", "blockd-csi"))
+if role:
+    groups = {g for r in role["rules"] for g in r.get("apiGroups", [])}
+    check("groupsnapshot.storage.k8s.io" in groups, "RBAC for group snapshot contents")
+
 for line in bad:
     print("FAILED:", line)
 sys.exit(1 if bad else 0)
@@ -228,4 +243,37 @@ fn walkthrough_examples_follow_the_seed_chapter() {
     let restore = read("04-restore.yaml");
     assert!(restore.contains("name: pvc-reclaim") && restore.contains("storage: 600Gi"));
     assert!(restore.contains("kind: VolumeSnapshot") && restore.contains("name: snap1"));
+}
+
+/// The VolumeAttributesClass and VolumeGroupSnapshotClass examples name this driver and
+/// only parameters csi-shim accepts (the CSI tests prove what they do).
+#[test]
+fn attributes_and_group_snapshot_class_examples() {
+    let dir = repo().join("deploy/kubernetes/examples");
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).expect("example file");
+    let vac = read("05-volumeattributesclass.yaml");
+    assert!(
+        vac.contains("kind: VolumeAttributesClass") && vac.contains("driverName: blockd.csi.io")
+    );
+    assert!(vac.contains("volumeAttributesClassName: blockd-gold"));
+    let mut in_params = false;
+    for line in vac.lines() {
+        let trimmed = line.trim_start();
+        if line.starts_with("parameters:") {
+            in_params = true;
+        } else if in_params && line.starts_with("  ") && !trimmed.starts_with('#') {
+            let key = trimmed.split(':').next().unwrap();
+            assert!(
+                ["maxIops", "iopsPerGB", "maxBandwidth"].contains(&key),
+                "VolumeAttributesClass parameter {key} is not one csi-shim can change"
+            );
+        } else {
+            in_params = false;
+        }
+    }
+    let group = read("06-group-snapshot.yaml");
+    assert!(
+        group.contains("kind: VolumeGroupSnapshotClass") && group.contains("driver: blockd.csi.io")
+    );
+    assert!(group.contains("kind: VolumeGroupSnapshot\n"));
 }

@@ -6,7 +6,7 @@ use blockd_proto::model::{self, VolumeSource};
 use blockd_proto::v1;
 
 use crate::engine::{
-    FsckReport, GcStats, PoolInfo, Qos, SnapshotInfo, Source, VolumeInfo, VolumeSpec,
+    FsckReport, GcStats, PoolInfo, Qos, QosPolicy, SnapshotInfo, Source, VolumeInfo, VolumeSpec,
 };
 
 /// The images currently exported, for the `exported` flags of listings.
@@ -50,6 +50,31 @@ pub(crate) fn engine_qos(q: model::QosLimits) -> Qos {
     }
 }
 
+pub(crate) fn qos_policy(p: QosPolicy) -> v1::QosPolicy {
+    v1::QosPolicy {
+        max_iops: p.max_iops,
+        iops_per_gb: p.iops_per_gb,
+        max_bandwidth_bytes: p.max_bandwidth_bytes,
+    }
+}
+
+pub(crate) fn engine_qos_policy(p: model::QosPolicy) -> QosPolicy {
+    QosPolicy {
+        max_iops: p.max_iops,
+        iops_per_gb: p.iops_per_gb,
+        max_bandwidth_bytes: p.max_bandwidth_bytes,
+    }
+}
+
+/// The policy a create request asks for: `None` for fixed limits (`spec.qos`).
+pub(crate) fn create_policy(req: &model::CreateVolume) -> Option<QosPolicy> {
+    (req.iops_per_gb != 0).then_some(QosPolicy {
+        max_iops: req.qos.max_iops,
+        iops_per_gb: req.iops_per_gb,
+        max_bandwidth_bytes: req.qos.max_bandwidth_bytes,
+    })
+}
+
 pub(crate) fn volume(v: VolumeInfo, exported: &Exported) -> v1::Volume {
     let is_exported = exported.contains(&v.name);
     v1::Volume {
@@ -62,6 +87,7 @@ pub(crate) fn volume(v: VolumeInfo, exported: &Exported) -> v1::Volume {
         size_bytes: v.size_bytes,
         allocated_bytes: v.allocated_bytes,
         qos: Some(qos(v.qos)),
+        qos_policy: Some(qos_policy(v.qos_policy)),
         has_parent: v.has_parent,
         snapshot_count: v.snapshots,
         created_unix: v.created_unix,
@@ -78,6 +104,7 @@ pub(crate) fn snapshot(s: SnapshotInfo, exported: &Exported) -> v1::Snapshot {
         size_bytes: s.size_bytes,
         created_unix: s.created_unix,
         exported: is_exported,
+        group: s.group.unwrap_or_default(),
     }
 }
 

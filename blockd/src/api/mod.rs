@@ -14,7 +14,7 @@
 //!
 //! ```text
 //!  blockctl / csi-shim ──unix socket──▶ tonic ──▶ PoolApi | VolumeApi | SnapshotApi
-//!                                              │   ExportApi | DaemonApi
+//!                                              │   ExportApi | DaemonApi | GroupSnapshotApi
 //!                                              ▼
 //!                           validate (model::TryFrom) ─▶ spawn_blocking(engine.op)
 //! ```
@@ -23,6 +23,7 @@ mod convert;
 mod daemon;
 pub mod error;
 mod exports;
+mod groups;
 mod pools;
 mod snapshots;
 mod volumes;
@@ -34,6 +35,7 @@ use std::time::Instant;
 
 use blockd_proto::v1::daemon_service_server::DaemonServiceServer;
 use blockd_proto::v1::export_service_server::ExportServiceServer;
+use blockd_proto::v1::group_snapshot_service_server::GroupSnapshotServiceServer;
 use blockd_proto::v1::pool_service_server::PoolServiceServer;
 use blockd_proto::v1::snapshot_service_server::SnapshotServiceServer;
 use blockd_proto::v1::volume_service_server::VolumeServiceServer;
@@ -46,6 +48,7 @@ use crate::metrics::Metrics;
 
 pub use daemon::DaemonApi;
 pub use exports::ExportApi;
+pub use groups::GroupSnapshotApi;
 pub use pools::PoolApi;
 pub use snapshots::SnapshotApi;
 pub use volumes::VolumeApi;
@@ -189,6 +192,9 @@ pub fn routes(ctx: &ApiContext) -> Routes {
         .add_service(SnapshotServiceServer::new(SnapshotApi::new(ctx.clone())))
         .add_service(ExportServiceServer::new(ExportApi::new(ctx.clone())))
         .add_service(DaemonServiceServer::new(DaemonApi::new(ctx.clone())))
+        .add_service(GroupSnapshotServiceServer::new(GroupSnapshotApi::new(
+            ctx.clone(),
+        )))
 }
 
 /// The fully qualified names of the services [`routes`] serves (for health and logs).
@@ -198,4 +204,5 @@ pub const SERVICE_NAMES: &[&str] = &[
     "blockd.v1.SnapshotService",
     "blockd.v1.ExportService",
     "blockd.v1.DaemonService",
+    "blockd.v1.GroupSnapshotService",
 ];

@@ -3,7 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use blockd_proto::model::{CreateVolume, PageRequest, ResizeVolume, SetVolumeQos, VolumeName};
+use blockd_proto::model::{
+    CreateVolume, PageRequest, ResizeVolume, SetVolumeQos, SetVolumeQosPolicy, VolumeName,
+};
 use blockd_proto::v1;
 use blockd_proto::v1::volume_service_server::VolumeService;
 use tokio::sync::mpsc;
@@ -41,11 +43,12 @@ impl VolumeService for VolumeApi {
         self.ctx
             .rpc("CreateVolume", span, async {
                 let req = CreateVolume::try_from(request.into_inner())?;
+                let policy = convert::create_policy(&req);
                 let spec = convert::volume_spec(req);
                 let (info, created, exported) = self
                     .ctx
                     .run(move |e| {
-                        let (info, created) = e.create_volume(&spec)?;
+                        let (info, created) = e.create_volume_with_policy(&spec, policy)?;
                         Ok((info, created, exported(e)))
                     })
                     .await?;
@@ -168,6 +171,24 @@ impl VolumeService for VolumeApi {
                     max_bandwidth_bytes = qos.max_bandwidth_bytes,
                     "set volume qos"
                 );
+                Ok(Response::new(convert::volume(info, &exported)))
+            })
+            .await
+    }
+
+    async fn set_volume_qos_policy(
+        &self,
+        request: Request<v1::SetVolumeQosPolicyRequest>,
+    ) -> Result<Response<v1::Volume>, Status> {
+        let span = tracing::info_span!("set_volume_qos_policy", volume = %request.get_ref().name);
+        self.ctx
+            .rpc("SetVolumeQosPolicy", span, async {
+                let req = SetVolumeQosPolicy::try_from(request.into_inner())?;
+                let policy = convert::engine_qos_policy(req.policy);
+                let (info, exported) = self
+                    .ctx
+                    .run(move |e| Ok((e.set_qos_policy(req.name.as_str(), policy)?, exported(e))))
+                    .await?;
                 Ok(Response::new(convert::volume(info, &exported)))
             })
             .await

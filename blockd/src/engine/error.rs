@@ -11,6 +11,7 @@ pub enum ObjectKind {
     Volume,
     Snapshot,
     Image,
+    GroupSnapshot,
 }
 
 impl std::fmt::Display for ObjectKind {
@@ -20,6 +21,7 @@ impl std::fmt::Display for ObjectKind {
             ObjectKind::Volume => "volume",
             ObjectKind::Snapshot => "snapshot",
             ObjectKind::Image => "image",
+            ObjectKind::GroupSnapshot => "group snapshot",
         })
     }
 }

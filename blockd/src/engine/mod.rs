@@ -44,6 +44,7 @@ mod commit;
 pub mod error;
 mod fsck;
 mod gc;
+mod group;
 mod io;
 pub mod records;
 mod state;
@@ -62,6 +63,7 @@ use crate::meta::keys::{self, ZERO};
 use crate::meta::{Cf, MetaStore, WriteBatch};
 
 pub use error::{EngineError, ObjectKind, Result};
+pub use group::{member_name, GroupSnapshotInfo};
 pub use io::{DeviceIo, ReadPin, WritePin};
 use records::{ImageKind, ImageRecord, Intent, LineageRecord, ParentRef, PoolRecord};
 use state::{Allocator, Lineage, State};
@@ -620,6 +622,7 @@ impl Engine {
             size_bytes: img.size,
             allocated_bytes: allocated.min(img.size.next_multiple_of(pool.chunk_size)),
             qos: img.qos,
+            qos_policy: Self::policy_of(img),
             source: img.source.clone(),
             has_parent: lin.rec.parent.is_some(),
             snapshots,
@@ -640,6 +643,7 @@ impl Engine {
             pool,
             size_bytes: img.size,
             created_unix: img.created_unix,
+            group: (!img.group.is_empty()).then(|| img.group.clone()),
         }
     }
 
@@ -724,7 +728,20 @@ impl Engine {
     /// Idempotent: the same name with the same parameters returns the existing volume
     /// and `false`.
     pub fn create_volume(&self, spec: &VolumeSpec) -> Result<(VolumeInfo, bool)> {
+        self.create_volume_with_policy(spec, None)
+    }
+
+    /// [`Self::create_volume`] with a QoS policy: when given, it replaces `spec.qos`, the
+    /// volume's limits are derived from it at the final size and follow later resizes.
+    /// Idempotency compares policies (fixed limits compare as their fixed policy).
+    pub fn create_volume_with_policy(
+        &self,
+        spec: &VolumeSpec,
+        policy: Option<QosPolicy>,
+    ) -> Result<(VolumeInfo, bool)> {
         validate_name(ObjectKind::Volume, &spec.name)?;
+        // A fixed policy is stored as plain limits, exactly as before policies existed.
+        let policy = policy.filter(|p| p.iops_per_gb != 0);
         let size = match spec.size {
             Some(s) => Some(round_size(&spec.name, s)?),
             None if spec.source.is_none() => {
@@ -803,9 +820,10 @@ impl Engine {
         // Idempotency by name.
         if let Some(&id) = st.volumes_by_name.get(&spec.name) {
             let img = &st.images[&id];
+            let wanted = policy.unwrap_or(QosPolicy::fixed(spec.qos));
             let same = img.size == size
                 && img.source == spec.source
-                && img.qos == spec.qos
+                && Self::policy_of(img) == wanted
                 && st.lineages[&img.lineage].pool == pool_idx;
             return if same {
                 Ok((self.volume_info(&st, id), false))
@@ -862,11 +880,13 @@ impl Engine {
             lineage: lineage_id,
             epoch: 0,
             size,
-            qos: spec.qos,
+            qos: policy.map_or(spec.qos, |p| p.effective(size)),
+            qos_policy: policy,
             source: spec.source.clone(),
             origin: String::new(),
             created_unix: now_unix(),
             exported: false,
+            group: String::new(),
         };
         if let Some(p) = parent {
             st.lineages
@@ -953,10 +973,12 @@ impl Engine {
             epoch,
             size,
             qos: Qos::default(),
+            qos_policy: None,
             source: None,
             origin: volume.to_string(),
             created_unix: now_unix(),
             exported: false,
+            group: String::new(),
         };
         let next = st.next_id;
         lineage_put(&mut st.pending, lineage, &lrec);
@@ -978,6 +1000,7 @@ impl Engine {
         let mut st = self.inner.state.lock();
         Self::check_writable(&st)?;
         let id = Self::snapshot_id(&st, name)?;
+        Self::check_not_group_member(&st.images[&id])?;
         let img = st.images.remove(&id).expect("indexed image exists");
         st.snapshots_by_name.remove(name);
         if let Some(lin) = st.lineages.get_mut(&img.lineage) {
@@ -998,12 +1021,44 @@ impl Engine {
         let id = Self::volume_id(&st, name)?;
         let img = st.images.get_mut(&id).expect("indexed");
         img.qos = qos;
+        img.qos_policy = None;
         let rec = img.clone();
         image_put(&mut st.pending, id, &rec);
         let info = self.volume_info(&st, id);
         drop(st);
         self.commit()?;
         Ok(info)
+    }
+
+    /// Replaces a volume's QoS policy and applies the limits it gives at the current size.
+    /// Open exports read the limits on every request, so running I/O sees the change at
+    /// its next request.
+    pub fn set_qos_policy(&self, name: &str, policy: QosPolicy) -> Result<VolumeInfo> {
+        let _ctl = self.inner.control.lock();
+        let mut st = self.inner.state.lock();
+        Self::check_writable(&st)?;
+        let id = Self::volume_id(&st, name)?;
+        let img = st.images.get_mut(&id).expect("indexed");
+        img.qos = policy.effective(img.size);
+        img.qos_policy = (policy.iops_per_gb != 0).then_some(policy);
+        let rec = img.clone();
+        image_put(&mut st.pending, id, &rec);
+        let info = self.volume_info(&st, id);
+        drop(st);
+        self.commit()?;
+        tracing::info!(
+            volume = %name,
+            max_iops = info.qos.max_iops,
+            iops_per_gb = policy.iops_per_gb,
+            max_bandwidth_bytes = info.qos.max_bandwidth_bytes,
+            "set volume qos policy"
+        );
+        Ok(info)
+    }
+
+    /// The policy a volume record's limits come from.
+    fn policy_of(img: &ImageRecord) -> QosPolicy {
+        img.qos_policy.unwrap_or(QosPolicy::fixed(img.qos))
     }
 
     /// Marks an image ("VOL" or "VOL@SNAP") exported or not; persisted. Returns whether
@@ -1130,6 +1185,10 @@ impl Engine {
         }
         let img = st.images.get_mut(&id).expect("indexed");
         img.size = new_size;
+        if let Some(policy) = img.qos_policy {
+            // The IOPS limit follows the size (iopsPerGB); open exports read it per request.
+            img.qos = policy.effective(new_size);
+        }
         let rec = img.clone();
         image_put(&mut st.pending, id, &rec);
         let info = self.volume_info(&st, id);

@@ -5,7 +5,7 @@
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
-use super::types::{Qos, Source};
+use super::types::{Qos, QosPolicy, Source};
 use crate::meta::{Cf, MetaError};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,6 +34,10 @@ pub struct ImageRecord {
     pub size: u64,
     #[serde(default)]
     pub qos: Qos,
+    /// Volumes: what `qos` is derived from (recomputed on resize). None: `qos` is fixed
+    /// (records written before policies existed, and `set_qos`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qos_policy: Option<QosPolicy>,
     #[serde(default)]
     pub source: Option<Source>,
     /// For snapshots: the volume it was taken from.
@@ -42,6 +46,9 @@ pub struct ImageRecord {
     pub created_unix: u64,
     #[serde(default)]
     pub exported: bool,
+    /// Snapshots: the group snapshot this one belongs to (empty: none). See `engine::group`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub group: String,
 }
 
 /// Where a clone reads what it has not written itself.

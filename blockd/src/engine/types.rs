@@ -32,6 +32,47 @@ pub struct Qos {
     pub max_bandwidth_bytes: u64,
 }
 
+/// What a volume's [`Qos`] is derived from: fixed limits, or an IOPS limit that scales
+/// with the volume's size and follows it through resizes. 0 = no limit of that kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QosPolicy {
+    /// With `iops_per_gb == 0`, the IOPS limit; otherwise the cap on the scaled limit.
+    pub max_iops: u64,
+    /// IOPS per GiB of size: `ceil(iops_per_gb × size / 2^30)`, at least 1.
+    pub iops_per_gb: u64,
+    pub max_bandwidth_bytes: u64,
+}
+
+impl QosPolicy {
+    /// The policy of fixed limits `qos`.
+    pub fn fixed(qos: Qos) -> Self {
+        QosPolicy {
+            max_iops: qos.max_iops,
+            iops_per_gb: 0,
+            max_bandwidth_bytes: qos.max_bandwidth_bytes,
+        }
+    }
+
+    /// The limits in force for a volume of `size_bytes`. Computed exactly (u128) and
+    /// rounded up, as csi-shim computes `iopsPerGB` (so both agree on every size).
+    pub fn effective(&self, size_bytes: u64) -> Qos {
+        let max_iops = if self.iops_per_gb == 0 {
+            self.max_iops
+        } else {
+            let scaled = (u128::from(self.iops_per_gb) * u128::from(size_bytes)).div_ceil(1 << 30);
+            let scaled = u64::try_from(scaled).unwrap_or(u64::MAX).max(1);
+            match self.max_iops {
+                0 => scaled,
+                cap => scaled.min(cap),
+            }
+        };
+        Qos {
+            max_iops,
+            max_bandwidth_bytes: self.max_bandwidth_bytes,
+        }
+    }
+}
+
 /// Where a new volume's content comes from.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Source {
@@ -78,6 +119,8 @@ pub struct VolumeInfo {
     /// Bytes of chunks holding data that this volume sees in its own lineage.
     pub allocated_bytes: u64,
     pub qos: Qos,
+    /// What `qos` is derived from.
+    pub qos_policy: QosPolicy,
     /// The volume's content source as created.
     pub source: Option<Source>,
     /// True while it still reads through a parent (a clone not yet flattened).
@@ -94,6 +137,8 @@ pub struct SnapshotInfo {
     pub pool: String,
     pub size_bytes: u64,
     pub created_unix: u64,
+    /// The group snapshot it belongs to, if any.
+    pub group: Option<String>,
 }
 
 /// One extent of `block_status`.

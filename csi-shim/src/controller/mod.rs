@@ -41,15 +41,17 @@
 //! - ValidateVolumeCapabilities answers unsupported capabilities or parameters with no
 //!   `confirmed` and a message (the spec's way), and only missing fields with
 //!   `INVALID_ARGUMENT`.
-//! - QoS is fixed at creation: an `iopsPerGB` volume keeps its IOPS limit when expanded,
-//!   because ControllerExpandVolume carries no parameters and blockd keeps no record of
-//!   the StorageClass (`blockctl volume set-qos` changes it by hand).
+//! - QoS is a policy blockd keeps: an `iopsPerGB` volume's IOPS limit follows it when
+//!   expanded; ControllerModifyVolume (VolumeAttributesClass) changes the policy live,
+//!   key by key ([`modify`]). `blockctl volume set-qos` sets fixed limits by hand.
 //!
 //! Submodules: [`capability`] (access modes and types), [`capacity`] (sizes and room),
-//! `volumes` and `snapshots` (the RPC bodies).
+//! [`modify`] (mutable parameters), `volumes` and `snapshots` (the RPC bodies).
 
 pub mod capability;
 pub mod capacity;
+pub mod groups;
+pub mod modify;
 mod snapshots;
 mod volumes;
 
@@ -66,6 +68,8 @@ use tracing::Instrument;
 use crate::blockd::upstream;
 use crate::ids::{IdError, SnapshotId, VolumeId, TOPOLOGY_KEY};
 use crate::Driver;
+
+pub use groups::GroupControllerService;
 
 pub struct ControllerService {
     driver: Arc<Driver>,
@@ -290,6 +294,7 @@ const CAPABILITIES: &[rpc::Type] = &[
     rpc::Type::SingleNodeMultiWriter,
     rpc::Type::ListVolumesPublishedNodes,
     rpc::Type::GetSnapshot,
+    rpc::Type::ModifyVolume,
 ];
 
 #[tonic::async_trait]
@@ -418,5 +423,14 @@ impl Controller for ControllerService {
         let req = request.into_inner();
         let span = tracing::debug_span!("controller_get_volume", volume = %req.volume_id);
         traced("ControllerGetVolume", span, self.get(req)).await
+    }
+
+    async fn controller_modify_volume(
+        &self,
+        request: Request<ControllerModifyVolumeRequest>,
+    ) -> Result<Response<ControllerModifyVolumeResponse>, Status> {
+        let req = request.into_inner();
+        let span = tracing::info_span!("controller_modify_volume", volume = %req.volume_id);
+        traced("ControllerModifyVolume", span, self.modify(req)).await
     }
 }

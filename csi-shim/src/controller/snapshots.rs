@@ -23,7 +23,7 @@ fn lock_key(node: &str, snapshot: &str) -> String {
 
 impl ControllerService {
     /// The CSI view of a blockd snapshot.
-    fn csi_snapshot(&self, snapshot: &v1::Snapshot) -> Snapshot {
+    pub(super) fn csi_snapshot(&self, snapshot: &v1::Snapshot) -> Snapshot {
         Snapshot {
             size_bytes: i64::try_from(snapshot.size_bytes).unwrap_or(i64::MAX),
             snapshot_id: SnapshotId::new(self.node(), &snapshot.volume, &snapshot.name).to_string(),
@@ -34,7 +34,11 @@ impl ControllerService {
             }),
             // blockd snapshots are O(1) and complete when CreateSnapshot answers.
             ready_to_use: true,
-            group_snapshot_id: String::new(),
+            group_snapshot_id: if snapshot.group.is_empty() {
+                String::new()
+            } else {
+                super::groups::GroupSnapshotId::new(self.node(), &snapshot.group).to_string()
+            },
         }
     }
 
@@ -144,6 +148,15 @@ impl ControllerService {
             tracing::info!("snapshot does not exist: nothing to delete");
             return Ok(DeleteSnapshotResponse {});
         };
+        if !snapshot.group.is_empty() {
+            // The spec's "Snapshot is part of a group": it goes with its group only.
+            return Err(Status::invalid_argument(format!(
+                "snapshot {:?} is part of group snapshot {:?} and cannot be deleted alone; \
+                 delete the VolumeGroupSnapshot",
+                req.snapshot_id,
+                super::groups::GroupSnapshotId::new(self.node(), &snapshot.group).to_string()
+            )));
+        }
         if snapshot.exported {
             return Err(Status::failed_precondition(format!(
                 "snapshot {:?} is in use: it is exported read-only over NBD; `blockctl \

@@ -1,6 +1,6 @@
 //! The volume RPCs: CreateVolume (blank, restore, clone), DeleteVolume,
 //! ValidateVolumeCapabilities, ListVolumes, GetCapacity, ControllerExpandVolume and
-//! ControllerGetVolume.
+//! ControllerGetVolume (ControllerModifyVolume is in [`super::modify`]).
 
 use std::collections::HashMap;
 
@@ -14,6 +14,7 @@ use tonic::{Code, Status};
 
 use super::capability;
 use super::capacity::{self, Range, SIZE_GRANULE};
+use super::modify::{self, MutableParams};
 use super::{ControllerService, Located};
 use crate::blockd::upstream;
 use crate::ids::{blockd_name, SnapshotId, VolumeId};
@@ -265,13 +266,9 @@ impl ControllerService {
             return Err(Status::invalid_argument("name is required"));
         }
         let access = capability::check(&req.volume_capabilities)?;
-        let params = VolumeParams::parse(&req.parameters)?;
-        if !req.mutable_parameters.is_empty() {
-            return Err(Status::invalid_argument(
-                "mutable_parameters are not supported: blockd.csi.io has no MODIFY_VOLUME \
-                 capability; put QoS in the StorageClass parameters",
-            ));
-        }
+        let mut params = VolumeParams::parse(&req.parameters)?;
+        // A VolumeAttributesClass given at creation: its keys win over the StorageClass's.
+        MutableParams::parse(&req.mutable_parameters)?.overlay(&mut params);
         let fs_type = match (params.fs_type, access.fs_type) {
             (Some(param), Some(cap)) if param != cap => {
                 return Err(Status::invalid_argument(format!(
@@ -353,6 +350,7 @@ impl ControllerService {
             self.node(),
         )?;
         let qos = params.qos(size);
+        let policy = modify::policy_of(&params);
         let created = self
             .driver
             .blockd
@@ -362,8 +360,11 @@ impl ControllerService {
                 size_bytes: Some(size),
                 pool: pool.name.clone(),
                 source: source.as_ref().map(|s| s.blockd.clone()),
-                max_iops: qos.max_iops,
-                max_bandwidth_bytes: qos.max_bandwidth_bytes,
+                // blockd derives the same limits from the policy and keeps the policy,
+                // so that the IOPS limit follows the size on expansion.
+                max_iops: policy.max_iops,
+                max_bandwidth_bytes: policy.max_bandwidth_bytes,
+                iops_per_gb: policy.iops_per_gb,
             })
             .await
             .map_err(|status| upstream(&format!("creating volume {name:?}"), status))?
@@ -519,12 +520,8 @@ impl ControllerService {
         if let Err(err) = VolumeParams::parse(&req.parameters) {
             return Ok(unconfirmed(err.to_string()));
         }
-        if !req.mutable_parameters.is_empty() {
-            return Ok(unconfirmed(
-                "mutable_parameters are not supported: blockd.csi.io has no \
-                 ControllerModifyVolume"
-                    .to_string(),
-            ));
+        if let Err(err) = MutableParams::parse(&req.mutable_parameters) {
+            return Ok(unconfirmed(err.message().to_string()));
         }
         Ok(ValidateVolumeCapabilitiesResponse {
             confirmed: Some(validate_volume_capabilities_response::Confirmed {

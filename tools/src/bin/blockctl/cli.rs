@@ -148,8 +148,11 @@ pub enum VolumeCommand {
         #[arg(long)]
         force: bool,
     },
-    /// Sets a volume's QoS limits (omitted or 0 = unlimited).
-    #[command(after_help = "Example:\n  blockctl volume set-qos vol1 --max-iops 1000")]
+    /// Sets a volume's QoS limits (omitted or 0 = unlimited). Open NBD connections get the
+    /// new limits at their next request.
+    #[command(
+        after_help = "Examples:\n  blockctl volume set-qos vol1 --max-iops 1000\n  blockctl volume set-qos vol1 --iops-per-gb 20 --max-iops 5000"
+    )]
     SetQos {
         name: String,
         #[command(flatten)]
@@ -187,6 +190,10 @@ pub struct QosArgs {
     /// Most bytes per second, e.g. 100M (0 = unlimited).
     #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "0")]
     pub max_bandwidth: u64,
+    /// IOPS per GiB of size: the IOPS limit follows the volume through resizes, capped by
+    /// --max-iops when that is given (0 = none).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub iops_per_gb: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -201,8 +208,31 @@ pub enum SnapshotCommand {
     List { volume: Option<String> },
     /// Shows one snapshot.
     Show { name: String },
-    /// Deletes a snapshot (its space is reclaimed once no clone needs it).
+    /// Deletes a snapshot (its space is reclaimed once no clone needs it). A member of a
+    /// group snapshot goes with its group only (`snapshot delete-group`).
     Delete { name: String },
+    /// Snapshots several volumes at one instant (crash-consistent across them).
+    ///
+    /// Every volume is quiesced, then all snapshots are recorded in one metadata commit.
+    /// The member snapshots are named GROUP-VOLUME (shortened with a hash past 128
+    /// characters). Idempotent for the same volumes.
+    #[command(
+        after_help = "Example:\n  blockctl snapshot create-group nightly db wal\n  # makes snapshots nightly-db and nightly-wal"
+    )]
+    CreateGroup {
+        /// The group's name.
+        group: String,
+        /// The volumes to snapshot together.
+        #[arg(required = true, num_args = 1..)]
+        volumes: Vec<String>,
+    },
+    /// Lists group snapshots with their members.
+    #[command(after_help = "Example:\n  blockctl snapshot list-groups -o json")]
+    ListGroups,
+    /// Shows one group snapshot.
+    ShowGroup { group: String },
+    /// Deletes a group snapshot: every member at once.
+    DeleteGroup { group: String },
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -241,6 +271,11 @@ mod tests {
             "snapshot list v",
             "snapshot show s",
             "snapshot delete s",
+            "snapshot create-group g v w",
+            "snapshot list-groups",
+            "snapshot show-group g",
+            "snapshot delete-group g",
+            "volume set-qos v --iops-per-gb 20 --max-iops 100",
             "export v",
             "export v@s",
             "unexport v@s",
@@ -255,6 +290,7 @@ mod tests {
             "volume create v --size 1G --from-snapshot s --from-volume w",
             "volume resize v",
             "snapshot create v",
+            "snapshot create-group g",
         ] {
             assert!(parse(bad).is_err(), "{bad}");
         }

@@ -18,6 +18,7 @@ use blockd_proto::size::format_size;
 use blockd_proto::v1;
 use blockd_proto::v1::daemon_service_client::DaemonServiceClient;
 use blockd_proto::v1::export_service_client::ExportServiceClient;
+use blockd_proto::v1::group_snapshot_service_client::GroupSnapshotServiceClient;
 use blockd_proto::v1::pool_service_client::PoolServiceClient;
 use blockd_proto::v1::snapshot_service_client::SnapshotServiceClient;
 use blockd_proto::v1::volume_service_client::VolumeServiceClient;
@@ -27,7 +28,9 @@ use serde::Serialize;
 use tonic::transport::Channel;
 
 use cli::{Cli, Command, Output, PoolCommand, SnapshotCommand, VolumeCommand};
-use render::{ExportView, FsckView, GcView, PoolView, SnapshotView, StatusView, VolumeView};
+use render::{
+    ExportView, FsckView, GcView, GroupView, PoolView, SnapshotView, StatusView, VolumeView,
+};
 
 /// Page size used to walk list calls.
 const PAGE_SIZE: u32 = 500;
@@ -119,6 +122,7 @@ struct Api {
     snapshots: SnapshotServiceClient<Channel>,
     exports: ExportServiceClient<Channel>,
     daemon: DaemonServiceClient<Channel>,
+    groups: GroupSnapshotServiceClient<Channel>,
 }
 
 impl Api {
@@ -134,7 +138,8 @@ impl Api {
             volumes: VolumeServiceClient::new(channel.clone()),
             snapshots: SnapshotServiceClient::new(channel.clone()),
             exports: ExportServiceClient::new(channel.clone()),
-            daemon: DaemonServiceClient::new(channel),
+            daemon: DaemonServiceClient::new(channel.clone()),
+            groups: GroupSnapshotServiceClient::new(channel),
         })
     }
 }
@@ -304,6 +309,7 @@ async fn volume(api: &mut Api, out: Output, cmd: VolumeCommand) -> anyhow::Resul
                     source,
                     max_iops: args.qos.max_iops,
                     max_bandwidth_bytes: args.qos.max_bandwidth,
+                    iops_per_gb: args.qos.iops_per_gb,
                 })
                 .await?
                 .into_inner();
@@ -391,16 +397,28 @@ async fn volume(api: &mut Api, out: Output, cmd: VolumeCommand) -> anyhow::Resul
             confirm(out, &view, line)
         }
         VolumeCommand::SetQos { name, qos } => {
-            let volume = api
-                .volumes
-                .set_volume_qos(v1::SetVolumeQosRequest {
-                    name,
-                    qos: Some(v1::Qos {
-                        max_iops: qos.max_iops,
-                        max_bandwidth_bytes: qos.max_bandwidth,
-                    }),
-                })
-                .await?;
+            let volume = if qos.iops_per_gb == 0 {
+                api.volumes
+                    .set_volume_qos(v1::SetVolumeQosRequest {
+                        name,
+                        qos: Some(v1::Qos {
+                            max_iops: qos.max_iops,
+                            max_bandwidth_bytes: qos.max_bandwidth,
+                        }),
+                    })
+                    .await?
+            } else {
+                api.volumes
+                    .set_volume_qos_policy(v1::SetVolumeQosPolicyRequest {
+                        name,
+                        policy: Some(v1::QosPolicy {
+                            max_iops: qos.max_iops,
+                            iops_per_gb: qos.iops_per_gb,
+                            max_bandwidth_bytes: qos.max_bandwidth,
+                        }),
+                    })
+                    .await?
+            };
             let view = VolumeView::from(volume.into_inner());
             let line = format!("set the QoS of volume {:?}", view.name);
             confirm(out, &view, line)
@@ -512,6 +530,76 @@ async fn snapshot(api: &mut Api, out: Output, cmd: SnapshotCommand) -> anyhow::R
                 out,
                 &serde_json::json!({ "name": name, "deleted": true }),
                 format!("deleted snapshot {name:?}"),
+            )
+        }
+        SnapshotCommand::CreateGroup { group, volumes } => {
+            let resp = api
+                .groups
+                .create_group_snapshot(v1::CreateGroupSnapshotRequest {
+                    name: group,
+                    volumes,
+                })
+                .await?
+                .into_inner();
+            let view = GroupView::from(
+                resp.group
+                    .ok_or_else(|| anyhow!("the daemon answered without the group"))?,
+            );
+            let members: Vec<&str> = view.snapshots.iter().map(|s| s.name.as_str()).collect();
+            let line = if resp.created {
+                format!(
+                    "created group snapshot {:?}: {}",
+                    view.name,
+                    members.join(", ")
+                )
+            } else {
+                format!(
+                    "group snapshot {:?} already exists: {}",
+                    view.name,
+                    members.join(", ")
+                )
+            };
+            confirm(out, &view, line)
+        }
+        SnapshotCommand::ListGroups => {
+            let mut groups = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let resp = api
+                    .groups
+                    .list_group_snapshots(v1::ListGroupSnapshotsRequest {
+                        page_size: PAGE_SIZE,
+                        page_token,
+                    })
+                    .await?
+                    .into_inner();
+                groups.extend(resp.groups.into_iter().map(GroupView::from));
+                if resp.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = resp.next_page_token;
+            }
+            show(out, &groups, |g| render::groups_table(g))
+        }
+        SnapshotCommand::ShowGroup { group } => {
+            let group = api
+                .groups
+                .get_group_snapshot(v1::GetGroupSnapshotRequest { name: group })
+                .await?;
+            show(out, &GroupView::from(group.into_inner()), |g| {
+                render::groups_table(std::slice::from_ref(g))
+            })
+        }
+        SnapshotCommand::DeleteGroup { group } => {
+            api.groups
+                .delete_group_snapshot(v1::DeleteGroupSnapshotRequest {
+                    name: group.clone(),
+                })
+                .await?;
+            confirm(
+                out,
+                &serde_json::json!({ "name": group, "deleted": true }),
+                format!("deleted group snapshot {group:?} and its member snapshots"),
             )
         }
     }

@@ -57,6 +57,8 @@ pub struct VolumeView {
     pub allocated_bytes: u64,
     pub max_iops: u64,
     pub max_bandwidth_bytes: u64,
+    /// IOPS per GiB of size (0: none); `max_iops` is then the limit at the current size.
+    pub iops_per_gb: u64,
     pub source_snapshot: Option<String>,
     pub source_volume: Option<String>,
     pub has_parent: bool,
@@ -80,6 +82,7 @@ impl From<v1::Volume> for VolumeView {
             allocated_bytes: v.allocated_bytes,
             max_iops: qos.max_iops,
             max_bandwidth_bytes: qos.max_bandwidth_bytes,
+            iops_per_gb: v.qos_policy.map_or(0, |p| p.iops_per_gb),
             source_snapshot,
             source_volume,
             has_parent: v.has_parent,
@@ -100,9 +103,10 @@ impl VolumeView {
     }
 
     fn qos_text(&self) -> String {
-        let iops = match self.max_iops {
-            0 => None,
-            n => Some(format!("{n} IOPS")),
+        let iops = match (self.max_iops, self.iops_per_gb) {
+            (0, _) => None,
+            (n, 0) => Some(format!("{n} IOPS")),
+            (n, per_gb) => Some(format!("{n} IOPS ({per_gb}/GiB)")),
         };
         let bw = match self.max_bandwidth_bytes {
             0 => None,
@@ -125,11 +129,14 @@ pub struct SnapshotView {
     pub size_bytes: u64,
     pub created_unix: u64,
     pub exported: bool,
+    /// The group snapshot it belongs to, if any.
+    pub group: Option<String>,
 }
 
 impl From<v1::Snapshot> for SnapshotView {
     fn from(s: v1::Snapshot) -> Self {
         SnapshotView {
+            group: (!s.group.is_empty()).then(|| s.group.clone()),
             name: s.name,
             volume: s.volume,
             pool: s.pool,
@@ -411,7 +418,7 @@ pub fn volume_details(v: &VolumeView) -> Table {
 }
 
 pub fn snapshots_table(snapshots: &[SnapshotView]) -> Table {
-    let mut t = table(&["NAME", "VOLUME", "POOL", "SIZE", "EXPORTED"]);
+    let mut t = table(&["NAME", "VOLUME", "POOL", "SIZE", "EXPORTED", "GROUP"]);
     for s in snapshots {
         t.add_row(vec![
             Cell::new(&s.name),
@@ -419,6 +426,40 @@ pub fn snapshots_table(snapshots: &[SnapshotView]) -> Table {
             Cell::new(&s.pool),
             right(format_size(s.size_bytes)),
             Cell::new(yes_no(s.exported)),
+            Cell::new(s.group.as_deref().unwrap_or("-")),
+        ]);
+    }
+    t
+}
+
+/// A group snapshot: its members were taken at one instant.
+#[derive(Debug, Serialize)]
+pub struct GroupView {
+    pub name: String,
+    pub created_unix: u64,
+    pub snapshots: Vec<SnapshotView>,
+}
+
+impl From<v1::GroupSnapshot> for GroupView {
+    fn from(g: v1::GroupSnapshot) -> Self {
+        GroupView {
+            name: g.name,
+            created_unix: g.created_unix,
+            snapshots: g.snapshots.into_iter().map(SnapshotView::from).collect(),
+        }
+    }
+}
+
+pub fn groups_table(groups: &[GroupView]) -> Table {
+    let mut t = table(&["GROUP", "VOLUMES", "SNAPSHOTS", "CREATED"]);
+    for g in groups {
+        let volumes: Vec<&str> = g.snapshots.iter().map(|s| s.volume.as_str()).collect();
+        let names: Vec<&str> = g.snapshots.iter().map(|s| s.name.as_str()).collect();
+        t.add_row(vec![
+            Cell::new(&g.name),
+            Cell::new(volumes.join(", ")),
+            Cell::new(names.join(", ")),
+            Cell::new(format_time(g.created_unix)),
         ]);
     }
     t
@@ -432,6 +473,7 @@ pub fn snapshot_details(s: &SnapshotView) -> Table {
         ("size", size_with_bytes(s.size_bytes)),
         ("exported", yes_no(s.exported).to_string()),
         ("created", format_time(s.created_unix)),
+        ("group", s.group.clone().unwrap_or_else(|| "-".into())),
     ])
 }
 

@@ -1,0 +1,458 @@
+//! CSI ControllerModifyVolume (Kubernetes VolumeAttributesClass) and CreateVolume's
+//! `mutable_parameters`: QoS changes live on an exported volume, refusals change nothing,
+//! and an `iopsPerGB` limit follows ControllerExpandVolume.
+//!
+//! Rates are only ever bounded from above (a busy machine only makes I/O slower): N
+//! requests under a limit of L IOPS cannot finish faster than (N - burst) / L.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use blockd_proto::csi;
+use blockd_proto::csi::controller_client::ControllerClient;
+use blockd_proto::csi::volume_capability::access_mode::Mode;
+use blockd_proto::csi::volume_capability::{AccessMode, AccessType, BlockVolume};
+use blockd_proto::v1;
+use blockd_tests::expect_status;
+use blockd_tests::{have_tool, runtime, skip, CsiShim, Daemon};
+use tonic::transport::Channel;
+use tonic::Code;
+
+const NODE: &str = "node-a";
+const MIB: i64 = 1 << 20;
+const GIB: i64 = 1 << 30;
+
+struct Env {
+    daemon: Daemon,
+    shim: CsiShim,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Env {
+    fn start() -> Env {
+        let daemon = Daemon::start();
+        let shim = CsiShim::start(&daemon, NODE, &[]);
+        Env {
+            daemon,
+            shim,
+            rt: runtime(),
+        }
+    }
+
+    async fn controller(&self) -> ControllerClient<Channel> {
+        ControllerClient::new(self.shim.channel().await)
+    }
+
+    /// blockd's own view of a volume.
+    async fn blockd_volume(&self, name: &str) -> v1::Volume {
+        let mut grpc = self.daemon.grpc().await;
+        grpc.volumes
+            .get_volume(v1::GetVolumeRequest { name: name.into() })
+            .await
+            .unwrap_or_else(|s| panic!("blockd GetVolume {name}: {s}"))
+            .into_inner()
+    }
+
+    /// (effective max_iops, max_bandwidth_bytes, policy iops_per_gb)
+    async fn qos(&self, name: &str) -> (u64, u64, u64) {
+        let v = self.blockd_volume(name).await;
+        let q = v.qos.unwrap_or_default();
+        let p = v.qos_policy.unwrap_or_default();
+        (q.max_iops, q.max_bandwidth_bytes, p.iops_per_gb)
+    }
+}
+
+fn params(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn create_req(name: &str, bytes: i64, parameters: &[(&str, &str)]) -> csi::CreateVolumeRequest {
+    csi::CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: bytes,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![csi::VolumeCapability {
+            access_mode: Some(AccessMode {
+                mode: Mode::SingleNodeWriter as i32,
+            }),
+            access_type: Some(AccessType::Block(BlockVolume {})),
+        }],
+        parameters: params(parameters),
+        ..Default::default()
+    }
+}
+
+async fn create(c: &mut ControllerClient<Channel>, req: csi::CreateVolumeRequest) -> String {
+    c.create_volume(req)
+        .await
+        .expect("CreateVolume")
+        .into_inner()
+        .volume
+        .expect("a volume")
+        .volume_id
+}
+
+fn modify(volume_id: &str, pairs: &[(&str, &str)]) -> csi::ControllerModifyVolumeRequest {
+    csi::ControllerModifyVolumeRequest {
+        volume_id: volume_id.into(),
+        mutable_parameters: params(pairs),
+        ..Default::default()
+    }
+}
+
+/// A minimal NBD client holding one connection open across QoS changes.
+struct NbdConn {
+    s: UnixStream,
+    cookie: u64,
+}
+
+impl NbdConn {
+    fn open(socket: &Path, export: &str) -> NbdConn {
+        const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
+        let mut s = UnixStream::connect(socket).expect("connect to blockd's NBD socket");
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut greeting = [0u8; 18];
+        s.read_exact(&mut greeting).expect("greeting");
+        assert_eq!(&greeting[0..8], b"NBDMAGIC");
+        s.write_all(&3u32.to_be_bytes()).unwrap(); // FIXED_NEWSTYLE | NO_ZEROES
+        let mut data = (export.len() as u32).to_be_bytes().to_vec();
+        data.extend_from_slice(export.as_bytes());
+        data.extend_from_slice(&0u16.to_be_bytes());
+        let mut opt = IHAVEOPT.to_be_bytes().to_vec();
+        opt.extend_from_slice(&7u32.to_be_bytes()); // NBD_OPT_GO
+        opt.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        opt.extend_from_slice(&data);
+        s.write_all(&opt).unwrap();
+        loop {
+            let mut h = [0u8; 20];
+            s.read_exact(&mut h).expect("option reply");
+            let reply = u32::from_be_bytes(h[12..16].try_into().unwrap());
+            let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
+            let mut body = vec![0u8; len as usize];
+            s.read_exact(&mut body).unwrap();
+            match reply {
+                1 => break, // ACK
+                3 => {}     // INFO
+                other => panic!("NBD_OPT_GO for {export:?} refused: reply type {other:#x}"),
+            }
+        }
+        NbdConn { s, cookie: 0 }
+    }
+
+    /// Reads 4 KiB `n` times, one request at a time; answers how long it took.
+    fn reads(&mut self, n: u32) -> Duration {
+        let start = Instant::now();
+        for i in 0..n {
+            self.cookie += 1;
+            let mut req = 0x2560_9513u32.to_be_bytes().to_vec();
+            req.extend_from_slice(&0u16.to_be_bytes());
+            req.extend_from_slice(&0u16.to_be_bytes()); // READ
+            req.extend_from_slice(&self.cookie.to_be_bytes());
+            req.extend_from_slice(&(u64::from(i % 64) * 4096).to_be_bytes());
+            req.extend_from_slice(&4096u32.to_be_bytes());
+            self.s.write_all(&req).unwrap();
+            let mut h = [0u8; 16];
+            self.s.read_exact(&mut h).expect("read reply");
+            assert_eq!(u32::from_be_bytes(h[0..4].try_into().unwrap()), 0x6744_6698);
+            assert_eq!(
+                u32::from_be_bytes(h[4..8].try_into().unwrap()),
+                0,
+                "read error"
+            );
+            let mut data = vec![0u8; 4096];
+            self.s.read_exact(&mut data).unwrap();
+        }
+        start.elapsed()
+    }
+}
+
+/// fio's measured read IOPS on `uri` (its nbd engine), or None without fio.
+fn fio_iops(uri: &str) -> Option<f64> {
+    if !have_tool("fio") {
+        skip("fio is not installed (tools/test.sh installs it): the fio half of the check");
+        return None;
+    }
+    let out = Command::new("fio")
+        .args([
+            "--name=qos",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randread",
+            "--bs=4k",
+            "--size=4M",
+            "--iodepth=4",
+            "--time_based=1",
+            "--runtime=2",
+            "--output-format=json",
+        ])
+        .output()
+        .expect("run fio");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "fio: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json = &text[text.find('{').expect("fio json")..];
+    let v: serde_json::Value = serde_json::from_str(json).expect("fio json parses");
+    Some(v["jobs"][0]["read"]["iops"].as_f64().expect("iops"))
+}
+
+#[test]
+fn modify_volume_changes_the_qos_of_running_io() {
+    let env = Env::start();
+    env.rt.block_on(async {
+        let mut c = env.controller().await;
+        let id = create(&mut c, create_req("live", 64 * MIB, &[("maxIops", "20")])).await;
+        assert_eq!(env.qos("live").await, (20, 0, 0));
+        let uri = env
+            .daemon
+            .grpc()
+            .await
+            .exports
+            .export(v1::ExportRequest {
+                image: "live".into(),
+            })
+            .await
+            .expect("export")
+            .into_inner()
+            .uri;
+        let socket = env.daemon.nbd_socket();
+        let mut conn = tokio::task::spawn_blocking(move || NbdConn::open(&socket, "live"))
+            .await
+            .unwrap();
+
+        // 30 reads under 20 IOPS (burst 2): at least 28 / 20 = 1.4 s.
+        let (elapsed, back) = tokio::task::spawn_blocking(move || (conn.reads(30), conn))
+            .await
+            .unwrap();
+        conn = back;
+        assert!(
+            elapsed >= Duration::from_millis(1300),
+            "30 reads at 20 IOPS took only {elapsed:?}"
+        );
+
+        // Raise: blockd's view changes at once (a rate can only be bounded from above).
+        c.controller_modify_volume(modify(&id, &[("maxIops", "2000")]))
+            .await
+            .expect("ControllerModifyVolume raises");
+        assert_eq!(env.qos("live").await, (2000, 0, 0));
+        let (_, back) = tokio::task::spawn_blocking(move || (conn.reads(20), conn))
+            .await
+            .unwrap();
+        conn = back;
+
+        // Lower, on the same open connection: 15 reads under 10 IOPS take at least
+        // 14 / 10 = 1.4 s; under the old 2000 (or the first 20) they would not.
+        c.controller_modify_volume(modify(&id, &[("maxIops", "10")]))
+            .await
+            .expect("ControllerModifyVolume lowers");
+        assert_eq!(env.qos("live").await, (10, 0, 0));
+        let (elapsed, conn) = tokio::task::spawn_blocking(move || (conn.reads(15), conn))
+            .await
+            .unwrap();
+        drop(conn);
+        assert!(
+            elapsed >= Duration::from_millis(1300),
+            "15 reads after lowering to 10 IOPS took only {elapsed:?}: the open connection \
+             did not get the new limit"
+        );
+
+        // The next run of a real client sees the limit too.
+        if let Some(iops) = fio_iops(&uri) {
+            assert!(
+                iops <= 15.0,
+                "fio measured {iops:.1} IOPS under a 10 IOPS limit"
+            );
+        }
+        // Idempotent: the same change again is OK and changes nothing.
+        c.controller_modify_volume(modify(&id, &[("maxIops", "10")]))
+            .await
+            .expect("repeat ControllerModifyVolume");
+        assert_eq!(env.qos("live").await, (10, 0, 0));
+    });
+}
+
+#[test]
+fn modify_volume_refusals_change_nothing() {
+    let env = Env::start();
+    env.rt.block_on(async {
+        let mut c = env.controller().await;
+        let id = create(
+            &mut c,
+            create_req(
+                "vol",
+                64 * MIB,
+                &[("maxIops", "300"), ("maxBandwidth", "1Mi")],
+            ),
+        )
+        .await;
+        let before = env.qos("vol").await;
+        assert_eq!(before, (300, 1 << 20, 0));
+        let cases: Vec<(&str, csi::ControllerModifyVolumeRequest, Code, &str)> = vec![
+            (
+                "no volume_id",
+                modify("", &[("maxIops", "5")]),
+                Code::InvalidArgument,
+                "volume_id",
+            ),
+            (
+                "no mutable_parameters",
+                modify(&id, &[]),
+                Code::InvalidArgument,
+                "mutable_parameters",
+            ),
+            (
+                "unknown key",
+                modify(&id, &[("maxIops", "5"), ("tier", "gold")]),
+                Code::InvalidArgument,
+                "tier",
+            ),
+            (
+                "StorageClass-only key",
+                modify(&id, &[("pool", "default")]),
+                Code::InvalidArgument,
+                "pool",
+            ),
+            (
+                "zero",
+                modify(&id, &[("maxIops", "0")]),
+                Code::InvalidArgument,
+                "maxIops",
+            ),
+            (
+                "not a number",
+                modify(&id, &[("iopsPerGB", "lots")]),
+                Code::InvalidArgument,
+                "iopsPerGB",
+            ),
+            (
+                "bad quantity",
+                modify(&id, &[("maxBandwidth", "10GB"), ("maxIops", "5")]),
+                Code::InvalidArgument,
+                "maxBandwidth",
+            ),
+            (
+                "missing volume",
+                modify(&format!("{NODE}/missing"), &[("maxIops", "5")]),
+                Code::NotFound,
+                "does not exist",
+            ),
+            (
+                "malformed id",
+                modify("no-slash", &[("maxIops", "5")]),
+                Code::NotFound,
+                "does not exist",
+            ),
+            (
+                "another node's volume",
+                modify("node-b/vol", &[("maxIops", "5")]),
+                Code::FailedPrecondition,
+                "node-b",
+            ),
+        ];
+        for (what, req, code, needle) in cases {
+            expect_status(what, c.controller_modify_volume(req).await, code, needle);
+            assert_eq!(env.qos("vol").await, before, "{what} changed the volume");
+        }
+    });
+}
+
+#[test]
+fn iops_per_gb_follows_expansion_and_keys_change_one_at_a_time() {
+    let env = Env::start();
+    env.rt.block_on(async {
+        let mut c = env.controller().await;
+        let caps = c
+            .controller_get_capabilities(csi::ControllerGetCapabilitiesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .capabilities;
+        assert!(caps.iter().any(|cap| matches!(
+            cap.r#type,
+            Some(csi::controller_service_capability::Type::Rpc(r))
+                if r.r#type == csi::controller_service_capability::rpc::Type::ModifyVolume as i32
+        )));
+
+        let id = create(&mut c, create_req("scaled", GIB, &[("iopsPerGB", "20")])).await;
+        assert_eq!(env.qos("scaled").await, (20, 0, 20));
+        let expanded = c
+            .controller_expand_volume(csi::ControllerExpandVolumeRequest {
+                volume_id: id.clone(),
+                capacity_range: Some(csi::CapacityRange {
+                    required_bytes: 3 * GIB / 2,
+                    limit_bytes: 0,
+                }),
+                ..Default::default()
+            })
+            .await
+            .expect("ControllerExpandVolume")
+            .into_inner();
+        assert_eq!(expanded.capacity_bytes, 3 * GIB / 2);
+        assert_eq!(
+            env.qos("scaled").await,
+            (30, 0, 20),
+            "the limit follows the size"
+        );
+
+        // Only the keys given change.
+        c.controller_modify_volume(modify(&id, &[("maxBandwidth", "2Mi")]))
+            .await
+            .unwrap();
+        assert_eq!(env.qos("scaled").await, (30, 2 << 20, 20));
+        c.controller_modify_volume(modify(&id, &[("maxIops", "25")]))
+            .await
+            .unwrap();
+        assert_eq!(
+            env.qos("scaled").await,
+            (25, 2 << 20, 20),
+            "maxIops caps iopsPerGB"
+        );
+        c.controller_modify_volume(modify(&id, &[("iopsPerGB", "10")]))
+            .await
+            .unwrap();
+        assert_eq!(env.qos("scaled").await, (15, 2 << 20, 10));
+        c.controller_expand_volume(csi::ControllerExpandVolumeRequest {
+            volume_id: id.clone(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: 2 * GIB,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        assert_eq!(env.qos("scaled").await, (20, 2 << 20, 10));
+
+        // mutable_parameters at creation win over the StorageClass's keys.
+        let mut req = create_req("vac", GIB, &[("iopsPerGB", "20"), ("maxBandwidth", "1Mi")]);
+        req.mutable_parameters = params(&[("maxIops", "15"), ("maxBandwidth", "3Mi")]);
+        create(&mut c, req.clone()).await;
+        assert_eq!(env.qos("vac").await, (15, 3 << 20, 20));
+        // Idempotent with the same request.
+        create(&mut c, req).await;
+        // ValidateVolumeCapabilities judges mutable parameters the same way.
+        let v = c
+            .validate_volume_capabilities(csi::ValidateVolumeCapabilitiesRequest {
+                volume_id: format!("{NODE}/vac"),
+                volume_capabilities: create_req("x", GIB, &[]).volume_capabilities,
+                mutable_parameters: params(&[("colour", "blue")]),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(v.confirmed.is_none());
+        assert!(v.message.contains("colour"), "{}", v.message);
+    });
+}
