@@ -127,6 +127,20 @@ pub fn blockd_name(kind: NameKind, csi_name: &str) -> String {
     format!("csi-{hex}")
 }
 
+/// The volume context key the orchestrator sets to `"true"` on NodePublishVolume of a CSI
+/// inline ephemeral volume (one declared in the pod, created and deleted by the node).
+pub const EPHEMERAL_CONTEXT_KEY: &str = "csi.storage.k8s.io/ephemeral";
+
+/// The blockd name of the inline ephemeral volume kubelet publishes as `volume_id`:
+/// `ephemeral-` + 40 hex digits of the id's SHA-256. A pure function, so a retried
+/// NodePublishVolume (after a crash, too) finds the volume it created before; the prefix
+/// tells these volumes apart in `blockctl volume list`.
+pub fn ephemeral_volume_name(volume_id: &str) -> String {
+    let digest = Sha256::digest(volume_id.as_bytes());
+    let hex: String = digest.iter().take(20).map(|b| format!("{b:02x}")).collect();
+    format!("ephemeral-{hex}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,5 +176,17 @@ mod tests {
         assert!(odd.starts_with("csi-") && odd.len() == 44);
         assert_ne!(odd, blockd_name(NameKind::Volume, "My Volume/2"));
         assert!(validate_name(NameKind::Volume, "name", &odd).is_ok());
+    }
+
+    #[test]
+    fn ephemeral_names_are_deterministic_valid_blockd_names() {
+        let id = "csi-8f2e0c0b5d7a4f0f9b1e2d3c4b5a69788f2e0c0b5d7a4f0f9b1e2d3c4b5a6978";
+        let name = ephemeral_volume_name(id);
+        assert_eq!(name, ephemeral_volume_name(id));
+        assert_ne!(name, ephemeral_volume_name("csi-other"));
+        assert!(name.starts_with("ephemeral-") && name.len() == 50);
+        assert!(validate_name(NameKind::Volume, "name", &name).is_ok());
+        // It is a volume id's volume part too, so the node can stage it like any volume.
+        assert!(VolumeId::parse(&format!("node-a/{name}")).is_ok());
     }
 }

@@ -28,6 +28,7 @@
 //! missing field and an unknown volume is answered `INVALID_ARGUMENT`.
 
 pub mod attach;
+pub mod ephemeral;
 pub mod error;
 pub mod exec;
 pub mod fs;
@@ -70,6 +71,9 @@ pub struct NodeService {
     driver: Arc<Driver>,
     store: StateStore,
     attacher: Attacher,
+    /// Records of inline ephemeral volumes (`--state-dir/ephemeral/`), keyed by kubelet's
+    /// volume id; see [`ephemeral`].
+    ephemeral: StateStore,
     /// Volume id → record; mirrors `store`.
     records: Mutex<BTreeMap<String, StagedVolume>>,
 }
@@ -84,6 +88,7 @@ impl NodeService {
     /// the background at once ([`Attacher::spawn_reconnect`]).
     pub async fn start(driver: Arc<Driver>) -> anyhow::Result<Self> {
         let store = StateStore::open(&driver.args.state_dir.join("volumes"))?;
+        let ephemeral = StateStore::open(&driver.args.state_dir.join("ephemeral"))?;
         let attacher = Attacher::new(&driver.args);
         let mut records = BTreeMap::new();
         for record in store.load_all()? {
@@ -123,6 +128,7 @@ impl NodeService {
             driver,
             store,
             attacher,
+            ephemeral,
             records: Mutex::new(records),
         })
     }
@@ -894,6 +900,20 @@ impl Node for NodeService {
             let target = required_path(&req.target_path, "target_path")?;
             let cap = capability(req.volume_capability.as_ref())?;
             let staging = optional_path(&req.staging_target_path, "staging_target_path")?;
+            if ephemeral::requested(&req.volume_context) {
+                // Kubelet's own volume id, no staging path: the node makes the volume.
+                supported(&cap)?;
+                let _guard = self.driver.locks.try_lock(&req.volume_id)?;
+                self.publish_ephemeral(
+                    &req.volume_id,
+                    target,
+                    cap,
+                    req.readonly,
+                    &req.volume_context,
+                )
+                .await?;
+                return Ok(NodePublishVolumeResponse {});
+            }
             let Some(staging) = staging else {
                 // The spec's code for "staging target path not set" (we stage/unstage).
                 return Err(Status::failed_precondition(
@@ -919,6 +939,12 @@ impl Node for NodeService {
         traced("NodeUnpublishVolume", &req.volume_id, async {
             required_id(&req.volume_id)?;
             let target = required_path(&req.target_path, "target_path")?;
+            {
+                let _guard = self.driver.locks.try_lock(&req.volume_id)?;
+                if self.unpublish_ephemeral(&req.volume_id, &target).await? {
+                    return Ok(NodeUnpublishVolumeResponse {});
+                }
+            }
             let id = self.volume_id(&req.volume_id)?;
             let _guard = self.driver.locks.try_lock(&req.volume_id)?;
             self.unpublish(&id, target).await?;
@@ -936,7 +962,10 @@ impl Node for NodeService {
             required_id(&req.volume_id)?;
             let path = volume_path(&req.volume_path)?;
             optional_path(&req.staging_target_path, "staging_target_path")?;
-            let id = self.volume_id(&req.volume_id)?;
+            let id = match self.ephemeral_stats_id(&req.volume_id)? {
+                Some(id) => id,
+                None => self.volume_id(&req.volume_id)?,
+            };
             Ok(self.stats(&id, path).await?)
         })
         .await
