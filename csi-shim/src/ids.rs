@@ -132,13 +132,15 @@ pub fn blockd_name(kind: NameKind, csi_name: &str) -> String {
 pub const EPHEMERAL_CONTEXT_KEY: &str = "csi.storage.k8s.io/ephemeral";
 
 /// The blockd name of the inline ephemeral volume kubelet publishes as `volume_id`:
-/// `ephemeral-` + 40 hex digits of the id's SHA-256. A pure function, so a retried
+/// `eph-` + 32 hex digits (128 bits) of the id's SHA-256. A pure function, so a retried
 /// NodePublishVolume (after a crash, too) finds the volume it created before; the prefix
-/// tells these volumes apart in `blockctl volume list`.
+/// tells these volumes apart in `blockctl volume list`. Short on purpose: the name is part
+/// of the attachment's unix socket paths, which must stay under `SUN_LEN` (no longer
+/// than the `pvc-<uuid>` names of provisioned volumes).
 pub fn ephemeral_volume_name(volume_id: &str) -> String {
     let digest = Sha256::digest(volume_id.as_bytes());
-    let hex: String = digest.iter().take(20).map(|b| format!("{b:02x}")).collect();
-    format!("ephemeral-{hex}")
+    let hex: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
+    format!("eph-{hex}")
 }
 
 #[cfg(test)]
@@ -184,7 +186,7 @@ mod tests {
         let name = ephemeral_volume_name(id);
         assert_eq!(name, ephemeral_volume_name(id));
         assert_ne!(name, ephemeral_volume_name("csi-other"));
-        assert!(name.starts_with("ephemeral-") && name.len() == 50);
+        assert!(name.starts_with("eph-") && name.len() == 36);
         assert!(validate_name(NameKind::Volume, "name", &name).is_ok());
         // It is a volume id's volume part too, so the node can stage it like any volume.
         assert!(VolumeId::parse(&format!("node-a/{name}")).is_ok());

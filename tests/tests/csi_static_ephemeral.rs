@@ -267,7 +267,7 @@ fn ephemeral_publish_creates_and_unpublish_deletes_the_volume() {
         let volumes = blockd_volumes(&env);
         assert_eq!(volumes.len(), 1, "{volumes:?}");
         let (name, size) = &volumes[0];
-        assert!(name.starts_with("ephemeral-"), "{name}");
+        assert!(name.starts_with("eph-"), "{name}");
         assert_eq!(*size, 64 << 20);
         let shown = env.daemon.ctl_json(&["volume", "show", name]);
         assert_eq!(shown["max_iops"], 900, "{shown}");
