@@ -9,6 +9,13 @@
 //!   NodeUnstage        umount STAGING ─▶ detach ─▶ blockd Unexport ─▶ drop the record
 //! ```
 //!
+//! Inline ephemeral volumes ([`ephemeral`]): a NodePublishVolume whose volume context has
+//! `csi.storage.k8s.io/ephemeral: "true"` creates the blockd volume and runs the stage and
+//! publish above on it (a private staging path under `--state-dir/ephemeral/`); its
+//! NodeUnpublishVolume runs unpublish and unstage and deletes the volume. An unpublish of
+//! an id this driver never hands out (not `NODE/VOLUME`) with no ephemeral record is an
+//! ephemeral volume already removed: it succeeds once nothing is mounted at the target.
+//!
 //! Ownership and invariants:
 //! - this module owns `--state-dir/volumes/` (records, see [`state`]) and
 //!   `--state-dir/attach/` (per-volume work directories, see [`attach`]); the in-memory map
