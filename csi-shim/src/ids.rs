@@ -127,6 +127,22 @@ pub fn blockd_name(kind: NameKind, csi_name: &str) -> String {
     format!("csi-{hex}")
 }
 
+/// The volume context key the orchestrator sets to `"true"` on NodePublishVolume of a CSI
+/// inline ephemeral volume (one declared in the pod, created and deleted by the node).
+pub const EPHEMERAL_CONTEXT_KEY: &str = "csi.storage.k8s.io/ephemeral";
+
+/// The blockd name of the inline ephemeral volume kubelet publishes as `volume_id`:
+/// `eph-` + 32 hex digits (128 bits) of the id's SHA-256. A pure function, so a retried
+/// NodePublishVolume (after a crash, too) finds the volume it created before; the prefix
+/// tells these volumes apart in `blockctl volume list`. Short on purpose: the name is part
+/// of the attachment's unix socket paths, which must stay under `SUN_LEN` (no longer
+/// than the `pvc-<uuid>` names of provisioned volumes).
+pub fn ephemeral_volume_name(volume_id: &str) -> String {
+    let digest = Sha256::digest(volume_id.as_bytes());
+    let hex: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
+    format!("eph-{hex}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,5 +178,17 @@ mod tests {
         assert!(odd.starts_with("csi-") && odd.len() == 44);
         assert_ne!(odd, blockd_name(NameKind::Volume, "My Volume/2"));
         assert!(validate_name(NameKind::Volume, "name", &odd).is_ok());
+    }
+
+    #[test]
+    fn ephemeral_names_are_deterministic_valid_blockd_names() {
+        let id = "csi-8f2e0c0b5d7a4f0f9b1e2d3c4b5a69788f2e0c0b5d7a4f0f9b1e2d3c4b5a6978";
+        let name = ephemeral_volume_name(id);
+        assert_eq!(name, ephemeral_volume_name(id));
+        assert_ne!(name, ephemeral_volume_name("csi-other"));
+        assert!(name.starts_with("eph-") && name.len() == 36);
+        assert!(validate_name(NameKind::Volume, "name", &name).is_ok());
+        // It is a volume id's volume part too, so the node can stage it like any volume.
+        assert!(VolumeId::parse(&format!("node-a/{name}")).is_ok());
     }
 }

@@ -264,6 +264,12 @@ fn parse_bandwidth(value: &str) -> Result<u64, String> {
     u64::try_from(bytes).map_err(|_| "the number is too large".to_string())
 }
 
+/// A size as a Kubernetes `resource.Quantity` (`1Gi`, `500M`, `1073741824`), read as
+/// [`parse_bandwidth`] reads bandwidths: the `size` of an inline ephemeral volume.
+pub fn parse_quantity(value: &str) -> Result<u64, String> {
+    parse_bandwidth(value)
+}
+
 fn positive_integer(key: &'static str, value: &str) -> Result<u64, ParamError> {
     match value.trim().parse::<u64>() {
         Ok(n) if n > 0 => Ok(n),

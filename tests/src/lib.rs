@@ -13,6 +13,9 @@
 //! per process, which is a no-op when they are fresh. `BLOCKD_BIN` / `BLOCKCTL_BIN`
 //! override the paths (and skip the build).
 
+pub mod csi_node;
+pub mod manifests;
+
 use std::io::Read;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -530,6 +533,8 @@ pub fn is_root() -> bool {
 pub struct CsiShim {
     child: Option<Child>,
     args: Vec<String>,
+    /// Extra environment of the process (e.g. csi-shim's crash points).
+    env: Vec<(String, String)>,
     log_path: PathBuf,
     socket: PathBuf,
     state_dir: PathBuf,
@@ -541,6 +546,16 @@ impl CsiShim {
     /// Starts `csi-shim --mode all` for node `node_id` against `daemon`, with `extra_args`
     /// (e.g. `["--attach", "fuse-loop"]`), and waits until its socket answers.
     pub fn start(daemon: &Daemon, node_id: &str, extra_args: &[&str]) -> CsiShim {
+        CsiShim::start_with_env(daemon, node_id, extra_args, &[])
+    }
+
+    /// [`CsiShim::start`] with extra environment variables for the process.
+    pub fn start_with_env(
+        daemon: &Daemon,
+        node_id: &str,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> CsiShim {
         let dir = tempfile::Builder::new()
             .prefix("csi-shim-test-")
             .tempdir()
@@ -561,6 +576,10 @@ impl CsiShim {
         let mut shim = CsiShim {
             child: None,
             args,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             log_path: dir.path().join("csi-shim.log"),
             socket,
             state_dir,
@@ -574,6 +593,7 @@ impl CsiShim {
         let log = append_log(&self.log_path);
         let child = Command::new(binary("csi-shim"))
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("CSI_SHIM_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log fd"))
@@ -653,6 +673,32 @@ impl CsiShim {
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "stop csi-shim first");
         self.spawn();
+    }
+
+    /// Starts csi-shim again with the same flags and state directory and with `env` as
+    /// its extra environment (replacing the one it was started with).
+    pub fn restart_with_env(&mut self, env: &[(&str, &str)]) {
+        self.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.restart();
+    }
+
+    /// Waits for a csi-shim that ends by itself (say, at a crash point) and reaps it.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("csi-shim was started");
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait for csi-shim") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("csi-shim did not exit; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 

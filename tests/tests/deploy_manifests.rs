@@ -4,41 +4,13 @@
 //! (the CSIDriver's flags, the sidecars in node-deployment mode, the seed's two classes,
 //! the snapshot class) — schemas cannot say that a provisioner runs per node.
 //!
-//! `tools/test.sh` installs kubectl and a venv with kubernetes-validate (`BLOCKD_VENV`).
+//! `tools/test.sh` installs kubectl and a venv with kubernetes-validate (`BLOCKD_VENV`);
+//! the validation itself is `blockd_tests::manifests`, shared with the tests of printed
+//! objects (`blockctl volume pv`).
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
-}
-
-fn venv() -> PathBuf {
-    std::env::var_os("BLOCKD_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/blockd-venv")
-        })
-}
-
-/// The tools this test needs, or the reason it cannot run.
-fn tools() -> Result<(PathBuf, PathBuf), String> {
-    if !blockd_tests::have_tool("kubectl") {
-        return Err("kubectl is not installed (tools/test.sh installs it)".into());
-    }
-    let venv = venv();
-    let validate = venv.join("bin/kubernetes-validate");
-    if !validate.exists() {
-        return Err(format!(
-            "{} is missing (tools/test.sh installs it)",
-            validate.display()
-        ));
-    }
-    Ok((validate, venv.join("bin/python3")))
-}
+use blockd_tests::manifests::{repo, tools, validate};
 
 fn render() -> String {
     let out = Command::new("kubectl")
@@ -52,37 +24,6 @@ fn render() -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).expect("utf-8 manifests")
-}
-
-/// Runs kubernetes-validate --strict; every object must pass or (only for the
-/// snapshot.storage.k8s.io and groupsnapshot.storage.k8s.io CRD kinds, which have no
-/// built-in schema) be unknown.
-fn validate(validate: &Path, file: &Path) {
-    let out = Command::new(validate)
-        .arg("--strict")
-        .arg(file)
-        .output()
-        .expect("run kubernetes-validate");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success(),
-        "{} failed validation:\n{text}",
-        file.display()
-    );
-    for line in text.lines() {
-        if line.starts_with("INFO") && line.contains(" passed ") {
-            continue;
-        }
-        let crd_without_schema = line.starts_with("WARN")
-            && line.contains("Couldn't find schema")
-            && (line.contains("snapshot.storage.k8s.io/v1")
-                || line.contains("groupsnapshot.storage.k8s.io/v1beta1"));
-        assert!(crd_without_schema, "{}: {line}", file.display());
-    }
 }
 
 #[test]
@@ -120,9 +61,10 @@ check(drv is not None, "CSIDriver blockd.csi.io exists")
 if drv:
     spec = drv["spec"]
     check(spec.get("attachRequired") is False, "CSIDriver attachRequired: false")
-    check(spec.get("podInfoOnMount") is False, "CSIDriver podInfoOnMount: false")
-    check(spec.get("volumeLifecycleModes") == ["Persistent"],
-          "CSIDriver lifecycle mode Persistent (inline Ephemeral is not implemented)")
+    check(spec.get("podInfoOnMount") is True,
+          "CSIDriver podInfoOnMount: true (kubelet marks ephemeral publishes only then)")
+    check(spec.get("volumeLifecycleModes") == ["Persistent", "Ephemeral"],
+          "CSIDriver lifecycle modes Persistent and Ephemeral")
 
 ds = by.get(("DaemonSet", "blockd"))
 check(ds is not None, "DaemonSet blockd exists")
@@ -251,7 +193,7 @@ fn walkthrough_examples_follow_the_seed_chapter() {
 fn attributes_and_group_snapshot_class_examples() {
     let dir = repo().join("deploy/kubernetes/examples");
     let read = |f: &str| std::fs::read_to_string(dir.join(f)).expect("example file");
-    let vac = read("05-volumeattributesclass.yaml");
+    let vac = read("07-volumeattributesclass.yaml");
     assert!(
         vac.contains("kind: VolumeAttributesClass") && vac.contains("driverName: blockd.csi.io")
     );
@@ -271,9 +213,76 @@ fn attributes_and_group_snapshot_class_examples() {
             in_params = false;
         }
     }
-    let group = read("06-group-snapshot.yaml");
+    let group = read("08-group-snapshot.yaml");
     assert!(
         group.contains("kind: VolumeGroupSnapshotClass") && group.contains("driver: blockd.csi.io")
     );
     assert!(group.contains("kind: VolumeGroupSnapshot\n"));
 }
+
+/// The static-provisioning and inline-ephemeral examples use the driver as csi-shim
+/// serves it: the PV's handle and node affinity, the claim bound to it by name, the pod's
+/// inline volume with a size.
+#[test]
+fn static_and_ephemeral_examples_match_the_driver() {
+    let python = match tools() {
+        Ok((_, python)) => python,
+        Err(reason) => {
+            blockd_tests::skip(&reason);
+            return;
+        }
+    };
+    let dir = repo().join("deploy/kubernetes/examples");
+    let out = Command::new(python)
+        .arg("-c")
+        .arg(EXAMPLE_CHECKS)
+        .arg(dir.join("05-static-pv.yaml"))
+        .arg(dir.join("06-ephemeral-pod.yaml"))
+        .output()
+        .expect("run the example checks");
+    assert!(
+        out.status.success(),
+        "example checks failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+const EXAMPLE_CHECKS: &str = r#"
+import sys, yaml
+static = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+eph = [d for d in yaml.safe_load_all(open(sys.argv[2])) if d]
+bad = []
+def check(cond, what):
+    if not cond:
+        bad.append(what)
+kinds = {d["kind"]: d for d in static}
+pv, pvc, pod = kinds.get("PersistentVolume"), kinds.get("PersistentVolumeClaim"), kinds.get("Pod")
+check(pv and pvc and pod, "05-static-pv.yaml has a PV, a PVC and a pod")
+if pv and pvc and pod:
+    csi = pv["spec"]["csi"]
+    check(csi["driver"] == "blockd.csi.io", "PV driver blockd.csi.io")
+    node, _, vol = csi["volumeHandle"].partition("/")
+    check(node and vol and "/" not in vol, "PV volumeHandle is NODE/VOLUME")
+    expr = pv["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"][0]["matchExpressions"][0]
+    check(expr["key"] == "topology.blockd.io/node" and expr["values"] == [node],
+          "PV node affinity names the handle's node on topology.blockd.io/node")
+    check(pv["spec"]["claimRef"]["name"] == pvc["metadata"]["name"], "PV claimRef names the PVC")
+    check(pvc["spec"].get("volumeName") == pv["metadata"]["name"], "PVC volumeName names the PV")
+    check(pvc["spec"].get("storageClassName") == "", "PVC has no class (static binding)")
+    check(pvc["spec"]["resources"]["requests"]["storage"] == pv["spec"]["capacity"]["storage"],
+          "PVC asks for the PV's capacity")
+    claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"]]
+    check(claims == [pvc["metadata"]["name"]], "the pod mounts the claim")
+pods = [d for d in eph if d["kind"] == "Pod"]
+check(len(pods) == 1, "06-ephemeral-pod.yaml has one pod")
+for p in pods:
+    inline = [v["csi"] for v in p["spec"]["volumes"] if "csi" in v]
+    check(len(inline) == 1 and inline[0]["driver"] == "blockd.csi.io",
+          "the pod has an inline blockd.csi.io volume")
+    for v in inline:
+        check("size" in v.get("volumeAttributes", {}), "the inline volume sets a size")
+for line in bad:
+    print("FAILED:", line)
+sys.exit(1 if bad else 0)
+"#;

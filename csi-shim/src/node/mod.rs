@@ -9,6 +9,13 @@
 //!   NodeUnstage        umount STAGING ─▶ detach ─▶ blockd Unexport ─▶ drop the record
 //! ```
 //!
+//! Inline ephemeral volumes ([`ephemeral`]): a NodePublishVolume whose volume context has
+//! `csi.storage.k8s.io/ephemeral: "true"` creates the blockd volume and runs the stage and
+//! publish above on it (a private staging path under `--state-dir/ephemeral/`); its
+//! NodeUnpublishVolume runs unpublish and unstage and deletes the volume. An unpublish of
+//! an id this driver never hands out (not `NODE/VOLUME`) with no ephemeral record is an
+//! ephemeral volume already removed: it succeeds once nothing is mounted at the target.
+//!
 //! Ownership and invariants:
 //! - this module owns `--state-dir/volumes/` (records, see [`state`]) and
 //!   `--state-dir/attach/` (per-volume work directories, see [`attach`]); the in-memory map
@@ -28,6 +35,7 @@
 //! missing field and an unknown volume is answered `INVALID_ARGUMENT`.
 
 pub mod attach;
+pub mod ephemeral;
 pub mod error;
 pub mod exec;
 pub mod fs;
@@ -70,6 +78,9 @@ pub struct NodeService {
     driver: Arc<Driver>,
     store: StateStore,
     attacher: Attacher,
+    /// Records of inline ephemeral volumes (`--state-dir/ephemeral/`), keyed by kubelet's
+    /// volume id; see [`ephemeral`].
+    ephemeral: StateStore,
     /// Volume id → record; mirrors `store`.
     records: Mutex<BTreeMap<String, StagedVolume>>,
 }
@@ -84,6 +95,7 @@ impl NodeService {
     /// the background at once ([`Attacher::spawn_reconnect`]).
     pub async fn start(driver: Arc<Driver>) -> anyhow::Result<Self> {
         let store = StateStore::open(&driver.args.state_dir.join("volumes"))?;
+        let ephemeral = StateStore::open(&driver.args.state_dir.join("ephemeral"))?;
         let attacher = Attacher::new(&driver.args);
         let mut records = BTreeMap::new();
         for record in store.load_all()? {
@@ -123,6 +135,7 @@ impl NodeService {
             driver,
             store,
             attacher,
+            ephemeral,
             records: Mutex::new(records),
         })
     }
@@ -894,6 +907,20 @@ impl Node for NodeService {
             let target = required_path(&req.target_path, "target_path")?;
             let cap = capability(req.volume_capability.as_ref())?;
             let staging = optional_path(&req.staging_target_path, "staging_target_path")?;
+            if ephemeral::requested(&req.volume_context) {
+                // Kubelet's own volume id, no staging path: the node makes the volume.
+                supported(&cap)?;
+                let _guard = self.driver.locks.try_lock(&req.volume_id)?;
+                self.publish_ephemeral(
+                    &req.volume_id,
+                    target,
+                    cap,
+                    req.readonly,
+                    &req.volume_context,
+                )
+                .await?;
+                return Ok(NodePublishVolumeResponse {});
+            }
             let Some(staging) = staging else {
                 // The spec's code for "staging target path not set" (we stage/unstage).
                 return Err(Status::failed_precondition(
@@ -919,6 +946,12 @@ impl Node for NodeService {
         traced("NodeUnpublishVolume", &req.volume_id, async {
             required_id(&req.volume_id)?;
             let target = required_path(&req.target_path, "target_path")?;
+            {
+                let _guard = self.driver.locks.try_lock(&req.volume_id)?;
+                if self.unpublish_ephemeral(&req.volume_id, &target).await? {
+                    return Ok(NodeUnpublishVolumeResponse {});
+                }
+            }
             let id = self.volume_id(&req.volume_id)?;
             let _guard = self.driver.locks.try_lock(&req.volume_id)?;
             self.unpublish(&id, target).await?;
@@ -936,7 +969,10 @@ impl Node for NodeService {
             required_id(&req.volume_id)?;
             let path = volume_path(&req.volume_path)?;
             optional_path(&req.staging_target_path, "staging_target_path")?;
-            let id = self.volume_id(&req.volume_id)?;
+            let id = match self.ephemeral_stats_id(&req.volume_id)? {
+                Some(id) => id,
+                None => self.volume_id(&req.volume_id)?,
+            };
             Ok(self.stats(&id, path).await?)
         })
         .await

@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::attach::Attachment;
@@ -165,9 +166,36 @@ impl StateStore {
 
     /// Writes `record` atomically and durably.
     pub fn save(&self, record: &StagedVolume) -> Result<()> {
-        let path = self.path(&record.volume_id);
+        self.put(&record.volume_id, record)
+    }
+
+    /// The record stored under `key`, if any (a store of other record types than
+    /// [`StagedVolume`], such as the node's inline ephemeral volumes).
+    pub fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
+        let path = self.path(key);
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(NodeError::io(
+                    format!("Reading state record {}", path.display()),
+                    e,
+                ))
+            }
+        };
+        serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+            NodeError::io(
+                format!("Decoding state record {}", path.display()),
+                std::io::Error::other(e),
+            )
+        })
+    }
+
+    /// Writes `value` under `key` atomically and durably.
+    pub fn put<T: Serialize>(&self, key: &str, value: &T) -> Result<()> {
+        let path = self.path(key);
         let tmp = path.with_extension("json.tmp");
-        let bytes = serde_json::to_vec_pretty(record)
+        let bytes = serde_json::to_vec_pretty(value)
             .map_err(|e| NodeError::io("Encoding a state record", std::io::Error::other(e)))?;
         let write = || -> std::io::Result<()> {
             let mut file = std::fs::File::create(&tmp)?;

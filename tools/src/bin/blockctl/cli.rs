@@ -161,6 +161,15 @@ pub enum VolumeCommand {
     /// Copies what a clone still reads from its parent, so it no longer depends on it.
     #[command(after_help = "Example:\n  blockctl volume flatten clone1")]
     Flatten { name: String },
+    /// Prints a Kubernetes PersistentVolume for an existing volume (static provisioning).
+    ///
+    /// The PV names the volume as csi-shim does (driver blockd.csi.io, volume handle
+    /// NODE/VOLUME) and pins pods to NODE, the node whose blockd holds it.
+    #[command(after_help = "Examples:
+  blockctl volume pv vol1 --node worker-1 | kubectl apply -f -
+  blockctl volume pv db --node worker-1 --fs-type xfs --name db-pv --reclaim Delete
+  blockctl volume pv raw --node worker-1 --block")]
+    Pv(crate::pv::PvArgs),
 }
 
 #[derive(Debug, Args)]
@@ -266,6 +275,9 @@ mod tests {
             "volume delete v",
             "volume resize v --size 20GiB",
             "volume flatten v",
+            "volume pv v --node n1",
+            "volume pv v --node n1 --fs-type xfs --reclaim Delete --name p --storage-class s",
+            "volume pv v --node n1 --block -o json",
             "snapshot create v s",
             "snapshot list",
             "snapshot list v",
@@ -291,6 +303,10 @@ mod tests {
             "volume resize v",
             "snapshot create v",
             "snapshot create-group g",
+            "volume pv v",
+            "volume pv v --node n1 --fs-type btrfs",
+            "volume pv v --node n1 --reclaim retain",
+            "volume pv v --node n1 --block --fs-type xfs",
         ] {
             assert!(parse(bad).is_err(), "{bad}");
         }

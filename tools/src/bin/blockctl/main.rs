@@ -6,6 +6,7 @@
 //! line, `error: <what went wrong>`.
 
 mod cli;
+mod pv;
 mod render;
 
 use std::io::Write;
@@ -293,6 +294,7 @@ async fn pool(api: &mut Api, out: Output, cmd: PoolCommand) -> anyhow::Result<()
 
 async fn volume(api: &mut Api, out: Output, cmd: VolumeCommand) -> anyhow::Result<()> {
     match cmd {
+        VolumeCommand::Pv(args) => pv::print(api, out, args).await,
         VolumeCommand::Create(args) => {
             let source = match (args.from_snapshot, args.from_volume) {
                 (Some(s), _) => Some(v1::create_volume_request::Source::SourceSnapshot(s)),
