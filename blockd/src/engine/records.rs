@@ -11,8 +11,8 @@
 //! snapshot or volume it was made from. The names next to them (`origin`, `source`) are
 //! the names as they were then, kept for display and for `VOL@SNAP` export names.
 //!
-//! Records written before ids existed have none. `Engine::open` gives them one in a
-//! single synced batch, once, and keep them from then on (`assign_legacy_ids` in the engine):
+//! Records written before ids existed have none. `Engine::open` gives them theirs in
+//! one synced batch, once, and they keep them from then on (`assign_legacy_ids`):
 //! - a volume's id is derived from its lineage (one volume per lineage, for ever), so a
 //!   snapshot whose volume is long gone can still name it: its `origin_id` is derived
 //!   from the same lineage and matches no live volume;
