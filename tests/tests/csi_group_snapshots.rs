@@ -66,6 +66,7 @@ impl Env {
             .exports
             .unexport(v1::UnexportRequest {
                 image: image.into(),
+                force: false,
             })
             .await
             .expect("blockd Unexport");

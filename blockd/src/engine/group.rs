@@ -37,7 +37,7 @@ use super::error::{EngineError, ObjectKind, Result};
 use super::records::{ImageKind, ImageRecord};
 use super::state::State;
 use super::types::{Qos, SnapshotInfo, MAX_NAME_LEN};
-use super::{image_put, lineage_put, next_id_put, now_unix, validate_name, Engine};
+use super::{image_put, lineage_put, next_id_put, now_unix, records, validate_name, Engine};
 
 /// A group snapshot: its members, sorted by volume name.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -166,9 +166,13 @@ impl Engine {
                 created_unix: created,
                 exported: false,
                 group: group.to_string(),
+                uuid: records::new_id(),
+                origin_id: st.images[vid].uuid.clone(),
+                source_id: String::new(),
             };
             lineage_put(&mut st.pending, *lineage, &lrec);
             image_put(&mut st.pending, id, &irec);
+            st.by_uuid.insert(irec.uuid.clone(), id);
             st.images.insert(id, irec);
             st.snapshots_by_name.insert(name.clone(), id);
             ids.push(id);
@@ -222,6 +226,7 @@ impl Engine {
         for id in &ids {
             let img = st.images.remove(id).expect("indexed image exists");
             st.snapshots_by_name.remove(&img.name);
+            st.by_uuid.remove(&img.uuid);
             if let Some(lin) = st.lineages.get_mut(&img.lineage) {
                 lin.remove_reader(img.epoch);
             }

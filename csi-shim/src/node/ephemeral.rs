@@ -392,6 +392,9 @@ impl NodeService {
             .exports()
             .unexport(v1::UnexportRequest {
                 image: id.volume.clone(),
+                // Unstage above already detached this node's client; blockd may not have
+                // seen its connection close yet (as in node unstage).
+                force: true,
             })
             .await
         {
@@ -410,6 +413,8 @@ impl NodeService {
             .volumes()
             .delete_volume(v1::DeleteVolumeRequest {
                 name: id.volume.clone(),
+                // Unexported just above, with its connections closed.
+                force: true,
             })
             .await
         {
