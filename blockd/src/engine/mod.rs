@@ -41,6 +41,7 @@
 //!   mapped chunk (64 MiB per TiB written at 64 KiB chunks).
 
 mod commit;
+pub mod delta;
 pub mod error;
 mod fsck;
 mod gc;
@@ -61,6 +62,7 @@ use crate::device::BlockDevice;
 use crate::meta::keys::{self, ZERO};
 use crate::meta::{Cf, MetaStore, WriteBatch};
 
+pub use delta::{DiffEnds, DiffExtent, DiffTarget, ExtentPage, SnapshotEpoch};
 pub use error::{EngineError, ObjectKind, Result};
 pub use io::{DeviceIo, ReadPin, WritePin};
 use records::{ImageKind, ImageRecord, Intent, LineageRecord, ParentRef, PoolRecord};
