@@ -23,6 +23,7 @@ mod convert;
 mod daemon;
 pub mod error;
 mod exports;
+mod image_data;
 mod pools;
 mod snapshots;
 mod volumes;
@@ -34,6 +35,7 @@ use std::time::Instant;
 
 use blockd_proto::v1::daemon_service_server::DaemonServiceServer;
 use blockd_proto::v1::export_service_server::ExportServiceServer;
+use blockd_proto::v1::image_data_service_server::ImageDataServiceServer;
 use blockd_proto::v1::pool_service_server::PoolServiceServer;
 use blockd_proto::v1::snapshot_service_server::SnapshotServiceServer;
 use blockd_proto::v1::volume_service_server::VolumeServiceServer;
@@ -46,6 +48,7 @@ use crate::metrics::Metrics;
 
 pub use daemon::DaemonApi;
 pub use exports::ExportApi;
+pub use image_data::ImageDataApi;
 pub use pools::PoolApi;
 pub use snapshots::SnapshotApi;
 pub use volumes::VolumeApi;
@@ -161,6 +164,7 @@ pub fn routes(ctx: &ApiContext) -> Routes {
         .add_service(SnapshotServiceServer::new(SnapshotApi::new(ctx.clone())))
         .add_service(ExportServiceServer::new(ExportApi::new(ctx.clone())))
         .add_service(DaemonServiceServer::new(DaemonApi::new(ctx.clone())))
+        .add_service(ImageDataServiceServer::new(ImageDataApi::new(ctx.clone())))
 }
 
 /// The fully qualified names of the services [`routes`] serves (for health and logs).
@@ -170,4 +174,5 @@ pub const SERVICE_NAMES: &[&str] = &[
     "blockd.v1.SnapshotService",
     "blockd.v1.ExportService",
     "blockd.v1.DaemonService",
+    "blockd.v1.ImageDataService",
 ];

@@ -5,7 +5,9 @@
 //! progress bars and errors go to stderr; every failure exits non-zero after printing one
 //! line, `error: <what went wrong>`.
 
+mod backup;
 mod cli;
+mod diff_stream;
 mod render;
 
 use std::io::Write;
@@ -39,7 +41,7 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    let cli = match Cli::try_parse() {
+    let cli = match Cli::try_parse_from(backup::rewrite_export_diff_args(std::env::args_os())) {
         Ok(cli) => cli,
         Err(err) => return usage_error(err),
     };
@@ -119,6 +121,8 @@ struct Api {
     snapshots: SnapshotServiceClient<Channel>,
     exports: ExportServiceClient<Channel>,
     daemon: DaemonServiceClient<Channel>,
+    /// The shared connection, for the services used by one command only.
+    channel: Channel,
 }
 
 impl Api {
@@ -134,7 +138,8 @@ impl Api {
             volumes: VolumeServiceClient::new(channel.clone()),
             snapshots: SnapshotServiceClient::new(channel.clone()),
             exports: ExportServiceClient::new(channel.clone()),
-            daemon: DaemonServiceClient::new(channel),
+            daemon: DaemonServiceClient::new(channel.clone()),
+            channel,
         })
     }
 }
@@ -242,6 +247,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             spinner.finish_and_clear();
             show(out, &GcView::from(report?.into_inner()), render::gc_details)
         }
+        Command::ExportDiff(args) => backup::export_diff(&api.channel, args).await,
+        Command::ImportDiff(args) => backup::import_diff(&api.channel, args).await,
     }
 }
 
@@ -398,6 +405,9 @@ async fn volume(api: &mut Api, out: Output, cmd: VolumeCommand) -> anyhow::Resul
             confirm(out, &view, line)
         }
         VolumeCommand::Flatten { name } => flatten(api, out, name).await,
+        VolumeCommand::Allocated { image } => {
+            backup::volume_allocated(&api.channel, out, image).await
+        }
     }
 }
 
@@ -505,6 +515,9 @@ async fn snapshot(api: &mut Api, out: Output, cmd: SnapshotCommand) -> anyhow::R
                 &serde_json::json!({ "name": name, "deleted": true }),
                 format!("deleted snapshot {name:?}"),
             )
+        }
+        SnapshotCommand::Diff { base, target } => {
+            backup::snapshot_diff(&api.channel, out, base, target).await
         }
     }
 }
