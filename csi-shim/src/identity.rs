@@ -71,6 +71,8 @@ impl Identity for IdentityService {
         let mut capabilities = Vec::new();
         if self.driver.args.mode.controller() {
             capabilities.push(service_capability(service::Type::ControllerService));
+            // Served next to the controller (the sidecar runs with the controller).
+            capabilities.push(service_capability(service::Type::SnapshotMetadataService));
         }
         capabilities.push(service_capability(
             service::Type::VolumeAccessibilityConstraints,

@@ -4,6 +4,8 @@
 //! the CSI services on a unix socket:
 //! - [`identity`]: plugin info, capabilities, Probe (ready only when blockd answers);
 //! - [`controller`]: volumes, snapshots, clones, expansion, capacity, listings;
+//! - [`snapshot_metadata`]: changed-block tracking (allocated and changed ranges of
+//!   snapshots) for backup applications, through the external-snapshot-metadata sidecar;
 //! - [`node`]: stage (export + attach + mkfs + mount), publish (bind mounts), stats,
 //!   expansion, and the record of staged volumes that survives restarts.
 //!
@@ -22,6 +24,7 @@ pub mod locks;
 pub mod node;
 pub mod params;
 pub mod proxy;
+pub mod snapshot_metadata;
 
 use std::sync::Arc;
 
@@ -29,6 +32,7 @@ use anyhow::Context;
 use blockd_proto::csi::controller_server::ControllerServer;
 use blockd_proto::csi::identity_server::IdentityServer;
 use blockd_proto::csi::node_server::NodeServer;
+use blockd_proto::csi::snapshot_metadata_server::SnapshotMetadataServer;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
@@ -95,7 +99,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .add_optional_service(mode.controller().then(|| {
             ControllerServer::new(controller::ControllerService::new(Arc::clone(&driver)))
         }))
-        .add_optional_service(node.map(NodeServer::new));
+        .add_optional_service(node.map(NodeServer::new))
+        .add_optional_service(mode.controller().then(|| {
+            SnapshotMetadataServer::new(snapshot_metadata::SnapshotMetadataService::new(
+                Arc::clone(&driver),
+            ))
+        }));
     router
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
         .await
