@@ -161,6 +161,20 @@ fn snapshot_diff_and_volume_allocated() {
     assert!(err.contains("\"nope\""), "{err}");
     let err = d.ctl_err(&["volume", "allocated", "v@nope"]);
     assert!(err.contains("nope"), "{err}");
+    // export-diff exports snapshots; import-diff needs a readable stream.
+    let err = d.ctl_err(&["export-diff", "v", "-o", "/dev/null"]);
+    assert!(err.contains("VOLUME@SNAP"), "{err}");
+    let err = d.ctl_err(&["export-diff", "w@s1", "-o", "/dev/null"]);
+    assert!(err.contains("\"s1\"") && err.contains("\"w\""), "{err}");
+    // A device is written directly, never replaced by a renamed temporary file.
+    d.ctl_ok(&["export-diff", "v@s2", "--from", "s1", "-o", "/dev/null"]);
+    use std::os::unix::fs::FileTypeExt;
+    assert!(std::fs::metadata("/dev/null")
+        .unwrap()
+        .file_type()
+        .is_char_device());
+    let err = d.ctl_err(&["import-diff", "/nonexistent/stream", "x"]);
+    assert!(err.contains("/nonexistent/stream"), "{err}");
 
     // The delta reaches across a clone: a clone of s1 and its own snapshot.
     d.ctl_ok(&["volume", "create", "c", "--from-snapshot", "s1"]);

@@ -263,10 +263,11 @@ fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
-/// Where export-diff writes: stdout, or a temporary file renamed into place at the end
-/// (a failed export never leaves a plausible-looking half stream behind).
+/// Where export-diff writes: stdout or a device or pipe, written directly, or a regular file
+/// written as a temporary file renamed into place at the end (a failed export never leaves a
+/// plausible-looking half stream behind).
 enum Sink {
-    Stdout(BufWriter<std::io::Stdout>),
+    Direct(BufWriter<Box<dyn Write>>),
     File {
         tmp: BufWriter<File>,
         tmp_path: std::path::PathBuf,
@@ -277,13 +278,13 @@ enum Sink {
 impl Write for Sink {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         match self {
-            Sink::Stdout(w) => w.write(buf),
+            Sink::Direct(w) => w.write(buf),
             Sink::File { tmp, .. } => tmp.write(buf),
         }
     }
     fn flush(&mut self) -> std::io::Result<()> {
         match self {
-            Sink::Stdout(w) => w.flush(),
+            Sink::Direct(w) => w.flush(),
             Sink::File { tmp, .. } => tmp.flush(),
         }
     }
@@ -362,8 +363,19 @@ pub async fn export_diff(channel: &Channel, args: ExportDiffArgs) -> anyhow::Res
         created_unix: now_unix(),
         tool: format!("blockctl {}", env!("CARGO_PKG_VERSION")),
     };
+    let special = std::fs::metadata(&args.file).is_ok_and(|m| !m.is_file() && !m.is_dir());
     let sink = if args.file == Path::new("-") {
-        Sink::Stdout(BufWriter::with_capacity(1 << 20, std::io::stdout()))
+        Sink::Direct(BufWriter::with_capacity(
+            1 << 20,
+            Box::new(std::io::stdout()),
+        ))
+    } else if special {
+        // A device or a pipe (/dev/null, a FIFO): never renamed over.
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&args.file)
+            .with_context(|| format!("cannot open {}", args.file.display()))?;
+        Sink::Direct(BufWriter::with_capacity(1 << 20, Box::new(f)))
     } else {
         let name = args
             .file
@@ -434,7 +446,7 @@ async fn write_stream(
 ) -> ExportResult {
     let tmp = match &sink {
         Sink::File { tmp_path, .. } => Some(tmp_path.clone()),
-        Sink::Stdout(_) => None,
+        Sink::Direct(_) => None,
     };
     let fail = |e: anyhow::Error| (e, tmp.clone());
     let mut w = Writer::new(sink, header).map_err(fail)?;
