@@ -7,13 +7,15 @@
 //!
 //! Invariants after [`Config::validate`]: at least one pool; pool names are valid and
 //! unique; chunk sizes are powers of two within the engine's limits; pool sizes and the
-//! commit interval are positive.
+//! commit interval are positive; the over-provisioning limit is a positive finite ratio
+//! or unlimited.
 //!
 //! ```toml
 //! state-dir = "/var/lib/blockd"
 //! metrics-addr = "127.0.0.1:9571"
 //! io-engine = "auto"
 //! log-format = "json"
+//! max-overprovision = 20.0   # or 0 / "none": unlimited
 //!
 //! [[pool]]
 //! name = "default"
@@ -34,7 +36,9 @@ use clap::{Parser, ValueEnum};
 use serde::{Deserialize, Deserializer};
 
 use crate::device::EngineChoice;
-use crate::engine::{DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
+use crate::engine::{
+    DEFAULT_CHUNK_SIZE, DEFAULT_MAX_OVERPROVISION, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,
+};
 
 /// Size of the default pool's file when it is created: 10 GiB, sparse.
 pub const DEFAULT_POOL_SIZE: u64 = 10 << 30;
@@ -112,6 +116,83 @@ pub struct Args {
     /// Group commit interval in milliseconds.
     #[arg(long, value_name = "MS")]
     pub commit_interval_ms: Option<u64>,
+
+    /// Over-provisioning limit of every pool: creating, cloning or growing a volume is
+    /// refused (RESOURCE_EXHAUSTED) when the sizes of the pool's volumes would add up to
+    /// more than RATIO times its capacity. 0 or "none" means unlimited [default: 20].
+    #[arg(long, value_name = "RATIO")]
+    pub max_overprovision: Option<MaxOverprovision>,
+}
+
+/// The pools' over-provisioning limit: a positive ratio, or unlimited (`None`).
+///
+/// Given as a number (`20`, `2.5`) or, for unlimited, `0`, `none` or `unlimited`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MaxOverprovision(pub Option<f64>);
+
+// Only finite, non-negative ratios are ever built (see `FromStr`), so equality is total.
+impl Eq for MaxOverprovision {}
+
+impl Default for MaxOverprovision {
+    fn default() -> Self {
+        MaxOverprovision(Some(DEFAULT_MAX_OVERPROVISION))
+    }
+}
+
+impl MaxOverprovision {
+    fn from_ratio(ratio: f64) -> Result<Self, String> {
+        if !ratio.is_finite() || ratio < 0.0 {
+            return Err(format!(
+                "{ratio} is not a ratio: give a positive number such as 20, or 0 or \"none\" for unlimited"
+            ));
+        }
+        Ok(MaxOverprovision((ratio > 0.0).then_some(ratio)))
+    }
+}
+
+impl FromStr for MaxOverprovision {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "none" | "unlimited" => Ok(MaxOverprovision(None)),
+            text => {
+                let ratio: f64 = text.parse().map_err(|_| {
+                    format!(
+                        "{s:?} is not a ratio: give a positive number such as 20, or 0 or \"none\" for unlimited"
+                    )
+                })?;
+                Self::from_ratio(ratio)
+            }
+        }
+    }
+}
+
+impl fmt::Display for MaxOverprovision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(r) => write!(f, "{r}"),
+            None => f.write_str("none"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for MaxOverprovision {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(i64),
+            Float(f64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Self::from_ratio(n as f64),
+            Raw::Float(r) => Self::from_ratio(r),
+            Raw::Text(s) => s.parse(),
+        }
+        .map_err(serde::de::Error::custom)
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum, Deserialize)]
@@ -255,6 +336,7 @@ pub struct Config {
     pub io_engine: IoEngineChoice,
     pub log_format: LogFormat,
     pub commit_interval_ms: u64,
+    pub max_overprovision: MaxOverprovision,
 }
 
 impl Default for Config {
@@ -268,6 +350,7 @@ impl Default for Config {
             io_engine: IoEngineChoice::Auto,
             log_format: LogFormat::Text,
             commit_interval_ms: DEFAULT_COMMIT_INTERVAL_MS,
+            max_overprovision: MaxOverprovision::default(),
         }
     }
 }
@@ -328,6 +411,9 @@ impl Config {
         }
         if let Some(ms) = args.commit_interval_ms {
             self.commit_interval_ms = ms;
+        }
+        if let Some(limit) = args.max_overprovision {
+            self.max_overprovision = limit;
         }
     }
 
@@ -459,6 +545,52 @@ mod tests {
         assert_eq!(c.io_engine, IoEngineChoice::Auto);
         assert_eq!(c.log_format, LogFormat::Text);
         assert_eq!(c.metrics_addr, None);
+        assert_eq!(c.max_overprovision, MaxOverprovision(Some(20.0)));
+    }
+
+    #[test]
+    fn max_overprovision_is_a_ratio_or_unlimited() {
+        let limit =
+            |v: &str| Config::load(args(&["--max-overprovision", v])).map(|c| c.max_overprovision);
+        assert_eq!(limit("2.5").unwrap(), MaxOverprovision(Some(2.5)));
+        assert_eq!(limit("100").unwrap(), MaxOverprovision(Some(100.0)));
+        for unlimited in ["0", "none", "unlimited", "NONE"] {
+            assert_eq!(
+                limit(unlimited).unwrap(),
+                MaxOverprovision(None),
+                "{unlimited}"
+            );
+        }
+        for bad in ["-1", "lots", "NaN", "inf", ""] {
+            assert!(
+                Args::try_parse_from(["blockd", "--max-overprovision", bad]).is_err(),
+                "{bad}"
+            );
+        }
+        let toml =
+            |text: &str| Config::from_toml(Path::new("b.toml"), text).map(|c| c.max_overprovision);
+        assert_eq!(
+            toml("max-overprovision = 4").unwrap(),
+            MaxOverprovision(Some(4.0))
+        );
+        assert_eq!(
+            toml("max-overprovision = 1.5").unwrap(),
+            MaxOverprovision(Some(1.5))
+        );
+        assert_eq!(
+            toml("max-overprovision = 0").unwrap(),
+            MaxOverprovision(None)
+        );
+        assert_eq!(
+            toml("max-overprovision = \"none\"").unwrap(),
+            MaxOverprovision(None)
+        );
+        let err = toml("max-overprovision = -3").unwrap_err();
+        assert!(err.to_string().contains("not a ratio"), "{err}");
+        // Flags override the file.
+        let mut c = Config::from_toml(Path::new("b.toml"), "max-overprovision = 4").unwrap();
+        c.apply(args(&["--max-overprovision", "none"]));
+        assert_eq!(c.max_overprovision, MaxOverprovision(None));
     }
 
     #[test]

@@ -210,6 +210,8 @@ fn run(mut config: Config) -> anyhow::Result<()> {
         });
     }
     let engine = Engine::open(meta.clone(), specs).context("cannot open the storage engine")?;
+    engine.set_max_overprovision(config.max_overprovision.0);
+    tracing::info!(max_overprovision = %config.max_overprovision, "pool over-provisioning limit");
     for pool in engine.pools() {
         tracing::info!(
             pool = %pool.name,

@@ -196,6 +196,7 @@ fn every_rpc_refuses_bad_input_with_the_right_code() {
             g.volumes
                 .delete_volume(v1::DeleteVolumeRequest {
                     name: "missing".into(),
+                    force: false,
                 })
                 .await,
             Code::NotFound,
@@ -443,6 +444,7 @@ fn every_rpc_refuses_bad_input_with_the_right_code() {
             g.exports
                 .unexport(v1::UnexportRequest {
                     image: "missing".into(),
+                    force: false,
                 })
                 .await,
             Code::NotFound,

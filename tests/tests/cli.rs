@@ -392,9 +392,17 @@ fn rounded_sizes_get_a_note_on_stderr() {
         "{}",
         out.stdout
     );
+    let lines: Vec<&str> = out.stderr.lines().collect();
     assert_eq!(
-        out.stderr.trim_end(),
+        lines[0],
         "note: size 1000 B rounded up to 4 KiB (sizes are whole multiples of the size granule)"
+    );
+    // A number without a unit that small is most likely a forgotten unit: said too.
+    assert_eq!(lines.len(), 2, "{}", out.stderr);
+    assert!(
+        lines[1].starts_with("warning: --size 1000 has no unit"),
+        "{}",
+        out.stderr
     );
 
     // JSON stays one value on stdout; the note still goes to stderr.

@@ -216,7 +216,8 @@ fn sigterm_during_nbd_writes_exits_cleanly() {
     assert!(fsck.success(), "fsck: {}", fsck.stdout);
 }
 
-/// Unexport refuses new NBD connections and closes the open ones; delete does too.
+/// Unexport refuses new NBD connections and, forced, closes the open ones; without
+/// --force it refuses while a client is connected (delete too: see `cli_safety.rs`).
 #[test]
 fn unexport_closes_open_nbd_connections() {
     if !blockd_tests::have_tool("qemu-io") {
@@ -237,7 +238,12 @@ fn unexport_closes_open_nbd_connections() {
     let mut stdin = client.stdin.take().unwrap();
     writeln!(stdin, "read 0 64k").unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    d.ctl_ok(&["unexport", "shared"]);
+    let err = d.ctl_err(&["unexport", "shared"]);
+    assert!(
+        err.contains("1 NBD client is connected") && err.contains("--force"),
+        "{err}"
+    );
+    d.ctl_ok(&["unexport", "shared", "--force"]);
     writeln!(stdin, "read 0 64k").unwrap();
     writeln!(stdin, "quit").unwrap();
     drop(stdin);

@@ -33,6 +33,7 @@ pub(crate) fn pool(p: PoolInfo) -> v1::Pool {
         snapshot_count: p.snapshots,
         health: p.health,
         is_default: p.is_default,
+        max_overprovisioning_ratio: p.max_overprovision.unwrap_or(0.0),
     }
 }
 
@@ -66,6 +67,9 @@ pub(crate) fn volume(v: VolumeInfo, exported: &Exported) -> v1::Volume {
         snapshot_count: v.snapshots,
         created_unix: v.created_unix,
         exported: is_exported,
+        id: v.id,
+        source_id: v.source_id.unwrap_or_default(),
+        source_deleted: v.source_deleted,
     }
 }
 
@@ -78,6 +82,9 @@ pub(crate) fn snapshot(s: SnapshotInfo, exported: &Exported) -> v1::Snapshot {
         size_bytes: s.size_bytes,
         created_unix: s.created_unix,
         exported: is_exported,
+        id: s.id,
+        volume_id: s.volume_id,
+        volume_deleted: s.volume_deleted,
     }
 }
 

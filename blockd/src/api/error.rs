@@ -16,7 +16,9 @@ impl From<EngineError> for Status {
             EngineError::InvalidName { .. }
             | EngineError::InvalidSize { .. }
             | EngineError::OutOfRange { .. } => Code::InvalidArgument,
-            EngineError::NoSpace { .. } => Code::ResourceExhausted,
+            EngineError::NoSpace { .. } | EngineError::OverProvisioned { .. } => {
+                Code::ResourceExhausted
+            }
             EngineError::ReadOnly { .. }
             | EngineError::ShrinkRefused { .. }
             | EngineError::FailedPrecondition { .. }
@@ -106,6 +108,17 @@ mod tests {
                 EngineError::NoSpace {
                     pool: "p".into(),
                     image: "x".into(),
+                },
+                Code::ResourceExhausted,
+            ),
+            (
+                EngineError::OverProvisioned {
+                    pool: "p".into(),
+                    what: "creating volume \"x\"".into(),
+                    provisioned: 10,
+                    requested: 20,
+                    capacity: 1,
+                    max_ratio: 20.0,
                 },
                 Code::ResourceExhausted,
             ),

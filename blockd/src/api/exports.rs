@@ -57,11 +57,21 @@ impl ExportService for ExportApi {
         &self,
         request: Request<v1::UnexportRequest>,
     ) -> Result<Response<v1::UnexportResponse>, Status> {
-        let span = tracing::info_span!("unexport", image = %request.get_ref().image);
+        let span = tracing::info_span!(
+            "unexport",
+            image = %request.get_ref().image,
+            force = request.get_ref().force
+        );
         self.ctx
             .rpc("Unexport", span, async {
+                let force = request.get_ref().force;
                 let image = ImageRef::try_from(request.into_inner())?;
                 let name = image.to_string();
+                self.ctx
+                    .refuse_if_connected(&name, force, "unexport", || {
+                        format!("blockctl unexport {name} --force")
+                    })
+                    .await?;
                 let key = name.clone();
                 let changed = self.ctx.run(move |e| e.set_exported(&key, false)).await?;
                 if changed {

@@ -53,6 +53,10 @@ pub use pools::PoolApi;
 pub use snapshots::SnapshotApi;
 pub use volumes::VolumeApi;
 
+/// How long a delete or unexport waits for connections that are closing (their client
+/// has hung up) before it counts them as connected clients.
+pub const CLOSING_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Facts about the running daemon that `GetStatus` reports.
 #[derive(Debug, Clone)]
 pub struct DaemonInfo {
@@ -106,11 +110,66 @@ impl ApiContext {
     /// no longer lists the image as exported.
     pub(crate) async fn close_nbd(&self, image: &str) {
         if let Some(nbd) = &self.nbd {
-            let closed = nbd.close_export(image).await;
-            if closed > 0 {
-                tracing::info!(image, connections = closed, "closed NBD connections");
-            }
+            // The NBD server logs how many it closed.
+            nbd.close_export(image).await;
         }
+    }
+
+    /// NBD clients connected to `image` now.
+    pub(crate) fn nbd_clients(&self, image: &str) -> usize {
+        self.nbd
+            .as_ref()
+            .map_or(0, |nbd| nbd.connection_count(Some(image)))
+    }
+
+    /// Refuses `action` on `image` with FAILED_PRECONDITION while NBD clients are
+    /// connected to it, unless `force`; the message gives the count and both ways on
+    /// (`forced` is the command that forces it).
+    ///
+    /// A client that has just hung up (`qemu-io -c ...` returned, a detached device)
+    /// can still hold its slot for a moment while the server finishes its last request:
+    /// connections are given [`CLOSING_GRACE`] to go before they count. A client that is
+    /// really there (a mounted file system) stays, and is counted.
+    ///
+    /// This is a check, not a lock: a client connecting right after it is closed by the
+    /// action itself (delete and unexport close every connection once the image is no
+    /// longer exported), exactly as with force. What the check prevents is the common
+    /// mistake of pulling a volume from under a mounted file system.
+    pub(crate) async fn refuse_if_connected(
+        &self,
+        image: &str,
+        force: bool,
+        action: &str,
+        forced: impl FnOnce() -> String,
+    ) -> Result<(), Status> {
+        let mut clients = self.nbd_clients(image);
+        if clients == 0 {
+            return Ok(());
+        }
+        if force {
+            tracing::warn!(image, clients, "forced: closing connected NBD clients");
+            return Ok(());
+        }
+        let deadline = Instant::now() + CLOSING_GRACE;
+        while clients > 0 && Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            clients = self.nbd_clients(image);
+        }
+        if clients == 0 {
+            return Ok(());
+        }
+        let (noun, them) = if clients == 1 {
+            ("client is", "it")
+        } else {
+            ("clients are", "them")
+        };
+        Err(Status::failed_precondition(format!(
+            "Cannot {action} {image:?}: {clients} NBD {noun} connected to it; \
+             disconnect {them} first (unmount and detach the device; with csi-shim, \
+             unstage the volume), or close the connections with `{}` (a file system \
+             mounted on {them} then fails)",
+            forced()
+        )))
     }
 
     /// Runs a blocking engine call on the blocking pool, inside the current span.

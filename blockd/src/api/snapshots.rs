@@ -45,9 +45,6 @@ impl SnapshotService for SnapshotApi {
                         Ok((info, created, exported(e)))
                     })
                     .await?;
-                if created {
-                    tracing::info!(size_bytes = info.size_bytes, "created snapshot");
-                }
                 Ok(Response::new(v1::CreateSnapshotResponse {
                     snapshot: Some(convert::snapshot(info, &exported)),
                     created,
@@ -109,18 +106,18 @@ impl SnapshotService for SnapshotApi {
         self.ctx
             .rpc("DeleteSnapshot", span, async {
                 let name = SnapshotName::try_from(request.into_inner())?;
-                let (deleted, image) = self
+                let image = self
                     .ctx
                     .run(move |e| {
                         // The image name of the snapshot, for forgetting its metrics.
                         let info = e.snapshot(name.as_str())?;
                         e.delete_snapshot(name.as_str())?;
-                        Ok((name, format!("{}@{}", info.volume, info.name)))
+                        Ok(format!("{}@{}", info.volume, info.name))
                     })
                     .await?;
+                // The engine logged the delete.
                 self.ctx.close_nbd(&image).await;
                 self.ctx.metrics.forget_image(&image);
-                tracing::info!(snapshot = %deleted, "deleted snapshot");
                 Ok(Response::new(v1::DeleteSnapshotResponse {}))
             })
             .await

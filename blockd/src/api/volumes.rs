@@ -49,14 +49,7 @@ impl VolumeService for VolumeApi {
                         Ok((info, created, exported(e)))
                     })
                     .await?;
-                if created {
-                    tracing::info!(
-                        pool = %info.pool,
-                        size_bytes = info.size_bytes,
-                        source = ?info.source,
-                        "created volume"
-                    );
-                }
+                // The engine logs the creation (once, with the ids).
                 Ok(Response::new(v1::CreateVolumeResponse {
                     volume: Some(convert::volume(info, &exported)),
                     created,
@@ -108,17 +101,31 @@ impl VolumeService for VolumeApi {
         &self,
         request: Request<v1::DeleteVolumeRequest>,
     ) -> Result<Response<v1::DeleteVolumeResponse>, Status> {
-        let span = tracing::info_span!("delete_volume", volume = %request.get_ref().name);
+        let span = tracing::info_span!(
+            "delete_volume",
+            volume = %request.get_ref().name,
+            force = request.get_ref().force
+        );
         self.ctx
             .rpc("DeleteVolume", span, async {
+                let force = request.get_ref().force;
                 let name = VolumeName::try_from(request.into_inner())?;
+                let probe = name.clone();
+                // NOT_FOUND first: a missing volume has no clients to count.
+                self.ctx.run(move |e| e.volume(probe.as_str())).await?;
+                self.ctx
+                    .refuse_if_connected(name.as_str(), force, "delete volume", || {
+                        format!("blockctl volume delete {} --force", name.as_str())
+                    })
+                    .await?;
                 let deleted = name.clone();
                 self.ctx
                     .run(move |e| e.delete_volume(deleted.as_str()))
                     .await?;
+                // The engine logged the delete; connections that got in since the check
+                // (or all of them, with force) are closed now.
                 self.ctx.close_nbd(name.as_str()).await;
                 self.ctx.metrics.forget_image(name.as_str());
-                tracing::info!("deleted volume");
                 Ok(Response::new(v1::DeleteVolumeResponse {}))
             })
             .await
@@ -144,7 +151,6 @@ impl VolumeService for VolumeApi {
                         Ok((info, exported(e)))
                     })
                     .await?;
-                tracing::info!(new_size_bytes = info.size_bytes, "resized volume");
                 Ok(Response::new(convert::volume(info, &exported)))
             })
             .await

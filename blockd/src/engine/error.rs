@@ -1,6 +1,8 @@
 //! Engine errors: one enum for every engine operation, with an errno for the data path
 //! and enough context (object kind and name) for a person to act on the message.
 
+use blockd_proto::size::format_size;
+
 use crate::device::DeviceError;
 use crate::meta::MetaError;
 
@@ -57,6 +59,25 @@ pub enum EngineError {
     #[error("Pool {pool:?} is full: no free chunk for a write to {image:?}")]
     NoSpace { pool: String, image: String },
 
+    /// The pool's over-provisioning limit (`blockd --max-overprovision`) would be passed.
+    #[error(
+        "Pool {pool:?} would be over-provisioned: {what} takes the sum of its volume sizes from {} to {} ({:.2}x its capacity of {}), past the limit of {max_ratio}x ({}); delete or shrink volumes, or run blockd with a higher --max-overprovision (0 = unlimited)",
+        format_size(*provisioned),
+        format_size(provisioned + requested),
+        (provisioned + requested) as f64 / (*capacity).max(1) as f64,
+        format_size(*capacity),
+        format_size((*capacity as f64 * max_ratio) as u64)
+    )]
+    OverProvisioned {
+        pool: String,
+        /// What asked, e.g. `creating volume "v" of 4096 bytes`.
+        what: String,
+        provisioned: u64,
+        requested: u64,
+        capacity: u64,
+        max_ratio: f64,
+    },
+
     #[error("{image:?} is a read-only snapshot image")]
     ReadOnly { image: String },
 
@@ -106,7 +127,7 @@ impl EngineError {
             EngineError::InvalidName { .. }
             | EngineError::InvalidSize { .. }
             | EngineError::OutOfRange { .. } => libc::EINVAL,
-            EngineError::NoSpace { .. } => libc::ENOSPC,
+            EngineError::NoSpace { .. } | EngineError::OverProvisioned { .. } => libc::ENOSPC,
             EngineError::ReadOnly { .. } => libc::EPERM,
             EngineError::ShrinkRefused { .. } | EngineError::FailedPrecondition { .. } => {
                 libc::EBUSY

@@ -36,6 +36,12 @@
 //!   shared with the clone's snapshots, which must keep reading through it.
 //! - Every metadata batch is written synced (control operations are rare and the data
 //!   path batches its remaps), so a crash loses at most a suffix of batches.
+//! - Images carry stable ids (UUIDs) besides their names, and every link between images
+//!   (a snapshot's volume, a clone's source) is kept by id, so a name reused after a
+//!   delete never inherits another object's history; see [`records`] for how records
+//!   written before ids existed get theirs.
+//! - A pool refuses creates, clones and grows that would take the sum of its volume
+//!   sizes past `max_overprovision` × its capacity ([`Engine::set_max_overprovision`]).
 //! - The in-memory map mirrors every lineage (not only exported ones): free space has to be
 //!   rebuilt from a full map scan at open anyway, and the mirror costs about 40 bytes per
 //!   mapped chunk (64 MiB per TiB written at 64 KiB chunks).
@@ -66,6 +72,8 @@ pub use delta::{DiffEnds, DiffExtent, DiffTarget, ExtentPage, SnapshotEpoch};
 pub use error::{EngineError, ObjectKind, Result};
 pub use io::{DeviceIo, ReadPin, WritePin};
 use records::{ImageKind, ImageRecord, Intent, LineageRecord, ParentRef, PoolRecord};
+
+use blockd_proto::size::format_size;
 use state::{Allocator, Lineage, State};
 use superblock::Superblock;
 pub use types::*;
@@ -108,6 +116,8 @@ pub(crate) struct Inner {
     pub pools: Vec<Arc<PoolRt>>,
     pub background: Mutex<Option<commit::Background>>,
     pub stats: EngineStats,
+    /// Over-provisioning limit (provisioned / capacity) per pool; None = unlimited.
+    pub max_overprovision: Mutex<Option<f64>>,
 }
 
 /// Counters for metrics.
@@ -378,6 +388,7 @@ impl Engine {
             images: HashMap::new(),
             volumes_by_name: HashMap::new(),
             snapshots_by_name: HashMap::new(),
+            by_uuid: HashMap::new(),
             lineages: HashMap::new(),
             allocators: pools.iter().map(|p| Allocator::new(p.chunks)).collect(),
             reserved: Default::default(),
@@ -418,6 +429,22 @@ impl Engine {
                 }
             }
             st.images.insert(id, rec);
+        }
+        // Records from before ids existed get theirs now, durably, once.
+        let upgraded = assign_legacy_ids(&mut st, &pools);
+        if !upgraded.is_empty() {
+            let mut batch = WriteBatch::new();
+            for id in &upgraded {
+                image_put(&mut batch, *id, &st.images[id]);
+            }
+            meta.write(batch, true)?;
+            tracing::info!(
+                images = upgraded.len(),
+                "gave stable ids to images recorded by an older version"
+            );
+        }
+        for (&id, img) in &st.images {
+            st.by_uuid.insert(img.uuid.clone(), id);
         }
         let pins: Vec<ParentRef> = st.lineages.values().filter_map(|l| l.rec.parent).collect();
         for p in pins {
@@ -501,6 +528,7 @@ impl Engine {
                 pools,
                 background: Mutex::new(None),
                 stats: EngineStats::default(),
+                max_overprovision: Mutex::new(Some(DEFAULT_MAX_OVERPROVISION)),
             }),
         };
         for (k, v) in intents {
@@ -529,6 +557,58 @@ impl Engine {
     /// The default pool's name (the first attached).
     pub fn default_pool(&self) -> &str {
         &self.inner.pools[0].name
+    }
+
+    /// Sets the pools' over-provisioning limit: creates, clones and grows that would take
+    /// the sum of a pool's volume sizes past `ratio` × its capacity are refused with
+    /// [`EngineError::OverProvisioned`]. None (or a ratio that is not a positive finite
+    /// number) means unlimited. The default is [`DEFAULT_MAX_OVERPROVISION`]. Lowering it
+    /// below a pool's current ratio refuses further growth there; nothing is taken away.
+    pub fn set_max_overprovision(&self, ratio: Option<f64>) {
+        *self.inner.max_overprovision.lock() = ratio.filter(|r| r.is_finite() && *r > 0.0);
+    }
+
+    /// The over-provisioning limit in force (None = unlimited).
+    pub fn max_overprovision(&self) -> Option<f64> {
+        *self.inner.max_overprovision.lock()
+    }
+
+    /// Sum of the sizes of the volumes in pool `idx`.
+    fn provisioned(st: &State, idx: usize) -> u64 {
+        st.images
+            .values()
+            .filter(|img| img.kind == ImageKind::Volume)
+            .filter(|img| st.lineages.get(&img.lineage).is_some_and(|l| l.pool == idx))
+            .map(|img| img.size)
+            .sum()
+    }
+
+    /// Refuses adding `requested` bytes of volume size to pool `idx` past the limit.
+    fn check_provision(
+        &self,
+        st: &State,
+        idx: usize,
+        requested: u64,
+        what: impl FnOnce() -> String,
+    ) -> Result<()> {
+        let Some(max_ratio) = self.max_overprovision() else {
+            return Ok(());
+        };
+        let p = &self.inner.pools[idx];
+        let capacity = (p.chunks - 1) * p.chunk_size;
+        let provisioned = Self::provisioned(st, idx);
+        let limit = capacity as f64 * max_ratio;
+        if (provisioned.saturating_add(requested)) as f64 > limit {
+            return Err(EngineError::OverProvisioned {
+                pool: p.name.clone(),
+                what: what(),
+                provisioned,
+                requested,
+                capacity,
+                max_ratio,
+            });
+        }
+        Ok(())
     }
 
     /// Engine counters (commits, copy-on-write copies, chunks freed by GC).
@@ -577,6 +657,7 @@ impl Engine {
             snapshots,
             health,
             is_default: p.idx == 0,
+            max_overprovision: self.max_overprovision(),
         }
     }
 
@@ -616,6 +697,8 @@ impl Engine {
             .values()
             .filter(|i| i.kind == ImageKind::Snapshot && i.lineage == img.lineage)
             .count() as u64;
+        let source_id =
+            (img.source.is_some() && !img.source_id.is_empty()).then(|| img.source_id.clone());
         VolumeInfo {
             name: img.name.clone(),
             pool: pool.name.clone(),
@@ -623,6 +706,9 @@ impl Engine {
             allocated_bytes: allocated.min(img.size.next_multiple_of(pool.chunk_size)),
             qos: img.qos,
             source: img.source.clone(),
+            id: img.uuid.clone(),
+            source_deleted: source_id.as_deref().is_some_and(|s| !st.is_live(s)),
+            source_id,
             has_parent: lin.rec.parent.is_some(),
             snapshots,
             created_unix: img.created_unix,
@@ -639,6 +725,9 @@ impl Engine {
         SnapshotInfo {
             name: img.name.clone(),
             volume: img.origin.clone(),
+            id: img.uuid.clone(),
+            volume_id: img.origin_id.clone(),
+            volume_deleted: !st.is_live(&img.origin_id),
             pool,
             size_bytes: img.size,
             created_unix: img.created_unix,
@@ -700,14 +789,24 @@ impl Engine {
         Ok(self.snapshot_info(&st, id))
     }
 
-    /// Snapshots, optionally of one volume (by origin name, so snapshots of a deleted
-    /// volume are still listed), sorted by name.
+    /// Snapshots, optionally of one volume, sorted by name. A volume that exists is
+    /// matched by id (a snapshot of an earlier, deleted volume of the same name is not
+    /// its snapshot); a name no volume has now lists the snapshots its deleted volume
+    /// left.
     pub fn snapshots(&self, volume: Option<&str>) -> Result<Vec<SnapshotInfo>> {
         let st = self.inner.state.lock();
+        let live = volume.and_then(|vol| st.volumes_by_name.get(vol).map(|id| &st.images[id].uuid));
         let mut v: Vec<_> = st
             .snapshots_by_name
             .values()
-            .filter(|id| volume.is_none_or(|vol| st.images[id].origin == vol))
+            .filter(|id| {
+                let img = &st.images[id];
+                match (volume, live) {
+                    (None, _) => true,
+                    (Some(_), Some(uuid)) => img.origin_id == *uuid,
+                    (Some(vol), None) => img.origin == vol,
+                }
+            })
             .map(|&id| self.snapshot_info(&st, id))
             .collect();
         if let Some(vol) = volume {
@@ -745,8 +844,8 @@ impl Engine {
         Self::check_writable(&st)?;
 
         // Resolve the source first: it fixes the pool and the minimum size.
-        let (parent, src_pool, src_size, quiesce) = match &spec.source {
-            None => (None, None, None, None),
+        let (parent, src_pool, src_size, quiesce, src_id) = match &spec.source {
+            None => (None, None, None, None, String::new()),
             Some(Source::Snapshot(s)) => {
                 let sid = Self::snapshot_id(&st, s)?;
                 let img = &st.images[&sid];
@@ -756,7 +855,7 @@ impl Engine {
                     epoch: img.epoch,
                     limit: img.size,
                 };
-                (Some(pr), Some(pool), Some(img.size), None)
+                (Some(pr), Some(pool), Some(img.size), None, img.uuid.clone())
             }
             Some(Source::Volume(v)) => {
                 let vid = Self::volume_id(&st, v)?;
@@ -767,6 +866,7 @@ impl Engine {
                     Some(lin.pool),
                     Some(img.size),
                     Some((img.lineage, img.size)),
+                    img.uuid.clone(),
                 )
             }
         };
@@ -805,8 +905,11 @@ impl Engine {
         // Idempotency by name.
         if let Some(&id) = st.volumes_by_name.get(&spec.name) {
             let img = &st.images[&id];
+            // The same source means the same object, not only the same name: a clone of
+            // a deleted snapshot is no clone of a new snapshot that took its name.
             let same = img.size == size
                 && img.source == spec.source
+                && img.source_id == src_id
                 && img.qos == spec.qos
                 && st.lineages[&img.lineage].pool == pool_idx;
             return if same {
@@ -822,6 +925,10 @@ impl Engine {
                 })
             };
         }
+
+        self.check_provision(&st, pool_idx, size, || {
+            format!("creating volume {:?} of {}", spec.name, format_size(size))
+        })?;
 
         // Clone from a live volume: freeze its current epoch like a hidden snapshot.
         let mut _quiesced = None;
@@ -869,6 +976,9 @@ impl Engine {
             origin: String::new(),
             created_unix: now_unix(),
             exported: false,
+            uuid: records::new_id(),
+            origin_id: String::new(),
+            source_id: src_id,
         };
         if let Some(p) = parent {
             st.lineages
@@ -882,12 +992,22 @@ impl Engine {
         next_id_put(&mut st.pending, next);
         st.lineages
             .insert(lineage_id, Lineage::new(lineage_id, lrec, pool_idx));
+        let uuid = irec.uuid.clone();
+        st.by_uuid.insert(irec.uuid.clone(), image_id);
         st.images.insert(image_id, irec);
         st.volumes_by_name.insert(spec.name.clone(), image_id);
         let info = self.volume_info(&st, image_id);
         drop(st);
         self.commit()?;
-        tracing::info!(volume = %spec.name, size, source = ?spec.source, "created volume");
+        tracing::info!(
+            volume = %spec.name,
+            volume_id = %uuid,
+            pool = %info.pool,
+            size_bytes = size,
+            source = ?spec.source,
+            source_id = info.source_id.as_deref().unwrap_or(""),
+            "created volume"
+        );
         Ok((info, true))
     }
 
@@ -900,6 +1020,7 @@ impl Engine {
         let id = Self::volume_id(&st, name)?;
         let img = st.images.remove(&id).expect("indexed image exists");
         st.volumes_by_name.remove(name);
+        st.by_uuid.remove(&img.uuid);
         let lin = st
             .lineages
             .get_mut(&img.lineage)
@@ -911,7 +1032,7 @@ impl Engine {
         lineage_put(&mut st.pending, img.lineage, &rec);
         drop(st);
         self.commit()?;
-        tracing::info!(volume = %name, "deleted volume");
+        tracing::info!(volume = %name, volume_id = %img.uuid, "deleted volume");
         Ok(())
     }
 
@@ -924,13 +1045,24 @@ impl Engine {
         Self::check_writable(&st)?;
         if let Some(&sid) = st.snapshots_by_name.get(name) {
             let img = &st.images[&sid];
-            return if img.origin == volume {
+            // The same volume by id; or, when no volume has that name any more, the
+            // deleted one that had it (a retry after the volume went away).
+            let same = match st.volumes_by_name.get(volume) {
+                Some(vid) => st.images[vid].uuid == img.origin_id,
+                None => img.origin == volume && !st.is_live(&img.origin_id),
+            };
+            return if same {
                 Ok((self.snapshot_info(&st, sid), false))
             } else {
+                let deleted = if st.is_live(&img.origin_id) {
+                    ""
+                } else {
+                    " (deleted)"
+                };
                 Err(EngineError::AlreadyExists {
                     kind: ObjectKind::Snapshot,
                     name: name.to_string(),
-                    detail: format!("of volume {:?}", img.origin),
+                    detail: format!("of volume {:?}{deleted}", img.origin),
                 })
             };
         }
@@ -942,6 +1074,7 @@ impl Engine {
         let mut st = self.inner.state.lock();
         Self::check_writable(&st)?;
         let size = st.images[&vid].size;
+        let origin_id = st.images[&vid].uuid.clone();
         let id = st.alloc_id();
         let lin = st.lineages.get_mut(&lineage).expect("lineage exists");
         let epoch = lin.rec.e_head;
@@ -959,17 +1092,29 @@ impl Engine {
             origin: volume.to_string(),
             created_unix: now_unix(),
             exported: false,
+            uuid: records::new_id(),
+            origin_id,
+            source_id: String::new(),
         };
         let next = st.next_id;
         lineage_put(&mut st.pending, lineage, &lrec);
         image_put(&mut st.pending, id, &irec);
         next_id_put(&mut st.pending, next);
+        st.by_uuid.insert(irec.uuid.clone(), id);
         st.images.insert(id, irec);
         st.snapshots_by_name.insert(name.to_string(), id);
         let info = self.snapshot_info(&st, id);
         drop(st);
         self.commit()?;
-        tracing::info!(volume = %volume, snapshot = %name, epoch, "created snapshot");
+        tracing::info!(
+            volume = %volume,
+            volume_id = %info.volume_id,
+            snapshot = %name,
+            snapshot_id = %info.id,
+            size_bytes = size,
+            epoch,
+            "created snapshot"
+        );
         Ok((info, true))
     }
 
@@ -982,13 +1127,19 @@ impl Engine {
         let id = Self::snapshot_id(&st, name)?;
         let img = st.images.remove(&id).expect("indexed image exists");
         st.snapshots_by_name.remove(name);
+        st.by_uuid.remove(&img.uuid);
         if let Some(lin) = st.lineages.get_mut(&img.lineage) {
             lin.remove_reader(img.epoch);
         }
         st.pending.delete_cf(Cf::Images, keys::id_key(id));
         drop(st);
         self.commit()?;
-        tracing::info!(snapshot = %name, "deleted snapshot");
+        tracing::info!(
+            snapshot = %name,
+            snapshot_id = %img.uuid,
+            volume = %img.origin,
+            "deleted snapshot"
+        );
         Ok(())
     }
 
@@ -1116,6 +1267,16 @@ impl Engine {
                 new_size,
             });
         }
+        if new_size > old {
+            let pool = st.lineages[&st.images[&id].lineage].pool;
+            self.check_provision(&st, pool, new_size - old, || {
+                format!(
+                    "growing volume {name:?} from {} to {}",
+                    format_size(old),
+                    format_size(new_size)
+                )
+            })?;
+        }
         if new_size < old {
             let lineage = st.images[&id].lineage;
             let gate = st.lineages[&lineage].gate.clone();
@@ -1137,7 +1298,98 @@ impl Engine {
         let info = self.volume_info(&st, id);
         drop(st);
         self.commit()?;
-        tracing::info!(volume = %name, old_size = old, new_size, "resized volume");
+        tracing::info!(
+            volume = %name,
+            old_size_bytes = old,
+            new_size_bytes = new_size,
+            "resized volume"
+        );
         Ok(info)
     }
+}
+
+/// Gives images recorded before ids existed their stable ids (the rules are in the
+/// [`records`] module docs) and returns the internal ids of the records it changed, for
+/// the caller to persist. Images that already have ids are left alone, so running it
+/// again changes nothing.
+fn assign_legacy_ids(st: &mut State, pools: &[Arc<PoolRt>]) -> Vec<u64> {
+    let pool_uuid = |st: &State, lineage: u64| {
+        st.lineages
+            .get(&lineage)
+            .map(|l| pools[l.pool].uuid.clone())
+            .unwrap_or_default()
+    };
+    // The live volume of a lineage, else the derived id its (deleted) volume had.
+    let volume_of = |st: &State, lineage: u64| {
+        st.lineages
+            .get(&lineage)
+            .and_then(|l| l.rec.head)
+            .and_then(|h| st.images.get(&h))
+            .map(|img| img.uuid.clone())
+            .unwrap_or_else(|| records::derived_volume_id(&pool_uuid(st, lineage), lineage))
+    };
+    let mut ids: Vec<u64> = st.images.keys().copied().collect();
+    ids.sort_unstable();
+    let mut changed = std::collections::BTreeSet::new();
+    for &id in &ids {
+        let img = &st.images[&id];
+        if !img.uuid.is_empty() {
+            continue;
+        }
+        let pu = pool_uuid(st, img.lineage);
+        let uuid = match img.kind {
+            ImageKind::Volume => records::derived_volume_id(&pu, img.lineage),
+            ImageKind::Snapshot => records::derived_snapshot_id(&pu, id),
+        };
+        st.images.get_mut(&id).expect("listed").uuid = uuid;
+        changed.insert(id);
+    }
+    for &id in &ids {
+        let img = &st.images[&id];
+        if img.kind == ImageKind::Snapshot && img.origin_id.is_empty() {
+            let origin = volume_of(st, img.lineage);
+            st.images.get_mut(&id).expect("listed").origin_id = origin;
+            changed.insert(id);
+        }
+    }
+    for &id in &ids {
+        let img = &st.images[&id];
+        let Some(source) = img.source.clone() else {
+            continue;
+        };
+        if img.kind != ImageKind::Volume || !img.source_id.is_empty() {
+            continue;
+        }
+        let created = img.created_unix;
+        let parent = st.lineages.get(&img.lineage).and_then(|l| l.rec.parent);
+        let found = match (&source, parent) {
+            (Source::Snapshot(_), Some(p)) => st
+                .images
+                .values()
+                .find(|i| {
+                    i.kind == ImageKind::Snapshot && i.lineage == p.lineage && i.epoch == p.epoch
+                })
+                .map(|i| i.uuid.clone()),
+            (Source::Volume(_), Some(p)) => Some(volume_of(st, p.lineage)),
+            // Flattened: only the name is left. An image of that name made after the
+            // clone cannot be its source.
+            (Source::Snapshot(name), None) => st
+                .snapshots_by_name
+                .get(name)
+                .map(|i| &st.images[i])
+                .filter(|i| i.created_unix <= created)
+                .map(|i| i.uuid.clone()),
+            (Source::Volume(name), None) => st
+                .volumes_by_name
+                .get(name)
+                .map(|i| &st.images[i])
+                .filter(|i| i.created_unix <= created)
+                .map(|i| i.uuid.clone()),
+        };
+        // Nothing live matches: the source is gone, and a fresh id that matches nothing
+        // says so for good.
+        st.images.get_mut(&id).expect("listed").source_id = found.unwrap_or_else(records::new_id);
+        changed.insert(id);
+    }
+    changed.into_iter().collect()
 }

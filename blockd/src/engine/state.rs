@@ -222,6 +222,8 @@ pub struct State {
     pub images: HashMap<u64, ImageRecord>,
     pub volumes_by_name: HashMap<String, u64>,
     pub snapshots_by_name: HashMap<String, u64>,
+    /// Live images by their stable id (`ImageRecord::uuid`).
+    pub by_uuid: HashMap<String, u64>,
     pub lineages: HashMap<u64, Lineage>,
     pub allocators: Vec<Allocator>,
     /// Chunks reserved by writes in flight (allocated, not yet in any map).
@@ -238,6 +240,11 @@ pub struct State {
 }
 
 impl State {
+    /// Whether a live image has this stable id.
+    pub fn is_live(&self, uuid: &str) -> bool {
+        self.by_uuid.contains_key(uuid)
+    }
+
     pub fn alloc_id(&mut self) -> u64 {
         let id = self.next_id;
         self.next_id += 1;

@@ -13,6 +13,11 @@ pub const MAX_CHUNK_SIZE: u64 = 4 * 1024 * 1024;
 pub const SIZE_GRANULE: u64 = 4096;
 /// Longest allowed name.
 pub const MAX_NAME_LEN: usize = 128;
+/// Default pool over-provisioning limit: the sizes of a pool's volumes may add up to at
+/// most this multiple of its capacity (see [`crate::engine::Engine::set_max_overprovision`]).
+/// Thin pools are meant to promise more than they hold, but not without bound: at 20×, a
+/// pool fills up once its volumes are 5% written on average.
+pub const DEFAULT_MAX_OVERPROVISION: f64 = 20.0;
 
 /// A pool to attach when the engine opens.
 #[derive(Debug, Clone)]
@@ -52,7 +57,7 @@ pub struct VolumeSpec {
     pub qos: Qos,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct PoolInfo {
     pub name: String,
     pub path: String,
@@ -68,6 +73,8 @@ pub struct PoolInfo {
     /// "ok", or "failed: <reason>" after a fatal I/O error.
     pub health: String,
     pub is_default: bool,
+    /// The over-provisioning limit (provisioned / capacity), None when unlimited.
+    pub max_overprovision: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -78,8 +85,14 @@ pub struct VolumeInfo {
     /// Bytes of chunks holding data that this volume sees in its own lineage.
     pub allocated_bytes: u64,
     pub qos: Qos,
-    /// The volume's content source as created.
+    /// The volume's content source as created (by the name it had then).
     pub source: Option<Source>,
+    /// The volume's stable id (a UUID).
+    pub id: String,
+    /// The id of the snapshot or volume it was cloned from.
+    pub source_id: Option<String>,
+    /// True when that source no longer exists (deleted; its name may now be another's).
+    pub source_deleted: bool,
     /// True while it still reads through a parent (a clone not yet flattened).
     pub has_parent: bool,
     pub snapshots: u64,
@@ -89,8 +102,15 @@ pub struct VolumeInfo {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct SnapshotInfo {
     pub name: String,
-    /// The volume it was taken from (kept even after that volume is deleted).
+    /// The volume it was taken from, by the name it had then (kept even after that
+    /// volume is deleted).
     pub volume: String,
+    /// The snapshot's stable id (a UUID).
+    pub id: String,
+    /// The id of the volume it was taken of.
+    pub volume_id: String,
+    /// True when that volume no longer exists (even if another volume now has its name).
+    pub volume_deleted: bool,
     pub pool: String,
     pub size_bytes: u64,
     pub created_unix: u64,

@@ -474,6 +474,9 @@ impl ControllerService {
             .volumes()
             .delete_volume(v1::DeleteVolumeRequest {
                 name: vid.volume.clone(),
+                // Never force: a volume with connected NBD clients is in use, and CSI
+                // lets DeleteVolume say so (FAILED_PRECONDITION, passed through).
+                force: false,
             })
             .await;
         match result {

@@ -260,12 +260,14 @@ impl NodeService {
             Err(err) => {
                 if export.changed {
                     // We exported it for this stage: take the export back.
+                    // force: the only client was the attachment that just failed.
                     let _ = self
                         .driver
                         .blockd
                         .exports()
                         .unexport(UnexportRequest {
                             image: id.volume.clone(),
+                            force: true,
                         })
                         .await;
                 }
@@ -401,6 +403,11 @@ impl NodeService {
             .exports()
             .unexport(UnexportRequest {
                 image: id.volume.clone(),
+                // force: teardown has just unmounted and detached this node's own client
+                // (kernel NBD proxy or nbdfuse). blockd may not have seen its connection
+                // close yet, and would refuse a plain unexport for it; any other client
+                // of a volume the CO is unstaging has lost its claim to it.
+                force: true,
             })
             .await
         {

@@ -1,7 +1,8 @@
 //! The command line of `blockctl`: every `blockd.v1` call as a subcommand.
 //!
 //! Doc comments here are the `--help` text. Sizes accept bytes or a suffix (`512`, `64K`,
-//! `10GiB`; all powers of two, as qemu-img reads them).
+//! `10GiB`; all powers of two, as qemu-img reads them). A size without a unit is bytes;
+//! below 4096 that is almost always a forgotten unit, so blockctl warns ([`SizeArg`]).
 
 use std::path::PathBuf;
 
@@ -81,10 +82,19 @@ pub enum Command {
     },
 
     /// Stops exporting an image; new NBD connections to it are refused.
-    #[command(after_help = "Example:\n  blockctl unexport vol1@snap1")]
+    ///
+    /// Refused while NBD clients are connected to it (the message says how many):
+    /// disconnect them first, or pass --force to close their connections.
+    #[command(
+        after_help = "Examples:\n  blockctl unexport vol1@snap1\n  blockctl unexport vol1 --force"
+    )]
     Unexport {
         /// VOLUME or VOLUME@SNAP.
         image: String,
+        /// Unexport even with connected clients: their connections are closed (in-flight
+        /// requests finish; a file system mounted on them fails).
+        #[arg(long)]
+        force: bool,
     },
 
     /// Lists the exported images with their NBD URIs.
@@ -154,9 +164,13 @@ pub struct ImportDiffArgs {
 #[derive(Debug, Subcommand)]
 pub enum PoolCommand {
     /// Lists pools with capacity and usage.
+    ///
+    /// RATIO is provisioned / capacity (the sizes of the pool's volumes over what it
+    /// holds) against its limit (blockd --max-overprovision): creates, clones and grows
+    /// past the limit are refused.
     #[command(after_help = "Example:\n  blockctl pool list -o json")]
     List,
-    /// Shows one pool.
+    /// Shows one pool, with its over-provisioning ratio and limit.
     #[command(after_help = "Example:\n  blockctl pool show default")]
     Show { name: String },
 }
@@ -179,14 +193,26 @@ pub enum VolumeCommand {
     /// Shows one volume.
     Show { name: String },
     /// Deletes a volume. Its snapshots stay usable.
-    Delete { name: String },
+    ///
+    /// Refused while NBD clients are connected to it (the message says how many):
+    /// disconnect them first (unmount, detach), or pass --force.
+    #[command(
+        after_help = "Examples:\n  blockctl volume delete vol1\n  blockctl volume delete vol1 --force"
+    )]
+    Delete {
+        name: String,
+        /// Delete even with connected clients: their connections are closed (in-flight
+        /// requests finish; a file system mounted on them fails).
+        #[arg(long)]
+        force: bool,
+    },
     /// Grows a volume (shrinking needs --force and loses the data past the new end).
     #[command(after_help = "Example:\n  blockctl volume resize vol1 --size 20G")]
     Resize {
         name: String,
-        /// The new size.
-        #[arg(long, value_parser = parse_size)]
-        size: u64,
+        /// The new size, e.g. 20G (a number without a unit is bytes).
+        #[arg(long, value_parser = parse_size_arg)]
+        size: SizeArg,
         /// Allow shrinking.
         #[arg(long)]
         force: bool,
@@ -214,9 +240,10 @@ pub enum VolumeCommand {
 #[derive(Debug, Args)]
 pub struct CreateVolumeArgs {
     pub name: String,
-    /// Size; required unless the volume is a clone (then it defaults to the source's).
-    #[arg(long, value_parser = parse_size, required_unless_present_any = ["from_snapshot", "from_volume"])]
-    pub size: Option<u64>,
+    /// Size, e.g. 10G or 512M (a number without a unit is bytes); required unless the
+    /// volume is a clone (then it defaults to the source's).
+    #[arg(long, value_parser = parse_size_arg, required_unless_present_any = ["from_snapshot", "from_volume"])]
+    pub size: Option<SizeArg>,
     /// Pool to carve it from (default: the daemon's default pool, or the source's).
     #[arg(long)]
     pub pool: Option<String>,
@@ -246,6 +273,9 @@ pub enum SnapshotCommand {
     #[command(after_help = "Example:\n  blockctl snapshot create vol1 snap1")]
     Create { volume: String, name: String },
     /// Lists snapshots, of one volume or of all.
+    ///
+    /// VOLUME shows "vol1 (deleted)" once the volume a snapshot was taken of is gone,
+    /// also when a new volume has its name since (`-o json`: volume_id, volume_deleted).
     #[command(
         after_help = "Examples:\n  blockctl snapshot list\n  blockctl snapshot list vol1 -o json"
     )]
@@ -267,6 +297,35 @@ pub enum SnapshotCommand {
 
 fn parse_size(s: &str) -> Result<u64, String> {
     blockd_proto::size::parse_size(s).map_err(|e| e.to_string())
+}
+
+/// A volume size as given: bytes, and whether it had no unit at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SizeArg {
+    pub bytes: u64,
+    /// Digits only (`1000`), not `1000B` or `1000G`.
+    pub unitless: bool,
+}
+
+impl SizeArg {
+    /// The warning for a unitless size below 4096 bytes: someone who typed `--size 1000`
+    /// meant 1000 GiB far more often than a 4 KiB volume.
+    pub fn unit_warning(&self) -> Option<String> {
+        (self.unitless && self.bytes < 4096).then(|| {
+            format!(
+                "warning: --size {n} has no unit, so it means {n} bytes (the volume gets 4 KiB); \
+                 for gibibytes write {n}G, and write {n}B to say bytes and silence this warning",
+                n = self.bytes
+            )
+        })
+    }
+}
+
+fn parse_size_arg(s: &str) -> Result<SizeArg, String> {
+    Ok(SizeArg {
+        bytes: parse_size(s)?,
+        unitless: s.trim().bytes().all(|b| b.is_ascii_digit() || b == b'.'),
+    })
 }
 
 #[cfg(test)]
@@ -294,6 +353,8 @@ mod tests {
             "volume list -o json",
             "volume show v",
             "volume delete v",
+            "volume delete v --force",
+            "unexport v --force",
             "volume resize v --size 20GiB",
             "volume flatten v",
             "snapshot create v s",
@@ -324,8 +385,28 @@ mod tests {
         }
         let cli = parse("volume create v --size 64K").unwrap();
         match cli.command {
-            Command::Volume(VolumeCommand::Create(args)) => assert_eq!(args.size, Some(65536)),
+            Command::Volume(VolumeCommand::Create(args)) => assert_eq!(
+                args.size,
+                Some(SizeArg {
+                    bytes: 65536,
+                    unitless: false
+                })
+            ),
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_small_size_without_a_unit_warns() {
+        let size = |s: &str| parse_size_arg(s).unwrap();
+        let warning = size("1000").unit_warning().expect("1000 warns");
+        assert!(
+            warning.contains("1000 bytes") && warning.contains("1000G"),
+            "{warning}"
+        );
+        assert!(size("4095").unit_warning().is_some());
+        for quiet in ["1000B", "1000b", "1000G", "4096", "1048576", "64K", "1.5G"] {
+            assert_eq!(size(quiet).unit_warning(), None, "{quiet}");
         }
     }
 }

@@ -161,14 +161,19 @@ fn show<T: Serialize>(
     Ok(())
 }
 
-/// Says on stderr (so `-o json` stays one value on stdout) when the daemon rounded a
-/// requested size up to its size granule.
-fn note_rounding(requested: u64, actual: u64) {
+/// Says on stderr (so `-o json` stays one value on stdout) when the daemon rounded the
+/// size up to its size granule, and warns when a small size had no unit (most likely a
+/// forgotten one: `--size 1000` meaning 1000 GiB).
+fn note_size(size: cli::SizeArg, actual: u64) {
+    let requested = size.bytes;
     if actual > requested {
         eprintln!(
             "note: size {requested} B rounded up to {} (sizes are whole multiples of the size granule)",
             format_size(actual)
         );
+    }
+    if let Some(warning) = size.unit_warning() {
+        eprintln!("{warning}");
     }
 }
 
@@ -212,11 +217,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let line = view.uri.clone();
             confirm(out, &view, line)
         }
-        Command::Unexport { image } => {
+        Command::Unexport { image, force } => {
             let resp = api
                 .exports
                 .unexport(v1::UnexportRequest {
                     image: image.clone(),
+                    force,
                 })
                 .await?
                 .into_inner();
@@ -298,7 +304,7 @@ async fn volume(api: &mut Api, out: Output, cmd: VolumeCommand) -> anyhow::Resul
                 .volumes
                 .create_volume(v1::CreateVolumeRequest {
                     name: args.name,
-                    size_bytes: args.size,
+                    size_bytes: args.size.map(|s| s.bytes),
                     pool: args.pool.unwrap_or_default(),
                     source,
                     max_iops: args.qos.max_iops,
@@ -311,7 +317,7 @@ async fn volume(api: &mut Api, out: Output, cmd: VolumeCommand) -> anyhow::Resul
                     .ok_or_else(|| anyhow!("the daemon answered without the volume"))?,
             );
             if let Some(requested) = requested {
-                note_rounding(requested, view.size_bytes);
+                note_size(requested, view.size_bytes);
             }
             let line = if resp.created {
                 format!(
@@ -361,9 +367,12 @@ async fn volume(api: &mut Api, out: Output, cmd: VolumeCommand) -> anyhow::Resul
                 render::volume_details,
             )
         }
-        VolumeCommand::Delete { name } => {
+        VolumeCommand::Delete { name, force } => {
             api.volumes
-                .delete_volume(v1::DeleteVolumeRequest { name: name.clone() })
+                .delete_volume(v1::DeleteVolumeRequest {
+                    name: name.clone(),
+                    force,
+                })
                 .await?;
             confirm(
                 out,
@@ -376,12 +385,12 @@ async fn volume(api: &mut Api, out: Output, cmd: VolumeCommand) -> anyhow::Resul
                 .volumes
                 .resize_volume(v1::ResizeVolumeRequest {
                     name,
-                    size_bytes: size,
+                    size_bytes: size.bytes,
                     force,
                 })
                 .await?;
             let view = VolumeView::from(volume.into_inner());
-            note_rounding(size, view.size_bytes);
+            note_size(size, view.size_bytes);
             let line = format!(
                 "resized volume {:?} to {}",
                 view.name,

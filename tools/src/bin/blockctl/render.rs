@@ -20,6 +20,8 @@ pub struct PoolView {
     pub free_bytes: u64,
     pub provisioned_bytes: u64,
     pub overprovisioning_ratio: f64,
+    /// The limit on `overprovisioning_ratio`; null when unlimited.
+    pub max_overprovisioning_ratio: Option<f64>,
     pub chunk_size_bytes: u64,
     pub io_engine: String,
     pub volume_count: u64,
@@ -39,6 +41,8 @@ impl From<v1::Pool> for PoolView {
             free_bytes: p.free_bytes,
             provisioned_bytes: p.provisioned_bytes,
             overprovisioning_ratio: p.overprovisioning_ratio,
+            max_overprovisioning_ratio: (p.max_overprovisioning_ratio > 0.0)
+                .then_some(p.max_overprovisioning_ratio),
             chunk_size_bytes: p.chunk_size_bytes,
             io_engine: p.io_engine,
             volume_count: p.volume_count,
@@ -49,9 +53,21 @@ impl From<v1::Pool> for PoolView {
     }
 }
 
+impl PoolView {
+    /// "0.52 / 20" (current ratio / limit), or "0.52 / none".
+    fn ratio_text(&self) -> String {
+        match self.max_overprovisioning_ratio {
+            Some(max) => format!("{:.2} / {max}", self.overprovisioning_ratio),
+            None => format!("{:.2} / none", self.overprovisioning_ratio),
+        }
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct VolumeView {
     pub name: String,
+    /// The volume's stable id.
+    pub id: String,
     pub pool: String,
     pub size_bytes: u64,
     pub allocated_bytes: u64,
@@ -59,6 +75,10 @@ pub struct VolumeView {
     pub max_bandwidth_bytes: u64,
     pub source_snapshot: Option<String>,
     pub source_volume: Option<String>,
+    /// The id of the source snapshot or volume.
+    pub source_id: Option<String>,
+    /// True when that source is gone (even if its name now belongs to another object).
+    pub source_deleted: bool,
     pub has_parent: bool,
     pub snapshot_count: u64,
     pub created_unix: u64,
@@ -75,6 +95,7 @@ impl From<v1::Volume> for VolumeView {
         let qos = v.qos.unwrap_or_default();
         VolumeView {
             name: v.name,
+            id: v.id,
             pool: v.pool,
             size_bytes: v.size_bytes,
             allocated_bytes: v.allocated_bytes,
@@ -82,6 +103,8 @@ impl From<v1::Volume> for VolumeView {
             max_bandwidth_bytes: qos.max_bandwidth_bytes,
             source_snapshot,
             source_volume,
+            source_id: (!v.source_id.is_empty()).then_some(v.source_id),
+            source_deleted: v.source_deleted,
             has_parent: v.has_parent,
             snapshot_count: v.snapshot_count,
             created_unix: v.created_unix,
@@ -92,9 +115,14 @@ impl From<v1::Volume> for VolumeView {
 
 impl VolumeView {
     fn source_text(&self) -> String {
+        let deleted = if self.source_deleted {
+            " (deleted)"
+        } else {
+            ""
+        };
         match (&self.source_snapshot, &self.source_volume) {
-            (Some(s), _) => format!("snapshot {s}"),
-            (None, Some(v)) => format!("volume {v}"),
+            (Some(s), _) => format!("snapshot {s}{deleted}"),
+            (None, Some(v)) => format!("volume {v}{deleted}"),
             (None, None) => "-".to_string(),
         }
     }
@@ -120,7 +148,14 @@ impl VolumeView {
 #[derive(Debug, Serialize)]
 pub struct SnapshotView {
     pub name: String,
+    /// The snapshot's stable id.
+    pub id: String,
+    /// The volume it was taken of, by the name it had then.
     pub volume: String,
+    /// That volume's id.
+    pub volume_id: String,
+    /// True when that volume is gone (even if a new volume has its name).
+    pub volume_deleted: bool,
     pub pool: String,
     pub size_bytes: u64,
     pub created_unix: u64,
@@ -131,11 +166,25 @@ impl From<v1::Snapshot> for SnapshotView {
     fn from(s: v1::Snapshot) -> Self {
         SnapshotView {
             name: s.name,
+            id: s.id,
             volume: s.volume,
+            volume_id: s.volume_id,
+            volume_deleted: s.volume_deleted,
             pool: s.pool,
             size_bytes: s.size_bytes,
             created_unix: s.created_unix,
             exported: s.exported,
+        }
+    }
+}
+
+impl SnapshotView {
+    /// "vol1", or "vol1 (deleted)" once that volume is gone.
+    fn volume_text(&self) -> String {
+        if self.volume_deleted {
+            format!("{} (deleted)", self.volume)
+        } else {
+            self.volume.clone()
         }
     }
 }
@@ -330,7 +379,7 @@ pub fn pools_table(pools: &[PoolView]) -> Table {
             right(format_size(p.allocated_bytes)),
             right(format_size(p.free_bytes)),
             right(format_size(p.provisioned_bytes)),
-            right(format!("{:.2}", p.overprovisioning_ratio)),
+            right(p.ratio_text()),
             right(format_size(p.chunk_size_bytes)),
             Cell::new(&p.io_engine),
             right(p.volume_count),
@@ -352,7 +401,14 @@ pub fn pool_details(p: &PoolView) -> Table {
         ("provisioned", size_with_bytes(p.provisioned_bytes)),
         (
             "over-provisioning",
-            format!("{:.2}", p.overprovisioning_ratio),
+            match p.max_overprovisioning_ratio {
+                Some(max) => format!(
+                    "{:.2} (limit {max}: volumes may add up to {})",
+                    p.overprovisioning_ratio,
+                    format_size((p.capacity_bytes as f64 * max) as u64)
+                ),
+                None => format!("{:.2} (no limit)", p.overprovisioning_ratio),
+            },
         ),
         ("chunk size", format_size(p.chunk_size_bytes)),
         ("io engine", p.io_engine.clone()),
@@ -389,18 +445,25 @@ pub fn volumes_table(volumes: &[VolumeView]) -> Table {
 }
 
 pub fn volume_details(v: &VolumeView) -> Table {
-    details(vec![
+    let mut rows = vec![
         ("name", v.name.clone()),
+        ("id", v.id.clone()),
         ("pool", v.pool.clone()),
         ("size", size_with_bytes(v.size_bytes)),
         ("allocated", size_with_bytes(v.allocated_bytes)),
         ("source", v.source_text()),
+    ];
+    if let Some(id) = &v.source_id {
+        rows.push(("source id", id.clone()));
+    }
+    rows.extend([
         ("reads through parent", yes_no(v.has_parent).to_string()),
         ("qos", v.qos_text()),
         ("snapshots", v.snapshot_count.to_string()),
         ("exported", yes_no(v.exported).to_string()),
         ("created", format_time(v.created_unix)),
-    ])
+    ]);
+    details(rows)
 }
 
 pub fn snapshots_table(snapshots: &[SnapshotView]) -> Table {
@@ -408,7 +471,7 @@ pub fn snapshots_table(snapshots: &[SnapshotView]) -> Table {
     for s in snapshots {
         t.add_row(vec![
             Cell::new(&s.name),
-            Cell::new(&s.volume),
+            Cell::new(s.volume_text()),
             Cell::new(&s.pool),
             right(format_size(s.size_bytes)),
             Cell::new(yes_no(s.exported)),
@@ -420,7 +483,9 @@ pub fn snapshots_table(snapshots: &[SnapshotView]) -> Table {
 pub fn snapshot_details(s: &SnapshotView) -> Table {
     details(vec![
         ("name", s.name.clone()),
-        ("volume", s.volume.clone()),
+        ("id", s.id.clone()),
+        ("volume", s.volume_text()),
+        ("volume id", s.volume_id.clone()),
         ("pool", s.pool.clone()),
         ("size", size_with_bytes(s.size_bytes)),
         ("exported", yes_no(s.exported).to_string()),
@@ -514,6 +579,62 @@ mod tests {
         }
         assert_eq!(json["source_snapshot"], "s");
         assert_eq!(json["size_bytes"], 4096);
+    }
+
+    #[test]
+    fn gone_sources_and_volumes_say_deleted() {
+        let v = VolumeView::from(v1::Volume {
+            name: "c".into(),
+            id: "c-id".into(),
+            source: Some(v1::volume::Source::SourceSnapshot("snap1".into())),
+            source_id: "s-id".into(),
+            source_deleted: true,
+            ..Default::default()
+        });
+        assert_eq!(v.source_text(), "snapshot snap1 (deleted)");
+        let text = volume_details(&v).to_string();
+        assert!(text.contains("c-id") && text.contains("s-id"), "{text}");
+        let json = serde_json::to_value(&v).unwrap();
+        assert_eq!(json["id"], "c-id");
+        assert_eq!(json["source_id"], "s-id");
+        assert_eq!(json["source_deleted"], true);
+
+        let s = SnapshotView::from(v1::Snapshot {
+            name: "snap1".into(),
+            id: "s-id".into(),
+            volume: "vol1".into(),
+            volume_id: "v-id".into(),
+            volume_deleted: true,
+            ..Default::default()
+        });
+        let text = snapshots_table(&[s]).to_string();
+        assert!(text.contains("vol1 (deleted)"), "{text}");
+    }
+
+    #[test]
+    fn pools_show_the_overprovisioning_limit() {
+        let p = PoolView::from(v1::Pool {
+            name: "default".into(),
+            capacity_bytes: 2 << 30,
+            provisioned_bytes: 1 << 30,
+            overprovisioning_ratio: 0.5,
+            max_overprovisioning_ratio: 20.0,
+            ..Default::default()
+        });
+        assert!(pools_table(&[p]).to_string().contains("0.50 / 20"));
+        let p = PoolView::from(v1::Pool {
+            capacity_bytes: 2 << 30,
+            max_overprovisioning_ratio: 20.0,
+            ..Default::default()
+        });
+        let text = pool_details(&p).to_string();
+        assert!(
+            text.contains("limit 20") && text.contains("40 GiB"),
+            "{text}"
+        );
+        let unlimited = PoolView::from(v1::Pool::default());
+        assert_eq!(unlimited.max_overprovisioning_ratio, None);
+        assert!(pool_details(&unlimited).to_string().contains("no limit"));
     }
 
     #[test]
