@@ -410,7 +410,21 @@ fn export_diff_chain_replays_byte_for_byte() {
     // An incremental stream holds the changes, not the volume.
     let len2 = std::fs::metadata(&f2).unwrap().len();
     assert!(len2 < 200 * K, "incremental stream of {len2} bytes");
-    assert!(std::fs::read(&f1).unwrap().starts_with(b"BLKDDIFF"));
+    let bytes = std::fs::read(&f2).unwrap();
+    assert!(bytes.starts_with(b"BLKDDIFF"));
+    // The header names both ends by their stable ids.
+    let json_len = u32::from_le_bytes(bytes[12..16].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&bytes[16..16 + json_len]).unwrap();
+    let id = |snap: &str| src.ctl_json(&["snapshot", "show", snap])["id"].clone();
+    assert_eq!(header["target"]["uuid"], id("s2"), "{header}");
+    assert_eq!(header["base"]["uuid"], id("s1"), "{header}");
+    assert_eq!(
+        header["target"]["volume_uuid"],
+        src.ctl_json(&["volume", "show", "v"])["id"],
+        "{header}"
+    );
+    assert_eq!(header["base"]["snapshot"], "s1");
+    assert_eq!(header["target_size"], 8 * M);
 
     dst.ctl_ok(&["import-diff", f1.to_str().unwrap(), "r"]);
     let (ok, err) = ctl_io(&dst, &["import-diff", "-", "r"], Some(&f2), None);

@@ -68,6 +68,10 @@ fn to_proto(page: &ExtentPage, ends: Option<&DiffEnds>) -> v1::ExtentPage {
             target_size_bytes: e.target_size,
             target_epoch: e.target_epoch,
             target_created_unix: e.target_created_unix,
+            base_id: e.base_id.clone(),
+            base_volume_id: e.base_volume_id.clone(),
+            target_id: e.target_id.clone(),
+            target_volume_id: e.target_volume_id.clone(),
         }),
     }
 }
@@ -343,7 +347,7 @@ impl ImageDataService for ImageDataApi {
         self.ctx
             .rpc("ListSnapshotEpochs", span, async {
                 let name = VolumeName::parse("volume", request.into_inner().volume)?;
-                let (snaps, head, size) = self
+                let (snaps, head, size, volume_id) = self
                     .ctx
                     .run(move |e| e.snapshot_epochs(name.as_str()))
                     .await?;
@@ -352,6 +356,7 @@ impl ImageDataService for ImageDataApi {
                         .into_iter()
                         .map(|s| v1::SnapshotEpoch {
                             name: s.name,
+                            id: s.id,
                             epoch: s.epoch,
                             size_bytes: s.size,
                             created_unix: s.created_unix,
@@ -359,6 +364,7 @@ impl ImageDataService for ImageDataApi {
                         .collect(),
                     head_epoch: head,
                     size_bytes: size,
+                    volume_id,
                 }))
             })
             .await

@@ -88,6 +88,9 @@ pub struct ExtentPage {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct DiffEnds {
     pub base_volume: String,
+    /// The base snapshot's stable id, and its volume's.
+    pub base_id: String,
+    pub base_volume_id: String,
     pub base_size: u64,
     pub base_epoch: u64,
     pub base_created_unix: u64,
@@ -96,12 +99,17 @@ pub struct DiffEnds {
     /// The target's epoch (the head's current `e_head` for a live volume).
     pub target_epoch: u64,
     pub target_created_unix: u64,
+    /// The target's stable id (the snapshot's, or the live volume's), and its volume's.
+    pub target_id: String,
+    pub target_volume_id: String,
 }
 
 /// A snapshot's place in its lineage.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct SnapshotEpoch {
     pub name: String,
+    /// The snapshot's stable id.
+    pub id: String,
     pub epoch: u64,
     pub size: u64,
     pub created_unix: u64,
@@ -192,9 +200,9 @@ impl Engine {
         self.walk(&plan, start, max_extents)
     }
 
-    /// The snapshots of `volume` oldest first (by epoch), the head's epoch and the
-    /// volume's size.
-    pub fn snapshot_epochs(&self, volume: &str) -> Result<(Vec<SnapshotEpoch>, u64, u64)> {
+    /// The snapshots of `volume` oldest first (by epoch), the head's epoch, the volume's
+    /// size and its stable id.
+    pub fn snapshot_epochs(&self, volume: &str) -> Result<(Vec<SnapshotEpoch>, u64, u64, String)> {
         let st = self.inner.state.lock();
         let vid = Self::volume_id(&st, volume)?;
         let vimg = &st.images[&vid];
@@ -206,13 +214,19 @@ impl Engine {
             .filter(|img| img.lineage == lineage)
             .map(|img| SnapshotEpoch {
                 name: img.name.clone(),
+                id: img.uuid.clone(),
                 epoch: img.epoch,
                 size: img.size,
                 created_unix: img.created_unix,
             })
             .collect();
         v.sort_by_key(|s| s.epoch);
-        Ok((v, st.lineages[&lineage].rec.e_head, vimg.size))
+        Ok((
+            v,
+            st.lineages[&lineage].rec.e_head,
+            vimg.size,
+            vimg.uuid.clone(),
+        ))
     }
 
     /// The two ends of a diff, checked as [`Engine::changed_extents`] checks them.
@@ -297,8 +311,16 @@ impl Engine {
             ImageKind::Volume => img.name.clone(),
             ImageKind::Snapshot => img.origin.clone(),
         };
+        let volume_id = |img: &super::records::ImageRecord| match img.kind {
+            ImageKind::Volume => img.uuid.clone(),
+            ImageKind::Snapshot => img.origin_id.clone(),
+        };
         let ends = DiffEnds {
             base_volume: bimg.origin.clone(),
+            base_id: bimg.uuid.clone(),
+            base_volume_id: bimg.origin_id.clone(),
+            target_id: timg.uuid.clone(),
+            target_volume_id: volume_id(timg),
             base_size: bimg.size,
             base_epoch: bimg.epoch,
             base_created_unix: bimg.created_unix,

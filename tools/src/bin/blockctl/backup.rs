@@ -314,13 +314,15 @@ pub async fn export_diff(channel: &Channel, args: ExportDiffArgs) -> anyhow::Res
         .iter()
         .find(|s| s.name == snap)
         .ok_or_else(|| anyhow!("snapshot {snap:?} of volume {volume:?} not found"))?;
+    let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_string());
     let target = Identity {
         volume: volume.clone(),
         snapshot: snap.clone(),
         size_bytes: target_snap.size_bytes,
         created_unix: target_snap.created_unix,
         epoch: target_snap.epoch,
-        uuid: None,
+        uuid: non_empty(&target_snap.id),
+        volume_uuid: non_empty(&epochs.volume_id),
     };
     let (extents, size, chunk, base) = match &args.from {
         Some(base) => {
@@ -336,7 +338,8 @@ pub async fn export_diff(channel: &Channel, args: ExportDiffArgs) -> anyhow::Res
                 size_bytes: ends.base_size_bytes,
                 created_unix: ends.base_created_unix,
                 epoch: ends.base_epoch,
-                uuid: None,
+                uuid: non_empty(&ends.base_id),
+                volume_uuid: non_empty(&ends.base_volume_id),
             };
             (x, size, chunk, Some(base_id))
         }

@@ -38,9 +38,12 @@ pub struct Identity {
     pub created_unix: u64,
     /// The snapshot's epoch in its lineage on the exporting daemon.
     pub epoch: u64,
-    /// A stable id, when the exporting daemon has one.
+    /// The snapshot's stable id (a UUID) on the exporting daemon.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uuid: Option<String>,
+    /// Its volume's stable id on the exporting daemon.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_uuid: Option<String>,
 }
 
 /// The stream header (its JSON part).
@@ -233,6 +236,7 @@ impl<R: Read> Reader<R> {
                     created_unix: 0,
                     epoch: 0,
                     uuid: None,
+                    volume_uuid: None,
                 },
                 created_unix: 0,
                 tool: String::new(),
@@ -393,7 +397,8 @@ mod tests {
                 size_bytes: 1 << 20,
                 created_unix: 1,
                 epoch: 2,
-                uuid: None,
+                uuid: Some("3f1c0f6e-0000-4000-8000-000000000001".into()),
+                volume_uuid: None,
             },
             created_unix: 3,
             tool: "test".into(),
