@@ -39,7 +39,23 @@ const READ_SPAN: u64 = 64 * 1024 * 1024;
 /// format everywhere else, and a stream has no table to show.
 pub fn rewrite_export_diff_args(args: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
     let mut args: Vec<OsString> = args.into_iter().collect();
-    let Some(at) = args.iter().position(|a| a == "export-diff") else {
+    // The subcommand is the first argument that is neither a global option nor its value.
+    let mut at = None;
+    let mut i = 1;
+    while i < args.len() {
+        let a = args[i].to_string_lossy();
+        if a == "--api" || a == "-o" || a == "--output" {
+            i += 2;
+        } else if a.starts_with('-') {
+            i += 1;
+        } else {
+            if a == "export-diff" {
+                at = Some(i);
+            }
+            break;
+        }
+    }
+    let Some(at) = at else {
         return args;
     };
     for a in args.iter_mut().skip(at + 1) {
@@ -763,6 +779,15 @@ mod tests {
         assert_eq!(
             rewrite_export_diff_args(args("blockctl volume list -o json")),
             args("blockctl volume list -o json")
+        );
+        // A volume named export-diff is not the subcommand.
+        assert_eq!(
+            rewrite_export_diff_args(args("blockctl -o json volume show export-diff -o json")),
+            args("blockctl -o json volume show export-diff -o json")
+        );
+        assert_eq!(
+            rewrite_export_diff_args(args("blockctl --api /s export-diff v@s -o f")),
+            args("blockctl --api /s export-diff v@s --file f")
         );
     }
 
