@@ -448,6 +448,22 @@ fn export_diff_chain_replays_byte_for_byte() {
     assert_eq!(snaps, ["s1", "s2", "s3"]);
     assert_eq!(dst.ctl_json(&["volume", "show", "r"])["size_bytes"], 12 * M);
     dst.ctl_ok(&["fsck"]);
+
+    // A snapshot outlives its volume, and so does its export.
+    src.ctl_ok(&["volume", "delete", "v", "--force"]);
+    let again = file(tmp.path(), "again.bdiff");
+    src.ctl_ok(&[
+        "export-diff",
+        "v@s3",
+        "--from",
+        "s2",
+        "-o",
+        again.to_str().unwrap(),
+    ]);
+    let (a, b) = (std::fs::read(&again).unwrap(), std::fs::read(&f3).unwrap());
+    let (_, recs_a, _) = split_stream(&a);
+    let (_, recs_b, _) = split_stream(&b);
+    assert_eq!(recs_a, recs_b, "the same records after the volume is gone");
 }
 
 /// The stream's pieces: (header bytes, records as byte strings, end marker bytes).

@@ -318,27 +318,54 @@ pub async fn export_diff(channel: &Channel, args: ExportDiffArgs) -> anyhow::Res
         bail!("{:?} is not a snapshot", args.image);
     }
     let mut data = ImageDataServiceClient::new(channel.clone());
-    let epochs = data
+    // The snapshot's place in its volume; a snapshot whose volume was deleted is still
+    // exported (its epoch is then known only from a delta's ends, 0 in a full stream).
+    let listed = match data
         .list_snapshot_epochs(v1::ListSnapshotEpochsRequest {
             volume: volume.clone(),
         })
         .await
-        .with_context(|| format!("listing the snapshots of volume {volume:?}"))?
-        .into_inner();
-    let target_snap = epochs
-        .snapshots
-        .iter()
-        .find(|s| s.name == snap)
-        .ok_or_else(|| anyhow!("snapshot {snap:?} of volume {volume:?} not found"))?;
+    {
+        Ok(r) => Some(r.into_inner()),
+        Err(s) if s.code() == tonic::Code::NotFound => None,
+        Err(s) => {
+            return Err(anyhow::Error::from(s)
+                .context(format!("listing the snapshots of volume {volume:?}")))
+        }
+    };
+    let found = listed.as_ref().and_then(|e| {
+        e.snapshots
+            .iter()
+            .find(|s| s.name == snap)
+            .map(|s| (s.clone(), e.volume_id.clone()))
+    });
     let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_string());
-    let target = Identity {
-        volume: volume.clone(),
-        snapshot: snap.clone(),
-        size_bytes: target_snap.size_bytes,
-        created_unix: target_snap.created_unix,
-        epoch: target_snap.epoch,
-        uuid: non_empty(&target_snap.id),
-        volume_uuid: non_empty(&epochs.volume_id),
+    let mut target = match found {
+        Some((s, volume_id)) => Identity {
+            volume: volume.clone(),
+            snapshot: snap.clone(),
+            size_bytes: s.size_bytes,
+            created_unix: s.created_unix,
+            epoch: s.epoch,
+            uuid: non_empty(&s.id),
+            volume_uuid: non_empty(&volume_id),
+        },
+        None => {
+            use blockd_proto::v1::snapshot_service_client::SnapshotServiceClient;
+            let s = SnapshotServiceClient::new(channel.clone())
+                .get_snapshot(v1::GetSnapshotRequest { name: snap.clone() })
+                .await?
+                .into_inner();
+            Identity {
+                volume: volume.clone(),
+                snapshot: snap.clone(),
+                size_bytes: s.size_bytes,
+                created_unix: s.created_unix,
+                epoch: 0,
+                uuid: non_empty(&s.id),
+                volume_uuid: non_empty(&s.volume_id),
+            }
+        }
     };
     let (extents, size, chunk, base) = match &args.from {
         Some(base) => {
@@ -348,6 +375,7 @@ pub async fn export_diff(channel: &Channel, args: ExportDiffArgs) -> anyhow::Res
                 .into_inner();
             let (x, size, chunk, ends) = collect(stream).await?;
             let ends = ends.ok_or_else(|| anyhow!("the daemon sent a delta without its ends"))?;
+            target.epoch = ends.target_epoch;
             let base_id = Identity {
                 volume: ends.base_volume,
                 snapshot: base.clone(),
