@@ -24,12 +24,14 @@
 //! newer than the target, a flattened clone (its parent pointer is gone).
 //!
 //! # Cost
-//! The in-memory map mirror of a lineage is one `BTreeMap<(chunk, epoch), phys>`: the
-//! work is an ordered walk of the entries of the lineages involved from the start offset
-//! (no device or metadata I/O), filtered by epoch, plus one `resolve` per reported chunk.
-//! It is O(mapped entries from the start offset) in memory comparisons and O(changed
-//! chunks) in everything else, never O(volume size). The state lock is taken per window
-//! of [`WINDOW_CHUNKS`] chunks, so the data path is never held up by a long diff.
+//! Each lineage keeps its map keyed both ways (`Lineage::map` by (chunk, epoch) and an
+//! index by (epoch, chunk), kept in step by `Lineage::map_insert`/`map_remove`). A delta
+//! reads the chunks written in `(e_B, e_T]` from the epoch index, so it costs O(changed
+//! chunks) (plus one seek per epoch that holds entries, and one per window of
+//! [`WINDOW_CHUNKS`] chunks), never O(volume size) or O(mapped chunks); then one `resolve`
+//! per candidate. Allocated extents, and a clone's own entries, are whole by nature: those
+//! walk the map. No device or metadata I/O either way. The state lock is taken per
+//! window, so the data path is never held up by a long diff.
 //!
 //! Extents are chunk-granular (the pool's chunk size; the last one is cut at the image's
 //! end), in ascending order, adjacent chunks of the same kind merged. A page stops after
@@ -450,10 +452,18 @@ fn candidates(st: &State, plan: &Plan, from: u64, to: u64) -> BTreeSet<u64> {
         let Some(lin) = st.lineages.get(&seg.lineage) else {
             continue;
         };
-        for (&(chunk, epoch), _) in lin.map.range((from, 0)..(to, 0)) {
-            let above = seg.lo.is_none_or(|lo| epoch > lo);
-            if above && epoch <= seg.hi {
-                set.insert(chunk);
+        match seg.lo {
+            // A delta: the epoch index holds exactly the chunks written in (lo, hi], so
+            // the cost follows the change, not the volume.
+            Some(lo) => set.extend(lin.chunks_written_in(lo, seg.hi, from, to)),
+            // Everything up to hi (allocated extents, a clone's inherited base): every
+            // entry in the window is a candidate anyway.
+            None => {
+                for (&(chunk, epoch), _) in lin.map().range((from, 0)..(to, 0)) {
+                    if epoch <= seg.hi {
+                        set.insert(chunk);
+                    }
+                }
             }
         }
     }

@@ -488,7 +488,7 @@ impl Engine {
                         ));
                     }
                 }
-                lin.map.insert((c, e), phys);
+                lin.map_insert((c, e), phys);
                 mapped += 1;
             }
             start = next;
@@ -683,7 +683,7 @@ impl Engine {
         let mut allocated = 0u64;
         let mut last_chunk = None;
         // Entries are ordered (chunk, epoch): the last per chunk is what the head sees.
-        for (&(c, _), &p) in lin.map.iter().rev() {
+        for (&(c, _), &p) in lin.map().iter().rev() {
             if last_chunk == Some(c) {
                 continue;
             }
