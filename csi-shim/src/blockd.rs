@@ -69,6 +69,14 @@ impl Blockd {
     pub fn groups(&self) -> GroupSnapshotServiceClient<Channel> {
         GroupSnapshotServiceClient::new(self.channel.clone())
     }
+
+    pub fn image_data(
+        &self,
+    ) -> blockd_proto::v1::image_data_service_client::ImageDataServiceClient<Channel> {
+        blockd_proto::v1::image_data_service_client::ImageDataServiceClient::new(
+            self.channel.clone(),
+        )
+    }
 }
 
 /// Maps a failed blockd call onto the status the CSI caller gets.

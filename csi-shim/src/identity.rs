@@ -72,6 +72,8 @@ impl Identity for IdentityService {
         if self.driver.args.mode.controller() {
             capabilities.push(service_capability(service::Type::ControllerService));
             capabilities.push(service_capability(service::Type::GroupControllerService));
+            // Served next to the controller (the sidecar runs with the controller).
+            capabilities.push(service_capability(service::Type::SnapshotMetadataService));
         }
         capabilities.push(service_capability(
             service::Type::VolumeAccessibilityConstraints,

@@ -6,6 +6,8 @@
 //! - [`controller`]: volumes, snapshots, clones, expansion, capacity, listings, QoS
 //!   changes (ControllerModifyVolume), and the GroupController (crash-consistent
 //!   VolumeGroupSnapshots, [`controller::groups`]);
+//! - [`snapshot_metadata`]: changed-block tracking (allocated and changed ranges of
+//!   snapshots) for backup applications, through the external-snapshot-metadata sidecar;
 //! - [`node`]: stage (export + attach + mkfs + mount), publish (bind mounts), stats,
 //!   expansion, and the record of staged volumes that survives restarts.
 //!
@@ -24,6 +26,7 @@ pub mod locks;
 pub mod node;
 pub mod params;
 pub mod proxy;
+pub mod snapshot_metadata;
 
 use std::sync::Arc;
 
@@ -32,6 +35,7 @@ use blockd_proto::csi::controller_server::ControllerServer;
 use blockd_proto::csi::group_controller_server::GroupControllerServer;
 use blockd_proto::csi::identity_server::IdentityServer;
 use blockd_proto::csi::node_server::NodeServer;
+use blockd_proto::csi::snapshot_metadata_server::SnapshotMetadataServer;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
@@ -101,7 +105,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .add_optional_service(mode.controller().then(|| {
             GroupControllerServer::new(controller::GroupControllerService::new(Arc::clone(&driver)))
         }))
-        .add_optional_service(node.map(NodeServer::new));
+        .add_optional_service(node.map(NodeServer::new))
+        .add_optional_service(mode.controller().then(|| {
+            SnapshotMetadataServer::new(snapshot_metadata::SnapshotMetadataService::new(
+                Arc::clone(&driver),
+            ))
+        }));
     router
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
         .await

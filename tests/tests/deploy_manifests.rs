@@ -8,9 +8,10 @@
 //! the validation itself is `blockd_tests::manifests`, shared with the tests of printed
 //! objects (`blockctl volume pv`).
 
+use std::path::Path;
 use std::process::Command;
 
-use blockd_tests::manifests::{repo, tools, validate};
+use blockd_tests::manifests::{repo, tools, validate, validate_with_crds};
 
 fn render() -> String {
     let out = Command::new("kubectl")
@@ -286,3 +287,127 @@ for line in bad:
     print("FAILED:", line)
 sys.exit(1 if bad else 0)
 "#;
+
+/// Renders the base with the opt-in snapshot-metadata component enabled, the way its
+/// README says to: `components: [components/snapshot-metadata]` in a copy of the base.
+fn render_with_snapshot_metadata(dir: &Path) -> String {
+    let copy = dir.join("kubernetes");
+    let status = Command::new("cp")
+        .arg("-r")
+        .arg(repo().join("deploy/kubernetes"))
+        .arg(&copy)
+        .status()
+        .expect("copy the manifests");
+    assert!(status.success());
+    let kustomization = copy.join("kustomization.yaml");
+    let mut text = std::fs::read_to_string(&kustomization).expect("kustomization");
+    text.push_str("components:\n  - components/snapshot-metadata\n");
+    std::fs::write(&kustomization, text).expect("write kustomization");
+    let out = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(&copy)
+        .output()
+        .expect("run kubectl kustomize");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize with the snapshot-metadata component failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 manifests")
+}
+
+/// What the external-snapshot-metadata sidecar needs, checked on the rendered objects.
+const SNAPSHOT_METADATA_CHECKS: &str = r#"
+import sys, yaml, base64
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+by = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+bad = []
+def check(cond, what):
+    if not cond:
+        bad.append(what)
+
+ds = by[("DaemonSet", "blockd")]
+pod = ds["spec"]["template"]["spec"]
+cs = {c["name"]: c for c in pod["containers"]}
+side = cs.get("csi-snapshot-metadata")
+check(side is not None, "the blockd pods run the csi-snapshot-metadata sidecar")
+check("csi-shim" in cs, "the patch keeps the existing containers")
+if side:
+    args = side.get("args", [])
+    check("--csi-address=/csi/csi.sock" in args, "sidecar talks to csi-shim's socket")
+    check(any(a.startswith("--tls-cert=") for a in args) and any(a.startswith("--tls-key=") for a in args),
+          "sidecar serves TLS")
+    mounts = {m["name"]: m["mountPath"] for m in side.get("volumeMounts", [])}
+    check(mounts.get("plugin-dir") == "/csi", "sidecar mounts the CSI socket directory")
+    vols = {v["name"]: v for v in pod["volumes"]}
+    certs = vols.get("snapshot-metadata-certs", {}).get("secret", {}).get("secretName")
+    check(certs == "blockd-snapshot-metadata-tls", "sidecar mounts the TLS secret")
+    port = {p["name"]: p["containerPort"] for p in side.get("ports", [])}.get("snap-metadata")
+    check(f"--port={port}" in args, "sidecar listens on its declared port")
+sec = by.get(("Secret", "blockd-snapshot-metadata-tls"))
+check(sec is not None and sec.get("type") == "kubernetes.io/tls", "TLS secret placeholder")
+svc = by.get(("Service", "blockd-snapshot-metadata"))
+check(svc is not None, "Service blockd-snapshot-metadata")
+sms = by.get(("SnapshotMetadataService", "blockd.csi.io"))
+check(sms is not None, "SnapshotMetadataService named after the driver")
+if svc and sms:
+    ns = svc["metadata"]["namespace"]
+    port = svc["spec"]["ports"][0]["port"]
+    check(sms["spec"]["address"] == f"blockd-snapshot-metadata.{ns}:{port}",
+          "the CR's address is the Service")
+    check(svc["spec"]["selector"] == ds["spec"]["selector"]["matchLabels"],
+          "the Service selects the blockd pods")
+    check(svc["spec"]["ports"][0]["targetPort"] == "snap-metadata", "Service targets the sidecar port")
+    base64.b64decode(sms["spec"]["caCert"], validate=True)
+    check(sms["spec"].get("audience"), "the CR names an audience")
+role = by.get(("ClusterRole", "blockd-snapshot-metadata"))
+rules = {(g, r): set(x["verbs"]) for x in (role or {}).get("rules", [])
+         for g in x["apiGroups"] for r in x["resources"]}
+check("create" in rules.get(("authentication.k8s.io", "tokenreviews"), set()), "may create TokenReviews")
+check("create" in rules.get(("authorization.k8s.io", "subjectaccessreviews"), set()),
+      "may create SubjectAccessReviews")
+check("get" in rules.get(("cbt.storage.k8s.io", "snapshotmetadataservices"), set()),
+      "may read SnapshotMetadataServices")
+check("get" in rules.get(("snapshot.storage.k8s.io", "volumesnapshots"), set()), "may read VolumeSnapshots")
+rb = by.get(("ClusterRoleBinding", "blockd-snapshot-metadata"))
+check(rb is not None and rb["subjects"][0]["name"] == pod["serviceAccountName"],
+      "the role is bound to the pods' service account")
+
+for line in bad:
+    print("FAILED:", line)
+sys.exit(1 if bad else 0)
+"#;
+
+#[test]
+fn snapshot_metadata_component_renders_validates_and_wires_the_sidecar() {
+    let (validator, python) = match tools() {
+        Ok(tools) => tools,
+        Err(reason) => {
+            blockd_tests::skip(&reason);
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rendered = render_with_snapshot_metadata(dir.path());
+    let file = dir.path().join("rendered.yaml");
+    std::fs::write(&file, &rendered).expect("write rendered manifests");
+    validate_with_crds(
+        &validator,
+        &file,
+        &["snapshot.storage.k8s.io/v1", "cbt.storage.k8s.io/v1alpha1"],
+    );
+    let out = Command::new(python)
+        .arg("-c")
+        .arg(SNAPSHOT_METADATA_CHECKS)
+        .arg(&file)
+        .output()
+        .expect("run the snapshot-metadata checks");
+    assert!(
+        out.status.success(),
+        "snapshot-metadata manifest checks failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The base stays without it (opt-in).
+    assert!(!render().contains("csi-snapshot-metadata"));
+}

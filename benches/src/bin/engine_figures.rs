@@ -7,7 +7,11 @@
 //!   (memtables flushed), scaled to 1 TiB;
 //! - startup time over those N mapped chunks;
 //! - snapshot creation time for volumes with 1 K, 100 K and 1 M written chunks (medians,
-//!   sizes interleaved so machine noise hits them alike): it must stay flat.
+//!   sizes interleaved so machine noise hits them alike): it must stay flat;
+//! - changed-block tracking (`delta`): time to compute the delta between two snapshots of a
+//!   1 TiB and a 4 TiB volume with 0.1 % and 1 % of 1 TiB changed in between, and time and
+//!   bytes to export it (delta plus reading every changed byte, as `export-diff` does): they
+//!   follow the number of changed chunks, not the volume's size.
 //!
 //! The engine runs on RocksDB in `$BLOCKD_BENCH_SCRATCH` (default: a temporary directory)
 //! over a [`NullDevice`], so data I/O costs nothing and the figures are the engine's own.
@@ -18,6 +22,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use blockd::engine::DiffTarget;
 use blockd_bench::report::{
     EngineFigures, MetadataFigure, RssFigure, SnapshotFigure, StartupFigure,
 };
@@ -28,6 +33,38 @@ const TIB: u64 = 1 << 40;
 const RSS_VOLUMES: u64 = 16;
 const RSS_CHUNKS_PER_VOLUME: u64 = 4096;
 const SNAPSHOT_SAMPLES: usize = 15;
+/// Chunks written before the base snapshot of the delta figures (spread over the volume).
+const DELTA_BASE_CHUNKS: u64 = 10_000;
+/// Extents per delta page, as blockd's API pages them.
+const DELTA_PAGE: usize = 1024;
+
+/// The engine figures plus the changed-block-tracking ones (a separate key, so readers of
+/// [`EngineFigures`] keep parsing this output unchanged).
+#[derive(Debug, serde::Serialize)]
+struct Output {
+    #[serde(flatten)]
+    figures: EngineFigures,
+    delta: Vec<DeltaFigure>,
+}
+
+/// Diffing and exporting `changed_chunks` chunks of a `volume_bytes` volume.
+#[derive(Debug, serde::Serialize)]
+struct DeltaFigure {
+    volume_bytes: u64,
+    /// Chunks mapped before the base snapshot.
+    base_chunks: u64,
+    changed_chunks: u64,
+    /// changed_chunks × chunk size / 1 TiB.
+    changed_fraction_of_tib: f64,
+    extents: u64,
+    /// Bytes the delta reports as changed.
+    delta_bytes: u64,
+    delta_ms: f64,
+    /// Delta plus reading every changed byte through the engine (data I/O is free on
+    /// the null device: this is the engine's own cost).
+    export_ms: f64,
+    export_bytes: u64,
+}
 
 fn main() {
     if let Err(err) = run() {
@@ -59,6 +96,7 @@ fn run() -> Result<()> {
     // First, while the process is small: RSS does not give memory back reliably.
     let rss = rss_figure(&scratch.path().join("rss"))?;
     let (metadata, startup, snapshot_create) = map_figures(&scratch.path().join("map"), largest)?;
+    let delta = delta_figures(&scratch.path().join("delta"))?;
     let figures = EngineFigures {
         chunk_size_bytes: CHUNK,
         metadata,
@@ -67,7 +105,10 @@ fn run() -> Result<()> {
         snapshot_create,
         elapsed_s: started.elapsed().as_secs_f64(),
     };
-    println!("{}", serde_json::to_string_pretty(&figures)?);
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&Output { figures, delta })?
+    );
     Ok(())
 }
 
@@ -185,6 +226,112 @@ fn map_figures(
     }
     engine.shutdown()?;
     Ok((metadata, startup, snapshots))
+}
+
+/// Deltas of 1 TiB and 4 TiB volumes with 0.1 % and 1 % of a TiB changed.
+fn delta_figures(dir: &Path) -> Result<Vec<DeltaFigure>> {
+    std::fs::create_dir_all(dir)?;
+    let volumes = [TIB, 4 * TIB];
+    let changes = [TIB / CHUNK / 1000, TIB / CHUNK / 100];
+    let pool = volumes.iter().sum::<u64>() + 4 * CHUNK;
+    let device = Arc::new(NullDevice::new(pool));
+    let engine = open_engine(dir, &device, CHUNK);
+    let mut out = Vec::new();
+    for (vi, &size) in volumes.iter().enumerate() {
+        let chunks = size / CHUNK;
+        let name = format!("d{vi}");
+        create_volume(&engine, &name, size);
+        let h = engine.open_image(&name)?;
+        let block = vec![1u8; 4096];
+        // A base spread over the whole volume, then the changes, each spread too.
+        let base_stride = chunks / DELTA_BASE_CHUNKS;
+        for i in 0..DELTA_BASE_CHUNKS {
+            engine.write(&h, i * base_stride * CHUNK, &block)?;
+        }
+        engine.flush()?;
+        engine.create_snapshot(&name, &format!("{name}-base"))?;
+        for (ci, &changed) in changes.iter().enumerate() {
+            progress(&format!(
+                "delta: {} TiB volume, {changed} changed chunks",
+                size / TIB
+            ));
+            // The smaller step's chunks are a subset of the larger one's (its stride is a
+            // multiple), so the delta from the base is exactly `changed` chunks.
+            let stride = chunks / changed;
+            for i in 0..changed {
+                engine.write(&h, (i * stride + 1) * CHUNK, &block)?;
+                if i % 100_000 == 99_999 {
+                    engine.flush()?;
+                }
+            }
+            engine.flush()?;
+            let target = format!("{name}-t{ci}");
+            engine.create_snapshot(&name, &target)?;
+            let base = format!("{name}-base");
+
+            let t = Instant::now();
+            let (extents, delta_bytes) = walk_delta(&engine, &base, &target, |_, _| Ok(()))?;
+            let delta_ms = t.elapsed().as_secs_f64() * 1000.0;
+
+            let image = engine.open_image(&format!("{name}@{target}"))?;
+            let mut buf = vec![0u8; CHUNK as usize];
+            let mut export_bytes = 0u64;
+            let t = Instant::now();
+            walk_delta(&engine, &base, &target, |offset, len| {
+                let mut at = offset;
+                while at < offset + len {
+                    let n = CHUNK.min(offset + len - at);
+                    engine.read(&image, at, &mut buf[..n as usize])?;
+                    export_bytes += n;
+                    at += n;
+                }
+                Ok(())
+            })?;
+            let export_ms = t.elapsed().as_secs_f64() * 1000.0;
+            progress(&format!(
+                "  delta {delta_ms:.0} ms ({extents} extents), export {export_ms:.0} ms ({} MiB)",
+                export_bytes >> 20
+            ));
+            out.push(DeltaFigure {
+                volume_bytes: size,
+                base_chunks: DELTA_BASE_CHUNKS,
+                changed_chunks: changed,
+                changed_fraction_of_tib: (changed * CHUNK) as f64 / TIB as f64,
+                extents,
+                delta_bytes,
+                delta_ms,
+                export_ms,
+                export_bytes,
+            });
+        }
+    }
+    engine.shutdown()?;
+    Ok(out)
+}
+
+/// Pages through the delta from `base` to `target`, calling `each(offset, len)` for every
+/// data extent; returns (extents, bytes).
+fn walk_delta(
+    engine: &blockd::engine::Engine,
+    base: &str,
+    target: &str,
+    mut each: impl FnMut(u64, u64) -> blockd::engine::Result<()>,
+) -> Result<(u64, u64)> {
+    let (mut extents, mut bytes) = (0u64, 0u64);
+    let mut next = Some(0);
+    while let Some(offset) = next {
+        let page =
+            engine.changed_extents(base, DiffTarget::Snapshot(target), offset, DELTA_PAGE)?;
+        for x in &page.extents {
+            extents += 1;
+            bytes += x.len;
+            if !x.zero {
+                each(x.offset, x.len)?;
+            }
+        }
+        next = page.next_offset;
+    }
+    Ok((extents, bytes))
 }
 
 /// (bytes of `*.sst` files, bytes of every file) in a RocksDB directory.

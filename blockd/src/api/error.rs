@@ -21,7 +21,8 @@ impl From<EngineError> for Status {
             }
             EngineError::ReadOnly { .. }
             | EngineError::ShrinkRefused { .. }
-            | EngineError::FailedPrecondition { .. } => Code::FailedPrecondition,
+            | EngineError::FailedPrecondition { .. }
+            | EngineError::Unrelated { .. } => Code::FailedPrecondition,
             // The engine stopped itself after a fatal I/O error: retrying against this
             // process is pointless, a restart recovers. UNAVAILABLE says exactly that.
             EngineError::Failed(_) => Code::Unavailable,

@@ -24,6 +24,7 @@ mod daemon;
 pub mod error;
 mod exports;
 mod groups;
+mod image_data;
 mod pools;
 mod snapshots;
 mod volumes;
@@ -36,6 +37,7 @@ use std::time::Instant;
 use blockd_proto::v1::daemon_service_server::DaemonServiceServer;
 use blockd_proto::v1::export_service_server::ExportServiceServer;
 use blockd_proto::v1::group_snapshot_service_server::GroupSnapshotServiceServer;
+use blockd_proto::v1::image_data_service_server::ImageDataServiceServer;
 use blockd_proto::v1::pool_service_server::PoolServiceServer;
 use blockd_proto::v1::snapshot_service_server::SnapshotServiceServer;
 use blockd_proto::v1::volume_service_server::VolumeServiceServer;
@@ -49,6 +51,7 @@ use crate::metrics::Metrics;
 pub use daemon::DaemonApi;
 pub use exports::ExportApi;
 pub use groups::GroupSnapshotApi;
+pub use image_data::ImageDataApi;
 pub use pools::PoolApi;
 pub use snapshots::SnapshotApi;
 pub use volumes::VolumeApi;
@@ -254,6 +257,7 @@ pub fn routes(ctx: &ApiContext) -> Routes {
         .add_service(GroupSnapshotServiceServer::new(GroupSnapshotApi::new(
             ctx.clone(),
         )))
+        .add_service(ImageDataServiceServer::new(ImageDataApi::new(ctx.clone())))
 }
 
 /// The fully qualified names of the services [`routes`] serves (for health and logs).
@@ -264,4 +268,5 @@ pub const SERVICE_NAMES: &[&str] = &[
     "blockd.v1.ExportService",
     "blockd.v1.DaemonService",
     "blockd.v1.GroupSnapshotService",
+    "blockd.v1.ImageDataService",
 ];

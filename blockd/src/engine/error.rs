@@ -106,6 +106,13 @@ pub enum EngineError {
     #[error("The engine stopped after a fatal I/O error and must be restarted: {0}")]
     Failed(String),
 
+    #[error("No delta from {base} to {target}: {reason}")]
+    Unrelated {
+        base: String,
+        target: String,
+        reason: String,
+    },
+
     #[error(transparent)]
     Device(#[from] DeviceError),
 
@@ -127,6 +134,7 @@ impl EngineError {
             EngineError::ShrinkRefused { .. } | EngineError::FailedPrecondition { .. } => {
                 libc::EBUSY
             }
+            EngineError::Unrelated { .. } => libc::EINVAL,
             EngineError::PoolMismatch { .. }
             | EngineError::Corrupt(_)
             | EngineError::Failed(_)

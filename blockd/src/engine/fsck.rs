@@ -237,7 +237,7 @@ impl Engine {
             })
             .collect();
         for lin in st.lineages.values() {
-            for (&(c, e), &p) in &lin.map {
+            for (&(c, e), &p) in lin.map() {
                 let key = keys::map_key(lin.id, c, e);
                 if durable.get(&(lin.id, c, e)) != Some(&p) && !in_flight.contains(key.as_slice()) {
                     r.bad_records += 1;
@@ -253,7 +253,7 @@ impl Engine {
         }
         for (&(l, c, e), &p) in &durable {
             let key = keys::map_key(l, c, e);
-            let known = st.lineages.get(&l).and_then(|lin| lin.map.get(&(c, e)));
+            let known = st.lineages.get(&l).and_then(|lin| lin.map().get(&(c, e)));
             if known.is_none() && !in_flight.contains(key.as_slice()) {
                 r.bad_records += 1;
                 problem(
@@ -267,7 +267,7 @@ impl Engine {
             let alloc = &st.allocators[p.idx];
             let mut mem_owned: HashMap<u64, ()> = HashMap::new();
             for lin in st.lineages.values().filter(|l| l.pool == p.idx) {
-                for &phys in lin.map.values() {
+                for &phys in lin.map().values() {
                     if phys != ZERO {
                         mem_owned.insert(phys, ());
                     }

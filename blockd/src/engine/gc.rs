@@ -43,7 +43,7 @@ impl Engine {
             .lineages
             .values()
             .filter(|l| l.gc_dirty)
-            .map(|l| l.map.len() as u64)
+            .map(|l| l.map().len() as u64)
             .sum();
         drop(st);
         self.inner()
@@ -82,7 +82,7 @@ impl Engine {
             let drop_all = !lin.has_readers();
             let mut garbage: Vec<(u64, u64, u64)> = Vec::new();
             let mut complete = true;
-            let mut iter = lin.map.iter().peekable();
+            let mut iter = lin.map().iter().peekable();
             while let Some((&(c, e), &p)) = iter.next() {
                 let next_e = match iter.peek() {
                     Some((&(c2, e2), _)) if c2 == c => e2,
@@ -101,14 +101,14 @@ impl Engine {
             stats.entries_removed += garbage.len() as u64;
             let lin = st.lineages.get_mut(&lid).expect("exists");
             for &(c, e, _) in &garbage {
-                lin.map.remove(&(c, e));
+                lin.map_remove(&(c, e));
             }
             if complete {
                 lin.gc_dirty = false;
             } else {
                 more = true;
             }
-            let emptied = drop_all && complete && lin.map.is_empty();
+            let emptied = drop_all && complete && lin.map().is_empty();
             for &(c, e, p) in &garbage {
                 st.pending.delete_cf(Cf::Map, keys::map_key(lid, c, e));
                 if p != ZERO {
@@ -219,7 +219,7 @@ impl Engine {
                 let mut c = cursor;
                 while c < total && copies.len() < FLATTEN_BATCH {
                     let first_own = lin
-                        .map
+                        .map()
                         .range((c, 0)..(c + 1, 0))
                         .next()
                         .map(|(&(_, e), _)| e);
@@ -314,7 +314,7 @@ impl Engine {
                 match st.lineages.get_mut(&lineage) {
                     Some(lin) => {
                         for (&(c, _, _), &d) in copies.iter().zip(dests.iter()) {
-                            lin.map.insert((c, 0), d);
+                            lin.map_insert((c, 0), d);
                             st.pending.put_cf(
                                 Cf::Map,
                                 keys::map_key(lineage, c, 0),

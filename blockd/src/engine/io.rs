@@ -351,7 +351,7 @@ impl Engine {
                 if lin.cow_inflight.contains(&p.chunk) {
                     return Ok(None);
                 }
-                let phys = match lin.map.get(&(p.chunk, e_head)) {
+                let phys = match lin.map().get(&(p.chunk, e_head)) {
                     Some(&phys) if phys != ZERO => phys,
                     _ => return Ok(None),
                 };
@@ -452,7 +452,10 @@ impl Engine {
         let e_head = st.lineages[&h.lineage].rec.e_head;
         let mut plans = Vec::new();
         for p in pieces(offset, len, cs) {
-            let own = st.lineages[&h.lineage].map.get(&(p.chunk, e_head)).copied();
+            let own = st.lineages[&h.lineage]
+                .map()
+                .get(&(p.chunk, e_head))
+                .copied();
             match own {
                 Some(phys) if phys != ZERO => plans.push(WritePlan::InPlace { piece: p, phys }),
                 _ => {
@@ -589,18 +592,18 @@ impl Engine {
             let lin = st.lineages.get_mut(&h.lineage).expect("exists");
             lin.cow_inflight.remove(&piece.chunk);
             if ok {
-                lin.map.insert((piece.chunk, e_head), *phys);
+                lin.map_insert((piece.chunk, e_head), *phys);
                 // An older own entry nothing else reads is garbage now: free it with this
                 // commit rather than waiting for a GC pass.
                 let older = lin
-                    .map
+                    .map()
                     .range((piece.chunk, 0)..(piece.chunk, e_head))
                     .next_back()
                     .map(|(&(_, e), &p)| (e, p));
                 let mut freed = None;
                 if let Some((e_old, p_old)) = older {
                     if !lin.read_in(e_old, e_head) {
-                        lin.map.remove(&(piece.chunk, e_old));
+                        lin.map_remove(&(piece.chunk, e_old));
                         freed = Some((e_old, p_old));
                     }
                 }
@@ -699,9 +702,9 @@ impl Engine {
         let cs = pool.chunk_size;
         let lin = st.lineages.get_mut(&lineage).expect("exists");
         let e_head = lin.rec.e_head;
-        let own = lin.map.get(&(chunk, e_head)).copied();
+        let own = lin.map().get(&(chunk, e_head)).copied();
         let older = lin
-            .map
+            .map()
             .range((chunk, 0)..(chunk, e_head))
             .next_back()
             .is_some();
@@ -710,14 +713,14 @@ impl Engine {
             Some(ZERO) => {}
             Some(phys) => {
                 if older || parent_covers {
-                    lin.map.insert((chunk, e_head), ZERO);
+                    lin.map_insert((chunk, e_head), ZERO);
                     st.pending.put_cf(
                         Cf::Map,
                         keys::map_key(lineage, chunk, e_head),
                         keys::map_value(ZERO),
                     );
                 } else {
-                    lin.map.remove(&(chunk, e_head));
+                    lin.map_remove(&(chunk, e_head));
                     st.pending
                         .delete_cf(Cf::Map, keys::map_key(lineage, chunk, e_head));
                 }
@@ -726,7 +729,7 @@ impl Engine {
             None => {
                 if st.resolve(lineage, e_head, chunk, cs) != Resolved::Zero {
                     let lin = st.lineages.get_mut(&lineage).expect("exists");
-                    lin.map.insert((chunk, e_head), ZERO);
+                    lin.map_insert((chunk, e_head), ZERO);
                     st.pending.put_cf(
                         Cf::Map,
                         keys::map_key(lineage, chunk, e_head),

@@ -47,6 +47,7 @@
 //!   mapped chunk (64 MiB per TiB written at 64 KiB chunks).
 
 mod commit;
+pub mod delta;
 pub mod error;
 mod fsck;
 mod gc;
@@ -68,6 +69,7 @@ use crate::device::BlockDevice;
 use crate::meta::keys::{self, ZERO};
 use crate::meta::{Cf, MetaStore, WriteBatch};
 
+pub use delta::{DiffEnds, DiffExtent, DiffTarget, ExtentPage, SnapshotEpoch};
 pub use error::{EngineError, ObjectKind, Result};
 pub use group::{member_name, GroupSnapshotInfo};
 pub use io::{DeviceIo, ReadPin, WritePin};
@@ -488,7 +490,7 @@ impl Engine {
                         ));
                     }
                 }
-                lin.map.insert((c, e), phys);
+                lin.map_insert((c, e), phys);
                 mapped += 1;
             }
             start = next;
@@ -683,7 +685,7 @@ impl Engine {
         let mut allocated = 0u64;
         let mut last_chunk = None;
         // Entries are ordered (chunk, epoch): the last per chunk is what the head sees.
-        for (&(c, _), &p) in lin.map.iter().rev() {
+        for (&(c, _), &p) in lin.map().iter().rev() {
             if last_chunk == Some(c) {
                 continue;
             }

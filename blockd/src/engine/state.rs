@@ -6,7 +6,7 @@
 //! entry is in the metadata store; this mirror is rebuilt from it at open, and changes
 //! reach it first here and then, in order, through `pending` at the next group commit.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use parking_lot::RwLock;
@@ -132,6 +132,13 @@ impl Allocator {
 }
 
 /// One lineage: a volume head and its snapshots, sharing a chunk map keyed (chunk, epoch).
+///
+/// The map is private so that every change goes through [`Lineage::map_insert`] and
+/// [`Lineage::map_remove`], which keep `by_epoch` — the same entries keyed (epoch, chunk)
+/// — in step. That second index is what makes a snapshot delta cost O(changed chunks):
+/// the chunks written in epochs `(e_base, e_target]` are a range of it (see
+/// `engine::delta`), where the map itself would have to be walked whole. It costs about
+/// as much memory again as the map (16 bytes of key per mapped chunk, plus tree overhead).
 #[derive(Debug)]
 pub struct Lineage {
     pub id: u64,
@@ -139,7 +146,9 @@ pub struct Lineage {
     /// Pool index into `Inner::pools`.
     pub pool: usize,
     /// (chunk, epoch) -> physical chunk, or `ZERO`.
-    pub map: BTreeMap<(u64, u64), u64>,
+    map: BTreeMap<(u64, u64), u64>,
+    /// Every key of `map`, as (epoch, chunk).
+    by_epoch: BTreeSet<(u64, u64)>,
     /// Epochs read by something other than the head: snapshots and clones' pins, counted.
     pub readers: BTreeMap<u64, u32>,
     /// Chunks with a copy-on-write in flight (a second writer waits for the first).
@@ -158,11 +167,55 @@ impl Lineage {
             rec,
             pool,
             map: BTreeMap::new(),
+            by_epoch: BTreeSet::new(),
             readers: BTreeMap::new(),
             cow_inflight: HashSet::new(),
             gate: Arc::new(RwLock::new(())),
             gc_dirty: false,
         }
+    }
+
+    /// The chunk map, (chunk, epoch) -> physical chunk or `ZERO`.
+    pub fn map(&self) -> &BTreeMap<(u64, u64), u64> {
+        &self.map
+    }
+
+    /// Sets the entry of `chunk` at `epoch` (`key` = (chunk, epoch)); returns the old one.
+    pub fn map_insert(&mut self, key: (u64, u64), phys: u64) -> Option<u64> {
+        self.by_epoch.insert((key.1, key.0));
+        self.map.insert(key, phys)
+    }
+
+    /// Removes the entry of `chunk` at `epoch` (`key` = (chunk, epoch)).
+    pub fn map_remove(&mut self, key: &(u64, u64)) -> Option<u64> {
+        self.by_epoch.remove(&(key.1, key.0));
+        self.map.remove(key)
+    }
+
+    /// Chunks in `[from, to)` with an entry at an epoch in `(lo, hi]`, ascending with
+    /// repeats (one per entry): O(epochs holding entries in the range + entries found).
+    pub fn chunks_written_in(&self, lo: u64, hi: u64, from: u64, to: u64) -> Vec<u64> {
+        let mut out = Vec::new();
+        if lo >= hi || from >= to {
+            return out;
+        }
+        // Epochs that hold entries, from lo+1 on: empty epochs are skipped by seeking.
+        let mut epoch = lo + 1;
+        while epoch <= hi {
+            let Some(&(e, _)) = self.by_epoch.range((epoch, 0)..).next() else {
+                break;
+            };
+            if e > hi {
+                break;
+            }
+            out.extend(self.by_epoch.range((e, from)..(e, to)).map(|&(_, c)| c));
+            epoch = match e.checked_add(1) {
+                Some(next) => next,
+                None => break,
+            };
+        }
+        out.sort_unstable();
+        out
     }
 
     pub fn add_reader(&mut self, epoch: u64) {
@@ -313,5 +366,34 @@ mod tests {
         a.release(5);
         a.release(6);
         assert_eq!(a.free_runs(), vec![(5, 2)]);
+    }
+
+    #[test]
+    fn the_epoch_index_follows_every_map_change() {
+        let rec = LineageRecord {
+            pool: 0,
+            e_head: 9,
+            parent: None,
+            head: Some(1),
+        };
+        let mut lin = Lineage::new(1, rec, 0);
+        for (chunk, epoch) in [(5, 1), (3, 2), (9, 2), (3, 4), (700, 4), (2, 7), (4, 9)] {
+            lin.map_insert((chunk, epoch), 100 + chunk);
+        }
+        // (lo, hi] by epoch, [from, to) by chunk, ascending.
+        assert_eq!(lin.chunks_written_in(1, 4, 0, 1000), vec![3, 3, 9, 700]);
+        assert_eq!(lin.chunks_written_in(1, 4, 4, 700), vec![9]);
+        assert_eq!(lin.chunks_written_in(0, 1, 0, 10), vec![5]);
+        assert_eq!(lin.chunks_written_in(4, 9, 0, 10), vec![2, 4]);
+        assert!(lin.chunks_written_in(4, 4, 0, 10).is_empty());
+        assert!(lin.chunks_written_in(9, u64::MAX, 0, u64::MAX).is_empty());
+        // Removal and overwrite keep the index exact.
+        lin.map_remove(&(3, 2));
+        lin.map_insert((9, 2), 0);
+        assert_eq!(lin.chunks_written_in(1, 4, 0, 1000), vec![3, 9, 700]);
+        assert_eq!(lin.map().len(), lin.by_epoch.len());
+        // The last epoch does not overflow the walk.
+        lin.map_insert((1, u64::MAX), 0);
+        assert_eq!(lin.chunks_written_in(9, u64::MAX, 0, 10), vec![1]);
     }
 }

@@ -116,6 +116,55 @@ pub enum Command {
 
     /// Runs one garbage-collection pass now (it also runs in the background).
     Gc,
+
+    /// Writes a snapshot, or what changed since an older one, as a self-checking stream.
+    ///
+    /// Without --from the stream is full (every allocated extent); with --from it holds
+    /// only the extents that changed since BASE (data, and zero records for discarded
+    /// ranges). The format is versioned and documented in docs/diff-stream.md. `-o FILE`
+    /// is accepted as `--file FILE`.
+    #[command(after_help = "Examples:
+  blockctl export-diff vol1@mon -o vol1-mon.bdiff
+  blockctl export-diff vol1@tue --from mon -o vol1-tue.bdiff
+  blockctl export-diff vol1@tue --from mon -o - | ssh backup 'cat > vol1-tue.bdiff'")]
+    ExportDiff(ExportDiffArgs),
+
+    /// Applies a stream written by export-diff to VOLUME, then snapshots it.
+    ///
+    /// An incremental stream applies only when VOLUME's newest snapshot is the stream's
+    /// base (by name); a full stream creates VOLUME, which must not exist. Every checksum
+    /// is verified before anything changes: a corrupt or truncated stream leaves the
+    /// volume as it was. The snapshot taken at the end is named as the stream's target
+    /// (or --snapshot), so the next incremental applies on top.
+    #[command(after_help = "Examples:
+  blockctl import-diff vol1-mon.bdiff restored
+  blockctl import-diff vol1-tue.bdiff restored
+  ssh backup 'cat vol1-tue.bdiff' | blockctl import-diff - restored")]
+    ImportDiff(ImportDiffArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ExportDiffArgs {
+    /// The snapshot to export, as VOLUME@SNAP.
+    pub image: String,
+    /// Export only what changed since this older snapshot (of the same volume, or of the
+    /// volume a clone was cut from).
+    #[arg(long, value_name = "BASE")]
+    pub from: Option<String>,
+    /// Where to write the stream; `-` for stdout. (`-o FILE` also works.)
+    #[arg(long, value_name = "FILE")]
+    pub file: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct ImportDiffArgs {
+    /// The stream to read; `-` for stdin.
+    pub file: PathBuf,
+    /// The volume to apply it to.
+    pub volume: String,
+    /// Name of the snapshot taken after applying (default: the stream's target snapshot).
+    #[arg(long, value_name = "NAME")]
+    pub snapshot: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -196,6 +245,14 @@ pub enum VolumeCommand {
   blockctl volume pv db --node worker-1 --fs-type xfs --name db-pv --reclaim Delete
   blockctl volume pv raw --node worker-1 --block")]
     Pv(crate::pv::PvArgs),
+    /// Lists the extents of VOLUME or VOLUME@SNAP that hold data (chunk granularity).
+    #[command(
+        after_help = "Examples:\n  blockctl volume allocated vol1\n  blockctl volume allocated vol1@snap1 -o json"
+    )]
+    Allocated {
+        /// VOLUME or VOLUME@SNAP.
+        image: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -272,6 +329,15 @@ pub enum SnapshotCommand {
     ShowGroup { group: String },
     /// Deletes a group snapshot: every member at once.
     DeleteGroup { group: String },
+    /// Lists the extents that changed from snapshot BASE to TARGET.
+    ///
+    /// TARGET is a later snapshot (SNAP or VOLUME@SNAP) of the same volume, or of a clone
+    /// cut from it, or a volume name meaning its live content. Extents are at the pool's
+    /// chunk granularity; "zero" extents read zeros in TARGET (discarded or zeroed).
+    #[command(after_help = "Examples:
+  blockctl snapshot diff mon tue
+  blockctl snapshot diff mon vol1 -o json     # since mon, up to now")]
+    Diff { base: String, target: String },
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -354,6 +420,10 @@ mod tests {
             "unexport v@s",
             "fsck",
             "--api /tmp/x.sock status",
+            "snapshot diff a b -o json",
+            "volume allocated v@s",
+            "export-diff v@s --from a --file /tmp/x",
+            "import-diff - v --snapshot s2",
         ] {
             parse(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
         }

@@ -5,7 +5,9 @@
 //! progress bars and errors go to stderr; every failure exits non-zero after printing one
 //! line, `error: <what went wrong>`.
 
+mod backup;
 mod cli;
+mod diff_stream;
 mod pv;
 mod render;
 
@@ -43,7 +45,7 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    let cli = match Cli::try_parse() {
+    let cli = match Cli::try_parse_from(backup::rewrite_export_diff_args(std::env::args_os())) {
         Ok(cli) => cli,
         Err(err) => return usage_error(err),
     };
@@ -124,6 +126,8 @@ struct Api {
     exports: ExportServiceClient<Channel>,
     daemon: DaemonServiceClient<Channel>,
     groups: GroupSnapshotServiceClient<Channel>,
+    /// The shared connection, for the services used by one command only.
+    channel: Channel,
 }
 
 impl Api {
@@ -140,7 +144,8 @@ impl Api {
             snapshots: SnapshotServiceClient::new(channel.clone()),
             exports: ExportServiceClient::new(channel.clone()),
             daemon: DaemonServiceClient::new(channel.clone()),
-            groups: GroupSnapshotServiceClient::new(channel),
+            groups: GroupSnapshotServiceClient::new(channel.clone()),
+            channel,
         })
     }
 }
@@ -262,6 +267,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             spinner.finish_and_clear();
             show(out, &GcView::from(report?.into_inner()), render::gc_details)
         }
+        Command::ExportDiff(args) => backup::export_diff(&api.channel, args).await,
+        Command::ImportDiff(args) => backup::import_diff(&api.channel, args).await,
     }
 }
 
@@ -435,6 +442,9 @@ async fn volume(api: &mut Api, out: Output, cmd: VolumeCommand) -> anyhow::Resul
             confirm(out, &view, line)
         }
         VolumeCommand::Flatten { name } => flatten(api, out, name).await,
+        VolumeCommand::Allocated { image } => {
+            backup::volume_allocated(&api.channel, out, image).await
+        }
     }
 }
 
@@ -612,6 +622,9 @@ async fn snapshot(api: &mut Api, out: Output, cmd: SnapshotCommand) -> anyhow::R
                 &serde_json::json!({ "name": group, "deleted": true }),
                 format!("deleted group snapshot {group:?} and its member snapshots"),
             )
+        }
+        SnapshotCommand::Diff { base, target } => {
+            backup::snapshot_diff(&api.channel, out, base, target).await
         }
     }
 }
