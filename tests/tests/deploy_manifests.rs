@@ -130,14 +130,14 @@ for x in vsc:
     check(x.get("driver") == "blockd.csi.io", "VolumeSnapshotClass driver")
     check(x.get("deletionPolicy") in ("Delete", "Retain"), "VolumeSnapshotClass deletionPolicy")
 
-# VolumeAttributesClass and VolumeGroupSnapshot support in the sidecars.
+# VolumeAttributesClass and VolumeGroupSnapshot gates are opt-in components (a cluster
+# without those APIs would lose the sidecars' other work): the base has none of them.
 if ds:
-    check("--feature-gates=Topology=true,VolumeAttributesClass=true" in args("csi-provisioner"),
-          "csi-provisioner passes VolumeAttributesClass parameters to CreateVolume")
-    check("--feature-gates=VolumeAttributesClass=true" in args("csi-resizer"),
-          "csi-resizer calls ControllerModifyVolume")
-    check("--feature-gates=CSIVolumeGroupSnapshot=true" in args("csi-snapshotter"),
-          "csi-snapshotter serves VolumeGroupSnapshots")
+    check("--feature-gates=Topology=true" in args("csi-provisioner"),
+          "csi-provisioner runs with only the Topology gate in the base")
+    gates = [a for c in ("csi-provisioner", "csi-resizer", "csi-snapshotter") for a in args(c)
+             if "VolumeAttributesClass" in a or "CSIVolumeGroupSnapshot" in a]
+    check(not gates, f"the base turns on no opt-in feature gate: {gates}")
 role = by.get(("ClusterRole", "blockd-csi"))
 if role:
     groups = {g for r in role["rules"] for g in r.get("apiGroups", [])}
@@ -291,6 +291,11 @@ sys.exit(1 if bad else 0)
 /// Renders the base with the opt-in snapshot-metadata component enabled, the way its
 /// README says to: `components: [components/snapshot-metadata]` in a copy of the base.
 fn render_with_snapshot_metadata(dir: &Path) -> String {
+    render_with_components(dir, &["components/snapshot-metadata"])
+}
+
+/// Renders a copy of the base with `components` (paths relative to the base) enabled.
+fn render_with_components(dir: &Path, components: &[&str]) -> String {
     let copy = dir.join("kubernetes");
     let status = Command::new("cp")
         .arg("-r")
@@ -301,7 +306,10 @@ fn render_with_snapshot_metadata(dir: &Path) -> String {
     assert!(status.success());
     let kustomization = copy.join("kustomization.yaml");
     let mut text = std::fs::read_to_string(&kustomization).expect("kustomization");
-    text.push_str("components:\n  - components/snapshot-metadata\n");
+    text.push_str("components:\n");
+    for component in components {
+        text.push_str(&format!("  - {component}\n"));
+    }
     std::fs::write(&kustomization, text).expect("write kustomization");
     let out = Command::new("kubectl")
         .arg("kustomize")
@@ -310,7 +318,7 @@ fn render_with_snapshot_metadata(dir: &Path) -> String {
         .expect("run kubectl kustomize");
     assert!(
         out.status.success(),
-        "kubectl kustomize with the snapshot-metadata component failed: {}",
+        "kubectl kustomize with {components:?} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).expect("utf-8 manifests")
@@ -411,3 +419,59 @@ fn snapshot_metadata_component_renders_validates_and_wires_the_sidecar() {
     // The base stays without it (opt-in).
     assert!(!render().contains("csi-snapshot-metadata"));
 }
+
+/// The opt-in VolumeAttributesClass and group-snapshot components turn on exactly the
+/// sidecar feature gates csi-shim's ModifyVolume and GroupController need, and the
+/// result still validates.
+#[test]
+fn attribute_class_and_group_snapshot_components_turn_on_their_gates() {
+    let (validator, python) = match tools() {
+        Ok(tools) => tools,
+        Err(reason) => {
+            blockd_tests::skip(&reason);
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rendered = render_with_components(
+        dir.path(),
+        &[
+            "components/volume-attributes-class",
+            "components/group-snapshots",
+        ],
+    );
+    let file = dir.path().join("rendered.yaml");
+    std::fs::write(&file, &rendered).expect("write rendered manifests");
+    validate(&validator, &file);
+    let out = Command::new(python)
+        .arg("-c")
+        .arg(GATE_CHECKS)
+        .arg(&file)
+        .output()
+        .expect("run the gate checks");
+    assert!(
+        out.status.success(),
+        "gate checks failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+const GATE_CHECKS: &str = r#"
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+ds = [d for d in docs if d["kind"] == "DaemonSet"][0]
+args = {c["name"]: c.get("args", []) for c in ds["spec"]["template"]["spec"]["containers"]}
+want = {
+    "csi-provisioner": "--feature-gates=Topology=true,VolumeAttributesClass=true",
+    "csi-resizer": "--feature-gates=VolumeAttributesClass=true",
+    "csi-snapshotter": "--feature-gates=CSIVolumeGroupSnapshot=true",
+}
+bad = [f"{c}: {flag} missing from {args[c]}" for c, flag in want.items() if flag not in args[c]]
+gates = [a for a in args["csi-provisioner"] if a.startswith("--feature-gates")]
+if len(gates) != 1:
+    bad.append(f"csi-provisioner has one --feature-gates flag, not {gates}")
+for line in bad:
+    print("FAILED:", line)
+sys.exit(1 if bad else 0)
+"#;
