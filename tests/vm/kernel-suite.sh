@@ -8,7 +8,10 @@
 # What runs in the guest:
 #   - tests/tests/csi_node.rs with BLOCKD_TEST_ATTACH=nbd: the whole CSI node suite on real
 #     /dev/nbdN (mount and block volumes, ext4 and xfs, read-only publish, stats, restage,
-#     online growth of ext4 and xfs, SIGKILL of blockd and of csi-shim under fio verify).
+#     online growth of ext4 and xfs, SIGKILL of blockd and of csi-shim under fio verify);
+#   - tests/tests/csi_static_ephemeral.rs, the same way: a statically provisioned volume
+#     staged from `blockctl volume pv`'s handle, and inline ephemeral volumes (crashes
+#     between their steps included) on /dev/nbdN.
 #
 # Where QEMU cannot run at all, the suite fails under CI=true (a degraded CI must turn red)
 # and skips with the reason elsewhere.
@@ -35,13 +38,20 @@ command -v qemu-system-x86_64 >/dev/null || skip_or_fail "QEMU is not installed"
 
 # Host-side builds: the binaries and the test executables, with the package set and
 # features of `cargo test --workspace` (a narrower `-p` build would compile RocksDB again).
-csi_node=$(cargo build --quiet --workspace --bins --tests --message-format=json |
+suites=(csi_node csi_static_ephemeral)
+mapfile -t exes < <(cargo build --quiet --workspace --bins --tests --message-format=json |
   python3 -c 'import json,sys
+want = sys.argv[1:]
+found = {}
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "csi_node" and m.get("executable"):
-        print(m["executable"])')
-[ -x "$csi_node" ] || { echo "kernel suite: cannot find the csi_node test executable" >&2; exit 1; }
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] in want and m.get("executable"):
+        found[m["target"]["name"]] = m["executable"]
+for name in want:
+    print(found.get(name, ""))' "${suites[@]}")
+for i in "${!suites[@]}"; do
+  [ -x "${exes[$i]:-}" ] || { echo "kernel suite: cannot find the ${suites[$i]} test executable" >&2; exit 1; }
+done
 
 bin="$CARGO_TARGET_DIR/debug"
 export BLOCKD_BIN="$bin/blockd" BLOCKCTL_BIN="$bin/blockctl" CSI_SHIM_BIN="$bin/csi-shim"
@@ -54,13 +64,15 @@ set +e
 # are slow, and the tests time their helpers out generously but not without limit.
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-tests/vm/run.sh --timeout 1200 -- "$csi_node" --test-threads 1 --color never "$@" 2>&1 | tee "$log"
+# Every suite runs even when one fails (tests/vm/run-suites.sh, inside the guest).
+tests/vm/run.sh --timeout 1500 -- tests/vm/run-suites.sh "${exes[@]}" -- "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 echo "kernel suite: guest part took $(($(date +%s) - started)) s, exit status $status"
-# libtest's "test result: ok. 11 passed; 0 failed; ..." as the plain closing line.
-passed=$(sed -n 's/^test result: .* \([0-9]*\) passed; \([0-9]*\) failed.*/\1/p' "$log" | tail -1)
-failed=$(sed -n 's/^test result: .* \([0-9]*\) passed; \([0-9]*\) failed.*/\2/p' "$log" | tail -1)
+# The libtest "test result: ok. 11 passed; 0 failed; ..." lines of every suite, summed,
+# as the plain closing line.
+passed=$(sed -n 's/^test result: .* \([0-9]*\) passed; \([0-9]*\) failed.*/\1/p' "$log" | awk '{s+=$1} END {if (NR) print s}')
+failed=$(sed -n 's/^test result: .* \([0-9]*\) passed; \([0-9]*\) failed.*/\2/p' "$log" | awk '{s+=$1} END {if (NR) print s}')
 if [ -n "$passed" ]; then
   echo "kernel: ${passed} passed, ${failed} failed"
 fi
