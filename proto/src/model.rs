@@ -430,17 +430,39 @@ impl TryFrom<v1::SetVolumeQosRequest> for SetVolumeQos {
 pub struct CreateSnapshot {
     pub volume: VolumeName,
     pub name: SnapshotName,
+    /// A canonical (lower-case, hyphenated) UUID, when given.
+    pub replica_of: Option<String>,
 }
 
 impl TryFrom<v1::CreateSnapshotRequest> for CreateSnapshot {
     type Error = ValidationError;
 
     fn try_from(req: v1::CreateSnapshotRequest) -> Result<Self> {
+        let replica_of = match req.replica_of.as_str() {
+            "" => None,
+            id if is_canonical_uuid(id) => Some(id.to_string()),
+            _ => {
+                return Err(ValidationError::InvalidField {
+                    field: "replica_of",
+                    reason: "not a snapshot id (a lower-case UUID like 0f6a4c1e-7d3b-4a57-9a0e-2b1c3d4e5f60)",
+                })
+            }
+        };
         Ok(CreateSnapshot {
             volume: VolumeName::parse("volume", req.volume)?,
             name: SnapshotName::parse("name", req.name)?,
+            replica_of,
         })
     }
+}
+
+/// `8-4-4-4-12` lower-case hexadecimal digits, as blockd writes ids.
+fn is_canonical_uuid(s: &str) -> bool {
+    s.len() == 36
+        && s.bytes().enumerate().all(|(i, b)| match i {
+            8 | 13 | 18 | 23 => b == b'-',
+            _ => b.is_ascii_digit() || (b'a'..=b'f').contains(&b),
+        })
 }
 
 /// A validated `ListSnapshotsRequest`.

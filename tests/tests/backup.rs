@@ -218,6 +218,7 @@ fn extent_rpcs_page_and_check_their_arguments() {
             .create_snapshot(v1::CreateSnapshotRequest {
                 volume: "v".into(),
                 name: "s1".into(),
+                replica_of: String::new(),
             })
             .await
             .expect("snapshot");
@@ -592,4 +593,33 @@ fn bad_streams_are_refused_and_change_nothing() {
     assert!(same((&dst, "r@s2"), (&src, "v@s2")));
     dst.ctl_ok(&["import-diff", &p(&path("next")), "r", "--snapshot", "third"]);
     assert!(same((&dst, "r@third"), (&src, "v@s3")));
+
+    // A namesake is not the base. A snapshot named s1, of s1's size and even holding
+    // s1's bytes, but taken by hand rather than by importing s1, is refused by id: its
+    // name and size prove nothing about what it holds.
+    dst.ctl_ok(&["snapshot", "delete", "s1"]);
+    dst.ctl_ok(&["volume", "create", "n", "--size", "4M"]);
+    qemu_io(&dst, "n", &["write -P 0x11 0 1M"]);
+    dst.ctl_ok(&["snapshot", "create", "n", "s1"]);
+    let err = dst.ctl_err(&["import-diff", &p(&path("inc")), "n", "--snapshot", "n2"]);
+    assert!(err.contains("nothing was changed"), "{err}");
+    let base_id = src.ctl_json(&["snapshot", "show", "s1"])["id"]
+        .as_str()
+        .expect("snapshot id")
+        .to_string();
+    assert!(
+        err.contains(&base_id),
+        "the refusal names the base's id: {err}"
+    );
+    assert_eq!(
+        dst.ctl_json(&["snapshot", "list", "n"])
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    // Back into the volume it came from, the stream's base is the snapshot itself.
+    src.ctl_ok(&["import-diff", &p(&path("full")), "back", "--snapshot", "b1"]);
+    let b1 = src.ctl_json(&["snapshot", "show", "b1"]);
+    assert_eq!(b1["replica_of"], base_id.as_str(), "{b1}");
 }

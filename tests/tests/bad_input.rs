@@ -58,6 +58,7 @@ fn every_rpc_refuses_bad_input_with_the_right_code() {
             .create_snapshot(v1::CreateSnapshotRequest {
                 volume: "vol".into(),
                 name: "snap".into(),
+                replica_of: String::new(),
             })
             .await
             .unwrap();
@@ -304,6 +305,7 @@ fn every_rpc_refuses_bad_input_with_the_right_code() {
                 .create_snapshot(v1::CreateSnapshotRequest {
                     volume: "missing".into(),
                     name: "s".into(),
+                    replica_of: String::new(),
                 })
                 .await,
             Code::NotFound,
@@ -315,6 +317,7 @@ fn every_rpc_refuses_bad_input_with_the_right_code() {
                 .create_snapshot(v1::CreateSnapshotRequest {
                     volume: "vol".into(),
                     name: "".into(),
+                    replica_of: String::new(),
                 })
                 .await,
             Code::InvalidArgument,
@@ -326,6 +329,7 @@ fn every_rpc_refuses_bad_input_with_the_right_code() {
                 .create_snapshot(v1::CreateSnapshotRequest {
                     volume: "vol".into(),
                     name: "s@1".into(),
+                    replica_of: String::new(),
                 })
                 .await,
             Code::InvalidArgument,
@@ -341,6 +345,7 @@ fn every_rpc_refuses_bad_input_with_the_right_code() {
                 .create_snapshot(v1::CreateSnapshotRequest {
                     volume: "other".into(),
                     name: "snap".into(),
+                    replica_of: String::new(),
                 })
                 .await,
             Code::AlreadyExists,

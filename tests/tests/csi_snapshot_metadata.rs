@@ -157,6 +157,7 @@ fn snapshot_metadata_follows_the_spec() {
         let snap = |name: &str| v1::CreateSnapshotRequest {
             volume: "v".into(),
             name: name.into(),
+            replica_of: String::new(),
         };
         // s1: chunks 0-1, 4, 10; s2: chunk 4 rewritten, chunk 10 zeroed, chunk 20 new.
         write(
@@ -183,6 +184,7 @@ fn snapshot_metadata_follows_the_spec() {
             .create_snapshot(v1::CreateSnapshotRequest {
                 volume: "w".into(),
                 name: "w1".into(),
+                replica_of: String::new(),
             })
             .await
             .expect("w1");

@@ -104,6 +104,7 @@ fn sigterm_during_load_exits_cleanly() {
                         .create_snapshot(v1::CreateSnapshotRequest {
                             volume: name.clone(),
                             name: snap.clone(),
+                            replica_of: String::new(),
                         })
                         .await
                         .is_err()

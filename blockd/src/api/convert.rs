@@ -109,6 +109,7 @@ pub(crate) fn snapshot(s: SnapshotInfo, exported: &Exported) -> v1::Snapshot {
         created_unix: s.created_unix,
         exported: is_exported,
         group: s.group.unwrap_or_default(),
+        replica_of: s.replica_of.unwrap_or_default(),
         id: s.id,
         volume_id: s.volume_id,
         volume_deleted: s.volume_deleted,

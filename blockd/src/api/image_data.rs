@@ -360,6 +360,7 @@ impl ImageDataService for ImageDataApi {
                             epoch: s.epoch,
                             size_bytes: s.size,
                             created_unix: s.created_unix,
+                            replica_of: s.replica_of,
                         })
                         .collect(),
                     head_epoch: head,

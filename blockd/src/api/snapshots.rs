@@ -40,8 +40,11 @@ impl SnapshotService for SnapshotApi {
                 let (info, created, exported) = self
                     .ctx
                     .run(move |e| {
-                        let (info, created) =
-                            e.create_snapshot(req.volume.as_str(), req.name.as_str())?;
+                        let (info, created) = e.create_snapshot_replica(
+                            req.volume.as_str(),
+                            req.name.as_str(),
+                            req.replica_of.as_deref(),
+                        )?;
                         Ok((info, created, exported(e)))
                     })
                     .await?;

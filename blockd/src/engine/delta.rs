@@ -115,6 +115,8 @@ pub struct SnapshotEpoch {
     pub epoch: u64,
     pub size: u64,
     pub created_unix: u64,
+    /// The stable id of the snapshot this one reproduces (`import-diff`), or empty.
+    pub replica_of: String,
 }
 
 /// Entries of `lineage` with an epoch in `(lo, hi]` (`lo` None: `[0, hi]`).
@@ -220,6 +222,7 @@ impl Engine {
                 epoch: img.epoch,
                 size: img.size,
                 created_unix: img.created_unix,
+                replica_of: img.replica_of.clone(),
             })
             .collect();
         v.sort_by_key(|s| s.epoch);

@@ -169,6 +169,7 @@ impl Engine {
                 uuid: records::new_id(),
                 origin_id: st.images[vid].uuid.clone(),
                 source_id: String::new(),
+                replica_of: String::new(),
             };
             lineage_put(&mut st.pending, *lineage, &lrec);
             image_put(&mut st.pending, id, &irec);

@@ -735,6 +735,7 @@ impl Engine {
             size_bytes: img.size,
             created_unix: img.created_unix,
             group: (!img.group.is_empty()).then(|| img.group.clone()),
+            replica_of: (!img.replica_of.is_empty()).then(|| img.replica_of.clone()),
         }
     }
 
@@ -999,6 +1000,7 @@ impl Engine {
             uuid: records::new_id(),
             origin_id: String::new(),
             source_id: src_id,
+            replica_of: String::new(),
         };
         if let Some(p) = parent {
             st.lineages
@@ -1059,6 +1061,17 @@ impl Engine {
     /// Takes a snapshot in O(1): quiesce writers, record `e_S = e_head`, bump the epoch,
     /// commit. Idempotent for the same volume and name.
     pub fn create_snapshot(&self, volume: &str, name: &str) -> Result<(SnapshotInfo, bool)> {
+        self.create_snapshot_replica(volume, name, None)
+    }
+
+    /// [`Engine::create_snapshot`], recording that the snapshot reproduces the snapshot
+    /// with stable id `replica_of` (what `import-diff` takes after applying a stream).
+    pub fn create_snapshot_replica(
+        &self,
+        volume: &str,
+        name: &str,
+        replica_of: Option<&str>,
+    ) -> Result<(SnapshotInfo, bool)> {
         validate_name(ObjectKind::Snapshot, name)?;
         let _ctl = self.inner.control.lock();
         let st = self.inner.state.lock();
@@ -1117,6 +1130,7 @@ impl Engine {
             uuid: records::new_id(),
             origin_id,
             source_id: String::new(),
+            replica_of: replica_of.unwrap_or_default().to_string(),
         };
         let next = st.next_id;
         lineage_put(&mut st.pending, lineage, &lrec);

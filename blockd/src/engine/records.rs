@@ -82,6 +82,11 @@ pub struct ImageRecord {
     /// For clones: the `uuid` of the snapshot or volume named by `source`.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub source_id: String,
+    /// For snapshots taken by `import-diff`: the `uuid` of the snapshot (usually on
+    /// another daemon) whose content this one reproduces, so that the next incremental
+    /// stream, whose base is that snapshot, is known to apply here.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub replica_of: String,
 }
 
 /// Kind tags of derived (legacy) ids, byte 7 of the UUID.

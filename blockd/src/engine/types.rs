@@ -159,6 +159,8 @@ pub struct SnapshotInfo {
     pub created_unix: u64,
     /// The group snapshot it belongs to, if any.
     pub group: Option<String>,
+    /// The stable id of the snapshot this one reproduces (taken by `import-diff`).
+    pub replica_of: Option<String>,
 }
 
 /// One extent of `block_status`.

@@ -87,6 +87,7 @@ impl ControllerService {
             .create_snapshot(v1::CreateSnapshotRequest {
                 volume: vid.volume.clone(),
                 name: name.clone(),
+                replica_of: String::new(),
             })
             .await;
         let created = match result {

@@ -8,9 +8,11 @@
 //!
 //! `import-diff` never changes anything before the whole stream has been read and every
 //! checksum verified (stdin is first spooled to an unlinked temporary file). It then
-//! checks the base (the volume's newest snapshot must carry the stream's base name, and
-//! the volume must hold no changes since that snapshot other than a previous, interrupted
-//! apply of this same stream), applies the records, and snapshots the volume.
+//! checks the base (the volume's newest snapshot must be the stream's base snapshot, by
+//! stable id, or a replica of it that an earlier import took; and the volume must hold no
+//! changes since that snapshot other than a previous, interrupted apply of this same
+//! stream), applies the records, and snapshots the volume, recording that the snapshot
+//! is a replica of the stream's target so that the next incremental applies on top.
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -635,13 +637,32 @@ pub async fn import_diff(channel: &Channel, args: ImportDiffArgs) -> anyhow::Res
                     base.volume
                 );
             };
-            if newest.name != base.snapshot || newest.size_bytes != base.size_bytes {
+            // The stream names its base by stable id: the newest snapshot here must be
+            // that very snapshot (importing back into its own volume) or a replica of it
+            // (taken by an earlier import). A snapshot that merely has the same name and
+            // size may hold other data: applying a delta on top of it would silently
+            // make a volume that matches no snapshot anywhere. Streams without ids (from
+            // a blockd before ids) can only be matched by name and size.
+            let same_size = newest.size_bytes == base.size_bytes;
+            let same = match &base.uuid {
+                Some(id) => same_size && (newest.id == *id || newest.replica_of == *id),
+                None => same_size && newest.name == base.snapshot,
+            };
+            if !same {
+                let id_of = |id: &str| if id.is_empty() { String::new() } else { format!(", id {id}") };
                 bail!(
-                    "volume {volume:?}'s newest snapshot is {:?} ({}), but the stream applies on top of snapshot {:?} ({}) of {:?}; nothing was changed",
+                    "volume {volume:?}'s newest snapshot is {:?} ({}{}{}), but the stream applies on top of snapshot {:?} ({}{}) of {:?}; nothing was changed",
                     newest.name,
                     format_size(newest.size_bytes),
+                    id_of(&newest.id),
+                    if newest.replica_of.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", a replica of {}", newest.replica_of)
+                    },
                     base.snapshot,
                     format_size(base.size_bytes),
+                    id_of(base.uuid.as_deref().unwrap_or("")),
                     base.volume
                 );
             }
@@ -757,6 +778,8 @@ pub async fn import_diff(channel: &Channel, args: ImportDiffArgs) -> anyhow::Res
         .create_snapshot(v1::CreateSnapshotRequest {
             volume: volume.clone(),
             name: snap_name.clone(),
+            // The next incremental stream names this target as its base, by id.
+            replica_of: header.target.uuid.clone().unwrap_or_default(),
         })
         .await?;
     eprintln!(

@@ -491,7 +491,11 @@ async fn snapshot(api: &mut Api, out: Output, cmd: SnapshotCommand) -> anyhow::R
         SnapshotCommand::Create { volume, name } => {
             let resp = api
                 .snapshots
-                .create_snapshot(v1::CreateSnapshotRequest { volume, name })
+                .create_snapshot(v1::CreateSnapshotRequest {
+                    volume,
+                    name,
+                    replica_of: String::new(),
+                })
                 .await?
                 .into_inner();
             let view = SnapshotView::from(

@@ -166,12 +166,16 @@ pub struct SnapshotView {
     pub exported: bool,
     /// The group snapshot it belongs to, if any.
     pub group: Option<String>,
+    /// The id of the snapshot this one reproduces (taken by `import-diff`), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replica_of: Option<String>,
 }
 
 impl From<v1::Snapshot> for SnapshotView {
     fn from(s: v1::Snapshot) -> Self {
         SnapshotView {
             group: (!s.group.is_empty()).then(|| s.group.clone()),
+            replica_of: (!s.replica_of.is_empty()).then(|| s.replica_of.clone()),
             name: s.name,
             id: s.id,
             volume: s.volume,
@@ -539,6 +543,10 @@ pub fn snapshot_details(s: &SnapshotView) -> Table {
         ("exported", yes_no(s.exported).to_string()),
         ("created", format_time(s.created_unix)),
         ("group", s.group.clone().unwrap_or_else(|| "-".into())),
+        (
+            "replica of",
+            s.replica_of.clone().unwrap_or_else(|| "-".into()),
+        ),
     ])
 }
 
