@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # benches/run.sh [--quick] [--out DIR] [--engine-figures | --no-engine-figures]
+#                 [--profile release|dev]
 #
 # Side-by-side fio benchmark of blockd against the physical limit and its userspace peers,
 # all measured in one run, on files in one scratch directory on one filesystem:
@@ -21,6 +22,10 @@
 # volumes, startup time with 1 M mapped chunks, snapshot creation time against volume
 # size; a few seconds); --no-engine-figures skips them.
 #
+# --profile dev runs debug binaries (no release build, so no second RocksDB compile): for
+# checking that the harness works (the test suite's smoke test), never for figures; the
+# report says so.
+#
 # Environment: CARGO_TARGET_DIR (default $HOME/.cache/blockd-target),
 # BLOCKD_BENCH_SECONDS, BLOCKD_BENCH_SCRATCH (parent of the scratch directory; default DIR).
 set -euo pipefail
@@ -38,6 +43,7 @@ die() {
 quick=0
 out="$repo/bench-out"
 engine_figures=1
+profile=release
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) quick=1 ;;
@@ -49,14 +55,28 @@ while [ $# -gt 0 ]; do
     --out=*) out="${1#--out=}" ;;
     --engine-figures) engine_figures=1 ;;
     --no-engine-figures) engine_figures=0 ;;
+    --profile)
+      [ $# -ge 2 ] || die "--profile needs release or dev"
+      profile="$2"
+      shift
+      ;;
+    --profile=*) profile="${1#--profile=}" ;;
     -h | --help)
       sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'
       exit 0
       ;;
-    *) die "unknown argument '$1' (usage: benches/run.sh [--quick] [--out DIR] [--engine-figures|--no-engine-figures])" ;;
+    *) die "unknown argument '$1' (usage: benches/run.sh [--quick] [--out DIR] [--engine-figures|--no-engine-figures] [--profile release|dev])" ;;
   esac
   shift
 done
+# The selection matches what else builds that profile, so that RocksDB's C++ is shared:
+# tools/run.sh builds release with `--workspace --bins`; the test suite builds debug with
+# `--workspace --bins --tests` (dev-dependencies change some features, hence the hash).
+case "$profile" in
+  release) profile_flag=(--release --workspace --bins) profile_dir=release ;;
+  dev) profile_flag=(--workspace --bins --tests) profile_dir=debug ;;
+  *) die "--profile is release or dev, not '$profile'" ;;
+esac
 
 if [ "$quick" = 1 ]; then
   data_size=$((512 << 20)) # each data file/volume every read and overwrite runs on
@@ -156,15 +176,15 @@ fi
 # --- build -----------------------------------------------------------------------------
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/blockd-target}"
 have cargo || die "cargo not found"
-log "building blockd, blockctl and the bench tools (release, CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
+log "building blockd, blockctl and the bench tools ($profile, CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
 (
   cd "$repo" || exit 1
   # The whole workspace's binaries, not `-p ...`: a narrower selection resolves the
   # features of bindgen's dependencies differently and would compile RocksDB's C++ a
   # second time instead of sharing the release build `tools/run.sh` (README) makes.
-  cargo build --release --quiet --workspace --bins
-) || die "cargo build --release failed"
-bin="$CARGO_TARGET_DIR/release"
+  cargo build "${profile_flag[@]}" --quiet
+) || die "cargo build ($profile) failed"
+bin="$CARGO_TARGET_DIR/$profile_dir"
 blockd_bin="$bin/blockd"
 blockctl_bin="$bin/blockctl"
 report_bin="$bin/bench-report"
@@ -191,6 +211,7 @@ runs="$out/fio/runs.tsv"
   printf 'nbdkit\t%s\n' "$(nbdkit --version | head -1)"
   printf 'blockd\t%s\n' "$(git -C "$repo" describe --always --dirty 2>/dev/null || echo unknown)"
   printf 'mode\t%s\n' "$([ "$quick" = 1 ] && echo quick || echo full)"
+  printf 'build\t%s\n' "$([ "$profile" = release ] && echo release || echo 'dev (debug binaries: a harness check, not figures)')"
   printf 'seconds\t%s\n' "$seconds"
   printf 'ramp_seconds\t%s\n' "$ramp"
   printf 'data_size\t%s\n' "$data_size"

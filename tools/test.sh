@@ -61,12 +61,6 @@ cargo fmt --all -- --check
 step "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 
-# The release binaries before the tests: the benchmark smoke test runs benches/run.sh,
-# which uses them, and a first (cold) release build of RocksDB belongs here, in plain
-# sight, not inside that test's time limit. Same selection as tools/run.sh and run.sh.
-step "cargo build --release --workspace --bins"
-cargo build --release --workspace --bins
-
 step "cargo test"
 if have cargo-nextest; then
   # Doc tests first (nextest does not run them), so that the suite's summary closes the log.

@@ -114,6 +114,10 @@ struct Harness {
     snaps: BTreeMap<String, (String, Vec<u8>)>,
     /// Volumes created as clones (a plain create of the same name is never "the same").
     clones: std::collections::BTreeSet<String>,
+    /// Snapshots whose volume was deleted. Snapshots belong to a volume by identity, so
+    /// a later volume of the same name is not theirs: creating the snapshot again "on" it
+    /// is AlreadyExists, not an idempotent retry.
+    orphaned: std::collections::BTreeSet<String>,
 }
 
 impl Harness {
@@ -128,6 +132,7 @@ impl Harness {
             vols: BTreeMap::new(),
             snaps: BTreeMap::new(),
             clones: Default::default(),
+            orphaned: Default::default(),
         }
     }
 
@@ -251,6 +256,12 @@ impl Harness {
                 let name = Self::sname(snap);
                 let r = self.engine.create_snapshot(&vol, &name);
                 match (self.snaps.get(&name), self.vols.get(&vol)) {
+                    // Its volume is gone and another one took the name.
+                    (Some((origin, _)), Some(_))
+                        if *origin == vol && self.orphaned.contains(&name) =>
+                    {
+                        assert!(matches!(r, Err(EngineError::AlreadyExists { .. })), "{r:?}")
+                    }
                     (Some((origin, _)), _) if *origin == vol => assert!(!r.unwrap().1),
                     (Some(_), _) => {
                         assert!(matches!(r, Err(EngineError::AlreadyExists { .. })), "{r:?}")
@@ -330,6 +341,11 @@ impl Harness {
                 self.clones.remove(&name);
                 if self.vols.remove(&name).is_some() {
                     r.unwrap();
+                    for (snap, (origin, _)) in &self.snaps {
+                        if *origin == name {
+                            self.orphaned.insert(snap.clone());
+                        }
+                    }
                 } else {
                     assert!(matches!(r, Err(EngineError::NotFound { .. })));
                 }
@@ -337,6 +353,7 @@ impl Harness {
             Op::DeleteSnap { snap } => {
                 let name = Self::sname(snap);
                 let r = self.engine.delete_snapshot(&name);
+                self.orphaned.remove(&name);
                 if self.snaps.remove(&name).is_some() {
                     r.unwrap();
                 } else {
@@ -425,6 +442,7 @@ proptest! {
         prop_assert_eq!(pool.allocated_bytes, 0, "space leaked after deleting everything");
         h.vols.clear();
         h.snaps.clear();
+        h.orphaned.clear();
         h.verify_all();
     }
 }

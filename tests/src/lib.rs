@@ -69,28 +69,7 @@ fn build_binaries() -> &'static Result<(), String> {
         let target_dir = profile_dir.parent().expect("<target>/<profile>");
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut cmd = Command::new(cargo);
-        // Cargo gives a test process CARGO_MANIFEST_DIR, CARGO_PKG_* and the like. Some
-        // build scripts (ring's) re-run when those change, so a build started from here
-        // with them set and one from a shell without them would rebuild each other's TLS
-        // stack in turn: start the inner build without what cargo set for this test (a
-        // user's own CARGO_PROFILE_* or CARGO_BUILD_* settings stay, they shape the outer
-        // build too).
-        for (var, _) in std::env::vars_os() {
-            let name = var.to_string_lossy();
-            let set_for_tests = [
-                "CARGO_MANIFEST_",
-                "CARGO_PKG_",
-                "CARGO_CRATE_NAME",
-                "CARGO_BIN_",
-                "CARGO_PRIMARY_PACKAGE",
-                "CARGO_TARGET_TMPDIR",
-                "CARGO_RUSTC_CURRENT_DIR",
-                "OUT_DIR",
-            ];
-            if set_for_tests.iter().any(|p| name.starts_with(p)) {
-                cmd.env_remove(&var);
-            }
-        }
+        without_cargo_test_env(&mut cmd);
         cmd.current_dir(workspace_root())
             .env("CARGO_TARGET_DIR", target_dir)
             // The same package set and dev-dependency features as `cargo test --workspace`:
@@ -112,6 +91,34 @@ fn build_binaries() -> &'static Result<(), String> {
             ))
         }
     })
+}
+
+/// Removes from `cmd`'s environment what cargo set for this test process
+/// (CARGO_MANIFEST_DIR, CARGO_PKG_* and the like), for a command that runs cargo again.
+///
+/// Some build scripts (ring's) re-run when those change, so a build started from a test
+/// with them set and one from a shell without them would rebuild each other's TLS stack
+/// in turn. A user's own CARGO_PROFILE_* or CARGO_BUILD_* settings stay: they shape the
+/// outer build too.
+pub fn without_cargo_test_env(cmd: &mut Command) {
+    const SET_FOR_TESTS: [&str; 8] = [
+        "CARGO_MANIFEST_",
+        "CARGO_PKG_",
+        "CARGO_CRATE_NAME",
+        "CARGO_BIN_",
+        "CARGO_PRIMARY_PACKAGE",
+        "CARGO_TARGET_TMPDIR",
+        "CARGO_RUSTC_CURRENT_DIR",
+        "OUT_DIR",
+    ];
+    for (var, _) in std::env::vars_os() {
+        if SET_FOR_TESTS
+            .iter()
+            .any(|p| var.to_string_lossy().starts_with(p))
+        {
+            cmd.env_remove(&var);
+        }
+    }
 }
 
 /// The path of workspace binary `name` (`blockd`, `blockctl` or `csi-shim`), built if
