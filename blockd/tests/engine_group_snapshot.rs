@@ -2,7 +2,7 @@
 //! writes, idempotency and errors that change nothing, member protection, deletion,
 //! restore from members, and durability across a restart.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use blockd::device::mem::MemDevice;
@@ -71,8 +71,11 @@ fn members_share_one_instant_under_ordered_writes() {
         e.create_volume(&spec(v, 1 << 20)).unwrap();
     }
     let stop = Arc::new(AtomicBool::new(false));
+    // The last round the writer finished: each group waits for a new one, so groups and
+    // writes interleave however the threads are scheduled.
+    let progress = Arc::new(AtomicU64::new(0));
     let writer = {
-        let (e, stop) = (e.clone(), stop.clone());
+        let (e, stop, progress) = (e.clone(), stop.clone(), progress.clone());
         std::thread::spawn(move || {
             let handles: Vec<_> = ["a", "b", "c"]
                 .iter()
@@ -84,12 +87,18 @@ fn members_share_one_instant_under_ordered_writes() {
                 for h in &handles {
                     e.write(h, 0, &stamp(n)).unwrap();
                 }
+                progress.store(n, Ordering::Release);
             }
             n
         })
     };
     let mut seen = Vec::new();
+    let mut rounds = 0;
     for i in 0..40 {
+        while progress.load(Ordering::Acquire) == rounds {
+            std::thread::yield_now();
+        }
+        rounds = progress.load(Ordering::Acquire);
         let group = format!("g{i}");
         // Listed in another order than written: the instant must not depend on it.
         let (info, created) = e
