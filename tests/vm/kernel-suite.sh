@@ -64,8 +64,12 @@ set +e
 # are slow, and the tests time their helpers out generously but not without limit.
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-# Every suite runs even when one fails (tests/vm/run-suites.sh, inside the guest).
-tests/vm/run.sh --timeout 1500 -- tests/vm/run-suites.sh "${exes[@]}" -- "$@" 2>&1 | tee "$log"
+# Every suite runs even when one fails (tests/vm/run-suites.sh, inside the guest). It runs
+# from CARGO_TARGET_DIR, next to the test executables: the guest may not see this checkout
+# (a clone under /tmp is hidden by the guest's own /tmp), but it sees those.
+runner="$CARGO_TARGET_DIR/blockd-run-suites.sh"
+cp tests/vm/run-suites.sh "$runner"
+tests/vm/run.sh --timeout 1500 -- "$runner" "${exes[@]}" -- "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 echo "kernel suite: guest part took $(($(date +%s) - started)) s, exit status $status"
