@@ -14,14 +14,20 @@ use std::process::Command;
 use blockd_tests::manifests::{repo, tools, validate, validate_with_crds};
 
 fn render() -> String {
+    kustomize(&repo().join("deploy/kubernetes"))
+}
+
+/// `kubectl kustomize DIR`, offline: the rendered manifests.
+fn kustomize(dir: &Path) -> String {
     let out = Command::new("kubectl")
         .arg("kustomize")
-        .arg(repo().join("deploy/kubernetes"))
+        .arg(dir)
         .output()
         .expect("run kubectl kustomize");
     assert!(
         out.status.success(),
-        "kubectl kustomize failed: {}",
+        "kubectl kustomize {} failed: {}",
+        dir.display(),
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).expect("utf-8 manifests")
@@ -311,17 +317,7 @@ fn render_with_components(dir: &Path, components: &[&str]) -> String {
         text.push_str(&format!("  - {component}\n"));
     }
     std::fs::write(&kustomization, text).expect("write kustomization");
-    let out = Command::new("kubectl")
-        .arg("kustomize")
-        .arg(&copy)
-        .output()
-        .expect("run kubectl kustomize");
-    assert!(
-        out.status.success(),
-        "kubectl kustomize with {components:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8 manifests")
+    kustomize(&copy)
 }
 
 /// What the external-snapshot-metadata sidecar needs, checked on the rendered objects.
