@@ -6,35 +6,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use blockd::device::mem::MemDevice;
-use blockd::device::BlockDevice;
-use blockd::engine::{Engine, EngineError, PoolSpec, Qos, Source, VolumeSpec};
+use blockd::engine::{Engine, EngineError, Source};
 use blockd::meta::mem::MemStore;
-use blockd::meta::MetaStore;
+
+#[path = "common/mem_engine.rs"]
+mod mem_engine;
+use mem_engine::{open, spec};
 
 const BLOCK: usize = 4096;
-
-fn open(meta: &Arc<MemStore>, dev: &Arc<MemDevice>) -> Engine {
-    Engine::open(
-        meta.clone() as Arc<dyn MetaStore>,
-        vec![PoolSpec {
-            name: "p".into(),
-            device: dev.clone() as Arc<dyn BlockDevice>,
-            chunk_size: 64 << 10,
-            path: "mem".into(),
-        }],
-    )
-    .expect("engine opens")
-}
-
-fn spec(name: &str, size: u64) -> VolumeSpec {
-    VolumeSpec {
-        name: name.into(),
-        pool: None,
-        size: Some(size),
-        source: None,
-        qos: Qos::default(),
-    }
-}
 
 fn stamp(n: u64) -> Vec<u8> {
     n.to_le_bytes().repeat(BLOCK / 8)

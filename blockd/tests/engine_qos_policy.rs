@@ -5,36 +5,15 @@
 use std::sync::Arc;
 
 use blockd::device::mem::MemDevice;
-use blockd::device::BlockDevice;
-use blockd::engine::{Engine, EngineError, PoolSpec, Qos, QosPolicy, VolumeSpec};
+use blockd::engine::{EngineError, Qos, QosPolicy};
 use blockd::meta::mem::MemStore;
-use blockd::meta::MetaStore;
+
+#[path = "common/mem_engine.rs"]
+mod mem_engine;
+use mem_engine::{open, spec};
 
 const GIB: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;
-
-fn open(meta: &Arc<MemStore>, dev: &Arc<MemDevice>) -> Engine {
-    Engine::open(
-        meta.clone() as Arc<dyn MetaStore>,
-        vec![PoolSpec {
-            name: "p".into(),
-            device: dev.clone() as Arc<dyn BlockDevice>,
-            chunk_size: 64 << 10,
-            path: "mem".into(),
-        }],
-    )
-    .expect("engine opens")
-}
-
-fn spec(name: &str, size: u64) -> VolumeSpec {
-    VolumeSpec {
-        name: name.into(),
-        pool: None,
-        size: Some(size),
-        source: None,
-        qos: Qos::default(),
-    }
-}
 
 fn per_gb(iops_per_gb: u64, cap: u64, bandwidth: u64) -> QosPolicy {
     QosPolicy {
