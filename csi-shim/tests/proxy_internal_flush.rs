@@ -11,95 +11,74 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::Duration;
 
-use csi_shim::proxy::{self, wire, Config};
+use csi_shim::proxy::wire::{
+    self, ClientOption, Command, Greeting, Info, OptionHeader, OptionReply, OptionReplyBody,
+    Request, SimpleReply, CLIENT_FLAGS_LEN, NBD_FLAG_FIXED_NEWSTYLE, NBD_FLAG_HAS_FLAGS,
+    NBD_FLAG_NO_ZEROES, NBD_FLAG_SEND_FLUSH, NBD_OPT_GO, NBD_REP_ERR_UNSUP, OPTION_HEADER_LEN,
+    REQUEST_LEN, SIMPLE_REPLY_LEN,
+};
+use csi_shim::proxy::{self, Config};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream as TokioStream};
 
-const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
-const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-const NBD_OPT_GO: u32 = 7;
-const NBD_OPT_INFO: u32 = 6;
-const NBD_REP_ACK: u32 = 1;
-const NBD_REP_INFO: u32 = 3;
-const NBD_REP_ERR_UNSUP: u32 = (1 << 31) | 1;
-const REQUEST_MAGIC: u32 = 0x2560_9513;
-const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
-const CMD_WRITE: u16 = 1;
-const CMD_FLUSH: u16 = 3;
 const EXPORT_SIZE: u64 = 1 << 20;
-// HAS_FLAGS | SEND_FLUSH
-const TRANSMISSION_FLAGS: u16 = 1 | 4;
+const TRANSMISSION_FLAGS: u16 = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH;
 
-async fn option_reply(s: &mut TokioStream, option: u32, kind: u32, data: &[u8]) {
-    let mut out = Vec::with_capacity(20 + data.len());
-    out.extend_from_slice(&REPLY_MAGIC.to_be_bytes());
-    out.extend_from_slice(&option.to_be_bytes());
-    out.extend_from_slice(&kind.to_be_bytes());
-    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    out.extend_from_slice(data);
-    s.write_all(&out).await.expect("option reply");
+async fn read_n(s: &mut TokioStream, n: usize, what: &str) -> Vec<u8> {
+    let mut b = vec![0u8; n];
+    s.read_exact(&mut b).await.expect(what);
+    b
 }
 
 fn simple_reply(cookie: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(16);
-    out.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
-    out.extend_from_slice(&0u32.to_be_bytes());
-    out.extend_from_slice(&cookie.to_be_bytes());
-    out
+    SimpleReply { error: 0, cookie }.encode().to_vec()
 }
 
 /// One upstream connection: fixed-newstyle handshake, then transmission where the first
 /// write is answered at once and the next write's reply is held until a flush arrives,
 /// then both replies go out in one write (the write's first).
 async fn scripted_upstream(mut s: TokioStream) {
-    s.write_all(b"NBDMAGIC").await.expect("magic");
-    s.write_all(&IHAVEOPT.to_be_bytes())
-        .await
-        .expect("ihaveopt");
-    s.write_all(&3u16.to_be_bytes())
-        .await
-        .expect("handshake flags");
-    let _client_flags = s.read_u32().await.expect("client flags");
+    let greeting = Greeting {
+        handshake_flags: NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES,
+    };
+    s.write_all(&greeting.encode()).await.expect("greeting");
+    read_n(&mut s, CLIENT_FLAGS_LEN, "client flags").await;
     loop {
-        let magic = s.read_u64().await.expect("option magic");
-        assert_eq!(magic, IHAVEOPT);
-        let option = s.read_u32().await.expect("option");
-        let len = s.read_u32().await.expect("option length");
-        let mut data = vec![0u8; len as usize];
-        s.read_exact(&mut data).await.expect("option data");
-        if option == NBD_OPT_GO || option == NBD_OPT_INFO {
-            let mut info = Vec::new();
-            info.extend_from_slice(&0u16.to_be_bytes()); // NBD_INFO_EXPORT
-            info.extend_from_slice(&EXPORT_SIZE.to_be_bytes());
-            info.extend_from_slice(&TRANSMISSION_FLAGS.to_be_bytes());
-            option_reply(&mut s, option, NBD_REP_INFO, &info).await;
-            option_reply(&mut s, option, NBD_REP_ACK, &[]).await;
-            if option == NBD_OPT_GO {
+        let header = OptionHeader::decode(&read_n(&mut s, OPTION_HEADER_LEN, "option").await)
+            .expect("option header");
+        let data = read_n(&mut s, header.len as usize, "option data").await;
+        let option = ClientOption::decode(header.option, &data).expect("option data");
+        let reply = |body| OptionReply::new(header.option, body).encode();
+        if let ClientOption::Go(_) | ClientOption::Info(_) = option {
+            let info = Info::Export {
+                size: EXPORT_SIZE,
+                flags: TRANSMISSION_FLAGS,
+            };
+            s.write_all(&reply(OptionReplyBody::Info(info)))
+                .await
+                .expect("info");
+            s.write_all(&reply(OptionReplyBody::Ack)).await.expect("ack");
+            if header.option == NBD_OPT_GO {
                 break;
             }
         } else {
-            option_reply(&mut s, option, NBD_REP_ERR_UNSUP, &[]).await;
+            let unsup = OptionReply::error(header.option, NBD_REP_ERR_UNSUP, "");
+            s.write_all(&unsup.encode()).await.expect("unsup");
         }
     }
     let mut writes = 0;
     let mut held_write: Option<u64> = None;
     let mut held_flush: Option<u64> = None;
     loop {
-        let mut header = [0u8; 28];
+        let mut header = [0u8; REQUEST_LEN];
         if s.read_exact(&mut header).await.is_err() {
             return;
         }
-        assert_eq!(
-            u32::from_be_bytes(header[0..4].try_into().unwrap()),
-            REQUEST_MAGIC
-        );
-        let kind = u16::from_be_bytes(header[6..8].try_into().unwrap());
-        let cookie = u64::from_be_bytes(header[8..16].try_into().unwrap());
-        let len = u32::from_be_bytes(header[24..28].try_into().unwrap());
-        match kind {
-            CMD_WRITE => {
-                let mut payload = vec![0u8; len as usize];
-                s.read_exact(&mut payload).await.expect("write payload");
+        let req = Request::decode(&header).expect("request");
+        let cookie = req.cookie;
+        match req.command {
+            Command::Write => {
+                read_n(&mut s, req.length as usize, "write payload").await;
                 writes += 1;
                 if writes == 2 {
                     held_write = Some(cookie);
@@ -107,7 +86,7 @@ async fn scripted_upstream(mut s: TokioStream) {
                     s.write_all(&simple_reply(cookie)).await.expect("reply");
                 }
             }
-            CMD_FLUSH if held_flush.is_none() && writes < 3 => held_flush = Some(cookie),
+            Command::Flush if held_flush.is_none() && writes < 3 => held_flush = Some(cookie),
             _ => s.write_all(&simple_reply(cookie)).await.expect("reply"),
         }
         if let (Some(w), Some(f)) = (held_write, held_flush) {
@@ -122,28 +101,24 @@ async fn scripted_upstream(mut s: TokioStream) {
 }
 
 fn write_request(cookie: u64, offset: u64, payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(28 + payload.len());
-    out.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-    out.extend_from_slice(&0u16.to_be_bytes());
-    out.extend_from_slice(&CMD_WRITE.to_be_bytes());
-    out.extend_from_slice(&cookie.to_be_bytes());
-    out.extend_from_slice(&offset.to_be_bytes());
-    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    let mut out = Request {
+        flags: 0,
+        command: Command::Write,
+        cookie,
+        offset,
+        length: payload.len() as u32,
+    }
+    .encode()
+    .to_vec();
     out.extend_from_slice(payload);
     out
 }
 
 fn read_reply(s: &mut UnixStream) -> std::io::Result<(u32, u64)> {
-    let mut r = [0u8; 16];
+    let mut r = [0u8; SIMPLE_REPLY_LEN];
     s.read_exact(&mut r)?;
-    assert_eq!(
-        u32::from_be_bytes(r[0..4].try_into().unwrap()),
-        SIMPLE_REPLY_MAGIC
-    );
-    Ok((
-        u32::from_be_bytes(r[4..8].try_into().unwrap()),
-        u64::from_be_bytes(r[8..16].try_into().unwrap()),
-    ))
+    let reply = SimpleReply::decode(&r).expect("simple reply");
+    Ok((reply.error, reply.cookie))
 }
 
 #[test]

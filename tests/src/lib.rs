@@ -5,7 +5,8 @@
 //! - [`Daemon`] runs `blockd` on a private temporary state directory and kills it when
 //!   dropped, so a failing test leaves no process and no directory behind;
 //! - [`Daemon::ctl`] runs `blockctl` against that daemon; [`Daemon::grpc`] opens tonic
-//!   clients for tests that check gRPC codes.
+//!   clients for tests that check gRPC codes;
+//! - [`nbd::NbdClient`] speaks raw NBD (from `nbd-wire`) for protocol checks.
 //!
 //! Binaries: integration tests of this crate cannot use `CARGO_BIN_EXE_*` (that only
 //! names binaries of the same package), so the helpers look next to the test executable
@@ -15,6 +16,7 @@
 
 pub mod csi_node;
 pub mod manifests;
+pub mod nbd;
 
 use std::io::Read;
 use std::os::unix::process::ExitStatusExt;

@@ -6,8 +6,6 @@
 //! requests under a limit of L IOPS cannot finish faster than (N - burst) / L.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -18,6 +16,7 @@ use blockd_proto::csi::volume_capability::access_mode::Mode;
 use blockd_proto::csi::volume_capability::{AccessMode, AccessType, BlockVolume};
 use blockd_proto::v1;
 use blockd_tests::expect_status;
+use blockd_tests::nbd::NbdClient;
 use blockd_tests::{have_tool, runtime, skip, CsiShim, Daemon};
 use tonic::transport::Channel;
 use tonic::Code;
@@ -109,43 +108,19 @@ fn modify(volume_id: &str, pairs: &[(&str, &str)]) -> csi::ControllerModifyVolum
     }
 }
 
-/// A minimal NBD client holding one connection open across QoS changes.
+/// An NBD connection held open across QoS changes.
 struct NbdConn {
-    s: UnixStream,
+    c: NbdClient,
     cookie: u64,
 }
 
 impl NbdConn {
     fn open(socket: &Path, export: &str) -> NbdConn {
-        const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
-        let mut s = UnixStream::connect(socket).expect("connect to blockd's NBD socket");
-        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        let mut greeting = [0u8; 18];
-        s.read_exact(&mut greeting).expect("greeting");
-        assert_eq!(&greeting[0..8], b"NBDMAGIC");
-        s.write_all(&3u32.to_be_bytes()).unwrap(); // FIXED_NEWSTYLE | NO_ZEROES
-        let mut data = (export.len() as u32).to_be_bytes().to_vec();
-        data.extend_from_slice(export.as_bytes());
-        data.extend_from_slice(&0u16.to_be_bytes());
-        let mut opt = IHAVEOPT.to_be_bytes().to_vec();
-        opt.extend_from_slice(&7u32.to_be_bytes()); // NBD_OPT_GO
-        opt.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        opt.extend_from_slice(&data);
-        s.write_all(&opt).unwrap();
-        loop {
-            let mut h = [0u8; 20];
-            s.read_exact(&mut h).expect("option reply");
-            let reply = u32::from_be_bytes(h[12..16].try_into().unwrap());
-            let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
-            let mut body = vec![0u8; len as usize];
-            s.read_exact(&mut body).unwrap();
-            match reply {
-                1 => break, // ACK
-                3 => {}     // INFO
-                other => panic!("NBD_OPT_GO for {export:?} refused: reply type {other:#x}"),
-            }
+        let mut c = NbdClient::connect(socket, Duration::from_secs(60));
+        if let Err(reply) = c.go(export) {
+            panic!("NBD_OPT_GO for {export:?} refused: reply type {reply:#x}");
         }
-        NbdConn { s, cookie: 0 }
+        NbdConn { c, cookie: 0 }
     }
 
     /// Reads 4 KiB `n` times, one request at a time; answers how long it took.
@@ -153,23 +128,7 @@ impl NbdConn {
         let start = Instant::now();
         for i in 0..n {
             self.cookie += 1;
-            let mut req = 0x2560_9513u32.to_be_bytes().to_vec();
-            req.extend_from_slice(&0u16.to_be_bytes());
-            req.extend_from_slice(&0u16.to_be_bytes()); // READ
-            req.extend_from_slice(&self.cookie.to_be_bytes());
-            req.extend_from_slice(&(u64::from(i % 64) * 4096).to_be_bytes());
-            req.extend_from_slice(&4096u32.to_be_bytes());
-            self.s.write_all(&req).unwrap();
-            let mut h = [0u8; 16];
-            self.s.read_exact(&mut h).expect("read reply");
-            assert_eq!(u32::from_be_bytes(h[0..4].try_into().unwrap()), 0x6744_6698);
-            assert_eq!(
-                u32::from_be_bytes(h[4..8].try_into().unwrap()),
-                0,
-                "read error"
-            );
-            let mut data = vec![0u8; 4096];
-            self.s.read_exact(&mut data).unwrap();
+            self.c.read(self.cookie, u64::from(i % 64) * 4096, 4096);
         }
         start.elapsed()
     }

@@ -5,14 +5,16 @@
 //! Every test cleans up after itself: the proxy and blockd are killed on drop, the FUSE
 //! mount is unmounted by a guard.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use blockd_tests::nbd::NbdClient;
 use blockd_tests::{bin_dir, binary, have_tool, skip, Daemon};
+use nbd_wire::codec::Command as NbdCommand;
 
 const MIB: u64 = 1 << 20;
 
@@ -407,108 +409,9 @@ fn nbdfuse_survives_blockd_kill_and_restart() {
     assert!(proxy.log().contains("reconnected"), "{}", proxy.log());
 }
 
-/// A minimal NBD client for the protocol checks.
-struct RawClient {
-    s: UnixStream,
-}
-
-const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
-const REP_MAGIC: u64 = 0x0003_e889_0455_65a9;
-
-impl RawClient {
-    fn connect(socket: &Path) -> RawClient {
-        let s = UnixStream::connect(socket).expect("connect to the proxy");
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let mut c = RawClient { s };
-        let mut g = [0u8; 18];
-        c.s.read_exact(&mut g).expect("greeting");
-        assert_eq!(&g[0..8], b"NBDMAGIC");
-        assert_eq!(u64::from_be_bytes(g[8..16].try_into().unwrap()), IHAVEOPT);
-        assert_eq!(g[17] & 1, 1, "fixed newstyle");
-        c.s.write_all(&3u32.to_be_bytes()).unwrap();
-        c
-    }
-
-    fn option(&mut self, option: u32, data: &[u8]) {
-        let mut b = IHAVEOPT.to_be_bytes().to_vec();
-        b.extend_from_slice(&option.to_be_bytes());
-        b.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        b.extend_from_slice(data);
-        self.s.write_all(&b).unwrap();
-    }
-
-    /// (option, reply type, data)
-    fn option_reply(&mut self) -> (u32, u32, Vec<u8>) {
-        let mut h = [0u8; 20];
-        self.s.read_exact(&mut h).expect("option reply");
-        assert_eq!(u64::from_be_bytes(h[0..8].try_into().unwrap()), REP_MAGIC);
-        let option = u32::from_be_bytes(h[8..12].try_into().unwrap());
-        let reply = u32::from_be_bytes(h[12..16].try_into().unwrap());
-        let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
-        let mut data = vec![0u8; len as usize];
-        self.s.read_exact(&mut data).unwrap();
-        (option, reply, data)
-    }
-
-    /// NBD_OPT_GO; returns (size, flags) or the error reply type.
-    fn go(&mut self) -> Result<(u64, u16), u32> {
-        let mut d = 3u32.to_be_bytes().to_vec();
-        d.extend_from_slice(b"any");
-        d.extend_from_slice(&0u16.to_be_bytes());
-        self.option(7, &d);
-        let mut export = None;
-        loop {
-            let (option, reply, data) = self.option_reply();
-            assert_eq!(option, 7);
-            match reply {
-                1 => return Ok(export.expect("NBD_INFO_EXPORT before ACK")),
-                3 => {
-                    if u16::from_be_bytes([data[0], data[1]]) == 0 {
-                        export = Some((
-                            u64::from_be_bytes(data[2..10].try_into().unwrap()),
-                            u16::from_be_bytes([data[10], data[11]]),
-                        ));
-                    }
-                }
-                r => return Err(r),
-            }
-        }
-    }
-
-    fn request(&mut self, kind: u16, cookie: u64, offset: u64, len: u32, payload: &[u8]) {
-        let mut b = 0x2560_9513u32.to_be_bytes().to_vec();
-        b.extend_from_slice(&0u16.to_be_bytes());
-        b.extend_from_slice(&kind.to_be_bytes());
-        b.extend_from_slice(&cookie.to_be_bytes());
-        b.extend_from_slice(&offset.to_be_bytes());
-        b.extend_from_slice(&len.to_be_bytes());
-        b.extend_from_slice(payload);
-        self.s.write_all(&b).unwrap();
-    }
-
-    /// (error, cookie)
-    fn reply(&mut self) -> std::io::Result<(u32, u64)> {
-        let mut h = [0u8; 16];
-        self.s.read_exact(&mut h)?;
-        assert_eq!(u32::from_be_bytes(h[0..4].try_into().unwrap()), 0x6744_6698);
-        Ok((
-            u32::from_be_bytes(h[4..8].try_into().unwrap()),
-            u64::from_be_bytes(h[8..16].try_into().unwrap()),
-        ))
-    }
-
-    fn write(&mut self, cookie: u64, offset: u64, data: &[u8]) {
-        self.request(1, cookie, offset, data.len() as u32, data);
-        assert_eq!(self.reply().expect("write reply"), (0, cookie));
-    }
-
-    fn read(&mut self, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
-        self.request(0, cookie, offset, len, &[]);
-        assert_eq!(self.reply().expect("read reply"), (0, cookie));
-        let mut data = vec![0u8; len as usize];
-        self.s.read_exact(&mut data).expect("read payload");
-        data
-    }
+/// A raw NBD client of the proxy, for the protocol checks.
+fn raw_client(socket: &Path) -> NbdClient {
+    NbdClient::connect(socket, Duration::from_secs(30))
 }
 
 #[test]
@@ -517,7 +420,7 @@ fn protocol_unknown_options_and_vanishing_clients() {
     volume(&daemon, "v1", "16M");
     let mut proxy = Proxy::start(&daemon, "v1", 30);
 
-    let mut c = RawClient::connect(&proxy.socket);
+    let mut c = raw_client(&proxy.socket);
     // Structured replies are not offered; an unknown option is unsupported.
     for option in [8u32, 9, 10, 99] {
         c.option(option, &[]);
@@ -533,7 +436,7 @@ fn protocol_unknown_options_and_vanishing_clients() {
     // NBD_OPT_LIST with data is invalid.
     c.option(3, b"x");
     assert_eq!(c.option_reply().1, 0x8000_0003);
-    let (size, flags) = c.go().expect("NBD_OPT_GO");
+    let (size, flags) = c.go("any").expect("NBD_OPT_GO");
     assert_eq!(size, 16 * MIB);
     assert_eq!(flags & 1, 1, "NBD_FLAG_HAS_FLAGS");
     assert_eq!(
@@ -544,38 +447,38 @@ fn protocol_unknown_options_and_vanishing_clients() {
     c.write(1, 4096, &[0x42; 4096]);
     assert_eq!(c.read(2, 4096, 4096), vec![0x42; 4096]);
     // Out of range: blockd's error passes through unchanged.
-    c.request(0, 3, 16 * MIB, 4096, &[]);
+    c.request(NbdCommand::Read, 3, 16 * MIB, 4096, &[]);
     assert_eq!(c.reply().unwrap(), (22, 3));
     // NBD_CMD_DISC: the proxy closes the connection.
-    c.request(2, 4, 0, 0, &[]);
+    c.request(NbdCommand::Disc, 4, 0, 0, &[]);
     let mut rest = Vec::new();
     c.s.read_to_end(&mut rest).expect("EOF after NBD_CMD_DISC");
     assert!(rest.is_empty());
 
     // NBD_OPT_ABORT is acknowledged.
-    let mut c = RawClient::connect(&proxy.socket);
+    let mut c = raw_client(&proxy.socket);
     c.option(2, &[]);
     assert_eq!(c.option_reply().1, 1);
     drop(c);
 
     // A client that hangs up in the middle of a write payload ...
-    let mut c = RawClient::connect(&proxy.socket);
-    c.go().expect("go");
-    c.request(1, 9, 0, 65536, &[0x17; 100]);
+    let mut c = raw_client(&proxy.socket);
+    c.go("any").expect("go");
+    c.request(NbdCommand::Write, 9, 0, 65536, &[0x17; 100]);
     drop(c);
     // ... one that leaves a read unanswered, and one that vanishes mid-handshake.
-    let mut c = RawClient::connect(&proxy.socket);
-    c.go().expect("go");
-    c.request(0, 10, 0, 1 << 20, &[]);
+    let mut c = raw_client(&proxy.socket);
+    c.go("any").expect("go");
+    c.request(NbdCommand::Read, 10, 0, 1 << 20, &[]);
     drop(c);
-    let c = RawClient::connect(&proxy.socket);
+    let c = raw_client(&proxy.socket);
     drop(c);
 
     // The proxy still serves, and nothing of the torn write landed.
     std::thread::sleep(Duration::from_millis(200));
     assert!(proxy.is_running(), "proxy died:\n{}", proxy.log());
-    let mut c = RawClient::connect(&proxy.socket);
-    c.go().expect("go after vanishing clients");
+    let mut c = raw_client(&proxy.socket);
+    c.go("any").expect("go after vanishing clients");
     assert_eq!(c.read(1, 0, 4096), vec![0; 4096]);
     assert_eq!(c.read(2, 4096, 4096), vec![0x42; 4096]);
     drop(c);
@@ -591,14 +494,14 @@ fn proxy_gives_up_after_the_reconnect_timeout() {
     let mut daemon = Daemon::start();
     volume(&daemon, "v1", "16M");
     let mut proxy = Proxy::start(&daemon, "v1", 2);
-    let mut c = RawClient::connect(&proxy.socket);
-    c.go().expect("go");
+    let mut c = raw_client(&proxy.socket);
+    c.go("any").expect("go");
     // Not flushed: only the proxy's journal guarantees it across the kill.
     c.write(1, 0, &[0x33; 4096]);
 
     daemon.kill();
     let started = Instant::now();
-    c.request(0, 2, 0, 4096, &[]);
+    c.request(NbdCommand::Read, 2, 0, 4096, &[]);
     let reply = c.reply().expect("an error reply, not a hang");
     assert_eq!(reply, (5, 2), "NBD_EIO for the request in flight");
     let waited = started.elapsed();
@@ -614,14 +517,14 @@ fn proxy_gives_up_after_the_reconnect_timeout() {
     assert!(log.contains("giving up"), "{log}");
 
     // A new client is refused with an error, not left hanging.
-    let mut c = RawClient::connect(&proxy.socket);
-    assert_eq!(c.go(), Err(0x8000_0007), "NBD_REP_ERR_SHUTDOWN");
+    let mut c = raw_client(&proxy.socket);
+    assert_eq!(c.go("any"), Err(0x8000_0007), "NBD_REP_ERR_SHUTDOWN");
     assert!(proxy.is_running(), "the proxy must outlive a blockd outage");
 
     // blockd comes back: new clients work, and the unflushed write was replayed.
     daemon.restart();
-    let mut c = RawClient::connect(&proxy.socket);
-    c.go().expect("go after blockd returned");
+    let mut c = raw_client(&proxy.socket);
+    c.go("any").expect("go after blockd returned");
     assert_eq!(c.read(3, 0, 4096), vec![0x33; 4096]);
 }
 
@@ -684,20 +587,20 @@ fn exit_after_disconnect_ends_the_proxy_with_its_last_client() {
     let socket = proxy.socket.clone();
 
     // A liveness probe, and a client that hangs up without NBD_CMD_DISC.
-    drop(RawClient::connect(&socket));
-    let mut c = RawClient::connect(&socket);
-    c.go().expect("go");
+    drop(raw_client(&socket));
+    let mut c = raw_client(&socket);
+    c.go("any").expect("go");
     drop(c);
     std::thread::sleep(Duration::from_millis(200));
     assert!(proxy.is_running(), "proxy exited:\n{}", proxy.log());
 
     // Two connections, as the kernel makes for a multi-conn device.
-    let mut a = RawClient::connect(&socket);
-    a.go().expect("go a");
-    let mut b = RawClient::connect(&socket);
-    b.go().expect("go b");
+    let mut a = raw_client(&socket);
+    a.go("any").expect("go a");
+    let mut b = raw_client(&socket);
+    b.go("any").expect("go b");
     a.write(1, 0, &[0x5a; 4096]);
-    a.request(2, 2, 0, 0, &[]);
+    a.request(NbdCommand::Disc, 2, 0, 0, &[]);
     let mut rest = Vec::new();
     a.s.read_to_end(&mut rest).expect("EOF after NBD_CMD_DISC");
     assert!(rest.is_empty());
@@ -710,7 +613,7 @@ fn exit_after_disconnect_ends_the_proxy_with_its_last_client() {
     assert_eq!(b.read(3, 0, 4096), vec![0x5a; 4096]);
 
     let started = Instant::now();
-    b.request(2, 4, 0, 0, &[]);
+    b.request(NbdCommand::Disc, 4, 0, 0, &[]);
     let status = loop {
         if let Some(status) = proxy
             .child

@@ -30,7 +30,9 @@ use tokio::net::UnixStream;
 use tokio::sync::Notify;
 use tracing::{debug, error, info, warn, Instrument};
 
-use super::wire::{self, ExportInfo, Request, SimpleReply};
+use nbd_wire::server::{ServerHandshake, ServerStep};
+
+use super::wire::{self, ClientOption, Command, ExportInfo, Info, OptionReply, OptionReplyBody, Request, SimpleReply};
 use super::{Accepted, ProxyError, Shared, Upstream};
 
 /// Largest write payload accepted from a client (the protocol's DoS threshold is 32 MiB;
@@ -149,7 +151,7 @@ impl Conn {
                 return;
             }
             e.sent_gen = gen;
-            if e.req.kind == wire::CMD_FLUSH {
+            if e.req.command == Command::Flush {
                 e.flush_mark = self.shared.flush_mark();
             }
             let req = Request {
@@ -260,89 +262,71 @@ async fn handshake(
     shared: &Shared,
     s: &mut UnixStream,
 ) -> Result<Option<(Upstream, u64, bool)>, ConnError> {
-    let mut greeting = Vec::with_capacity(18);
-    greeting.extend_from_slice(&wire::NBDMAGIC.to_be_bytes());
-    greeting.extend_from_slice(&wire::IHAVEOPT.to_be_bytes());
-    greeting.extend_from_slice(&(wire::FLAG_FIXED_NEWSTYLE | wire::FLAG_NO_ZEROES).to_be_bytes());
-    s.write_all(&greeting).await?;
-    let cflags = s.read_u32().await?;
-    if cflags & !(wire::FLAG_C_FIXED_NEWSTYLE | wire::FLAG_C_NO_ZEROES) != 0 {
-        return Err(ConnError::Protocol(format!(
-            "unknown client flags {cflags:#x}"
-        )));
-    }
-    let no_zeroes = cflags & wire::FLAG_C_NO_ZEROES != 0;
+    let mut hs = ServerHandshake::new(
+        wire::NBD_FLAG_FIXED_NEWSTYLE | wire::NBD_FLAG_NO_ZEROES,
+        MAX_OPTION,
+    );
+    s.write_all(&hs.greeting()).await?;
+    let mut buf = Vec::new();
     loop {
-        let mut h = [0u8; wire::OPTION_LEN];
-        match s.read_exact(&mut h).await {
+        buf.resize(hs.wants(), 0);
+        match s.read_exact(&mut buf).await {
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
             Err(e) => return Err(e.into()),
         }
-        let magic = wire::be64(&h[0..8]);
-        if magic != wire::IHAVEOPT {
-            return Err(ConnError::Protocol(format!("bad option magic {magic:#x}")));
-        }
-        let option = wire::be32(&h[8..12]);
-        let len = wire::be32(&h[12..16]);
-        if len > MAX_OPTION {
-            return Err(ConnError::Protocol(format!(
-                "option {option} with {len} bytes of data"
-            )));
-        }
-        let mut data = vec![0u8; len as usize];
-        s.read_exact(&mut data).await?;
-        let reply = |reply: u32, data: &[u8]| wire::encode_option_reply(option, reply, data);
-        match option {
-            wire::OPT_ABORT => {
-                let _ = s.write_all(&reply(wire::REP_ACK, &[])).await;
+        let opt = match hs.feed(&buf) {
+            Ok(ServerStep::Continue) => continue,
+            Ok(ServerStep::Option(opt)) => opt,
+            Ok(ServerStep::Invalid { option, error }) => {
+                if option == wire::NBD_OPT_EXPORT_NAME {
+                    // No way to report an error: a failure is a hard disconnect.
+                    return Err(ConnError::Protocol(format!("NBD_OPT_EXPORT_NAME: {error}")));
+                }
+                let msg = format!("malformed option {option}: {error}");
+                s.write_all(&OptionReply::error(option, wire::NBD_REP_ERR_INVALID, msg).encode())
+                    .await?;
+                continue;
+            }
+            Err(err) => return Err(ConnError::Protocol(err.to_string())),
+        };
+        let option = opt.code();
+        let reply = |body: OptionReplyBody| OptionReply::new(option, body).encode();
+        match opt {
+            ClientOption::Abort => {
+                let _ = s.write_all(&reply(OptionReplyBody::Ack)).await;
                 return Ok(None);
             }
-            wire::OPT_LIST => {
-                if !data.is_empty() {
-                    s.write_all(&reply(wire::REP_ERR_INVALID, b"NBD_OPT_LIST takes no data"))
-                        .await?;
-                    continue;
-                }
-                let name = shared.cfg.export.as_bytes();
-                let mut d = (name.len() as u32).to_be_bytes().to_vec();
-                d.extend_from_slice(name);
-                s.write_all(&reply(wire::REP_SERVER, &d)).await?;
-                s.write_all(&reply(wire::REP_ACK, &[])).await?;
+            ClientOption::List => {
+                let server = OptionReplyBody::Server {
+                    name: shared.cfg.export.clone(),
+                    description: String::new(),
+                };
+                s.write_all(&reply(server)).await?;
+                s.write_all(&reply(OptionReplyBody::Ack)).await?;
             }
-            wire::OPT_EXPORT_NAME => {
+            ClientOption::ExportName(_) => {
                 // No way to report an error: a failure is a hard disconnect.
                 let (up, gen) = open_upstream(shared, false).await?;
                 let flags = up.info.flags & wire::PASSTHROUGH_FLAGS;
-                let mut d = up.info.size.to_be_bytes().to_vec();
-                d.extend_from_slice(&flags.to_be_bytes());
-                if !no_zeroes {
-                    d.extend_from_slice(&[0u8; 124]);
-                }
-                s.write_all(&d).await?;
+                s.write_all(&hs.export_name_reply(up.info.size, flags))
+                    .await?;
                 return Ok(Some((up, gen, false)));
             }
-            wire::OPT_INFO | wire::OPT_GO => {
-                let Some(go) = wire::parse_go_data(&data) else {
-                    s.write_all(&reply(
-                        wire::REP_ERR_INVALID,
-                        b"malformed NBD_OPT_INFO/GO data",
-                    ))
-                    .await?;
-                    continue;
-                };
-                let want_block_size = go.requests.contains(&wire::INFO_BLOCK_SIZE);
+            ClientOption::Info(go) | ClientOption::Go(go) => {
+                let want_block_size = go.requests.contains(&wire::NBD_INFO_BLOCK_SIZE);
                 let (up, gen) = match open_upstream(shared, want_block_size).await {
                     Ok(v) => v,
                     Err(err) => {
                         let code = match &err {
                             ProxyError::Handshake(w) => {
-                                w.refused_reply().unwrap_or(wire::REP_ERR_SHUTDOWN)
+                                w.refused_reply().unwrap_or(wire::NBD_REP_ERR_SHUTDOWN)
                             }
-                            _ => wire::REP_ERR_SHUTDOWN,
+                            _ => wire::NBD_REP_ERR_SHUTDOWN,
                         };
                         warn!(error = %err, "upstream unavailable for a new client");
-                        s.write_all(&reply(code, format!("upstream: {err}").as_bytes()))
+                        let msg = format!("upstream: {err}");
+                        s.write_all(&OptionReply::error(option, code, msg).encode())
                             .await?;
                         continue;
                     }
@@ -352,32 +336,33 @@ async fn handshake(
                     flags,
                     block_size,
                 } = up.info;
-                s.write_all(&reply(
-                    wire::REP_INFO,
-                    &wire::info_export(size, flags & wire::PASSTHROUGH_FLAGS),
-                ))
-                .await?;
-                if go.requests.contains(&wire::INFO_NAME) {
-                    let mut d = wire::INFO_NAME.to_be_bytes().to_vec();
-                    d.extend_from_slice(shared.cfg.export.as_bytes());
-                    s.write_all(&reply(wire::REP_INFO, &d)).await?;
+                let export = Info::Export {
+                    size,
+                    flags: flags & wire::PASSTHROUGH_FLAGS,
+                };
+                s.write_all(&reply(OptionReplyBody::Info(export))).await?;
+                if go.requests.contains(&wire::NBD_INFO_NAME) {
+                    let name = Info::Name(shared.cfg.export.clone());
+                    s.write_all(&reply(OptionReplyBody::Info(name))).await?;
                 }
                 if let Some(bs) = block_size {
-                    s.write_all(&reply(wire::REP_INFO, &wire::info_block_size(bs)))
-                        .await?;
+                    let bs = Info::BlockSize {
+                        min: bs.min,
+                        preferred: bs.preferred,
+                        max: bs.max,
+                    };
+                    s.write_all(&reply(OptionReplyBody::Info(bs))).await?;
                 }
-                s.write_all(&reply(wire::REP_ACK, &[])).await?;
-                if option == wire::OPT_GO {
+                s.write_all(&reply(OptionReplyBody::Ack)).await?;
+                if option == wire::NBD_OPT_GO {
                     return Ok(Some((up, gen, want_block_size)));
                 }
                 close_upstream(up).await;
             }
             _ => {
-                s.write_all(&reply(
-                    wire::REP_ERR_UNSUP,
-                    b"option not supported by the proxy",
-                ))
-                .await?;
+                let msg = "option not supported by the proxy";
+                s.write_all(&OptionReply::error(option, wire::NBD_REP_ERR_UNSUP, msg).encode())
+                    .await?;
             }
         }
     }
@@ -402,13 +387,7 @@ async fn open_upstream(
 
 async fn close_upstream(up: Upstream) {
     let mut s = up.stream;
-    let disc = Request {
-        flags: 0,
-        kind: wire::CMD_DISC,
-        cookie: 0,
-        offset: 0,
-        len: 0,
-    };
+    let disc = wire::bare_request(Command::Disc, 0);
     let _ = s.write_all(&disc.encode()).await;
 }
 
@@ -439,13 +418,13 @@ async fn relay_requests(conn: &Conn, rd: &mut BufReader<OwnedReadHalf>) -> Resul
         }
         let req = Request::decode(&h).map_err(|e| ConnError::Protocol(e.to_string()))?;
         let payload = if req.has_payload() {
-            if req.len > MAX_WRITE {
+            if req.length > MAX_WRITE {
                 return Err(ConnError::Protocol(format!(
                     "write of {} bytes exceeds {MAX_WRITE}",
-                    req.len
+                    req.length
                 )));
             }
-            let mut p = vec![0u8; req.len as usize];
+            let mut p = vec![0u8; req.length as usize];
             match rd.read_exact(&mut p).await {
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(false),
@@ -455,7 +434,7 @@ async fn relay_requests(conn: &Conn, rd: &mut BufReader<OwnedReadHalf>) -> Resul
         } else {
             None
         };
-        if req.kind == wire::CMD_DISC {
+        if req.command == Command::Disc {
             // The server side (blockd) finishes what is outstanding, then closes; B
             // relays those replies and ends at the upstream EOF.
             conn.table.lock().disc = true;
@@ -490,7 +469,7 @@ async fn read_reply(
     r: &mut BufReader<OwnedReadHalf>,
     buf: &mut Vec<u8>,
 ) -> Result<(usize, u32), String> {
-    let mut h = [0u8; wire::REPLY_LEN];
+    let mut h = [0u8; wire::SIMPLE_REPLY_LEN];
     r.read_exact(&mut h).await.map_err(|e| e.to_string())?;
     let reply = SimpleReply::decode(&h).map_err(|e| e.to_string())?;
     let read_len = {
@@ -498,7 +477,7 @@ async fn read_reply(
         let e = t
             .get(reply.cookie)
             .ok_or_else(|| format!("reply for unknown cookie {}", reply.cookie))?;
-        (e.req.kind == wire::CMD_READ && reply.error == 0).then_some(e.req.len as usize)
+        (e.req.command == Command::Read && reply.error == 0).then_some(e.req.length as usize)
     };
     if let Some(len) = read_len {
         if buf.len() < len {
@@ -569,8 +548,8 @@ async fn upstream_to_client(
                         cookie: req.cookie,
                     };
                     cw.write_all(&reply.encode()).await?;
-                    if req.kind == wire::CMD_READ && error == 0 {
-                        cw.write_all(&buf[..req.len as usize]).await?;
+                    if req.command == Command::Read && error == 0 {
+                        cw.write_all(&buf[..req.length as usize]).await?;
                     }
                 }
                 // Flush whenever no further reply is already buffered, whatever this reply
@@ -603,13 +582,7 @@ async fn upstream_to_client(
 }
 
 fn spawn_internal_flush(conn: &Arc<Conn>) {
-    let req = Request {
-        flags: 0,
-        kind: wire::CMD_FLUSH,
-        cookie: 0,
-        offset: 0,
-        len: 0,
-    };
+    let req = wire::bare_request(Command::Flush, 0);
     let slot = conn.table.lock().insert(req, None, true);
     let conn = Arc::clone(conn);
     tokio::spawn(
@@ -700,13 +673,7 @@ async fn reconnect(
             let disc = replay_conn.table.lock().disc;
             if let Some(up) = guard.w.as_mut() {
                 if disc {
-                    let req = Request {
-                        flags: 0,
-                        kind: wire::CMD_DISC,
-                        cookie: 0,
-                        offset: 0,
-                        len: 0,
-                    };
+                    let req = wire::bare_request(Command::Disc, 0);
                     let _ = up.write_all(&req.encode()).await;
                 }
                 if up.flush().await.is_err() {
@@ -731,7 +698,7 @@ async fn give_up(
     cw: &mut BufWriter<OwnedWriteHalf>,
     err: ConnError,
 ) -> Result<(), ConnError> {
-    let _ = fail_in_flight(conn, cw, wire::EIO).await;
+    let _ = fail_in_flight(conn, cw, wire::NBD_EIO).await;
     let _ = cw.shutdown().await;
     Err(err)
 }

@@ -144,7 +144,7 @@ impl Server {
     }
 
     /// One NBD request, reconnecting and resending on a transport error.
-    fn nbd(&mut self, kind: u16, offset: u64, length: u32, data: &mut [u8]) -> Result<(), i32> {
+    fn nbd(&mut self, kind: nbd::Command, offset: u64, length: u32, data: &mut [u8]) -> Result<(), i32> {
         let deadline = Instant::now() + self.cfg.reconnect_timeout;
         loop {
             match self.conn.request(kind, offset, length, data) {
@@ -239,7 +239,7 @@ impl Server {
                 let len = want.min(size.saturating_sub(offset)) as u32;
                 let mut data = vec![0u8; len as usize];
                 if len > 0 {
-                    self.nbd(nbd::CMD_READ, offset, len, &mut data)
+                    self.nbd(nbd::Command::Read, offset, len, &mut data)
                         .map(|()| data)
                 } else {
                     Ok(data)
@@ -252,14 +252,14 @@ impl Server {
                 if offset + u64::from(len) > size {
                     Err(libc::ENOSPC)
                 } else {
-                    let written = self.nbd(nbd::CMD_WRITE, offset, len, &mut data);
+                    let written = self.nbd(nbd::Command::Write, offset, len, &mut data);
                     self.unflushed += u64::from(len);
                     let flushed = if written.is_ok()
                         && self.unflushed >= FLUSH_EVERY
                         && self.conn.flags & nbd::SEND_FLUSH != 0
                     {
                         self.unflushed = 0;
-                        self.nbd(nbd::CMD_FLUSH, 0, 0, &mut [])
+                        self.nbd(nbd::Command::Flush, 0, 0, &mut [])
                     } else {
                         Ok(())
                     };
@@ -272,18 +272,18 @@ impl Server {
             }
             FSYNC if self.conn.flags & nbd::SEND_FLUSH != 0 => {
                 self.unflushed = 0;
-                self.nbd(nbd::CMD_FLUSH, 0, 0, &mut []).map(|()| Vec::new())
+                self.nbd(nbd::Command::Flush, 0, 0, &mut []).map(|()| Vec::new())
             }
             FALLOCATE if node == FILE => {
                 let offset = le64(body, 8);
                 let length = le64(body, 16);
                 let mode = le32(body, 24);
                 let (kind, needed) = if mode & FALLOC_FL_PUNCH_HOLE != 0 {
-                    (nbd::CMD_TRIM, nbd::SEND_TRIM)
+                    (nbd::Command::Trim, nbd::SEND_TRIM)
                 } else if mode & FALLOC_FL_ZERO_RANGE != 0 {
-                    (nbd::CMD_WRITE_ZEROES, nbd::SEND_WRITE_ZEROES)
+                    (nbd::Command::WriteZeroes, nbd::SEND_WRITE_ZEROES)
                 } else {
-                    (0, 0)
+                    (nbd::Command::Read, 0)
                 };
                 if needed == 0
                     || self.conn.flags & needed == 0

@@ -200,7 +200,7 @@ fn open_connections(
 /// How many connections a device gets: `wanted` (at least 1, at most the kernel's limit)
 /// when the server allows several, else 1.
 fn connection_count(wanted: usize, server_flags: u16) -> usize {
-    if server_flags & wire::FLAG_CAN_MULTI_CONN == 0 {
+    if server_flags & wire::NBD_FLAG_CAN_MULTI_CONN == 0 {
         1
     } else {
         wanted.clamp(1, nbd_netlink::MAX_CONNECTIONS)
@@ -394,11 +394,11 @@ mod tests {
 
     #[test]
     fn several_connections_only_where_the_server_allows_them() {
-        let multi = wire::FLAG_HAS_FLAGS | wire::FLAG_CAN_MULTI_CONN;
+        let multi = wire::NBD_FLAG_HAS_FLAGS | wire::NBD_FLAG_CAN_MULTI_CONN;
         assert_eq!(connection_count(4, multi), 4);
         assert_eq!(connection_count(0, multi), 1);
         assert_eq!(connection_count(1000, multi), nbd_netlink::MAX_CONNECTIONS);
-        assert_eq!(connection_count(4, wire::FLAG_HAS_FLAGS), 1);
+        assert_eq!(connection_count(4, wire::NBD_FLAG_HAS_FLAGS), 1);
     }
 
     #[test]

@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use crate::proxy::wire::{self, Request, SimpleReply, WireError};
 pub use crate::proxy::wire::{
-    CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, FLAG_SEND_FLUSH as SEND_FLUSH,
-    FLAG_SEND_TRIM as SEND_TRIM, FLAG_SEND_WRITE_ZEROES as SEND_WRITE_ZEROES,
+    Command, NBD_FLAG_SEND_FLUSH as SEND_FLUSH, NBD_FLAG_SEND_TRIM as SEND_TRIM,
+    NBD_FLAG_SEND_WRITE_ZEROES as SEND_WRITE_ZEROES,
 };
 
 /// How long a request may wait for its reply before the connection counts as dead.
@@ -33,8 +33,8 @@ pub struct Connection {
     cookie: u64,
 }
 
-fn protocol(err: WireError) -> io::Error {
-    match err {
+fn protocol(err: impl Into<WireError>) -> io::Error {
+    match err.into() {
         WireError::Io(err) => err,
         other => io::Error::new(io::ErrorKind::InvalidData, other.to_string()),
     }
@@ -59,7 +59,7 @@ impl Connection {
     /// the buffer of a read. Returns the server's error number (0 on success).
     pub fn request(
         &mut self,
-        kind: u16,
+        command: Command,
         offset: u64,
         length: u32,
         data: &mut [u8],
@@ -67,13 +67,13 @@ impl Connection {
         self.cookie += 1;
         let head = Request {
             flags: 0,
-            kind,
+            command,
             cookie: self.cookie,
             offset,
-            len: length,
+            length,
         }
         .encode();
-        if kind == CMD_WRITE {
+        if command == Command::Write {
             let mut msg = Vec::with_capacity(head.len() + data.len());
             msg.extend_from_slice(&head);
             msg.extend_from_slice(data);
@@ -81,7 +81,7 @@ impl Connection {
         } else {
             self.stream.write_all(&head)?;
         }
-        let mut r = [0u8; wire::REPLY_LEN];
+        let mut r = [0u8; wire::SIMPLE_REPLY_LEN];
         self.stream.read_exact(&mut r)?;
         let reply = SimpleReply::decode(&r).map_err(protocol)?;
         if reply.cookie != self.cookie {
@@ -90,7 +90,7 @@ impl Connection {
                 "reply for another request",
             ));
         }
-        if kind == CMD_READ && reply.error == 0 {
+        if command == Command::Read && reply.error == 0 {
             self.stream.read_exact(data)?;
         }
         Ok(reply.error)
@@ -101,61 +101,57 @@ impl Connection {
 mod tests {
     use super::*;
     use crate::proxy::wire::{
-        FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, INFO_EXPORT, NBDMAGIC,
-        OPTION_REPLY_MAGIC as REPLY_MAGIC, OPT_GO, REP_ACK, REP_INFO, SIMPLE_REPLY_MAGIC,
+        ClientFlags, ClientOption, Greeting, Info, OptionHeader, OptionReply, OptionReplyBody,
+        CLIENT_FLAGS_LEN, NBD_FLAG_FIXED_NEWSTYLE, NBD_FLAG_HAS_FLAGS, NBD_FLAG_NO_ZEROES,
+        NBD_OPT_GO, OPTION_HEADER_LEN, REQUEST_LEN,
     };
     use std::os::unix::net::UnixListener;
 
-    fn read_u32(s: &mut impl Read) -> io::Result<u32> {
-        let mut b = [0u8; 4];
-        s.read_exact(&mut b)?;
-        Ok(u32::from_be_bytes(b))
+    fn read_n(s: &mut impl Read, n: usize) -> Vec<u8> {
+        let mut b = vec![0u8; n];
+        s.read_exact(&mut b).unwrap();
+        b
     }
 
-    fn read_u64(s: &mut impl Read) -> io::Result<u64> {
-        let mut b = [0u8; 8];
-        s.read_exact(&mut b)?;
-        Ok(u64::from_be_bytes(b))
-    }
-
-    /// A one-connection NBD server with a 1 MiB export held in memory.
+    /// A one-connection NBD server with an export held in memory.
     fn fake_server(socket: &Path, size: u64) -> std::thread::JoinHandle<Vec<u8>> {
         let listener = UnixListener::bind(socket).unwrap();
         std::thread::spawn(move || {
             let (mut s, _) = listener.accept().unwrap();
             let mut disk = vec![0u8; size as usize];
-            s.write_all(&NBDMAGIC.to_be_bytes()).unwrap();
-            s.write_all(&IHAVEOPT.to_be_bytes()).unwrap();
-            s.write_all(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes())
+            let hflags = NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES;
+            s.write_all(&Greeting { handshake_flags: hflags }.encode())
                 .unwrap();
-            assert_eq!(read_u32(&mut s).unwrap(), 3);
-            assert_eq!(read_u64(&mut s).unwrap(), IHAVEOPT);
-            assert_eq!(read_u32(&mut s).unwrap(), OPT_GO);
-            let len = read_u32(&mut s).unwrap();
-            let mut data = vec![0u8; len as usize];
-            s.read_exact(&mut data).unwrap();
-            assert_eq!(&data[4..8], b"disk");
-            let mut info = INFO_EXPORT.to_be_bytes().to_vec();
-            info.extend_from_slice(&size.to_be_bytes());
-            info.extend_from_slice(&(1u16 | SEND_FLUSH).to_be_bytes());
-            for (kind, body) in [(REP_INFO, info), (REP_ACK, Vec::new())] {
-                s.write_all(&REPLY_MAGIC.to_be_bytes()).unwrap();
-                s.write_all(&OPT_GO.to_be_bytes()).unwrap();
-                s.write_all(&kind.to_be_bytes()).unwrap();
-                s.write_all(&(body.len() as u32).to_be_bytes()).unwrap();
-                s.write_all(&body).unwrap();
+            let cflags = ClientFlags::decode(&read_n(&mut s, CLIENT_FLAGS_LEN), hflags).unwrap();
+            assert!(cflags.fixed_newstyle() && cflags.no_zeroes());
+            let header = OptionHeader::decode(&read_n(&mut s, OPTION_HEADER_LEN)).unwrap();
+            assert_eq!(header.option, NBD_OPT_GO);
+            let data = read_n(&mut s, header.len as usize);
+            let ClientOption::Go(go) = ClientOption::decode(header.option, &data).unwrap() else {
+                panic!("expected NBD_OPT_GO");
+            };
+            assert_eq!(go.name, "disk");
+            let info = Info::Export {
+                size,
+                flags: NBD_FLAG_HAS_FLAGS | SEND_FLUSH,
+            };
+            for body in [OptionReplyBody::Info(info), OptionReplyBody::Ack] {
+                s.write_all(&OptionReply::new(NBD_OPT_GO, body).encode())
+                    .unwrap();
             }
-            let mut head = [0u8; 28];
+            let mut head = [0u8; REQUEST_LEN];
             while s.read_exact(&mut head).is_ok() {
-                let kind = u16::from_be_bytes([head[6], head[7]]);
-                let offset = u64::from_be_bytes(head[16..24].try_into().unwrap()) as usize;
-                let len = u32::from_be_bytes(head[24..28].try_into().unwrap()) as usize;
-                let mut reply = SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
-                reply.extend_from_slice(&0u32.to_be_bytes());
-                reply.extend_from_slice(&head[8..16]);
-                match kind {
-                    CMD_WRITE => s.read_exact(&mut disk[offset..offset + len]).unwrap(),
-                    CMD_READ => reply.extend_from_slice(&disk[offset..offset + len]),
+                let req = Request::decode(&head).unwrap();
+                let (offset, len) = (req.offset as usize, req.length as usize);
+                let mut reply = SimpleReply {
+                    error: 0,
+                    cookie: req.cookie,
+                }
+                .encode()
+                .to_vec();
+                match req.command {
+                    Command::Write => s.read_exact(&mut disk[offset..offset + len]).unwrap(),
+                    Command::Read => reply.extend_from_slice(&disk[offset..offset + len]),
                     _ => {}
                 }
                 s.write_all(&reply).unwrap();
@@ -173,10 +169,10 @@ mod tests {
         assert_eq!(conn.size, 1 << 20);
         assert_ne!(conn.flags & SEND_FLUSH, 0);
         let mut data = vec![0x5au8; 8192];
-        assert_eq!(conn.request(CMD_WRITE, 4096, 8192, &mut data).unwrap(), 0);
-        assert_eq!(conn.request(CMD_FLUSH, 0, 0, &mut []).unwrap(), 0);
+        assert_eq!(conn.request(Command::Write, 4096, 8192, &mut data).unwrap(), 0);
+        assert_eq!(conn.request(Command::Flush, 0, 0, &mut []).unwrap(), 0);
         let mut back = vec![0u8; 8192];
-        assert_eq!(conn.request(CMD_READ, 4096, 8192, &mut back).unwrap(), 0);
+        assert_eq!(conn.request(Command::Read, 4096, 8192, &mut back).unwrap(), 0);
         assert_eq!(back, data);
         drop(conn);
         let disk = server.join().unwrap();

@@ -254,7 +254,7 @@ fn check_connections(n: usize, server_flags: u16) -> Result<(), NetlinkError> {
     if n == 0 || n > MAX_CONNECTIONS {
         return Err(NetlinkError::Connections(n));
     }
-    if n > 1 && server_flags & wire::FLAG_CAN_MULTI_CONN == 0 {
+    if n > 1 && server_flags & wire::NBD_FLAG_CAN_MULTI_CONN == 0 {
         return Err(NetlinkError::NoMultiConn(n));
     }
     Ok(())
@@ -826,8 +826,8 @@ mod tests {
 
     #[test]
     fn connection_counts_are_checked_before_talking_to_the_kernel() {
-        let multi = wire::FLAG_HAS_FLAGS | wire::FLAG_CAN_MULTI_CONN;
-        assert!(check_connections(1, wire::FLAG_HAS_FLAGS).is_ok());
+        let multi = wire::NBD_FLAG_HAS_FLAGS | wire::NBD_FLAG_CAN_MULTI_CONN;
+        assert!(check_connections(1, wire::NBD_FLAG_HAS_FLAGS).is_ok());
         assert!(check_connections(4, multi).is_ok());
         assert!(matches!(
             check_connections(0, multi),
@@ -838,17 +838,17 @@ mod tests {
             Err(NetlinkError::Connections(_))
         ));
         assert!(matches!(
-            check_connections(2, wire::FLAG_HAS_FLAGS),
+            check_connections(2, wire::NBD_FLAG_HAS_FLAGS),
             Err(NetlinkError::NoMultiConn(2))
         ));
         let (a, _a) = UnixStream::pair().unwrap();
         let (b, _b) = UnixStream::pair().unwrap();
         let params = ConnectParams {
-            server_flags: wire::FLAG_HAS_FLAGS,
+            server_flags: wire::NBD_FLAG_HAS_FLAGS,
             ..params_for(
                 &ExportInfo {
                     size: 1 << 20,
-                    flags: wire::FLAG_HAS_FLAGS,
+                    flags: wire::NBD_FLAG_HAS_FLAGS,
                     block_size: None,
                 },
                 "v1",
