@@ -39,6 +39,7 @@ use blockd::meta::rocks::RocksStore;
 use blockd::meta::MetaStore;
 use blockd::metrics::{self, Metrics};
 use blockd::nbd::TlsConfig;
+use blockd_proto::unix_socket;
 use clap::Parser;
 use tokio::net::UnixListener;
 use tokio::sync::watch;
@@ -518,50 +519,15 @@ impl Shutdown {
     }
 }
 
-/// Binds the API socket: a stale socket file (nobody answering) is replaced, a live one
-/// means another process serves there. The socket is created with mode 0600.
+/// Binds the API socket (mode 0600): a stale socket file (nobody answering) is replaced,
+/// a live one means another process serves there, anything else is refused.
 fn bind_api_socket(path: &Path) -> anyhow::Result<UnixListener> {
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("cannot create the directory of {}", path.display()))?;
+    let (listener, previous) = unix_socket::bind_tokio(path, unix_socket::PRIVATE_SOCKET_MODE)
+        .context("cannot listen on the API socket")?;
+    if previous == unix_socket::Previous::StaleSocket {
+        tracing::info!(path = %path.display(), "replaced a stale socket");
     }
-    remove_stale_socket(path)?;
-    // The umask covers the window between bind(2) and chmod(2): nobody else can ever
-    // connect. It is process-wide, so restore it at once.
-    // SAFETY: umask only swaps the process's file-creation mask.
-    let old = unsafe { libc::umask(0o177) };
-    let bound = std::os::unix::net::UnixListener::bind(path);
-    // SAFETY: as above, restoring the previous mask.
-    unsafe { libc::umask(old) };
-    let listener =
-        bound.with_context(|| format!("cannot listen on the API socket {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("cannot set the mode of {}", path.display()))?;
-    listener.set_nonblocking(true)?;
-    Ok(UnixListener::from_std(listener)?)
-}
-
-fn remove_stale_socket(path: &Path) -> anyhow::Result<()> {
-    let meta = match std::fs::symlink_metadata(path) {
-        Ok(meta) => meta,
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(err) => return Err(err).with_context(|| format!("cannot inspect {}", path.display())),
-    };
-    if !meta.file_type().is_socket() {
-        bail!(
-            "{} exists and is not a socket; refusing to replace it",
-            path.display()
-        );
-    }
-    if std::os::unix::net::UnixStream::connect(path).is_ok() {
-        bail!(
-            "socket {} is in use by another running process",
-            path.display()
-        );
-    }
-    tracing::info!(path = %path.display(), "removing stale socket");
-    std::fs::remove_file(path)
-        .with_context(|| format!("cannot remove stale socket {}", path.display()))
+    Ok(listener)
 }
 
 fn remove_socket(path: &Path) {
@@ -648,23 +614,6 @@ mod tests {
         );
         drop(first);
         StateLock::acquire(&path, dir.path()).unwrap();
-    }
-
-    #[test]
-    fn stale_sockets_are_replaced_and_live_ones_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("api.sock");
-        let live = std::os::unix::net::UnixListener::bind(&path).unwrap();
-        let err = remove_stale_socket(&path).unwrap_err();
-        assert!(one_line(&err).contains("in use"), "{err:#}");
-        drop(live);
-        // The file stays behind after the listener is gone: a stale socket.
-        assert!(path.exists());
-        remove_stale_socket(&path).unwrap();
-        assert!(!path.exists());
-
-        std::fs::write(&path, b"not a socket").unwrap();
-        assert!(remove_stale_socket(&path).is_err());
     }
 
     #[tokio::test]

@@ -120,26 +120,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Binds the endpoint, replacing a stale socket left by a killed predecessor.
+/// Binds the endpoint (mode 0600), replacing a stale socket left by a killed predecessor;
+/// a live socket or any other file at the path is refused.
 fn bind(socket: &std::path::Path) -> anyhow::Result<UnixListener> {
-    if let Some(dir) = socket.parent() {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating the directory of {}", socket.display()))?;
+    use blockd_proto::unix_socket;
+    let (listener, previous) = unix_socket::bind_tokio(socket, unix_socket::PRIVATE_SOCKET_MODE)
+        .context("binding the CSI endpoint (is another csi-shim running?)")?;
+    if previous == unix_socket::Previous::StaleSocket {
+        tracing::info!(endpoint = %socket.display(), "replaced a stale socket");
     }
-    if std::os::unix::net::UnixStream::connect(socket).is_ok() {
-        anyhow::bail!(
-            "{} is in use by a running process; is another csi-shim running?",
-            socket.display()
-        );
-    }
-    match std::fs::remove_file(socket) {
-        Ok(()) => {}
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
-        Err(err) => {
-            return Err(err).with_context(|| format!("removing stale socket {}", socket.display()))
-        }
-    }
-    UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))
+    Ok(listener)
 }
 
 /// Resolves on SIGTERM or SIGINT (the binaries of this crate stop on either).

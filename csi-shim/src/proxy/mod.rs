@@ -69,7 +69,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
-use wire::{ExportInfo, Request, SimpleReply, WireError};
+use wire::{Command, ExportInfo, Request, SimpleReply, WireError};
 
 /// How long one upstream connect + handshake may take before it counts as failed.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -106,14 +106,8 @@ pub struct Config {
 /// Errors that end the proxy or one of its upstream attempts.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
-    #[error("Cannot bind {path}")]
-    Bind {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("{path} is in use by a running process")]
-    InUse { path: PathBuf },
+    #[error("Cannot listen for clients")]
+    Bind(#[from] blockd_proto::unix_socket::BindError),
     #[error("Cannot connect to the upstream NBD socket")]
     Connect(#[source] io::Error),
     #[error("Upstream handshake failed")]
@@ -274,14 +268,14 @@ impl Shared {
         if j.gen != gen {
             return Accepted::Stale;
         }
-        if error != 0 || upstream_flags & wire::FLAG_SEND_FLUSH == 0 {
+        if error != 0 || upstream_flags & wire::NBD_FLAG_SEND_FLUSH == 0 {
             // Nothing to keep: a failed write changed nothing we must restore, and
             // without flush support there is no point at which it could be dropped.
             return Accepted::Yes { flush_now: false };
         }
-        let fua = req.flags & wire::CMD_FLAG_FUA != 0 && upstream_flags & wire::FLAG_SEND_FUA != 0;
-        match req.kind {
-            wire::CMD_WRITE | wire::CMD_WRITE_ZEROES
+        let fua = req.flags & wire::NBD_CMD_FLAG_FUA != 0 && upstream_flags & wire::NBD_FLAG_SEND_FUA != 0;
+        match req.command {
+            Command::Write | Command::WriteZeroes
                 if !fua || j.entries.iter().any(|e| overlaps(&e.req, req)) =>
             {
                 let seq = j.next_seq;
@@ -299,8 +293,8 @@ impl Shared {
                 }
                 Accepted::Yes { flush_now }
             }
-            wire::CMD_FLUSH => {
-                let multi = upstream_flags & wire::FLAG_CAN_MULTI_CONN != 0;
+            Command::Flush => {
+                let multi = upstream_flags & wire::NBD_FLAG_CAN_MULTI_CONN != 0;
                 retire(&mut j, flush_mark, (!multi).then_some(conn));
                 Accepted::Yes { flush_now: false }
             }
@@ -447,8 +441,8 @@ fn retire(j: &mut Journal, mark: u64, only_conn: Option<u64>) {
 }
 
 fn overlaps(a: &Request, b: &Request) -> bool {
-    let (a0, a1) = (a.offset, a.offset.saturating_add(a.len.into()));
-    let (b0, b1) = (b.offset, b.offset.saturating_add(b.len.into()));
+    let (a0, a1) = (a.offset, a.offset.saturating_add(a.length.into()));
+    let (b0, b1) = (b.offset, b.offset.saturating_add(b.length.into()));
     a0 < b1 && b0 < a1
 }
 
@@ -491,13 +485,7 @@ async fn replay_on(up: Upstream, entries: &VecDeque<Journaled>) -> io::Result<us
         batch.clear();
     }
     cookie += 1;
-    let flush = Request {
-        flags: 0,
-        kind: wire::CMD_FLUSH,
-        cookie,
-        offset: 0,
-        len: 0,
-    };
+    let flush = wire::bare_request(Command::Flush, cookie);
     w.write_all(&flush.encode()).await?;
     w.flush().await?;
     let reply = read_simple_reply(&mut r).await?;
@@ -507,18 +495,14 @@ async fn replay_on(up: Upstream, entries: &VecDeque<Journaled>) -> io::Result<us
             reply.error
         )));
     }
-    let disc = Request {
-        kind: wire::CMD_DISC,
-        cookie: cookie + 1,
-        ..flush
-    };
+    let disc = wire::bare_request(Command::Disc, cookie + 1);
     let _ = w.write_all(&disc.encode()).await;
     let _ = w.flush().await;
     Ok(failed)
 }
 
 async fn read_simple_reply<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> io::Result<SimpleReply> {
-    let mut h = [0u8; wire::REPLY_LEN];
+    let mut h = [0u8; wire::SIMPLE_REPLY_LEN];
     r.read_exact(&mut h).await?;
     SimpleReply::decode(&h).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
@@ -595,34 +579,12 @@ pub(crate) fn shutdown_socket(fd: &impl AsRawFd) {
     }
 }
 
-/// Binds `path`, replacing a stale socket left by a killed predecessor but refusing to
-/// steal one a live process still answers on.
+/// Binds `path` (mode 0600), replacing a stale socket left by a killed predecessor but
+/// refusing to steal one a live process still answers on, or to remove any other file.
 pub fn bind(path: &Path) -> Result<UnixListener, ProxyError> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|source| ProxyError::Bind {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    }
-    if std::os::unix::net::UnixStream::connect(path).is_ok() {
-        return Err(ProxyError::InUse {
-            path: path.to_path_buf(),
-        });
-    }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(source) => {
-            return Err(ProxyError::Bind {
-                path: path.to_path_buf(),
-                source,
-            })
-        }
-    }
-    UnixListener::bind(path).map_err(|source| ProxyError::Bind {
-        path: path.to_path_buf(),
-        source,
-    })
+    use blockd_proto::unix_socket;
+    let (listener, _) = unix_socket::bind_tokio(path, unix_socket::PRIVATE_SOCKET_MODE)?;
+    Ok(listener)
 }
 
 /// Accepts clients on `listener` until `shutdown` resolves (or, with
@@ -730,10 +692,10 @@ mod tests {
     fn write(offset: u64, len: u32, flags: u16) -> Request {
         Request {
             flags,
-            kind: wire::CMD_WRITE,
+            command: Command::Write,
             cookie: 0,
             offset,
-            len,
+            length: len,
         }
     }
 
@@ -745,10 +707,10 @@ mod tests {
         }
     }
 
-    const FLAGS: u16 = wire::FLAG_HAS_FLAGS
-        | wire::FLAG_SEND_FLUSH
-        | wire::FLAG_SEND_FUA
-        | wire::FLAG_CAN_MULTI_CONN;
+    const FLAGS: u16 = wire::NBD_FLAG_HAS_FLAGS
+        | wire::NBD_FLAG_SEND_FLUSH
+        | wire::NBD_FLAG_SEND_FUA
+        | wire::NBD_FLAG_CAN_MULTI_CONN;
 
     #[test]
     fn journal_keeps_unflushed_writes_until_a_covering_flush() {
@@ -765,15 +727,15 @@ mod tests {
         // FUA writes over nothing journaled and failed writes are never kept.
         shared.accept_reply(
             o(1, 1, FLAGS),
-            &write(65536, 4096, wire::CMD_FLAG_FUA),
+            &write(65536, 4096, wire::NBD_CMD_FLAG_FUA),
             Some(&p),
             0,
             0,
         );
-        shared.accept_reply(o(1, 1, FLAGS), &w, Some(&p), wire::EIO, 0);
+        shared.accept_reply(o(1, 1, FLAGS), &w, Some(&p), wire::NBD_EIO, 0);
         assert_eq!(shared.journal.lock().entries.len(), 2);
         let flush = Request {
-            kind: wire::CMD_FLUSH,
+            command: Command::Flush,
             ..write(0, 0, 0)
         };
         shared.accept_reply(o(1, 2, FLAGS), &flush, None, 0, mark);
@@ -792,7 +754,7 @@ mod tests {
         // Durable by itself and overlapping nothing journaled: not kept.
         shared.accept_reply(
             o(1, 1, FLAGS),
-            &write(65536, 4096, wire::CMD_FLAG_FUA),
+            &write(65536, 4096, wire::NBD_CMD_FLAG_FUA),
             Some(&new),
             0,
             0,
@@ -801,7 +763,7 @@ mod tests {
         // Over the journaled write: kept after it, so a replay ends with the new data.
         shared.accept_reply(
             o(1, 1, FLAGS),
-            &write(2048, 4096, wire::CMD_FLAG_FUA),
+            &write(2048, 4096, wire::NBD_CMD_FLAG_FUA),
             Some(&new),
             0,
             0,
@@ -816,12 +778,12 @@ mod tests {
     fn without_multi_conn_a_flush_retires_only_its_connection() {
         let shared = Shared::new(cfg());
         let p = Arc::new(vec![1u8; 512]);
-        let flags = FLAGS & !wire::FLAG_CAN_MULTI_CONN;
+        let flags = FLAGS & !wire::NBD_FLAG_CAN_MULTI_CONN;
         shared.accept_reply(o(1, 1, flags), &write(0, 512, 0), Some(&p), 0, 0);
         shared.accept_reply(o(1, 2, flags), &write(512, 512, 0), Some(&p), 0, 0);
         let mark = shared.flush_mark();
         let flush = Request {
-            kind: wire::CMD_FLUSH,
+            command: Command::Flush,
             ..write(0, 0, 0)
         };
         shared.accept_reply(o(1, 2, flags), &flush, None, 0, mark);
