@@ -9,16 +9,24 @@
 //! - [`FILE_DESCRIPTOR_SET`], [`CSI_FILE_DESCRIPTOR_SET`]: encoded descriptors, for gRPC
 //!   server reflection;
 //! - [`model`]: hand-written domain types that validate incoming messages with `TryFrom`,
-//!   turning bad input into `INVALID_ARGUMENT` at the edge, plus page tokens and NBD URIs;
+//!   turning bad input into `INVALID_ARGUMENT` at the edge, plus page tokens;
+//! - [`rules`]: the naming rule and the size granule, which the daemon and its clients
+//!   hold alike;
+//! - [`nbd_uri`]: the NBD URIs of exports (`nbd+unix://`, `nbds://`), built and parsed;
 //! - [`size`]: parsing and printing of byte sizes (`64K`, `10GiB`), shared by the daemon's
 //!   configuration and the CLI so that both read sizes exactly alike;
+//! - [`unix_socket`]: binding a listening unix socket (stale ones replaced, anything else
+//!   refused, mode 0600), shared by every program that listens on one;
 //! - [`connect_unix`]: a tonic channel over the daemon's unix socket.
 //!
 //! Invariant: nothing here knows about the engine. The daemon maps the domain types onto
 //! engine calls; clients never link the engine.
 
 pub mod model;
+pub mod nbd_uri;
+pub mod rules;
 pub mod size;
+pub mod unix_socket;
 
 use std::path::PathBuf;
 

@@ -6,17 +6,14 @@
 //! [`ValidationError`], which converts into `INVALID_ARGUMENT` naming the field and the
 //! cause. Whether the named objects exist is the engine's business, not this module's.
 //!
-//! The naming rule (the engine enforces the same one): 1–128 characters of
-//! `[a-z0-9._-]`, the first one `[a-z0-9]`, and no `..`. An image is `VOLUME` or
-//! `VOLUME@SNAPSHOT`.
+//! The naming rule is [`crate::rules`]' (the engine enforces the same one). An image is
+//! `VOLUME` or `VOLUME@SNAPSHOT`.
 
 use std::fmt;
-use std::path::Path;
 
-use crate::v1;
+use crate::{rules, v1};
 
-/// Longest allowed name of a pool, volume or snapshot.
-pub const MAX_NAME_LEN: usize = 128;
+pub use crate::rules::MAX_NAME_LEN;
 /// Most entries one list page returns (a larger `page_size` is capped to it).
 pub const MAX_PAGE_SIZE: usize = 1000;
 
@@ -72,36 +69,14 @@ impl From<ValidationError> for tonic::Status {
 
 type Result<T> = std::result::Result<T, ValidationError>;
 
-/// Checks `name` against the naming rule.
+/// Checks `name` against the naming rule ([`crate::rules::check_name`]).
 pub fn validate_name(kind: NameKind, field: &'static str, name: &str) -> Result<()> {
-    let reason = if name.is_empty() {
-        Some("must not be empty")
-    } else if name.len() > MAX_NAME_LEN {
-        Some("must be at most 128 characters")
-    } else if !name
-        .bytes()
-        .next()
-        .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-    {
-        Some("must start with a lowercase letter or a digit")
-    } else if !name.bytes().all(|b| {
-        b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'_' || b == b'-'
-    }) {
-        Some("may contain only lowercase letters, digits, '.', '_' and '-'")
-    } else if name.contains("..") {
-        Some("must not contain \"..\"")
-    } else {
-        None
-    };
-    match reason {
-        None => Ok(()),
-        Some(reason) => Err(ValidationError::InvalidName {
-            kind,
-            field,
-            name: name.to_string(),
-            reason,
-        }),
-    }
+    rules::check_name(name).map_err(|why| ValidationError::InvalidName {
+        kind,
+        field,
+        name: name.to_string(),
+        reason: why.reason(),
+    })
 }
 
 macro_rules! name_type {
@@ -201,41 +176,6 @@ impl fmt::Display for ImageRef {
             Some(snap) => write!(f, "{}@{}", self.volume, snap),
         }
     }
-}
-
-/// The NBD URI of an image served on a unix socket, as libnbd and qemu read it:
-/// `nbd+unix:///IMAGE?socket=/abs/path/nbd.sock`.
-pub fn nbd_uri(image: &str, socket: &Path) -> String {
-    format!(
-        "nbd+unix:///{}?socket={}",
-        percent_encode(image),
-        percent_encode(&socket.to_string_lossy())
-    )
-}
-
-/// The NBD URI of an image served over TCP with TLS, as libnbd and qemu read it:
-/// `nbds://HOST:PORT/IMAGE` (an IPv6 host in brackets). The client adds its own
-/// certificate options (libnbd: `?tls-certificates=DIR`).
-pub fn nbds_uri(image: &str, host: &str, port: u16) -> String {
-    let host = if host.contains(':') && !host.starts_with('[') {
-        format!("[{host}]")
-    } else {
-        host.to_string()
-    };
-    format!("nbds://{host}:{port}/{}", percent_encode(image))
-}
-
-/// Percent-encodes everything but RFC 3986 unreserved characters, `/` and `@`.
-fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'/' | b'@') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 /// Where a new volume's content comes from.
@@ -719,28 +659,6 @@ mod tests {
         for bad in ["", "@s", "v@", "v@s@t", "V", "v/s"] {
             ImageRef::parse(bad).expect_err(bad);
         }
-    }
-
-    #[test]
-    fn nbds_uris_bracket_ipv6_hosts() {
-        assert_eq!(
-            nbds_uri("vol@s 1", "node-1.example", 10809),
-            "nbds://node-1.example:10809/vol@s%201"
-        );
-        assert_eq!(nbds_uri("v", "::1", 7), "nbds://[::1]:7/v");
-        assert_eq!(nbds_uri("v", "[::1]", 7), "nbds://[::1]:7/v");
-    }
-
-    #[test]
-    fn nbd_uris_are_what_libnbd_reads() {
-        assert_eq!(
-            nbd_uri("vol@s1", Path::new("/run/blockd/nbd.sock")),
-            "nbd+unix:///vol@s1?socket=/run/blockd/nbd.sock"
-        );
-        assert_eq!(
-            nbd_uri("v", Path::new("/tmp/a b/nbd.sock")),
-            "nbd+unix:///v?socket=/tmp/a%20b/nbd.sock"
-        );
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! restart); the NBD server asks the engine before it opens an image. This service only
 //! flips that state and tells the client where to connect.
 
-use blockd_proto::model::{nbd_uri, nbds_uri, ImageRef};
+use blockd_proto::model::ImageRef;
+use blockd_proto::nbd_uri::NbdUri;
 use blockd_proto::v1;
 use blockd_proto::v1::export_service_server::ExportService;
 use tonic::{Request, Response, Status};
@@ -24,7 +25,7 @@ impl ExportApi {
     /// The unix-socket URI, or the TLS one when there is no unix socket.
     fn uri(&self, image: &str) -> String {
         match &self.ctx.info.nbd_socket {
-            Some(socket) => nbd_uri(image, socket),
+            Some(socket) => NbdUri::unix(image, socket).to_string(),
             None => self.tls_uri(image),
         }
     }
@@ -35,7 +36,7 @@ impl ExportApi {
             .info
             .nbd_tcp
             .as_ref()
-            .map(|t| nbds_uri(image, &t.host, t.addr.port()))
+            .map(|t| NbdUri::tls(image, &t.host, t.addr.port()).to_string())
             .unwrap_or_default()
     }
 }

@@ -178,37 +178,18 @@ pub(crate) fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
-/// Validates a volume or snapshot name: 1–128 chars of `[a-z0-9][a-z0-9._-]*`, no `..`.
+/// Validates a volume or snapshot name against the API's naming rule
+/// ([`blockd_proto::rules::check_name`]).
 pub fn validate_name(kind: ObjectKind, name: &str) -> Result<()> {
-    let bad = |reason| {
-        Err(EngineError::InvalidName {
-            kind,
-            name: name.to_string(),
-            reason,
-        })
-    };
-    if name.is_empty() {
-        return bad("a name must not be empty");
-    }
-    if name.len() > MAX_NAME_LEN {
-        return bad("a name must be at most 128 characters");
-    }
-    let first = name.as_bytes()[0];
-    if !(first.is_ascii_lowercase() || first.is_ascii_digit()) {
-        return bad("a name must start with a lowercase letter or a digit");
-    }
-    if !name.bytes().all(|b| {
-        b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'_' || b == b'-'
-    }) {
-        return bad("a name may contain only a-z, 0-9, '.', '_' and '-'");
-    }
-    if name.contains("..") {
-        return bad("a name must not contain '..'");
-    }
-    Ok(())
+    blockd_proto::rules::check_name(name).map_err(|why| EngineError::InvalidName {
+        kind,
+        name: name.to_string(),
+        reason: why.reason(),
+    })
 }
 
-/// Rounds a requested size up to the size granule; rejects 0 and overflow.
+/// Rounds a requested size up to the size granule; rejects 0 and sizes past
+/// [`MAX_VOLUME_SIZE`].
 pub fn round_size(name: &str, size: u64) -> Result<u64> {
     if size == 0 {
         return Err(EngineError::InvalidSize {
@@ -216,12 +197,10 @@ pub fn round_size(name: &str, size: u64) -> Result<u64> {
             reason: "size must be greater than 0".into(),
         });
     }
-    size.checked_next_multiple_of(SIZE_GRANULE)
-        .filter(|s| *s <= i64::MAX as u64)
-        .ok_or_else(|| EngineError::InvalidSize {
-            name: name.to_string(),
-            reason: format!("size {size} is too large"),
-        })
+    blockd_proto::rules::round_volume_size(size).ok_or_else(|| EngineError::InvalidSize {
+        name: name.to_string(),
+        reason: format!("size {size} is too large"),
+    })
 }
 
 fn lineage_put(batch: &mut WriteBatch, id: u64, rec: &LineageRecord) {

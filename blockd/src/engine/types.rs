@@ -9,10 +9,8 @@ pub const DEFAULT_CHUNK_SIZE: u64 = 64 * 1024;
 /// Smallest and largest allowed chunk sizes.
 pub const MIN_CHUNK_SIZE: u64 = 4 * 1024;
 pub const MAX_CHUNK_SIZE: u64 = 4 * 1024 * 1024;
-/// Volume sizes are rounded up to this granule.
-pub const SIZE_GRANULE: u64 = 4096;
-/// Longest allowed name.
-pub const MAX_NAME_LEN: usize = 128;
+/// The size granule and the name length are API rules, shared with the clients.
+pub use blockd_proto::rules::{MAX_NAME_LEN, MAX_VOLUME_SIZE, SIZE_GRANULE};
 /// Default pool over-provisioning limit: the sizes of a pool's volumes may add up to at
 /// most this multiple of its capacity (see [`crate::engine::Engine::set_max_overprovision`]).
 /// Thin pools are meant to promise more than they hold, but not without bound: at 20×, a

@@ -30,10 +30,9 @@ use tonic::Status;
 
 /// Size of a blank volume created without a capacity range.
 pub const DEFAULT_VOLUME_SIZE: u64 = 1 << 30;
-/// blockd rounds sizes up to multiples of this.
-pub const SIZE_GRANULE: u64 = 4096;
-/// The largest size blockd accepts (it reports sizes as `i64` to CSI).
-pub const MAX_VOLUME_SIZE: u64 = (i64::MAX as u64) / SIZE_GRANULE * SIZE_GRANULE;
+/// blockd rounds sizes up to multiples of the granule, and accepts at most the largest
+/// multiple that fits an `i64` (sizes travel as `i64` in CSI): the API's rules.
+pub use blockd_proto::rules::{MAX_VOLUME_SIZE, SIZE_GRANULE};
 /// The share of a pool kept free for writes to existing volumes: 1/50 = 2%.
 const RESERVE_DIVISOR: u64 = 50;
 

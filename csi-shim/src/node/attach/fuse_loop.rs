@@ -26,6 +26,8 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use blockd_proto::nbd_uri::NbdUri;
+
 use super::Attachment;
 use crate::node::error::{NodeError, Result};
 use crate::node::{exec, fs, mount};
@@ -87,10 +89,7 @@ pub async fn attach(dir: &Path, volume: &str, uri: &str, helpers: &Helpers) -> R
             };
             let socket = dir.join("proxy.sock");
             (
-                format!(
-                    "nbd+unix:///{volume}?socket={}",
-                    uri_escape(&socket.display().to_string())
-                ),
+                NbdUri::unix(volume, &socket).to_string(),
                 socket,
                 Some(pid),
             )
@@ -271,42 +270,7 @@ pub fn problem(attachment: &Attachment) -> Option<String> {
 
 /// The socket path of an `nbd+unix:///IMAGE?socket=PATH` URI.
 pub(super) fn socket_of(uri: &str) -> Option<PathBuf> {
-    let query = uri.split_once('?')?.1;
-    let raw = query.split('&').find_map(|kv| kv.strip_prefix("socket="))?;
-    Some(PathBuf::from(percent_decode(raw)))
-}
-
-/// Percent-encodes everything but unreserved characters and `/` (libnbd decodes the
-/// query, so a `%` in a work directory name must reach it as `%25`).
-fn uri_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"/-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 3 <= bytes.len() {
-            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
-            if let Ok(v) = u8::from_str_radix(hex, 16) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    NbdUri::parse(uri).ok()?.socket().map(Path::to_path_buf)
 }
 
 /// A command that runs in its own session with its output appended to `log`.
@@ -617,10 +581,10 @@ mod tests {
             Some(PathBuf::from("/a b/nbd.sock"))
         );
         assert_eq!(socket_of("nbd+unix:///vol"), None);
-        let odd = "/state/attach/node-a%2Fv ol/proxy.sock";
+        let odd = Path::new("/state/attach/node-a%2Fv ol/proxy.sock");
         assert_eq!(
-            socket_of(&format!("nbd+unix:///v?socket={}", uri_escape(odd))),
-            Some(PathBuf::from(odd))
+            socket_of(&NbdUri::unix("v", odd).to_string()).as_deref(),
+            Some(odd)
         );
     }
 
