@@ -70,6 +70,27 @@ else
   cargo test --workspace --no-fail-fast -- --test-threads "${TEST_THREADS:-2}"
 fi
 
+# The wire decoders under libFuzzer for a few seconds each, on the stable toolchain (no
+# sanitizer: see fuzz/README.md), with a target directory of their own so that the fuzz
+# flags never invalidate the workspace build.
+step "cargo fuzz (fuzz/), ${FUZZ_SECONDS:-5} s per target"
+fuzz_target_dir="$HOME/.cache/blockd-fuzz-target"
+have cargo-fuzz || CARGO_TARGET_DIR="$fuzz_target_dir" cargo install cargo-fuzz --locked
+(
+  cd fuzz
+  export CARGO_TARGET_DIR="$fuzz_target_dir"
+  for target in $(cargo fuzz list); do
+    log="$CARGO_TARGET_DIR/fuzz-$target.log"
+    if cargo fuzz run -s none "$target" -- -max_total_time="${FUZZ_SECONDS:-5}" >"$log" 2>&1; then
+      echo "test.sh: fuzz $target: $(grep -E '^Done' "$log" || echo done)"
+    else
+      cat "$log"
+      echo "test.sh: fuzz target $target failed; the input is in fuzz/artifacts/$target/" >&2
+      exit 1
+    fi
+  done
+)
+
 # The kernel suite (real /dev/nbdN, online ext4 growth) inside one guest boot: the host's
 # kernel may lack the modules. tests/vm/kernel-suite.sh installs QEMU and the kernel.
 step "kernel suite (tests/vm/kernel-suite.sh), $SECONDS s since the start"
