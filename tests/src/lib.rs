@@ -6,6 +6,8 @@
 //!   dropped, so a failing test leaves no process and no directory behind;
 //! - [`Daemon::ctl`] runs `blockctl` against that daemon; [`Daemon::grpc`] opens tonic
 //!   clients for tests that check gRPC codes;
+//! - [`csi_controller::Env`] is a daemon with a csi-shim on it, for the CSI Controller
+//!   tests; [`qemu_io`] checks data through an NBD URI;
 //! - [`nbd::NbdClient`] speaks raw NBD (from `nbd-wire`) for protocol checks.
 //!
 //! Binaries: integration tests of this crate cannot use `CARGO_BIN_EXE_*` (that only
@@ -14,6 +16,7 @@
 //! per process, which is a no-op when they are fresh. `BLOCKD_BIN` / `BLOCKCTL_BIN`
 //! override the paths (and skip the build).
 
+pub mod csi_controller;
 pub mod csi_node;
 pub mod manifests;
 pub mod nbd;
@@ -800,4 +803,26 @@ pub fn expect_status<T: std::fmt::Debug>(
             );
         }
     }
+}
+
+/// Runs qemu-io commands on the NBD `uri`; panics when one fails (a pattern mismatch
+/// included).
+pub fn qemu_io(uri: &str, cmds: &[&str]) {
+    let mut args = vec!["-f", "raw", uri];
+    for c in cmds {
+        args.extend(["-c", c]);
+    }
+    let out = Command::new("qemu-io")
+        .args(&args)
+        .output()
+        .expect("run qemu-io");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && !text.contains("failed") && !text.contains("error"),
+        "qemu-io {cmds:?} on {uri}: {text}"
+    );
 }

@@ -32,25 +32,7 @@ fn export(d: &Daemon, image: &str) -> String {
 
 /// Runs qemu-io commands on an image of `d` (exported on the way).
 fn qemu_io(d: &Daemon, image: &str, cmds: &[&str]) {
-    let uri = export(d, image);
-    let mut args = vec!["-f".to_string(), "raw".to_string(), uri];
-    for c in cmds {
-        args.push("-c".into());
-        args.push(c.to_string());
-    }
-    let out = Command::new("qemu-io")
-        .args(&args)
-        .output()
-        .expect("qemu-io");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && !text.contains("failed") && !text.contains("error"),
-        "qemu-io {cmds:?} on {image}: {text}"
-    );
+    blockd_tests::qemu_io(&export(d, image), cmds);
 }
 
 /// `qemu-img compare` of two images (each on its daemon): true when identical.

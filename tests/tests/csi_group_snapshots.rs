@@ -3,103 +3,11 @@
 //! ordinary snapshots (GetSnapshot, restore with CreateVolume) that cannot be deleted
 //! alone, and deletion of the whole group. Data is written and checked with qemu-io.
 
-use std::process::Command;
-
 use blockd_proto::csi;
-use blockd_proto::csi::controller_client::ControllerClient;
-use blockd_proto::csi::group_controller_client::GroupControllerClient;
-use blockd_proto::csi::volume_capability::access_mode::Mode;
-use blockd_proto::csi::volume_capability::{AccessMode, AccessType, BlockVolume};
 use blockd_proto::csi::volume_content_source::{SnapshotSource, Type as SourceType};
-use blockd_proto::v1;
-use blockd_tests::expect_status;
-use blockd_tests::{have_tool, runtime, skip, CsiShim, Daemon};
-use tonic::transport::Channel;
+use blockd_tests::csi_controller::{create, create_block_req, Env, MIB, NODE};
+use blockd_tests::{expect_status, have_tool, qemu_io, skip};
 use tonic::Code;
-
-const NODE: &str = "node-a";
-const MIB: i64 = 1 << 20;
-
-struct Env {
-    daemon: Daemon,
-    shim: CsiShim,
-    rt: tokio::runtime::Runtime,
-}
-
-impl Env {
-    fn start() -> Env {
-        let daemon = Daemon::start();
-        let shim = CsiShim::start(&daemon, NODE, &[]);
-        Env {
-            daemon,
-            shim,
-            rt: runtime(),
-        }
-    }
-
-    async fn controller(&self) -> ControllerClient<Channel> {
-        ControllerClient::new(self.shim.channel().await)
-    }
-
-    async fn groups(&self) -> GroupControllerClient<Channel> {
-        GroupControllerClient::new(self.shim.channel().await)
-    }
-
-    async fn export(&self, image: &str) -> String {
-        self.daemon
-            .grpc()
-            .await
-            .exports
-            .export(v1::ExportRequest {
-                image: image.into(),
-            })
-            .await
-            .expect("blockd Export")
-            .into_inner()
-            .uri
-    }
-
-    async fn unexport(&self, image: &str) {
-        self.daemon
-            .grpc()
-            .await
-            .exports
-            .unexport(v1::UnexportRequest {
-                image: image.into(),
-                force: false,
-            })
-            .await
-            .expect("blockd Unexport");
-    }
-}
-
-fn create_req(name: &str, bytes: i64) -> csi::CreateVolumeRequest {
-    csi::CreateVolumeRequest {
-        name: name.into(),
-        capacity_range: Some(csi::CapacityRange {
-            required_bytes: bytes,
-            limit_bytes: 0,
-        }),
-        volume_capabilities: vec![csi::VolumeCapability {
-            access_mode: Some(AccessMode {
-                mode: Mode::SingleNodeWriter as i32,
-            }),
-            access_type: Some(AccessType::Block(BlockVolume {})),
-        }],
-        ..Default::default()
-    }
-}
-
-async fn create(c: &mut ControllerClient<Channel>, req: csi::CreateVolumeRequest) -> String {
-    let name = req.name.clone();
-    c.create_volume(req)
-        .await
-        .unwrap_or_else(|s| panic!("CreateVolume {name}: {s}"))
-        .into_inner()
-        .volume
-        .expect("a volume")
-        .volume_id
-}
 
 fn group_req(name: &str, sources: &[&str]) -> csi::CreateVolumeGroupSnapshotRequest {
     csi::CreateVolumeGroupSnapshotRequest {
@@ -107,27 +15,6 @@ fn group_req(name: &str, sources: &[&str]) -> csi::CreateVolumeGroupSnapshotRequ
         source_volume_ids: sources.iter().map(|s| s.to_string()).collect(),
         ..Default::default()
     }
-}
-
-/// Runs qemu-io commands on `uri`; panics when one fails (a pattern mismatch included).
-fn qemu_io(uri: &str, cmds: &[&str]) {
-    let mut args = vec!["-f", "raw", uri];
-    for c in cmds {
-        args.extend(["-c", c]);
-    }
-    let out = Command::new("qemu-io")
-        .args(&args)
-        .output()
-        .expect("run qemu-io");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && !text.contains("failed") && !text.contains("error"),
-        "qemu-io {cmds:?} on {uri}: {text}"
-    );
 }
 
 #[test]
@@ -163,9 +50,9 @@ fn group_snapshots_through_csi() {
                 if s.r#type == csi::plugin_capability::service::Type::GroupControllerService as i32
         )));
 
-        let db = create(&mut c, create_req("db", 8 * MIB)).await;
-        let wal = create(&mut c, create_req("wal", 8 * MIB)).await;
-        let other = create(&mut c, create_req("other", 8 * MIB)).await;
+        let db = create(&mut c, create_block_req("db", 8 * MIB)).await.volume_id;
+        let wal = create(&mut c, create_block_req("wal", 8 * MIB)).await.volume_id;
+        let other = create(&mut c, create_block_req("other", 8 * MIB)).await.volume_id;
         let db_uri = env.export("db").await;
         let wal_uri = env.export("wal").await;
         // qemu-io blocks this thread only: the clients run on the runtime's workers.
@@ -305,7 +192,7 @@ fn group_snapshots_through_csi() {
             ("db-restored", &member_ids[0], "0xd1"),
             ("wal-restored", &member_ids[1], "0xa1"),
         ] {
-            let mut req = create_req(name, 8 * MIB);
+            let mut req = create_block_req(name, 8 * MIB);
             req.volume_content_source = Some(csi::VolumeContentSource {
                 r#type: Some(SourceType::Snapshot(SnapshotSource {
                     snapshot_id: member.clone(),

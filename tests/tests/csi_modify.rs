@@ -5,99 +5,30 @@
 //! Rates are only ever bounded from above (a busy machine only makes I/O slower): N
 //! requests under a limit of L IOPS cannot finish faster than (N - burst) / L.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use blockd_proto::csi;
-use blockd_proto::csi::controller_client::ControllerClient;
-use blockd_proto::csi::volume_capability::access_mode::Mode;
-use blockd_proto::csi::volume_capability::{AccessMode, AccessType, BlockVolume};
-use blockd_proto::v1;
-use blockd_tests::expect_status;
+use blockd_tests::csi_controller::{create, create_block_req, params, Env, GIB, MIB};
 use blockd_tests::nbd::NbdClient;
-use blockd_tests::{have_tool, runtime, skip, CsiShim, Daemon};
-use tonic::transport::Channel;
+use blockd_tests::{expect_status, have_tool, skip};
 use tonic::Code;
 
-const NODE: &str = "node-a";
-const MIB: i64 = 1 << 20;
-const GIB: i64 = 1 << 30;
-
-struct Env {
-    daemon: Daemon,
-    shim: CsiShim,
-    rt: tokio::runtime::Runtime,
+/// (effective max_iops, max_bandwidth_bytes, policy iops_per_gb) of a volume in blockd.
+async fn qos(env: &Env, name: &str) -> (u64, u64, u64) {
+    let v = env.blockd_volume(name).await.expect("blockd has the volume");
+    let q = v.qos.unwrap_or_default();
+    let p = v.qos_policy.unwrap_or_default();
+    (q.max_iops, q.max_bandwidth_bytes, p.iops_per_gb)
 }
 
-impl Env {
-    fn start() -> Env {
-        let daemon = Daemon::start();
-        let shim = CsiShim::start(&daemon, NODE, &[]);
-        Env {
-            daemon,
-            shim,
-            rt: runtime(),
-        }
-    }
-
-    async fn controller(&self) -> ControllerClient<Channel> {
-        ControllerClient::new(self.shim.channel().await)
-    }
-
-    /// blockd's own view of a volume.
-    async fn blockd_volume(&self, name: &str) -> v1::Volume {
-        let mut grpc = self.daemon.grpc().await;
-        grpc.volumes
-            .get_volume(v1::GetVolumeRequest { name: name.into() })
-            .await
-            .unwrap_or_else(|s| panic!("blockd GetVolume {name}: {s}"))
-            .into_inner()
-    }
-
-    /// (effective max_iops, max_bandwidth_bytes, policy iops_per_gb)
-    async fn qos(&self, name: &str) -> (u64, u64, u64) {
-        let v = self.blockd_volume(name).await;
-        let q = v.qos.unwrap_or_default();
-        let p = v.qos_policy.unwrap_or_default();
-        (q.max_iops, q.max_bandwidth_bytes, p.iops_per_gb)
-    }
-}
-
-fn params(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
+/// A raw block volume of `bytes` with StorageClass `parameters`.
 fn create_req(name: &str, bytes: i64, parameters: &[(&str, &str)]) -> csi::CreateVolumeRequest {
     csi::CreateVolumeRequest {
-        name: name.into(),
-        capacity_range: Some(csi::CapacityRange {
-            required_bytes: bytes,
-            limit_bytes: 0,
-        }),
-        volume_capabilities: vec![csi::VolumeCapability {
-            access_mode: Some(AccessMode {
-                mode: Mode::SingleNodeWriter as i32,
-            }),
-            access_type: Some(AccessType::Block(BlockVolume {})),
-        }],
         parameters: params(parameters),
-        ..Default::default()
+        ..create_block_req(name, bytes)
     }
-}
-
-async fn create(c: &mut ControllerClient<Channel>, req: csi::CreateVolumeRequest) -> String {
-    c.create_volume(req)
-        .await
-        .expect("CreateVolume")
-        .into_inner()
-        .volume
-        .expect("a volume")
-        .volume_id
 }
 
 fn modify(volume_id: &str, pairs: &[(&str, &str)]) -> csi::ControllerModifyVolumeRequest {
@@ -171,8 +102,8 @@ fn modify_volume_changes_the_qos_of_running_io() {
     let env = Env::start();
     env.rt.block_on(async {
         let mut c = env.controller().await;
-        let id = create(&mut c, create_req("live", 64 * MIB, &[("maxIops", "20")])).await;
-        assert_eq!(env.qos("live").await, (20, 0, 0));
+        let id = create(&mut c, create_req("live", 64 * MIB, &[("maxIops", "20")])).await.volume_id;
+        assert_eq!(qos(&env, "live").await, (20, 0, 0));
         let uri = env
             .daemon
             .grpc()
@@ -204,7 +135,7 @@ fn modify_volume_changes_the_qos_of_running_io() {
         c.controller_modify_volume(modify(&id, &[("maxIops", "2000")]))
             .await
             .expect("ControllerModifyVolume raises");
-        assert_eq!(env.qos("live").await, (2000, 0, 0));
+        assert_eq!(qos(&env, "live").await, (2000, 0, 0));
         let (_, back) = tokio::task::spawn_blocking(move || (conn.reads(20), conn))
             .await
             .unwrap();
@@ -215,7 +146,7 @@ fn modify_volume_changes_the_qos_of_running_io() {
         c.controller_modify_volume(modify(&id, &[("maxIops", "10")]))
             .await
             .expect("ControllerModifyVolume lowers");
-        assert_eq!(env.qos("live").await, (10, 0, 0));
+        assert_eq!(qos(&env, "live").await, (10, 0, 0));
         let (elapsed, conn) = tokio::task::spawn_blocking(move || (conn.reads(15), conn))
             .await
             .unwrap();
@@ -237,7 +168,7 @@ fn modify_volume_changes_the_qos_of_running_io() {
         c.controller_modify_volume(modify(&id, &[("maxIops", "10")]))
             .await
             .expect("repeat ControllerModifyVolume");
-        assert_eq!(env.qos("live").await, (10, 0, 0));
+        assert_eq!(qos(&env, "live").await, (10, 0, 0));
     });
 }
 
@@ -254,8 +185,9 @@ fn modify_volume_refusals_change_nothing() {
                 &[("maxIops", "300"), ("maxBandwidth", "1Mi")],
             ),
         )
-        .await;
-        let before = env.qos("vol").await;
+        .await
+        .volume_id;
+        let before = qos(&env, "vol").await;
         assert_eq!(before, (300, 1 << 20, 0));
         let cases: Vec<(&str, csi::ControllerModifyVolumeRequest, Code, &str)> = vec![
             (
@@ -321,7 +253,7 @@ fn modify_volume_refusals_change_nothing() {
         ];
         for (what, req, code, needle) in cases {
             expect_status(what, c.controller_modify_volume(req).await, code, needle);
-            assert_eq!(env.qos("vol").await, before, "{what} changed the volume");
+            assert_eq!(qos(&env, "vol").await, before, "{what} changed the volume");
         }
     });
 }
@@ -343,8 +275,8 @@ fn iops_per_gb_follows_expansion_and_keys_change_one_at_a_time() {
                 if r.r#type == csi::controller_service_capability::rpc::Type::ModifyVolume as i32
         )));
 
-        let id = create(&mut c, create_req("scaled", GIB, &[("iopsPerGB", "20")])).await;
-        assert_eq!(env.qos("scaled").await, (20, 0, 20));
+        let id = create(&mut c, create_req("scaled", GIB, &[("iopsPerGB", "20")])).await.volume_id;
+        assert_eq!(qos(&env, "scaled").await, (20, 0, 20));
         let expanded = c
             .controller_expand_volume(csi::ControllerExpandVolumeRequest {
                 volume_id: id.clone(),
@@ -359,7 +291,7 @@ fn iops_per_gb_follows_expansion_and_keys_change_one_at_a_time() {
             .into_inner();
         assert_eq!(expanded.capacity_bytes, 3 * GIB / 2);
         assert_eq!(
-            env.qos("scaled").await,
+            qos(&env, "scaled").await,
             (30, 0, 20),
             "the limit follows the size"
         );
@@ -368,19 +300,19 @@ fn iops_per_gb_follows_expansion_and_keys_change_one_at_a_time() {
         c.controller_modify_volume(modify(&id, &[("maxBandwidth", "2Mi")]))
             .await
             .unwrap();
-        assert_eq!(env.qos("scaled").await, (30, 2 << 20, 20));
+        assert_eq!(qos(&env, "scaled").await, (30, 2 << 20, 20));
         c.controller_modify_volume(modify(&id, &[("maxIops", "25")]))
             .await
             .unwrap();
         assert_eq!(
-            env.qos("scaled").await,
+            qos(&env, "scaled").await,
             (25, 2 << 20, 20),
             "maxIops caps iopsPerGB"
         );
         c.controller_modify_volume(modify(&id, &[("iopsPerGB", "10")]))
             .await
             .unwrap();
-        assert_eq!(env.qos("scaled").await, (15, 2 << 20, 10));
+        assert_eq!(qos(&env, "scaled").await, (15, 2 << 20, 10));
         c.controller_expand_volume(csi::ControllerExpandVolumeRequest {
             volume_id: id.clone(),
             capacity_range: Some(csi::CapacityRange {
@@ -391,15 +323,15 @@ fn iops_per_gb_follows_expansion_and_keys_change_one_at_a_time() {
         })
         .await
         .unwrap();
-        assert_eq!(env.qos("scaled").await, (20, 2 << 20, 10));
+        assert_eq!(qos(&env, "scaled").await, (20, 2 << 20, 10));
 
         // mutable_parameters at creation win over the StorageClass's keys.
         let mut req = create_req("vac", GIB, &[("iopsPerGB", "20"), ("maxBandwidth", "1Mi")]);
         req.mutable_parameters = params(&[("maxIops", "15"), ("maxBandwidth", "3Mi")]);
-        create(&mut c, req.clone()).await;
-        assert_eq!(env.qos("vac").await, (15, 3 << 20, 20));
+        create(&mut c, req.clone()).await.volume_id;
+        assert_eq!(qos(&env, "vac").await, (15, 3 << 20, 20));
         // Idempotent with the same request.
-        create(&mut c, req).await;
+        create(&mut c, req).await.volume_id;
         // ValidateVolumeCapabilities judges mutable parameters the same way.
         let v = c
             .validate_volume_capabilities(csi::ValidateVolumeCapabilitiesRequest {
