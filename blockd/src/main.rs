@@ -24,7 +24,6 @@ use std::fs::File;
 use std::future::Future;
 use std::io::{Read, Seek, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -618,6 +617,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_api_socket_is_private() {
+        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/api.sock");
         let _listener = bind_api_socket(&path).unwrap();

@@ -290,7 +290,7 @@ mod tests {
         })));
         // Unknown information types are ignored.
         input.extend(
-            OptionReply::new(NBD_OPT_GO, OptionReplyBody::Ack).encode()[..16]
+            OptionReply::new(NBD_OPT_GO, OptionReplyBody::Ack).encode()[..12]
                 .iter()
                 .copied()
                 .chain(NBD_REP_INFO.to_be_bytes())

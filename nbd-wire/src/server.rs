@@ -230,7 +230,7 @@ mod tests {
             let mut hs = ServerHandshake::new(FLAGS, 256);
             let mut pos = 0;
             while pos + hs.wants() <= input.len() {
-                proptest::prop_assert!(hs.wants() <= 256.max(OPTION_HEADER_LEN));
+                proptest::prop_assert!(hs.wants() <= 256usize.max(OPTION_HEADER_LEN));
                 let n = hs.wants();
                 if hs.feed(&input[pos..pos + n]).is_err() {
                     break;
