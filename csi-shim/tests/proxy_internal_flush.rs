@@ -57,7 +57,9 @@ async fn scripted_upstream(mut s: TokioStream) {
             s.write_all(&reply(OptionReplyBody::Info(info)))
                 .await
                 .expect("info");
-            s.write_all(&reply(OptionReplyBody::Ack)).await.expect("ack");
+            s.write_all(&reply(OptionReplyBody::Ack))
+                .await
+                .expect("ack");
             if header.option == NBD_OPT_GO {
                 break;
             }

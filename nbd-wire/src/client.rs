@@ -16,8 +16,8 @@
 //! are skipped, as the spec asks; `NBD_REP_ACK` without `NBD_INFO_EXPORT` is an error.
 
 use crate::codec::{
-    ClientFlags, DecodeError, Greeting, Info, InfoRequest, OptionReply, OptionReplyBody,
-    OptionReplyHeader, ClientOption, GREETING_LEN, NBD_FLAG_C_FIXED_NEWSTYLE,
+    ClientFlags, ClientOption, DecodeError, Greeting, Info, InfoRequest, OptionReply,
+    OptionReplyBody, OptionReplyHeader, GREETING_LEN, NBD_FLAG_C_FIXED_NEWSTYLE,
     NBD_FLAG_C_NO_ZEROES, NBD_FLAG_FIXED_NEWSTYLE, NBD_FLAG_NO_ZEROES, NBD_INFO_BLOCK_SIZE,
     NBD_INFO_EXPORT, NBD_OPT_GO, NBD_REP_ACK, NBD_REP_FLAG_ERROR, NBD_REP_INFO,
     OPTION_REPLY_HEADER_LEN,
@@ -336,7 +336,8 @@ mod tests {
     #[test]
     fn reports_refusal_with_its_message() {
         let mut input = greeting();
-        input.extend(OptionReply::error(NBD_OPT_GO, NBD_REP_ERR_UNKNOWN, "no such export").encode());
+        input
+            .extend(OptionReply::error(NBD_OPT_GO, NBD_REP_ERR_UNKNOWN, "no such export").encode());
         let (_, res) = run(&mut ClientHandshake::new("v1", false), &input);
         let err = res.unwrap_err();
         assert_eq!(err.refused_reply(), Some(NBD_REP_ERR_UNKNOWN));
@@ -354,7 +355,7 @@ mod tests {
     #[test]
     fn refuses_oldstyle_and_plain_newstyle_servers() {
         let mut old = NBD_MAGIC.to_be_bytes().to_vec();
-        old.extend_from_slice(&0x0042_0281_8612_53u64.to_be_bytes());
+        old.extend_from_slice(&0x0000_4202_8186_1253_u64.to_be_bytes());
         old.extend_from_slice(&[0, 0]);
         let (_, res) = run(&mut ClientHandshake::new("v", false), &old);
         assert!(matches!(res, Err(ClientError::Greeting(_))));

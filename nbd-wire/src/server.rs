@@ -182,7 +182,13 @@ mod tests {
             .to_vec();
         input.extend(ClientOption::List.encode());
         input.extend(go.encode());
-        input.extend(OptionHeader { option: NBD_OPT_LIST, len: 1 }.encode());
+        input.extend(
+            OptionHeader {
+                option: NBD_OPT_LIST,
+                len: 1,
+            }
+            .encode(),
+        );
         input.push(b'x');
         input.extend(ClientOption::Unknown(42).encode());
         let (steps, err) = run(&input);
@@ -205,21 +211,34 @@ mod tests {
         let (_, err) = run(&8u32.to_be_bytes());
         assert!(matches!(err, Some(ServerError::ClientFlags(_))));
         let mut input = ClientFlags(NBD_FLAG_C_FIXED_NEWSTYLE).encode().to_vec();
-        input.extend(OptionHeader { option: NBD_OPT_GO, len: 1025 }.encode());
+        input.extend(
+            OptionHeader {
+                option: NBD_OPT_GO,
+                len: 1025,
+            }
+            .encode(),
+        );
         let (_, err) = run(&input);
-        assert!(matches!(err, Some(ServerError::OptionTooLong { len: 1025, .. })));
+        assert!(matches!(
+            err,
+            Some(ServerError::OptionTooLong { len: 1025, .. })
+        ));
     }
 
     #[test]
     fn export_name_reply_honours_no_zeroes() {
         let mut hs = ServerHandshake::new(FLAGS, 1024);
-        hs.feed(&ClientFlags(NBD_FLAG_C_FIXED_NEWSTYLE).encode()).unwrap();
+        hs.feed(&ClientFlags(NBD_FLAG_C_FIXED_NEWSTYLE).encode())
+            .unwrap();
         assert_eq!(hs.export_name_reply(1, 2).len(), 134);
         let mut hs = ServerHandshake::new(FLAGS, 1024);
         hs.feed(&ClientFlags(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES).encode())
             .unwrap();
         assert_eq!(hs.export_name_reply(1, 2).len(), 10);
-        assert_eq!(Greeting::decode(&hs.greeting()).unwrap().handshake_flags, FLAGS);
+        assert_eq!(
+            Greeting::decode(&hs.greeting()).unwrap().handshake_flags,
+            FLAGS
+        );
     }
 
     proptest::proptest! {

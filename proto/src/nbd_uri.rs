@@ -100,7 +100,9 @@ impl NbdUri {
         match scheme {
             "nbd+unix" => {
                 if !authority.is_empty() {
-                    return Err(err("a nbd+unix URI has no host (nbd+unix:///EXPORT?socket=PATH)"));
+                    return Err(err(
+                        "a nbd+unix URI has no host (nbd+unix:///EXPORT?socket=PATH)",
+                    ));
                 }
                 let raw = query
                     .into_iter()
@@ -142,7 +144,9 @@ fn split_host_port(authority: &str) -> Result<(&str, u16), &'static str> {
     }
     let port = match port {
         None => NBD_DEFAULT_PORT,
-        Some(p) => p.parse().map_err(|_| "the port is not a number from 0 to 65535")?,
+        Some(p) => p
+            .parse()
+            .map_err(|_| "the port is not a number from 0 to 65535")?,
     };
     Ok((host, port))
 }
@@ -165,7 +169,11 @@ impl fmt::Display for NbdUri {
                 let scheme = if *tls { "nbds" } else { "nbd" };
                 let host = encode(host.as_bytes());
                 if host.contains(':') {
-                    write!(f, "{scheme}://[{host}]:{port}/{}", encode(export.as_bytes()))
+                    write!(
+                        f,
+                        "{scheme}://[{host}]:{port}/{}",
+                        encode(export.as_bytes())
+                    )
                 } else {
                     write!(f, "{scheme}://{host}:{port}/{}", encode(export.as_bytes()))
                 }
@@ -205,7 +213,9 @@ fn decode(s: &str) -> Result<Vec<u8>, &'static str> {
             continue;
         }
         let hex = |c: Option<u8>| match c {
-            Some(c) => (c as char).to_digit(16).ok_or("a '%' is not followed by two hex digits"),
+            Some(c) => (c as char)
+                .to_digit(16)
+                .ok_or("a '%' is not followed by two hex digits"),
             None => Err("a '%' is not followed by two hex digits"),
         };
         let hi = hex(bytes.next())?;
@@ -263,12 +273,15 @@ mod tests {
             Ok(Some(PathBuf::from("/a b/nbd.sock")))
         );
         assert_eq!(parse("nbds://h:1/v"), Ok(None));
-        assert_eq!(NbdUri::parse("nbd://h/v").unwrap(), NbdUri::Tcp {
-            export: "v".into(),
-            host: "h".into(),
-            port: NBD_DEFAULT_PORT,
-            tls: false,
-        });
+        assert_eq!(
+            NbdUri::parse("nbd://h/v").unwrap(),
+            NbdUri::Tcp {
+                export: "v".into(),
+                host: "h".into(),
+                port: NBD_DEFAULT_PORT,
+                tls: false,
+            }
+        );
     }
 
     #[test]

@@ -72,7 +72,8 @@ pub enum Previous {
 pub fn bind(path: &Path, mode: u32) -> Result<(UnixListener, Previous), BindError> {
     let at = || path.to_path_buf();
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|source| BindError::CreateDir { path: at(), source })?;
+        std::fs::create_dir_all(dir)
+            .map_err(|source| BindError::CreateDir { path: at(), source })?;
     }
     let previous = remove_stale(path)?;
     // The umask covers the window between bind(2) and chmod(2): nobody outside `mode` can
@@ -83,8 +84,13 @@ pub fn bind(path: &Path, mode: u32) -> Result<(UnixListener, Previous), BindErro
     // SAFETY: as above, restoring the previous mask.
     unsafe { libc::umask(old) };
     let listener = bound.map_err(|source| BindError::Bind { path: at(), source })?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .map_err(|source| BindError::SetMode { path: at(), mode, source })?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|source| {
+        BindError::SetMode {
+            path: at(),
+            mode,
+            source,
+        }
+    })?;
     Ok((listener, previous))
 }
 

@@ -12,9 +12,9 @@ use std::time::Duration;
 
 use nbd_wire::codec::{
     ClientFlags, ClientOption, Command, Greeting, InfoRequest, OptionHeader, OptionReply,
-    OptionReplyBody, OptionReplyHeader, Request, SimpleReply, NBD_FLAG_C_FIXED_NEWSTYLE,
-    NBD_FLAG_C_NO_ZEROES, NBD_FLAG_FIXED_NEWSTYLE, NBD_INFO_EXPORT, NBD_OPT_GO,
-    NBD_REP_ACK, NBD_REP_INFO, GREETING_LEN, OPTION_REPLY_HEADER_LEN, SIMPLE_REPLY_LEN,
+    OptionReplyBody, OptionReplyHeader, Request, SimpleReply, GREETING_LEN,
+    NBD_FLAG_C_FIXED_NEWSTYLE, NBD_FLAG_C_NO_ZEROES, NBD_FLAG_FIXED_NEWSTYLE, NBD_INFO_EXPORT,
+    NBD_OPT_GO, NBD_REP_ACK, NBD_REP_INFO, OPTION_REPLY_HEADER_LEN, SIMPLE_REPLY_LEN,
 };
 
 /// One client connection, in the handshake until [`NbdClient::go`] succeeds.
@@ -96,7 +96,14 @@ impl NbdClient {
     }
 
     /// Sends a request header (and `payload` after it, as given).
-    pub fn request(&mut self, command: Command, cookie: u64, offset: u64, len: u32, payload: &[u8]) {
+    pub fn request(
+        &mut self,
+        command: Command,
+        cookie: u64,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) {
         let mut b = Request {
             flags: 0,
             command,

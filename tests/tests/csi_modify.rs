@@ -10,14 +10,18 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use blockd_proto::csi;
-use blockd_tests::csi_controller::{create, create_block_req, params, Env, GIB, MIB};
+use blockd_proto::v1;
+use blockd_tests::csi_controller::{create, create_block_req, params, Env, GIB, MIB, NODE};
 use blockd_tests::nbd::NbdClient;
 use blockd_tests::{expect_status, have_tool, skip};
 use tonic::Code;
 
 /// (effective max_iops, max_bandwidth_bytes, policy iops_per_gb) of a volume in blockd.
 async fn qos(env: &Env, name: &str) -> (u64, u64, u64) {
-    let v = env.blockd_volume(name).await.expect("blockd has the volume");
+    let v = env
+        .blockd_volume(name)
+        .await
+        .expect("blockd has the volume");
     let q = v.qos.unwrap_or_default();
     let p = v.qos_policy.unwrap_or_default();
     (q.max_iops, q.max_bandwidth_bytes, p.iops_per_gb)
@@ -102,7 +106,9 @@ fn modify_volume_changes_the_qos_of_running_io() {
     let env = Env::start();
     env.rt.block_on(async {
         let mut c = env.controller().await;
-        let id = create(&mut c, create_req("live", 64 * MIB, &[("maxIops", "20")])).await.volume_id;
+        let id = create(&mut c, create_req("live", 64 * MIB, &[("maxIops", "20")]))
+            .await
+            .volume_id;
         assert_eq!(qos(&env, "live").await, (20, 0, 0));
         let uri = env
             .daemon
@@ -275,7 +281,9 @@ fn iops_per_gb_follows_expansion_and_keys_change_one_at_a_time() {
                 if r.r#type == csi::controller_service_capability::rpc::Type::ModifyVolume as i32
         )));
 
-        let id = create(&mut c, create_req("scaled", GIB, &[("iopsPerGB", "20")])).await.volume_id;
+        let id = create(&mut c, create_req("scaled", GIB, &[("iopsPerGB", "20")]))
+            .await
+            .volume_id;
         assert_eq!(qos(&env, "scaled").await, (20, 0, 20));
         let expanded = c
             .controller_expand_volume(csi::ControllerExpandVolumeRequest {
@@ -328,10 +336,10 @@ fn iops_per_gb_follows_expansion_and_keys_change_one_at_a_time() {
         // mutable_parameters at creation win over the StorageClass's keys.
         let mut req = create_req("vac", GIB, &[("iopsPerGB", "20"), ("maxBandwidth", "1Mi")]);
         req.mutable_parameters = params(&[("maxIops", "15"), ("maxBandwidth", "3Mi")]);
-        create(&mut c, req.clone()).await.volume_id;
+        create(&mut c, req.clone()).await;
         assert_eq!(qos(&env, "vac").await, (15, 3 << 20, 20));
         // Idempotent with the same request.
-        create(&mut c, req).await.volume_id;
+        create(&mut c, req).await;
         // ValidateVolumeCapabilities judges mutable parameters the same way.
         let v = c
             .validate_volume_capabilities(csi::ValidateVolumeCapabilitiesRequest {

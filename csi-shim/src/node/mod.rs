@@ -51,32 +51,27 @@ pub mod state;
 mod stats;
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use blockd_proto::csi::node_server::Node;
-use blockd_proto::csi::volume_capability::access_mode::Mode;
-use blockd_proto::csi::volume_capability::AccessType;
 use blockd_proto::csi::{
-    node_service_capability, volume_usage, NodeExpandVolumeRequest, NodeExpandVolumeResponse,
+    node_service_capability, NodeExpandVolumeRequest, NodeExpandVolumeResponse,
     NodeGetCapabilitiesRequest, NodeGetCapabilitiesResponse, NodeGetInfoRequest,
     NodeGetInfoResponse, NodeGetVolumeStatsRequest, NodeGetVolumeStatsResponse,
     NodePublishVolumeRequest, NodePublishVolumeResponse, NodeServiceCapability,
     NodeStageVolumeRequest, NodeStageVolumeResponse, NodeUnpublishVolumeRequest,
     NodeUnpublishVolumeResponse, NodeUnstageVolumeRequest, NodeUnstageVolumeResponse, Topology,
-    VolumeCapability, VolumeCondition, VolumeUsage,
 };
-use blockd_proto::v1::{ExportRequest, GetVolumeRequest, UnexportRequest};
 use parking_lot::Mutex;
-use tonic::{Code, Request, Response, Status};
+use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use self::attach::Attacher;
 use self::capability::{capability, supported};
 use self::error::{NodeError, Result};
-use self::state::{Access, Capability, Phase, Publication, StagedVolume, StateStore};
+use self::state::{Access, StagedVolume, StateStore};
+use self::stats::clamp;
 use crate::ids::{VolumeId, TOPOLOGY_KEY};
 use crate::Driver;
 
@@ -178,7 +173,6 @@ impl NodeService {
         }
         Ok(id)
     }
-
 }
 
 /// A required volume id: set (`INVALID_ARGUMENT` otherwise). Whether it names a volume
@@ -442,7 +436,7 @@ impl Node for NodeService {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use blockd_proto::csi::volume_capability::{AccessMode, BlockVolume, MountVolume};
+    use tonic::Code;
 
     #[test]
     fn errors_map_to_the_spec_codes() {

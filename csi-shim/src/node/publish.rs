@@ -1,6 +1,7 @@
 //! NodePublishVolume and NodeUnpublishVolume: bind mounts of the staged file system, or of
 //! the raw device onto a file, read-only where asked.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use blockd_proto::csi::volume_capability::access_mode::Mode;

@@ -1,6 +1,7 @@
 //! NodeStageVolume and NodeUnstageVolume: export, attach, make the file system when the
 //! device is blank, mount at the staging path; and the reverse.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use blockd_proto::v1::{ExportRequest, GetVolumeRequest, UnexportRequest};
@@ -60,7 +61,12 @@ impl NodeService {
             .await
     }
 
-    pub(super) async fn stage(&self, id: &VolumeId, staging: PathBuf, requested: Capability) -> Result<()> {
+    pub(super) async fn stage(
+        &self,
+        id: &VolumeId,
+        staging: PathBuf,
+        requested: Capability,
+    ) -> Result<()> {
         let volume_id = id.to_string();
         if let Some(record) = self.record(&volume_id) {
             if record.staging_path != staging {

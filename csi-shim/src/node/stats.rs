@@ -16,7 +16,11 @@ use crate::ids::VolumeId;
 const IO_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl NodeService {
-    pub(super) async fn stats(&self, id: &VolumeId, path: PathBuf) -> Result<NodeGetVolumeStatsResponse> {
+    pub(super) async fn stats(
+        &self,
+        id: &VolumeId,
+        path: PathBuf,
+    ) -> Result<NodeGetVolumeStatsResponse> {
         let record = self.record_at(id, &path)?;
         if !path.exists() {
             return Err(NodeError::UnknownPath {
@@ -104,7 +108,7 @@ impl NodeService {
     }
 }
 
-fn clamp(v: u64) -> i64 {
+pub(super) fn clamp(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 

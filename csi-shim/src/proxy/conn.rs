@@ -32,7 +32,10 @@ use tracing::{debug, error, info, warn, Instrument};
 
 use nbd_wire::server::{ServerHandshake, ServerStep};
 
-use super::wire::{self, ClientOption, Command, ExportInfo, Info, OptionReply, OptionReplyBody, Request, SimpleReply};
+use super::wire::{
+    self, ClientOption, Command, ExportInfo, Info, OptionReply, OptionReplyBody, Request,
+    SimpleReply,
+};
 use super::{Accepted, ProxyError, Shared, Upstream};
 
 /// Largest write payload accepted from a client (the protocol's DoS threshold is 32 MiB;
@@ -267,9 +270,8 @@ async fn handshake(
         MAX_OPTION,
     );
     s.write_all(&hs.greeting()).await?;
-    let mut buf = Vec::new();
     loop {
-        buf.resize(hs.wants(), 0);
+        let mut buf = vec![0u8; hs.wants()];
         match s.read_exact(&mut buf).await {
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),

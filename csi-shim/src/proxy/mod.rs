@@ -273,7 +273,8 @@ impl Shared {
             // without flush support there is no point at which it could be dropped.
             return Accepted::Yes { flush_now: false };
         }
-        let fua = req.flags & wire::NBD_CMD_FLAG_FUA != 0 && upstream_flags & wire::NBD_FLAG_SEND_FUA != 0;
+        let fua = req.flags & wire::NBD_CMD_FLAG_FUA != 0
+            && upstream_flags & wire::NBD_FLAG_SEND_FUA != 0;
         match req.command {
             Command::Write | Command::WriteZeroes
                 if !fua || j.entries.iter().any(|e| overlaps(&e.req, req)) =>

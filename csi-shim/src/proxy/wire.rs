@@ -58,9 +58,8 @@ pub fn client_handshake<S: Read + Write>(
     want_block_size: bool,
 ) -> Result<ExportInfo, WireError> {
     let mut hs = ClientHandshake::new(export, want_block_size);
-    let mut buf = Vec::new();
     loop {
-        buf.resize(hs.wants(), 0);
+        let mut buf = vec![0u8; hs.wants()];
         s.read_exact(&mut buf)?;
         match hs.feed(&buf)? {
             ClientStep::Send(bytes) => {
@@ -154,7 +153,8 @@ mod tests {
         }
         .encode()
         .to_vec();
-        input.extend(OptionReply::error(NBD_OPT_GO, NBD_REP_ERR_UNKNOWN, "no such export").encode());
+        input
+            .extend(OptionReply::error(NBD_OPT_GO, NBD_REP_ERR_UNKNOWN, "no such export").encode());
         let mut s = Script {
             input: io::Cursor::new(input),
             output: Vec::new(),

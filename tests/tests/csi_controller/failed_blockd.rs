@@ -53,10 +53,7 @@ impl DaemonService for Failed {
             ..Default::default()
         }))
     }
-    async fn fsck(
-        &self,
-        _: Request<v1::FsckRequest>,
-    ) -> Result<Response<v1::FsckReport>, Status> {
+    async fn fsck(&self, _: Request<v1::FsckRequest>) -> Result<Response<v1::FsckReport>, Status> {
         unused()
     }
     async fn gc(&self, _: Request<v1::GcRequest>) -> Result<Response<v1::GcReport>, Status> {
@@ -75,10 +72,7 @@ impl PoolService for Failed {
             next_page_token: String::new(),
         }))
     }
-    async fn get_pool(
-        &self,
-        _: Request<v1::GetPoolRequest>,
-    ) -> Result<Response<v1::Pool>, Status> {
+    async fn get_pool(&self, _: Request<v1::GetPoolRequest>) -> Result<Response<v1::Pool>, Status> {
         Ok(Response::new(pool()))
     }
 }

@@ -144,7 +144,13 @@ impl Server {
     }
 
     /// One NBD request, reconnecting and resending on a transport error.
-    fn nbd(&mut self, kind: nbd::Command, offset: u64, length: u32, data: &mut [u8]) -> Result<(), i32> {
+    fn nbd(
+        &mut self,
+        kind: nbd::Command,
+        offset: u64,
+        length: u32,
+        data: &mut [u8],
+    ) -> Result<(), i32> {
         let deadline = Instant::now() + self.cfg.reconnect_timeout;
         loop {
             match self.conn.request(kind, offset, length, data) {
@@ -272,7 +278,8 @@ impl Server {
             }
             FSYNC if self.conn.flags & nbd::SEND_FLUSH != 0 => {
                 self.unflushed = 0;
-                self.nbd(nbd::Command::Flush, 0, 0, &mut []).map(|()| Vec::new())
+                self.nbd(nbd::Command::Flush, 0, 0, &mut [])
+                    .map(|()| Vec::new())
             }
             FALLOCATE if node == FILE => {
                 let offset = le64(body, 8);

@@ -88,11 +88,7 @@ pub async fn attach(dir: &Path, volume: &str, uri: &str, helpers: &Helpers) -> R
                 }
             };
             let socket = dir.join("proxy.sock");
-            (
-                NbdUri::unix(volume, &socket).to_string(),
-                socket,
-                Some(pid),
-            )
+            (NbdUri::unix(volume, &socket).to_string(), socket, Some(pid))
         }
         None => (uri.to_string(), upstream, None),
     };

@@ -120,8 +120,13 @@ mod tests {
             let (mut s, _) = listener.accept().unwrap();
             let mut disk = vec![0u8; size as usize];
             let hflags = NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES;
-            s.write_all(&Greeting { handshake_flags: hflags }.encode())
-                .unwrap();
+            s.write_all(
+                &Greeting {
+                    handshake_flags: hflags,
+                }
+                .encode(),
+            )
+            .unwrap();
             let cflags = ClientFlags::decode(&read_n(&mut s, CLIENT_FLAGS_LEN), hflags).unwrap();
             assert!(cflags.fixed_newstyle() && cflags.no_zeroes());
             let header = OptionHeader::decode(&read_n(&mut s, OPTION_HEADER_LEN)).unwrap();
@@ -169,10 +174,16 @@ mod tests {
         assert_eq!(conn.size, 1 << 20);
         assert_ne!(conn.flags & SEND_FLUSH, 0);
         let mut data = vec![0x5au8; 8192];
-        assert_eq!(conn.request(Command::Write, 4096, 8192, &mut data).unwrap(), 0);
+        assert_eq!(
+            conn.request(Command::Write, 4096, 8192, &mut data).unwrap(),
+            0
+        );
         assert_eq!(conn.request(Command::Flush, 0, 0, &mut []).unwrap(), 0);
         let mut back = vec![0u8; 8192];
-        assert_eq!(conn.request(Command::Read, 4096, 8192, &mut back).unwrap(), 0);
+        assert_eq!(
+            conn.request(Command::Read, 4096, 8192, &mut back).unwrap(),
+            0
+        );
         assert_eq!(back, data);
         drop(conn);
         let disk = server.join().unwrap();

@@ -2,19 +2,6 @@
 
 use super::*;
 
-async fn capacity(
-    c: &mut ControllerClient<Channel>,
-    parameters: HashMap<String, String>,
-) -> csi::GetCapacityResponse {
-    c.get_capacity(csi::GetCapacityRequest {
-        parameters,
-        ..Default::default()
-    })
-    .await
-    .expect("GetCapacity")
-    .into_inner()
-}
-
 #[test]
 fn get_capacity_follows_creates_and_refuses_past_the_ratio() {
     // Ratio 1: no over-provisioning, so every create takes room.
