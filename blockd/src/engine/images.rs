@@ -12,8 +12,8 @@ use super::records::{self, ImageKind, ImageRecord, LineageRecord, ParentRef};
 use super::state::{Lineage, State};
 use super::types::{Qos, QosPolicy, SnapshotInfo, Source, VolumeInfo, VolumeSpec};
 use super::{
-    image_put, lineage_put, next_id_put, now_unix, round_size, validate_name, Engine,
-    EngineError, ImageHandle, ObjectKind, Result,
+    image_put, lineage_put, next_id_put, now_unix, round_size, validate_name, Engine, EngineError,
+    ImageHandle, ObjectKind, Result,
 };
 
 impl Engine {
