@@ -415,7 +415,7 @@ impl Engine {
     }
 
     /// The policy a volume record's limits come from.
-    fn policy_of(img: &ImageRecord) -> QosPolicy {
+    pub(super) fn policy_of(img: &ImageRecord) -> QosPolicy {
         img.qos_policy.unwrap_or(QosPolicy::fixed(img.qos))
     }
 
@@ -454,7 +454,7 @@ impl Engine {
         v
     }
 
-    fn image_id(st: &State, image: &str) -> Result<u64> {
+    pub(super) fn image_id(st: &State, image: &str) -> Result<u64> {
         match image.split_once('@') {
             None => Self::volume_id(st, image),
             Some((vol, snap)) => {
@@ -504,7 +504,7 @@ impl Engine {
         Self::live_image(&st, h).map(|i| i.qos).unwrap_or_default()
     }
 
-    fn live_image<'s>(st: &'s State, h: &ImageHandle) -> Result<&'s ImageRecord> {
+    pub(super) fn live_image<'s>(st: &'s State, h: &ImageHandle) -> Result<&'s ImageRecord> {
         st.images.get(&h.id).ok_or_else(|| EngineError::NotFound {
             kind: ObjectKind::Image,
             name: h.name.to_string(),
