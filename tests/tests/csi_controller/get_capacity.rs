@@ -110,25 +110,7 @@ fn get_capacity_follows_creates_and_refuses_past_the_ratio() {
 
 /// Writes `len` bytes of a pattern at `offset` of an NBD export.
 fn nbd_write(uri: &str, offset: u64, len: u64) {
-    let out = Command::new("qemu-io")
-        .args([
-            "-f",
-            "raw",
-            uri,
-            "-c",
-            &format!("write -P 0x5a {offset} {len}"),
-        ])
-        .output()
-        .expect("run qemu-io");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && !text.contains("error") && !text.contains("failed"),
-        "qemu-io write: {text}"
-    );
+    qemu_io(uri, &[&format!("write -P 0x5a {offset} {len}")]);
 }
 
 #[test]
