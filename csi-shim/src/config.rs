@@ -53,7 +53,9 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Parser)]
 #[command(name = "csi-shim", version, verbatim_doc_comment)]
 pub struct Args {
-    /// CSI endpoint to serve on: `unix:///path/csi.sock` or a plain socket path.
+    /// CSI endpoint to serve on: `unix:///path/csi.sock` or a plain socket path. The
+    /// socket is created with mode 0600; a stale socket there is replaced, a live one or
+    /// any other file is refused.
     #[arg(long, env = "CSI_ENDPOINT")]
     pub endpoint: String,
 

@@ -18,7 +18,8 @@ use csi_shim::proxy::{self, Config, Shared};
 #[derive(Debug, Parser)]
 #[command(name = "csi-nbd-proxy", version)]
 struct Args {
-    /// Unix socket to serve NBD on (a stale socket is replaced).
+    /// Unix socket to serve NBD on, created with mode 0600 (a stale socket is replaced; a
+    /// live one or any other file is refused).
     #[arg(long, value_name = "SOCK")]
     listen: PathBuf,
     /// blockd's NBD unix socket.
