@@ -6,7 +6,7 @@
 use std::sync::atomic::Ordering;
 
 use crate::device::{AlignedBuf, IoOp};
-use crate::meta::keys::{self, ZERO};
+use crate::meta::keys;
 use crate::meta::Cf;
 
 use super::error::{EngineError, Result};

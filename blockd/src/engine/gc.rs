@@ -9,15 +9,12 @@
 
 use std::sync::atomic::Ordering;
 
-use crate::device::{AlignedBuf, IoOp};
 use crate::meta::keys::{self, ZERO};
 use crate::meta::Cf;
 
-use super::error::{EngineError, Result};
-use super::records::{self, Intent};
-use super::state::Resolved;
-use super::types::{GcStats, VolumeInfo};
-use super::{lineage_put, next_id_put, Engine};
+use super::error::Result;
+use super::types::GcStats;
+use super::Engine;
 
 /// Map entries removed per GC commit: bounds the batch size and the lock hold time.
 const GC_BATCH: usize = 16384;

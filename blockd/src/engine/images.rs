@@ -1,8 +1,6 @@
 //! Image operations: create (blank, clone, restore), delete, snapshot, QoS, export flags,
 //! open for the data path, resize.
 
-use std::sync::Arc;
-
 use blockd_proto::size::format_size;
 
 use crate::meta::keys;

@@ -61,7 +61,6 @@ mod state;
 pub mod superblock;
 pub mod types;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -76,11 +75,9 @@ pub use delta::{DiffEnds, DiffExtent, DiffTarget, ExtentPage, SnapshotEpoch};
 pub use error::{EngineError, ObjectKind, Result};
 pub use group::{member_name, GroupSnapshotInfo};
 pub use io::{DeviceIo, ReadPin, WritePin};
-use records::{ImageKind, ImageRecord, Intent, LineageRecord, ParentRef, PoolRecord};
+use records::{ImageKind, ImageRecord, LineageRecord};
 
-use blockd_proto::size::format_size;
-use state::{Allocator, Lineage, State};
-use superblock::Superblock;
+use state::State;
 pub use types::*;
 
 /// One attached pool at run time. Immutable after open except for the counters.
