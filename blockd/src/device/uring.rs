@@ -1320,7 +1320,7 @@ mod tests {
                 ),
             }
             polls += 1;
-            if polls % 1024 == 0 {
+            if polls.is_multiple_of(1024) {
                 std::thread::yield_now();
             }
         }
