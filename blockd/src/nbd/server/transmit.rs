@@ -1,25 +1,25 @@
-//! Transmission: requests in, target calls, replies out.
+//! Transmission: requests in, target calls, replies out, all on the connection's task.
 //!
-//! The connection task reads requests and validates them (range, alignment, flags, size
-//! limits), and with each one every further request already in its read buffer. A
-//! rejected request is answered at once. Valid reads and non-FUA writes go to the
-//! connection's I/O task when the target has an [`IoQueue`] (started on the runtime,
-//! answered as each completes; ops the queue declines fall back to the blocking pool),
+//! The connection's task ([`Transmission`]) reads requests into its own buffer and
+//! validates them (range, alignment, flags, size limits), every request already buffered
+//! at once. A rejected request is answered at once. Valid reads and non-FUA writes are
+//! started on the target's [`IoQueue`] when it has one (io_uring: started, submitted and
+//! completed on this same task; ops the queue declines fall back to the blocking pool),
 //! else reads run as one batch on the blocking pool; every other valid request runs on
 //! tokio's blocking pool (after an async QoS wait when the export is limited, which reads
-//! and writes then wait for too), and the blocking closure encodes its reply and queues it
-//! for the connection's single writer task. Replies go out in completion order (the
-//! protocol allows it); the cookie matches them to requests. Payloads and read buffers are
-//! aligned and recycled per connection ([`crate::nbd::buffers`]), so aligned requests
-//! reach the device with O_DIRECT.
+//! and writes then wait for too), and the blocking closure encodes its reply and sends it
+//! back to the task over a channel. The task writes replies in completion order (the
+//! protocol allows it; the cookie matches them to requests), gathered into vectored
+//! writes. Payloads and read buffers are aligned and recycled per connection
+//! ([`crate::nbd::buffers`]), so aligned requests reach the device with O_DIRECT.
 //!
 //! Invariants:
 //! - at most `max_requests_in_flight` requests and `max_bytes_in_flight` payload bytes per
-//!   connection are between "header read" and "reply written": the permits travel with
-//!   the reply and are released by the writer, so a client that stops reading replies
-//!   stops being read;
+//!   connection are between "header read" and "reply written": the task counts them and
+//!   stops parsing requests while either limit is reached, so a client that stops reading
+//!   replies stops being read;
 //! - a request's length is checked against [`MAX_PAYLOAD`] *before* anything is allocated
-//!   for it; an oversized write payload is drained through a small buffer and answered
+//!   for it; an oversized write payload is skipped as it arrives and answered
 //!   `NBD_EINVAL`, keeping the stream in sync;
 //! - target methods run only on the blocking pool, never on a runtime worker, unless the
 //!   target declares itself non-blocking ([`ExportTarget::nonblocking`]); a [`IoQueue`]
@@ -28,22 +28,22 @@
 //! - graceful close: stop reading requests, let in-flight ones finish and their replies be
 //!   written, flush the target, then close. QoS waits are cut short with `NBD_ESHUTDOWN`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::ops::Range;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{
-    AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter,
-};
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn, Instrument};
 
 use super::handshake::Session;
 use super::{
-    blocking, drain, is_disconnect, ConnError, Shared, Stop, BASE_ALLOCATION_ID, MAX_PAYLOAD,
+    blocking, is_disconnect, ConnError, Shared, Stop, BASE_ALLOCATION_ID, MAX_PAYLOAD,
     MIN_BLOCK_SIZE,
 };
 use crate::nbd::buffers::{BufPool, IoBuf};
@@ -207,12 +207,6 @@ impl RequestCtx {
     }
 }
 
-/// Permits a request holds until its reply is written.
-struct Permits {
-    _request: OwnedSemaphorePermit,
-    _bytes: Option<OwnedSemaphorePermit>,
-}
-
 /// One piece of an outgoing reply.
 enum Frame {
     Bytes(Vec<u8>),
@@ -220,11 +214,25 @@ enum Frame {
     Data(Range<usize>),
 }
 
-/// An encoded reply, handed to the writer task.
+/// An encoded reply, queued for the socket.
 struct Outgoing {
     frames: Vec<Frame>,
     buf: IoBuf,
-    _permits: Permits,
+    /// Payload bytes its request counts against `max_bytes_in_flight` until written.
+    cost: u32,
+}
+
+impl Outgoing {
+    fn frame(&self, i: usize) -> &[u8] {
+        match &self.frames[i] {
+            Frame::Bytes(b) => b,
+            Frame::Data(r) => &self.buf[r.clone()],
+        }
+    }
+
+    fn len(&self) -> usize {
+        (0..self.frames.len()).map(|i| self.frame(i).len()).sum()
+    }
 }
 
 /// What a request produced, before encoding.
@@ -249,8 +257,471 @@ enum End {
     /// Graceful close asked by the server.
     Stopped,
     ClientGone,
-    WriterGone,
     Failed(ConnError),
+}
+
+fn end_of(err: ConnError) -> End {
+    match err {
+        ConnError::Io(e) if is_disconnect(&e) => End::ClientGone,
+        other => End::Failed(other),
+    }
+}
+
+/// A request read off the wire, with what it needs to run.
+struct Incoming {
+    req: Request,
+    verdict: Result<(), Reject>,
+    payload: IoBuf,
+    /// Payload bytes counted against `max_bytes_in_flight` (reads and writes).
+    cost: u32,
+}
+
+/// Most reply pieces written with one vectored write.
+const MAX_IOVECS: usize = 64;
+/// Bytes gathered for one write (beyond it, the rest waits for the next write).
+const WRITE_GATHER: usize = 256 << 10;
+/// Rounds of work one poll of the connection does before yielding to other tasks.
+const ROUNDS_PER_POLL: usize = 32;
+
+/// Why the connection's poll stopped to let the async loop act.
+enum Event {
+    /// A request reached past the end: read the export's size again, then go on.
+    Refresh,
+    End(End),
+}
+
+/// What parsing the read buffer got to.
+enum Parsed {
+    /// Everything buffered was taken; more bytes are needed.
+    More,
+    /// The next request waits for in-flight ones to finish (request or byte limit).
+    Blocked,
+    Refresh,
+    Disconnect,
+}
+
+/// What one attempt at reading did.
+enum ReadStep {
+    Progress,
+    Idle,
+    Event(Event),
+}
+
+/// One connection in transmission: a single task reads requests, starts them, collects
+/// their results and writes the replies.
+///
+/// ```text
+///  socket ─► rbuf ─► parse ─┬─ reads, plain writes ─► IoQueue (io_uring) ─┐
+///                           └─ others ─► blocking pool ─► channel ─────────┤
+///  socket ◀── writev ◀── out (replies in completion order) ◀──────────────┘
+/// ```
+///
+/// Everything is driven from [`Transmission::poll_step`]: with no task hop between
+/// reading a request, submitting its I/O and writing its reply, a request on an
+/// [`IoQueue`] costs no wakeup but the socket's and the ring's.
+struct Transmission<S> {
+    ctx: Arc<RequestCtx>,
+    stream: S,
+    /// Bytes read and not yet parsed: `rbuf[rpos..rend]`.
+    rbuf: Box<[u8]>,
+    rpos: usize,
+    rend: usize,
+    /// A write whose payload is still arriving, and how much of it is in.
+    partial: Option<(Incoming, usize)>,
+    /// Payload bytes of a refused write still to be skipped.
+    skip: u64,
+    /// The current header was checked again after refreshing the export's size.
+    refreshed: bool,
+    /// Replies not yet written, and how much of the first one is.
+    out: VecDeque<Outgoing>,
+    written: usize,
+    /// Reply pieces gathered for a stream without vectored writes.
+    stage: Vec<u8>,
+    flush_pending: bool,
+    /// Writing failed: the client is gone, replies are dropped as they come.
+    write_failed: bool,
+    /// Requests between "header read" and "reply written", and their payload bytes.
+    requests: usize,
+    bytes: usize,
+    max_requests: usize,
+    max_bytes: usize,
+    queue: Option<Box<dyn IoQueue>>,
+    /// Requests on the queue, by tag.
+    queued: HashMap<u64, Incoming>,
+    next_tag: u64,
+    unsubmitted: bool,
+    done: Vec<QueueDone>,
+    /// Replies of requests run elsewhere (blocking pool, QoS waits).
+    tx: mpsc::UnboundedSender<Vec<Outgoing>>,
+    rx: mpsc::UnboundedReceiver<Vec<Outgoing>>,
+    stop: watch::Receiver<Stop>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Transmission<S> {
+    /// Does all the work there is without waiting: replies of finished requests, the
+    /// socket's writes and (with `reading`) reads, new requests started. `Ready` only for
+    /// what needs the async loop ([`Event`]); `Pending` with wakeups registered otherwise.
+    fn poll_step(&mut self, cx: &mut Context<'_>, reading: bool) -> Poll<Event> {
+        for _ in 0..ROUNDS_PER_POLL {
+            let mut progress = self.poll_results(cx);
+            match self.poll_write(cx) {
+                Ok(p) => progress |= p,
+                Err(e) => {
+                    self.fail_writes();
+                    if reading {
+                        return Poll::Ready(Event::End(end_of(ConnError::Io(e))));
+                    }
+                    progress = true;
+                }
+            }
+            if reading {
+                match self.poll_read(cx) {
+                    ReadStep::Progress => progress = true,
+                    ReadStep::Idle => {}
+                    ReadStep::Event(event) => {
+                        self.submit();
+                        return Poll::Ready(event);
+                    }
+                }
+            }
+            self.submit();
+            if !progress {
+                return Poll::Pending;
+            }
+        }
+        // Plenty done: let other tasks run, and come back.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    /// Hands ops started on the queue to the device.
+    fn submit(&mut self) {
+        if self.unsubmitted {
+            if let Some(q) = self.queue.as_mut() {
+                q.submit();
+            }
+            self.unsubmitted = false;
+        }
+    }
+
+    /// Moves finished requests' replies to `out`: from the queue and from the channel.
+    fn poll_results(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut progress = false;
+        if let Some(q) = self.queue.as_mut() {
+            if q.in_flight() > 0 && q.poll_complete(cx, &mut self.done).is_ready() {
+                for done in std::mem::take(&mut self.done) {
+                    if let Some(incoming) = self.queued.remove(&done.tag) {
+                        let reply = queued_reply(&self.ctx, incoming, done);
+                        self.out.push_back(reply);
+                    }
+                }
+                progress = true;
+            }
+        }
+        while let Poll::Ready(Some(batch)) = self.rx.poll_recv(cx) {
+            self.out.extend(batch);
+            progress = true;
+        }
+        if self.write_failed {
+            self.fail_writes();
+        }
+        progress
+    }
+
+    /// Drops every queued reply (the client is gone), releasing what they held.
+    fn fail_writes(&mut self) {
+        self.write_failed = true;
+        while let Some(o) = self.out.pop_front() {
+            self.release(&o);
+        }
+        self.written = 0;
+        self.flush_pending = false;
+    }
+
+    fn release(&mut self, o: &Outgoing) {
+        self.requests -= 1;
+        self.bytes -= o.cost as usize;
+    }
+
+    /// Writes queued replies, vectored, until the socket would block; then flushes.
+    fn poll_write(&mut self, cx: &mut Context<'_>) -> io::Result<bool> {
+        let mut progress = false;
+        while !self.out.is_empty() {
+            let n = {
+                let mut slices: Vec<io::IoSlice<'_>> = Vec::with_capacity(MAX_IOVECS);
+                let mut skip = self.written;
+                let mut total = 0usize;
+                'fill: for o in &self.out {
+                    for i in 0..o.frames.len() {
+                        let f = o.frame(i);
+                        if skip >= f.len() {
+                            skip -= f.len();
+                            continue;
+                        }
+                        slices.push(io::IoSlice::new(&f[skip..]));
+                        total += f.len() - skip;
+                        skip = 0;
+                        if slices.len() == MAX_IOVECS || total >= WRITE_GATHER {
+                            break 'fill;
+                        }
+                    }
+                }
+                let polled = if self.stream.is_write_vectored() || slices.len() == 1 {
+                    Pin::new(&mut self.stream).poll_write_vectored(cx, &slices)
+                } else {
+                    // One write per piece would make one TLS record per piece: gather
+                    // them first.
+                    self.stage.clear();
+                    for s in &slices {
+                        self.stage.extend_from_slice(s);
+                    }
+                    Pin::new(&mut self.stream).poll_write(cx, &self.stage)
+                };
+                match polled {
+                    Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                    Poll::Ready(Ok(n)) => n,
+                    Poll::Ready(Err(e)) => return Err(e),
+                    Poll::Pending => return Ok(progress),
+                }
+            };
+            progress = true;
+            self.flush_pending = true;
+            let mut n = n;
+            while n > 0 {
+                let rest = self.out[0].len() - self.written;
+                if n < rest {
+                    self.written += n;
+                    break;
+                }
+                n -= rest;
+                self.written = 0;
+                let o = self.out.pop_front().expect("a reply was written");
+                self.release(&o);
+            }
+            // An empty reply (none are) would stay at the front: skip such.
+            while self.out.front().is_some_and(|o| o.len() == 0) {
+                let o = self.out.pop_front().expect("present");
+                self.release(&o);
+            }
+        }
+        if self.flush_pending {
+            match Pin::new(&mut self.stream).poll_flush(cx) {
+                Poll::Ready(Ok(())) => self.flush_pending = false,
+                Poll::Ready(Err(e)) => return Err(e),
+                Poll::Pending => {}
+            }
+        }
+        Ok(progress)
+    }
+
+    /// Parses and starts what the read buffer holds, then reads more from the socket.
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> ReadStep {
+        let mut batch = Vec::new();
+        let parsed = self.parse(&mut batch);
+        let started = !batch.is_empty();
+        if started {
+            self.start(batch);
+        }
+        let parsed = match parsed {
+            Ok(p) => p,
+            Err(e) => return ReadStep::Event(Event::End(End::Failed(e))),
+        };
+        match parsed {
+            Parsed::More => {}
+            Parsed::Blocked if started => return ReadStep::Progress,
+            Parsed::Blocked => return ReadStep::Idle,
+            Parsed::Refresh => return ReadStep::Event(Event::Refresh),
+            Parsed::Disconnect => return ReadStep::Event(Event::End(End::Disconnect)),
+        }
+        // Read more: straight into a large payload when nothing else is buffered.
+        let direct = self.rpos == self.rend
+            && self
+                .partial
+                .as_ref()
+                .is_some_and(|(inc, filled)| inc.payload.len() - filled >= self.rbuf.len() / 2);
+        let polled = if direct {
+            let (inc, filled) = self.partial.as_mut().expect("checked");
+            let mut rb = ReadBuf::new(&mut inc.payload[*filled..]);
+            match Pin::new(&mut self.stream).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) => {
+                    let n = rb.filled().len();
+                    *filled += n;
+                    Poll::Ready(Ok(n))
+                }
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                Poll::Pending => Poll::Pending,
+            }
+        } else {
+            if self.rpos == self.rend {
+                self.rpos = 0;
+                self.rend = 0;
+            } else if self.rpos > 0 && self.rbuf.len() - self.rend < REQUEST_LEN {
+                self.rbuf.copy_within(self.rpos..self.rend, 0);
+                self.rend -= self.rpos;
+                self.rpos = 0;
+            }
+            let mut rb = ReadBuf::new(&mut self.rbuf[self.rend..]);
+            match Pin::new(&mut self.stream).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) => {
+                    let n = rb.filled().len();
+                    self.rend += n;
+                    Poll::Ready(Ok(n))
+                }
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                Poll::Pending => Poll::Pending,
+            }
+        };
+        match polled {
+            Poll::Ready(Ok(0)) => ReadStep::Event(Event::End(End::ClientGone)),
+            Poll::Ready(Ok(_)) => ReadStep::Progress,
+            Poll::Ready(Err(e)) => ReadStep::Event(Event::End(end_of(ConnError::Io(e)))),
+            Poll::Pending if started => ReadStep::Progress,
+            Poll::Pending => ReadStep::Idle,
+        }
+    }
+
+    /// Takes every whole request out of the read buffer, as far as the in-flight limits
+    /// allow, into `batch`. A request's length is checked before anything is allocated
+    /// for it; a refused write's payload is skipped, not buffered.
+    fn parse(&mut self, batch: &mut Vec<Incoming>) -> Result<Parsed, ConnError> {
+        loop {
+            let avail = self.rend - self.rpos;
+            if self.skip > 0 {
+                let n = self.skip.min(avail as u64) as usize;
+                self.rpos += n;
+                self.skip -= n as u64;
+                if self.skip > 0 {
+                    return Ok(Parsed::More);
+                }
+                continue;
+            }
+            if let Some((inc, filled)) = self.partial.as_mut() {
+                let n = (inc.payload.len() - *filled).min(avail);
+                inc.payload[*filled..*filled + n]
+                    .copy_from_slice(&self.rbuf[self.rpos..self.rpos + n]);
+                *filled += n;
+                self.rpos += n;
+                if *filled < inc.payload.len() {
+                    return Ok(Parsed::More);
+                }
+                let (inc, _) = self.partial.take().expect("present");
+                batch.push(inc);
+                continue;
+            }
+            if avail < REQUEST_LEN {
+                return Ok(Parsed::More);
+            }
+            // A bad magic means we lost track of the stream: nothing sensible can follow.
+            let req = Request::decode(&self.rbuf[self.rpos..self.rpos + REQUEST_LEN])?;
+            if req.command == Command::Disc {
+                self.rpos += REQUEST_LEN;
+                return Ok(Parsed::Disconnect);
+            }
+            let verdict = self.ctx.check(&req);
+            if verdict.is_err() && !self.refreshed && self.ctx.past_end(&req) {
+                return Ok(Parsed::Refresh);
+            }
+            let cost = match (req.command, verdict) {
+                (Command::Read, Ok(())) | (Command::Write, Ok(())) => req.length,
+                _ => 0,
+            };
+            if self.requests >= self.max_requests || self.bytes + cost as usize > self.max_bytes {
+                return Ok(Parsed::Blocked);
+            }
+            self.rpos += REQUEST_LEN;
+            self.refreshed = false;
+            self.requests += 1;
+            self.bytes += cost as usize;
+            let mut incoming = Incoming {
+                req,
+                verdict,
+                payload: IoBuf::empty(),
+                cost,
+            };
+            if req.command == Command::Write {
+                if verdict.is_ok() {
+                    incoming.payload = self.ctx.bufs.take(req.length as usize);
+                    self.partial = Some((incoming, 0));
+                } else {
+                    // Keep the stream in sync without holding the (maybe huge) payload.
+                    self.skip = req.length as u64;
+                    batch.push(incoming);
+                }
+                continue;
+            }
+            batch.push(incoming);
+        }
+    }
+
+    /// Starts the requests parsed together: plain reads and writes on the queue (when the
+    /// export has one and no QoS limit), else reads as one batch on the blocking pool;
+    /// everything else through [`dispatch`] one by one.
+    fn start(&mut self, batch: Vec<Incoming>) {
+        let ctx = &self.ctx;
+        let unlimited = ctx.target.qos().is_unlimited();
+        if let (Some(queue), true) = (self.queue.as_mut(), unlimited) {
+            for mut incoming in batch {
+                let queued = match incoming.req.command {
+                    Command::Read => true,
+                    // FUA needs a flush after the write: the blocking path does both.
+                    Command::Write => !incoming.req.has_flag(NBD_CMD_FLAG_FUA),
+                    _ => false,
+                };
+                if incoming.verdict.is_err() || !queued {
+                    dispatch(ctx, incoming, &self.tx, &self.stop);
+                    continue;
+                }
+                let tag = self.next_tag;
+                self.next_tag += 1;
+                let offset = incoming.req.offset;
+                let started = if incoming.req.command == Command::Write {
+                    let data = std::mem::replace(&mut incoming.payload, IoBuf::empty());
+                    queue.start_write(tag, offset, data)
+                } else {
+                    let buf = ctx.bufs.take(incoming.req.length as usize);
+                    queue.start(tag, offset, buf)
+                };
+                match started {
+                    QueueStart::Started => {
+                        self.queued.insert(tag, incoming);
+                        self.unsubmitted = true;
+                    }
+                    QueueStart::Done(done) => self.out.push_back(queued_reply(ctx, incoming, done)),
+                    QueueStart::Declined(buf) => {
+                        if incoming.req.command == Command::Write {
+                            incoming.payload = buf;
+                        }
+                        run_blocking(ctx.clone(), incoming, self.tx.clone());
+                    }
+                }
+            }
+            return;
+        }
+        if batch.len() == 1 || ctx.nonblocking || !unlimited {
+            for incoming in batch {
+                dispatch(ctx, incoming, &self.tx, &self.stop);
+            }
+            return;
+        }
+        let mut reads = Vec::new();
+        for incoming in batch {
+            if incoming.verdict.is_ok() && incoming.req.command == Command::Read {
+                reads.push(incoming);
+            } else {
+                dispatch(ctx, incoming, &self.tx, &self.stop);
+            }
+        }
+        match reads.len() {
+            0 => {}
+            1 => dispatch(ctx, reads.pop().expect("one read"), &self.tx, &self.stop),
+            _ => run_read_batch(ctx.clone(), reads, self.tx.clone()),
+        }
+    }
+
+    /// Whether every request read has been answered (or dropped with the client).
+    fn idle(&self) -> bool {
+        self.requests == 0 && !self.flush_pending
+    }
 }
 
 pub(super) async fn transmit<S>(
@@ -276,67 +747,68 @@ where
         limiter: shared.limiter(&session.export),
         bufs: BufPool::new(),
     });
-    let (rd, wr) = tokio::io::split(stream);
-    let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
-    let (tx, rx) = mpsc::unbounded_channel::<Vec<Outgoing>>();
-    let writer = tokio::spawn(write_replies(wr, rx).instrument(span.clone()));
-    // Reads and plain writes complete asynchronously on their own task when the target
-    // offers a queue.
+    // Reads and plain writes complete asynchronously on this task when the target offers
+    // a queue.
     let queue = {
         let target = ctx.target.clone();
         blocking(move || target.io_queue()).await.ok().flatten()
     };
-    let (reads_tx, reads_task) = match queue {
-        Some(queue) => {
-            let (jobs_tx, jobs_rx) = mpsc::unbounded_channel();
-            let task = tokio::spawn(
-                run_queued_io(ctx.clone(), queue, jobs_rx, tx.clone()).instrument(span.clone()),
-            );
-            (Some(jobs_tx), Some(task))
-        }
-        None => (None, None),
+    let (tx, rx) = mpsc::unbounded_channel::<Vec<Outgoing>>();
+    let mut conn = Transmission {
+        ctx: ctx.clone(),
+        stream,
+        rbuf: vec![0u8; READ_BUFFER].into_boxed_slice(),
+        rpos: 0,
+        rend: 0,
+        partial: None,
+        skip: 0,
+        refreshed: false,
+        out: VecDeque::new(),
+        written: 0,
+        stage: Vec::new(),
+        flush_pending: false,
+        write_failed: false,
+        requests: 0,
+        bytes: 0,
+        max_requests: config.max_requests_in_flight,
+        max_bytes: config.max_bytes_in_flight,
+        queue,
+        queued: HashMap::new(),
+        next_tag: 0,
+        unsubmitted: false,
+        done: Vec::new(),
+        tx,
+        rx,
+        stop: stop.clone(),
     };
-    let max_requests = config.max_requests_in_flight;
-    let requests = Arc::new(Semaphore::new(max_requests));
-    let bytes = Arc::new(Semaphore::new(config.max_bytes_in_flight));
 
     let end = async {
         loop {
-            let incoming = tokio::select! {
+            let event = tokio::select! {
                 biased;
-                _ = stop.wait_for(|st| *st != Stop::Run) => return End::Stopped,
-                _ = tx.closed() => return End::WriterGone,
-                r = read_request(&mut rd, &ctx, &requests, &bytes) => r,
+                _ = stop.wait_for(|st| *st != Stop::Run) => Event::End(End::Stopped),
+                event = std::future::poll_fn(|cx| conn.poll_step(cx, true)) => event,
             };
-            match incoming {
-                Ok(Some(incoming)) => {
-                    // Whatever else the client already sent is decoded now and started
-                    // together: reads of one batch reach the device in one submission.
-                    let mut batch = vec![incoming];
-                    while let Some(more) = buffered_request(&mut rd, &ctx, &requests, &bytes) {
-                        batch.push(more);
-                    }
-                    dispatch_batch(&ctx, batch, &tx, reads_tx.as_ref(), &stop);
+            match event {
+                Event::Refresh => {
+                    conn.ctx.refresh_size().await;
+                    conn.refreshed = true;
                 }
-                Ok(None) => return End::Disconnect,
-                Err(err) => {
-                    return match err {
-                        ConnError::Io(e) if is_disconnect(&e) => End::ClientGone,
-                        other => End::Failed(other),
-                    }
-                }
+                Event::End(end) => return end,
             }
         }
     }
     .instrument(span.clone())
     .await;
-    // No more reads: the read task ends once those in flight are answered.
-    drop(reads_tx);
 
-    // Let in-flight requests finish and their replies reach the writer.
+    // Let in-flight requests finish and their replies be written.
     let drained = tokio::time::timeout(
         config.drain_timeout,
-        requests.acquire_many(max_requests as u32),
+        std::future::poll_fn(|cx| match conn.poll_step(cx, false) {
+            Poll::Ready(_) => Poll::Ready(()),
+            Poll::Pending if conn.idle() => Poll::Ready(()),
+            Poll::Pending => Poll::Pending,
+        }),
     )
     .await
     .is_ok();
@@ -352,23 +824,12 @@ where
             Err(_) => warn!(parent: &span, "flush on close panicked"),
         }
     }
-    drop(tx);
-    if let Some(task) = reads_task {
-        if !drained {
-            task.abort();
-        }
-        let _ = task.await;
-    }
-    let writer_result = if drained {
-        writer.await
-    } else {
-        writer.abort();
-        writer.await
-    };
-    if let Ok(Ok(mut wr)) = writer_result {
+    if !conn.write_failed {
         // Orderly close (TLS close_notify); the peer may be gone already.
-        let _ = tokio::time::timeout(Duration::from_secs(5), wr.shutdown()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), conn.stream.shutdown()).await;
     }
+    // Ops still on the queue (a drain that timed out) are waited for as it drops.
+    drop(conn);
     drop(session);
     match end {
         End::Disconnect => {
@@ -379,246 +840,8 @@ where
             info!(parent: &span, "connection closed by server");
             Ok(())
         }
-        End::ClientGone | End::WriterGone => Ok(()),
+        End::ClientGone => Ok(()),
         End::Failed(err) => Err(err),
-    }
-}
-
-/// A request read off the wire, with what it needs to run.
-struct Incoming {
-    req: Request,
-    verdict: Result<(), Reject>,
-    payload: IoBuf,
-    permits: Permits,
-}
-
-/// Reads one request (header and write payload). `Ok(None)` is `NBD_CMD_DISC`.
-async fn read_request<R: AsyncRead + Unpin>(
-    rd: &mut R,
-    ctx: &RequestCtx,
-    requests: &Arc<Semaphore>,
-    bytes: &Arc<Semaphore>,
-) -> Result<Option<Incoming>, ConnError> {
-    let mut hdr = [0u8; REQUEST_LEN];
-    rd.read_exact(&mut hdr).await?;
-    // A bad magic means we lost track of the stream: nothing sensible can follow.
-    let req = Request::decode(&hdr)?;
-    if req.command == Command::Disc {
-        return Ok(None);
-    }
-    let mut verdict = ctx.check(&req);
-    if verdict.is_err() && ctx.past_end(&req) && ctx.refresh_size().await {
-        verdict = ctx.check(&req);
-    }
-    let request_permit = requests
-        .clone()
-        .acquire_owned()
-        .await
-        .map_err(|_| io::Error::other("request semaphore closed"))?;
-    let mut payload = IoBuf::empty();
-    let mut byte_permit = None;
-    let payload_bytes = match (req.command, verdict) {
-        (Command::Read, Ok(())) | (Command::Write, Ok(())) => req.length,
-        _ => 0,
-    };
-    if payload_bytes > 0 {
-        byte_permit = Some(
-            bytes
-                .clone()
-                .acquire_many_owned(payload_bytes)
-                .await
-                .map_err(|_| io::Error::other("byte semaphore closed"))?,
-        );
-    }
-    if req.command == Command::Write {
-        if verdict.is_ok() {
-            payload = ctx.bufs.take(req.length as usize);
-            rd.read_exact(&mut payload).await?;
-        } else {
-            // Keep the stream in sync without holding the (maybe huge) payload.
-            drain(rd, req.length as u64).await?;
-        }
-    }
-    Ok(Some(Incoming {
-        req,
-        verdict,
-        payload,
-        permits: Permits {
-            _request: request_permit,
-            _bytes: byte_permit,
-        },
-    }))
-}
-
-/// Takes the next request out of the read buffer if it is there in full (header and
-/// payload) and its permits are free right now; otherwise leaves everything in place for
-/// [`read_request`]. Never waits, so a partial request is never consumed.
-fn buffered_request<R: AsyncRead + Unpin>(
-    rd: &mut BufReader<R>,
-    ctx: &RequestCtx,
-    requests: &Arc<Semaphore>,
-    bytes: &Arc<Semaphore>,
-) -> Option<Incoming> {
-    let buf = rd.buffer();
-    let req = Request::decode(buf.get(..REQUEST_LEN)?).ok()?;
-    let verdict = ctx.check(&req);
-    // Disconnects, rejections and oversized payloads take the regular path.
-    if req.command == Command::Disc || verdict.is_err() {
-        return None;
-    }
-    let (payload_len, payload_bytes) = match req.command {
-        Command::Write => (req.length as usize, req.length),
-        Command::Read => (0, req.length),
-        _ => (0, 0),
-    };
-    let body = buf.get(REQUEST_LEN..REQUEST_LEN + payload_len)?;
-    let request_permit = requests.clone().try_acquire_owned().ok()?;
-    let byte_permit = if payload_bytes > 0 {
-        Some(bytes.clone().try_acquire_many_owned(payload_bytes).ok()?)
-    } else {
-        None
-    };
-    let payload = if payload_len > 0 {
-        let mut payload = ctx.bufs.take(payload_len);
-        payload.copy_from_slice(body);
-        payload
-    } else {
-        IoBuf::empty()
-    };
-    std::pin::Pin::new(rd).consume(REQUEST_LEN + payload_len);
-    Some(Incoming {
-        req,
-        verdict,
-        payload,
-        permits: Permits {
-            _request: request_permit,
-            _bytes: byte_permit,
-        },
-    })
-}
-
-/// Starts the requests read together: plain reads (no QoS wait) go to the connection's
-/// asynchronous read task when there is one, else run as one batch on the blocking pool;
-/// everything else goes through [`dispatch`] one by one.
-fn dispatch_batch(
-    ctx: &Arc<RequestCtx>,
-    batch: Vec<Incoming>,
-    tx: &mpsc::UnboundedSender<Vec<Outgoing>>,
-    reads_tx: Option<&mpsc::UnboundedSender<Vec<Incoming>>>,
-    stop: &watch::Receiver<Stop>,
-) {
-    let unlimited = ctx.target.qos().is_unlimited();
-    if let (Some(reads_tx), true) = (reads_tx, unlimited) {
-        let mut reads = Vec::new();
-        for incoming in batch {
-            let queued = match incoming.req.command {
-                Command::Read => true,
-                // FUA needs a flush after the write: the blocking path does both.
-                Command::Write => !incoming.req.has_flag(NBD_CMD_FLAG_FUA),
-                _ => false,
-            };
-            if incoming.verdict.is_ok() && queued {
-                reads.push(incoming);
-            } else {
-                dispatch(ctx, incoming, tx, stop);
-            }
-        }
-        if !reads.is_empty() {
-            if let Err(mpsc::error::SendError(reads)) = reads_tx.send(reads) {
-                // The read task is gone (it panicked): fall back to the blocking pool.
-                for incoming in reads {
-                    dispatch(ctx, incoming, tx, stop);
-                }
-            }
-        }
-        return;
-    }
-    if batch.len() == 1 || ctx.nonblocking || !unlimited {
-        for incoming in batch {
-            dispatch(ctx, incoming, tx, stop);
-        }
-        return;
-    }
-    let mut reads = Vec::new();
-    for incoming in batch {
-        if incoming.verdict.is_ok() && incoming.req.command == Command::Read {
-            reads.push(incoming);
-        } else {
-            dispatch(ctx, incoming, tx, stop);
-        }
-    }
-    match reads.len() {
-        0 => {}
-        1 => dispatch(ctx, reads.pop().expect("one read"), tx, stop),
-        _ => run_read_batch(ctx.clone(), reads, tx.clone()),
-    }
-}
-
-/// The connection's asynchronous I/O: starts the reads and plain writes the reader hands
-/// over on the target's [`IoQueue`] and answers each as soon as it completes. Ends when
-/// the reader is done (channel closed) and nothing is in flight. Ops the queue declines
-/// run on the blocking pool as usual.
-async fn run_queued_io(
-    ctx: Arc<RequestCtx>,
-    mut queue: Box<dyn IoQueue>,
-    mut jobs: mpsc::UnboundedReceiver<Vec<Incoming>>,
-    tx: mpsc::UnboundedSender<Vec<Outgoing>>,
-) {
-    let mut pending: HashMap<u64, Incoming> = HashMap::new();
-    let mut next_tag = 0u64;
-    let mut done: Vec<QueueDone> = Vec::new();
-    let mut open = true;
-    while open || queue.in_flight() > 0 {
-        let busy = queue.in_flight() > 0;
-        tokio::select! {
-            job = jobs.recv(), if open => {
-                let Some(batch) = job else {
-                    open = false;
-                    continue;
-                };
-                let mut replies = Vec::new();
-                for mut incoming in batch {
-                    let tag = next_tag;
-                    next_tag += 1;
-                    let offset = incoming.req.offset;
-                    let started = if incoming.req.command == Command::Write {
-                        let data = std::mem::replace(&mut incoming.payload, IoBuf::empty());
-                        queue.start_write(tag, offset, data)
-                    } else {
-                        let buf = ctx.bufs.take(incoming.req.length as usize);
-                        queue.start(tag, offset, buf)
-                    };
-                    match started {
-                        QueueStart::Started => {
-                            pending.insert(tag, incoming);
-                        }
-                        QueueStart::Done(done) => replies.push(queued_reply(&ctx, incoming, done)),
-                        QueueStart::Declined(buf) => {
-                            if incoming.req.command == Command::Write {
-                                incoming.payload = buf;
-                            }
-                            run_blocking(ctx.clone(), incoming, tx.clone());
-                        }
-                    }
-                }
-                queue.submit();
-                if !replies.is_empty() {
-                    let _ = tx.send(replies);
-                }
-            }
-            () = std::future::poll_fn(|cx| queue.poll_complete(cx, &mut done)), if busy => {
-                let replies: Vec<Outgoing> = done
-                    .drain(..)
-                    .filter_map(|read| {
-                        let incoming = pending.remove(&read.tag)?;
-                        Some(queued_reply(&ctx, incoming, read))
-                    })
-                    .collect();
-                if !replies.is_empty() {
-                    let _ = tx.send(replies);
-                }
-            }
-        }
     }
 }
 
@@ -654,7 +877,7 @@ fn queued_reply(ctx: &RequestCtx, incoming: Incoming, read: QueueDone) -> Outgoi
     Outgoing {
         frames,
         buf,
-        _permits: incoming.permits,
+        cost: incoming.cost,
     }
 }
 
@@ -713,7 +936,7 @@ fn run_read_batch(
                 Outgoing {
                     frames,
                     buf,
-                    _permits: incoming.permits,
+                    cost: incoming.cost,
                 }
             })
             .collect();
@@ -805,7 +1028,7 @@ fn dispatch(
             error: rej.error,
             message: rej.message.to_owned(),
         };
-        send_reply(ctx, tx, &req, outcome, incoming.permits);
+        send_reply(ctx, tx, &req, outcome, incoming.cost);
         return;
     }
     let qos = qos_cost(&req).and_then(|bytes| {
@@ -831,7 +1054,7 @@ fn dispatch(
                     error: NBD_ESHUTDOWN,
                     message: "server is closing the connection".to_owned(),
                 };
-                send_reply(&ctx, &tx, &req, outcome, incoming.permits);
+                send_reply(&ctx, &tx, &req, outcome, incoming.cost);
             }
         }
         .instrument(tracing::Span::current()),
@@ -853,15 +1076,11 @@ fn send_reply(
     tx: &mpsc::UnboundedSender<Vec<Outgoing>>,
     req: &Request,
     outcome: Outcome,
-    permits: Permits,
+    cost: u32,
 ) {
     let (frames, buf) = encode_outcome(ctx, req, outcome);
     // If the writer is gone the client is too; the permits drop with the message.
-    let _ = tx.send(vec![Outgoing {
-        frames,
-        buf,
-        _permits: permits,
-    }]);
+    let _ = tx.send(vec![Outgoing { frames, buf, cost }]);
 }
 
 /// Runs a validated request on the blocking pool and queues its reply from there.
@@ -878,10 +1097,7 @@ fn run_blocking(
     let inline = ctx.nonblocking && incoming.req.length <= INLINE_MAX;
     let run = move || {
         let Incoming {
-            req,
-            payload,
-            permits,
-            ..
+            req, payload, cost, ..
         } = incoming;
         // A panicking target must still produce a reply, or the client waits forever.
         let outcome =
@@ -893,7 +1109,7 @@ fn run_blocking(
                         message: format!("{} failed: internal error", req.command),
                     }
                 });
-        send_reply(&ctx, &tx, &req, outcome, permits);
+        send_reply(&ctx, &tx, &req, outcome, cost);
     };
     if inline {
         run();
@@ -1156,37 +1372,4 @@ fn encode_outcome(ctx: &RequestCtx, req: &Request, outcome: Outcome) -> (Vec<Fra
             IoBuf::empty(),
         ),
     }
-}
-
-/// The connection's only writer: writes replies in the order they complete, coalescing
-/// whatever is queued into one flush.
-async fn write_replies<W: AsyncWrite + Unpin>(
-    wr: W,
-    mut rx: mpsc::UnboundedReceiver<Vec<Outgoing>>,
-) -> io::Result<W> {
-    let mut w = BufWriter::with_capacity(256 << 10, wr);
-    while let Some(batch) = rx.recv().await {
-        for out in batch {
-            write_outgoing(&mut w, out).await?;
-        }
-        while let Ok(batch) = rx.try_recv() {
-            for out in batch {
-                write_outgoing(&mut w, out).await?;
-            }
-        }
-        w.flush().await?;
-    }
-    w.flush().await?;
-    Ok(w.into_inner())
-}
-
-async fn write_outgoing<W: AsyncWrite + Unpin>(w: &mut W, out: Outgoing) -> io::Result<()> {
-    for frame in &out.frames {
-        match frame {
-            Frame::Bytes(b) => w.write_all(b).await?,
-            Frame::Data(r) => w.write_all(&out.buf[r.clone()]).await?,
-        }
-    }
-    // `out` (and its permits) is dropped here, once its bytes are handed to the buffer.
-    Ok(())
 }
