@@ -11,21 +11,21 @@
 //!   asynchronously ([`EngineIoQueue`]): planned by the engine, done on the connection's own
 //!   io_uring ring, each holding a [`ReadPin`] (the pool's reclaim lock, shared) or a
 //!   [`WritePin`] (also the lineage's writer gate, so no snapshot starts under it) from plan
-//!   to completion, as the synchronous calls hold those locks. Writes that need fresh
-//!   chunks or copy-on-write, and FUA writes, take the synchronous path.
+//!   to completion, as the synchronous calls hold those locks. The ring owns each op's
+//!   buffer until it completes; the queue's `Drop` waits for the ring's I/O before the
+//!   pins go. Writes that need fresh chunks or copy-on-write, and FUA writes, take the
+//!   synchronous path.
 
 use std::collections::HashMap;
 use std::ops::Range;
-use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use tokio::io::unix::AsyncFd;
-
-use crate::device::uring::IoRing;
-use crate::engine::{Engine, EngineError, ImageHandle, ReadPin, WritePin};
+use crate::device::uring::{AsyncRing, RingDir, RingDone, RingSpan};
+use crate::engine::{DeviceIo, Engine, EngineError, ImageHandle, ReadPin, WritePin};
 use crate::metrics::{ImageIoMetrics, IoOp, Metrics};
+use crate::nbd::buffers::BufHome;
 use crate::nbd::{
     Errno, ExportListing, ExportRegistry, ExportTarget, Extent, ExtentKind, IoBuf, IoQueue,
     OpenError, QueueDone, QueueStart, ZeroMode,
@@ -222,22 +222,15 @@ impl ExportTarget for EngineTarget {
 
     fn io_queue(&self) -> Option<Box<dyn IoQueue>> {
         let ring = self.engine.io_ring(&self.handle)?;
-        // SAFETY: the eventfd is owned by `ring`, which lives in the same queue and is
-        // dropped after `fd` (field order), so the descriptor stays open and the same for
-        // the AsyncFd's whole life.
-        let registered = unsafe {
-            AsyncFd::register_with_interest(EventFd(ring.eventfd()), tokio::io::Interest::READABLE)
-        };
-        let fd = registered
+        let ring = AsyncRing::new(ring)
             .inspect_err(
-                |e| tracing::debug!(error = %e, "Cannot poll a read ring; reads stay synchronous"),
+                |e| tracing::debug!(error = %e, "Cannot poll an io_uring ring; reads stay synchronous"),
             )
             .ok()?;
         Some(Box::new(EngineIoQueue {
-            fd,
             ring,
-            reads: HashMap::new(),
-            reaped: Vec::new(),
+            ops: HashMap::new(),
+            done: Vec::new(),
             engine: self.engine.clone(),
             handle: self.handle.clone(),
             io: self.io.clone(),
@@ -253,15 +246,6 @@ impl ExportTarget for EngineTarget {
     }
 }
 
-/// The eventfd of a [`IoRing`], as tokio polls it (the ring owns the descriptor).
-struct EventFd(RawFd);
-
-impl AsRawFd for EventFd {
-    fn as_raw_fd(&self) -> RawFd {
-        self.0
-    }
-}
-
 /// What keeps the chunks of an op in flight owned by the image (released only after the
 /// last device I/O of the op completed).
 enum Pin {
@@ -270,60 +254,98 @@ enum Pin {
     Write(WritePin),
 }
 
-/// A read or write in flight on an [`EngineIoQueue`].
-struct PendingRead {
-    buf: IoBuf,
+/// A read or write in flight on an [`EngineIoQueue`]; its buffer is the ring's until the
+/// op completes.
+struct InFlight {
+    home: BufHome,
     zeros: Vec<Range<usize>>,
-    /// Device I/Os not completed yet.
-    ops_left: usize,
-    error: Option<Errno>,
     start: Instant,
     pin: Pin,
 }
 
-/// One connection's asynchronous reads of an engine image.
+/// One connection's asynchronous reads and overwrites of an engine image, on its own
+/// io_uring ring.
 ///
-/// Field order matters: `fd` is deregistered before `ring` closes the descriptor, and
-/// `ring` (whose drop waits for reads in flight) goes before `reads` frees their buffers
-/// and pins.
+/// The ring owns each op's buffer until the op completes; the pins of ops in flight are
+/// here, and [`Drop`] waits for the ring's I/O before they are released.
 struct EngineIoQueue {
-    fd: AsyncFd<EventFd>,
-    ring: IoRing,
-    reads: HashMap<u64, PendingRead>,
-    reaped: Vec<(u64, std::io::Result<()>)>,
+    ring: AsyncRing,
+    ops: HashMap<u64, InFlight>,
+    done: Vec<RingDone>,
     engine: Engine,
     handle: ImageHandle,
     io: ImageIoMetrics,
 }
 
+impl Drop for EngineIoQueue {
+    fn drop(&mut self) {
+        // The pins in `ops` keep the chunks under the ring's I/O owned by this image: the
+        // I/O must be over before they go (fields drop after this).
+        self.ring.ring().wait_idle();
+    }
+}
+
 impl EngineIoQueue {
-    fn finish(&self, tag: u64, read: PendingRead) -> QueueDone {
-        let op = match &read.pin {
+    fn finish(&self, tag: u64, op: InFlight, buf: IoBuf, error: Option<Errno>) -> QueueDone {
+        let kind = match &op.pin {
             Pin::Read(_) => IoOp::Read,
             Pin::Write(pin) => {
-                if read.error.is_none() {
+                if error.is_none() {
                     self.engine.overwritten(pin);
                 }
                 IoOp::Write
             }
         };
-        let result = match read.error {
+        let result = match error {
             None => {
-                self.io
-                    .record(op, read.buf.len() as u64, read.start.elapsed());
+                self.io.record(kind, buf.len() as u64, op.start.elapsed());
                 Ok(())
             }
             Some(errno) => {
-                self.io.record_error(op);
-                tracing::debug!(image = %self.handle.name(), error = %errno, "NBD read failed");
+                self.io.record_error(kind);
+                tracing::debug!(image = %self.handle.name(), error = %errno, "NBD request failed");
                 Err(errno)
             }
         };
         QueueDone {
             tag,
             result,
-            buf: read.buf,
-            zeros: read.zeros,
+            buf,
+            zeros: op.zeros,
+        }
+    }
+
+    /// Hands `buf` to the ring for `spans`; the op completes in `poll_complete`, or at
+    /// once when there is nothing to do on the device or the ring refuses it.
+    fn start_op(
+        &mut self,
+        tag: u64,
+        dir: RingDir,
+        buf: IoBuf,
+        spans: Vec<DeviceIo>,
+        op: InFlight,
+    ) -> QueueStart {
+        if spans.is_empty() {
+            return QueueStart::Done(self.finish(tag, op, buf, None));
+        }
+        let spans: Vec<RingSpan> = spans
+            .into_iter()
+            .map(|s| RingSpan {
+                pos: s.pos,
+                len: s.len,
+                offset: s.offset,
+            })
+            .collect();
+        let (mem, home) = buf.detach();
+        match self.ring.ring().push(tag, dir, mem, &spans) {
+            Ok(()) => {
+                self.ops.insert(tag, InFlight { home, ..op });
+                QueueStart::Started
+            }
+            Err((e, mem)) => {
+                let buf = home.restore(mem);
+                QueueStart::Done(self.finish(tag, op, buf, Some(Errno::from(e))))
+            }
         }
     }
 }
@@ -335,7 +357,7 @@ impl IoQueue for EngineIoQueue {
             return QueueStart::Declined(buf);
         };
         let start = Instant::now();
-        let (ops, zeros) = match self.engine.plan_read(&pin, &self.handle, offset, &mut buf) {
+        let (spans, zeros) = match self.engine.plan_read(&pin, &self.handle, offset, &mut buf) {
             Ok(planned) => planned,
             Err(e) => {
                 self.io.record_error(IoOp::Read);
@@ -348,38 +370,13 @@ impl IoQueue for EngineIoQueue {
                 });
             }
         };
-        let mut read = PendingRead {
-            buf,
+        let op = InFlight {
+            home: BufHome::default(),
             zeros,
-            ops_left: 0,
-            error: None,
             start,
             pin: Pin::Read(pin),
         };
-        let base = read.buf.as_mut_ptr();
-        for op in &ops {
-            // SAFETY: `plan_read` returns ranges within the buffer (`pos + len <= len of
-            // buf`). The buffer's heap memory does not move when `read` moves into
-            // `self.reads`, where it stays, untouched, until the ring reports this device
-            // read (in `poll_complete`); dropping the queue drops `ring` first, which waits
-            // for every read in flight.
-            let pushed = unsafe {
-                self.ring
-                    .push_read(tag, op.offset, base.wrapping_add(op.pos), op.len)
-            };
-            match pushed {
-                Ok(()) => read.ops_left += 1,
-                Err(e) => {
-                    read.error.get_or_insert(Errno::from(e));
-                    break;
-                }
-            }
-        }
-        if read.ops_left == 0 {
-            return QueueStart::Done(self.finish(tag, read));
-        }
-        self.reads.insert(tag, read);
-        QueueStart::Started
+        self.start_op(tag, RingDir::Read, buf, spans, op)
     }
 
     fn start_write(&mut self, tag: u64, offset: u64, data: IoBuf) -> QueueStart {
@@ -388,11 +385,11 @@ impl IoQueue for EngineIoQueue {
             return QueueStart::Declined(data);
         };
         let start = Instant::now();
-        let ops = match self
+        let spans = match self
             .engine
             .plan_overwrite(&pin, &self.handle, offset, data.len() as u64)
         {
-            Ok(Some(ops)) => ops,
+            Ok(Some(spans)) => spans,
             // Needs fresh chunks or copy-on-write: the synchronous path does that.
             Ok(None) => return QueueStart::Declined(data),
             Err(e) => {
@@ -406,86 +403,39 @@ impl IoQueue for EngineIoQueue {
                 });
             }
         };
-        let mut write = PendingRead {
-            buf: data,
+        let op = InFlight {
+            home: BufHome::default(),
             zeros: Vec::new(),
-            ops_left: 0,
-            error: None,
             start,
             pin: Pin::Write(pin),
         };
-        let base = write.buf.as_ptr();
-        for op in &ops {
-            // SAFETY: `plan_overwrite` returns ranges within the data (`pos + len <= its
-            // len`). The buffer's heap memory does not move when `write` moves into
-            // `self.reads`, where it stays, unmodified, until the ring reports this device
-            // write (in `poll_complete`); dropping the queue drops `ring` first, which
-            // waits for every op in flight.
-            let pushed = unsafe {
-                self.ring
-                    .push_write(tag, op.offset, base.wrapping_add(op.pos), op.len)
-            };
-            match pushed {
-                Ok(()) => write.ops_left += 1,
-                Err(e) => {
-                    write.error.get_or_insert(Errno::from(e));
-                    break;
-                }
-            }
-        }
-        if write.ops_left == 0 {
-            return QueueStart::Done(self.finish(tag, write));
-        }
-        self.reads.insert(tag, write);
-        QueueStart::Started
+        self.start_op(tag, RingDir::Write, data, spans, op)
     }
 
     fn submit(&mut self) {
-        if let Err(e) = self.ring.submit() {
-            // The reads stay queued; the next submit or reap retries.
+        if let Err(e) = self.ring.ring().submit() {
+            // The ops stay queued; the next submit or reap retries.
             tracing::warn!(error = %e, "io_uring submit failed");
         }
     }
 
     fn in_flight(&self) -> usize {
-        self.reads.len()
+        self.ops.len()
     }
 
     fn poll_complete(&mut self, cx: &mut Context<'_>, out: &mut Vec<QueueDone>) -> Poll<()> {
-        let before = out.len();
-        loop {
-            let mut ready = match self.fd.poll_read_ready(cx) {
-                Poll::Ready(Ok(guard)) => guard,
-                Poll::Ready(Err(e)) => {
-                    tracing::warn!(error = %e, "polling the read ring failed");
-                    return Poll::Pending;
-                }
-                Poll::Pending => return Poll::Pending,
+        let mut done = std::mem::take(&mut self.done);
+        let polled = self.ring.poll_complete(cx, &mut done);
+        for RingDone { tag, result, buf } in done.drain(..) {
+            let Some(mut op) = self.ops.remove(&tag) else {
+                continue;
             };
-            // Clear readiness and the counter before reaping: a completion that lands
-            // after this point signals the eventfd again.
-            ready.clear_ready();
-            self.ring.clear_eventfd();
-            if let Err(e) = self.ring.reap(&mut self.reaped) {
-                tracing::warn!(error = %e, "io_uring resubmission failed");
-            }
-            for (tag, result) in std::mem::take(&mut self.reaped) {
-                let Some(read) = self.reads.get_mut(&tag) else {
-                    continue;
-                };
-                read.ops_left -= 1;
-                if let Err(e) = result {
-                    read.error.get_or_insert(Errno::from(e));
-                }
-                if read.ops_left == 0 {
-                    let read = self.reads.remove(&tag).expect("present");
-                    out.push(self.finish(tag, read));
-                }
-            }
-            if out.len() > before {
-                return Poll::Ready(());
-            }
+            let buf = std::mem::take(&mut op.home).restore(buf);
+            let error = result.err().map(Errno::from);
+            out.push(self.finish(tag, op, buf, error));
         }
+        self.done = done;
+        polled
     }
 }
 

@@ -11,7 +11,9 @@
 //!
 //! Besides the pooled rings behind [`BlockDevice::submit`], a caller may own an [`IoRing`]:
 //! a private ring whose reads and writes complete asynchronously, signalled on an eventfd
-//! (the NBD server's data path).
+//! (the NBD server's data path; [`AsyncRing`] registers it with tokio). Such a ring owns
+//! each op's buffer from push to completion and hands it back with the result, so its API
+//! has nothing unsafe for the caller to promise.
 //!
 //! Rings: one per I/O thread, taken from a pool for the duration of a call (a thread that
 //! finds the pool empty sets up a new ring), so concurrent callers never share a
@@ -37,12 +39,13 @@ use std::fmt;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 
 use io_uring::{opcode, register::Probe, types, IoUring};
 use parking_lot::{Condvar, Mutex};
 
 use super::file::Target;
-use super::{check_range, BlockDevice, DeviceError, IoEngine, IoOp, Result, IO_ALIGN};
+use super::{check_range, AlignedBuf, BlockDevice, DeviceError, IoEngine, IoOp, Result, IO_ALIGN};
 
 /// Submission queue size of each ring, and the most SQEs one call keeps in flight.
 const RING_ENTRIES: u32 = 128;
@@ -329,47 +332,106 @@ impl BlockDevice for UringDevice {
     }
 }
 
+/// Whether a ring op reads into its buffer or writes from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RingDir {
+    Read,
+    Write,
+}
+
+/// One device transfer of a ring op: `len` bytes at device `offset`, to or from the op's
+/// buffer at `pos`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RingSpan {
+    pub pos: usize,
+    pub len: usize,
+    pub offset: u64,
+}
+
+/// A finished ring op: its tag, its result (the first error among its spans), and its
+/// buffer, handed back.
+#[derive(Debug)]
+pub struct RingDone {
+    pub tag: u64,
+    pub result: io::Result<()>,
+    pub buf: AlignedBuf,
+}
+
 /// A private ring for reads and writes that complete asynchronously: the NBD server pushes
-/// them and learns about completions through an eventfd it polls on its runtime, instead
-/// of a thread blocking in [`BlockDevice::submit`]. Ops of one ring are not ordered
-/// against each other (overlapping requests in flight are the client's business, as with
-/// any disk).
+/// them and learns about completions through an eventfd it polls on its runtime (see
+/// [`AsyncRing`]), instead of a thread blocking in [`BlockDevice::submit`]. Ops of one
+/// ring are not ordered against each other (overlapping requests in flight are the
+/// client's business, as with any disk).
 ///
 /// Owned by one task; the same fixed files as the pool's rings (which keep the files open
 /// in the kernel for as long as the ring lives).
 ///
-/// Invariant: a buffer given to [`IoRing::push_read`] or [`IoRing::push_write`] is used by
-/// the kernel until its completion is returned by [`IoRing::reap`]; dropping the ring
-/// waits for every op still in flight (and aborts the process if it cannot), so no buffer
-/// is freed early by the ring's owner unwinding.
+/// ```text
+///  push(tag, dir, buf, spans) ─► op (owns buf) ─► one transfer per span ─► waiting
+///  waiting ─► SQE while fewer than the completion queue's size are with the kernel
+///  reap: CQE ─► transfer done (short: back to waiting) ─► op's last ─► RingDone(tag, buf)
+/// ```
+///
+/// Invariants:
+/// - the ring owns each op's buffer from [`IoRing::push`] until [`IoRing::reap`] returns
+///   it; a push it refuses hands the buffer back. No caller can free or touch memory the
+///   kernel still uses, and no push API is unsafe;
+/// - at most the completion queue's size of SQEs are with the kernel at once: further
+///   transfers wait in the ring (in order) until completions make room, so no completion
+///   is ever dropped or left in the kernel's overflow list;
+/// - dropping the ring waits for every transfer the kernel has (and aborts the process if
+///   it cannot), so no buffer is freed early by the ring's owner unwinding.
 pub struct IoRing {
     ring: IoUring,
     eventfd: std::os::fd::OwnedFd,
     direct: bool,
-    /// Ops pushed and not yet completed, by slot (`user_data`).
-    slots: Vec<Option<RingOp>>,
-    free: Vec<usize>,
-    in_flight: usize,
+    /// Transfers the kernel may have at once: the completion queue's size.
+    room: usize,
+    /// Ops pushed and not yet reaped, by index.
+    ops: Vec<Option<Op>>,
+    free_ops: Vec<usize>,
+    live_ops: usize,
+    /// Transfers of live ops, by index (an SQE's `user_data`).
+    transfers: Vec<Option<RingTransfer>>,
+    free_transfers: Vec<usize>,
+    /// SQEs pushed (submitted or still in the submission queue) and not yet completed.
+    in_kernel: usize,
+    /// Transfers waiting for room, in push order.
+    waiting: VecDeque<usize>,
 }
 
-/// One read or write of an [`IoRing`].
-struct RingOp {
+/// One op of an [`IoRing`]: the buffer it owns and its transfers still to complete.
+struct Op {
     tag: u64,
-    write: bool,
+    buf: AlignedBuf,
+    left: usize,
+    error: Option<io::Error>,
+}
+
+/// One device transfer of an [`IoRing`] op: raw address into the op's buffer, and
+/// progress.
+struct RingTransfer {
     offset: u64,
     addr: *mut u8,
     len: usize,
+    /// Bytes already transferred (short reads/writes are resubmitted from here).
     done: usize,
+    write: bool,
+    /// The op (index in `IoRing::ops`) whose buffer `addr` points into.
+    op: usize,
 }
 
-// SAFETY: the raw buffer addresses are only handed to the kernel; the caller of `push`
-// guarantees they stay valid (whichever thread the ring moves to) until reaped.
+// SAFETY: the raw addresses in the transfers point into the `AlignedBuf`s owned by the
+// ring's own ops (heap memory that does not move with the ring); they are only handed to
+// the kernel, never dereferenced by the ring, whichever thread it moves to.
 unsafe impl Send for IoRing {}
 
 impl fmt::Debug for IoRing {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("IoRing")
-            .field("in_flight", &self.in_flight)
+            .field("ops", &self.live_ops)
+            .field("in_kernel", &self.in_kernel)
+            .field("waiting", &self.waiting.len())
             .finish_non_exhaustive()
     }
 }
@@ -379,10 +441,14 @@ const READ_RING_CQ: u32 = 4096;
 
 impl IoRing {
     fn new(fds: [RawFd; 2], direct: bool) -> io::Result<IoRing> {
+        Self::with_sizes(fds, direct, RING_ENTRIES, READ_RING_CQ)
+    }
+
+    fn with_sizes(fds: [RawFd; 2], direct: bool, sq: u32, cq: u32) -> io::Result<IoRing> {
         let ring = IoUring::builder()
             .setup_clamp()
-            .setup_cqsize(READ_RING_CQ)
-            .build(RING_ENTRIES)?;
+            .setup_cqsize(cq)
+            .build(sq)?;
         ring.submitter().register_files(&fds)?;
         // SAFETY: eventfd has no memory arguments; the result is checked.
         let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
@@ -392,13 +458,19 @@ impl IoRing {
         // SAFETY: `fd` was just created and is owned by nothing else.
         let eventfd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
         ring.submitter().register_eventfd(fd)?;
+        let room = ring.params().cq_entries() as usize;
         Ok(IoRing {
             ring,
             eventfd,
             direct,
-            slots: Vec::new(),
-            free: Vec::new(),
-            in_flight: 0,
+            room,
+            ops: Vec::new(),
+            free_ops: Vec::new(),
+            live_ops: 0,
+            transfers: Vec::new(),
+            free_transfers: Vec::new(),
+            in_kernel: 0,
+            waiting: VecDeque::new(),
         })
     }
 
@@ -409,78 +481,99 @@ impl IoRing {
 
     /// Ops pushed and not yet reaped.
     pub fn in_flight(&self) -> usize {
-        self.in_flight
+        self.live_ops
     }
 
-    /// Queues a read of `len` bytes at device `offset` into `addr`, reported by
-    /// [`IoRing::reap`] with `tag`. Goes to the kernel at the next [`IoRing::submit`]
-    /// (or earlier when the submission queue is full).
+    /// Takes `buf` and queues one device transfer per span (reads into `buf`, or writes
+    /// from it); [`IoRing::reap`] reports the op with `tag` once every span completed, and
+    /// hands `buf` back. Transfers go to the kernel at the next [`IoRing::submit`] (or
+    /// earlier when the submission queue fills up), as completion queue room allows.
     ///
-    /// # Safety
-    /// `addr` must be valid for writes of `len` bytes, and not otherwise accessed, until
-    /// `reap` reports this read (or the ring is dropped).
-    pub unsafe fn push_read(
+    /// Refused, with `buf` handed back, when `spans` is empty or a span is empty or
+    /// reaches past the end of `buf`.
+    pub fn push(
         &mut self,
         tag: u64,
-        offset: u64,
-        addr: *mut u8,
-        len: usize,
-    ) -> io::Result<()> {
-        self.push(RingOp {
-            tag,
-            write: false,
-            offset,
-            addr,
-            len,
-            done: 0,
-        })
-    }
-
-    /// Queues a write of the `len` bytes at `addr` to device `offset`, like
-    /// [`IoRing::push_read`].
-    ///
-    /// # Safety
-    /// `addr` must be valid for reads of `len` bytes, and not modified, until `reap`
-    /// reports this write (or the ring is dropped).
-    pub unsafe fn push_write(
-        &mut self,
-        tag: u64,
-        offset: u64,
-        addr: *const u8,
-        len: usize,
-    ) -> io::Result<()> {
-        self.push(RingOp {
-            tag,
-            write: true,
-            offset,
-            // Only read by the kernel for a write.
-            addr: addr.cast_mut(),
-            len,
-            done: 0,
-        })
-    }
-
-    fn push(&mut self, read: RingOp) -> io::Result<()> {
-        let slot = match self.free.pop() {
-            Some(slot) => {
-                self.slots[slot] = Some(read);
-                slot
-            }
-            None => {
-                self.slots.push(Some(read));
-                self.slots.len() - 1
-            }
+        dir: RingDir,
+        mut buf: AlignedBuf,
+        spans: &[RingSpan],
+    ) -> std::result::Result<(), (io::Error, AlignedBuf)> {
+        let fits = |s: &RingSpan| {
+            s.len > 0 && s.pos.checked_add(s.len).is_some_and(|end| end <= buf.len())
         };
-        self.in_flight += 1;
-        self.queue(slot)
+        if spans.is_empty() || !spans.iter().all(fits) {
+            let err = io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "ring op without spans, or a span outside its buffer",
+            );
+            return Err((err, buf));
+        }
+        let base = buf.as_mut_ptr();
+        let op = insert(
+            &mut self.ops,
+            &mut self.free_ops,
+            Op {
+                tag,
+                buf,
+                left: spans.len(),
+                error: None,
+            },
+        );
+        self.live_ops += 1;
+        for span in spans {
+            let index = insert(
+                &mut self.transfers,
+                &mut self.free_transfers,
+                RingTransfer {
+                    offset: span.offset,
+                    // In bounds: checked above.
+                    addr: base.wrapping_add(span.pos),
+                    len: span.len,
+                    done: 0,
+                    write: dir == RingDir::Write,
+                    op,
+                },
+            );
+            self.waiting.push_back(index);
+        }
+        // A full submission queue is handed to the kernel here; an error doing so leaves
+        // the transfers queued, and the next `submit` reports it.
+        let _ = self.fill();
+        Ok(())
     }
 
-    /// Pushes the SQE for (the rest of) the read in `slot`.
-    fn queue(&mut self, slot: usize) -> io::Result<()> {
-        let read = self.slots[slot].as_ref().expect("queued slot is in use");
-        let offset = read.offset + read.done as u64;
-        let addr = read.addr.wrapping_add(read.done);
-        let len = (read.len - read.done).min(MAX_SQE_LEN);
+    /// Moves waiting transfers into the submission queue while the completion queue has
+    /// room, handing a full submission queue to the kernel.
+    fn fill(&mut self) -> io::Result<()> {
+        while self.in_kernel < self.room {
+            let Some(&index) = self.waiting.front() else {
+                return Ok(());
+            };
+            let entry = self.sqe_for(index);
+            // SAFETY: the SQE points into the buffer of a live op, within its bounds
+            // (`done < len`, span checked at push); the ring owns that buffer until the
+            // op is reaped, which needs this SQE's completion first.
+            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+                self.waiting.pop_front();
+                self.in_kernel += 1;
+                continue;
+            }
+            // Submission queue full: hand it to the kernel, then go on.
+            if !self.enter_submit()? {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    /// The SQE for (the rest of) transfer `index`.
+    fn sqe_for(&self, index: usize) -> io_uring::squeue::Entry {
+        let t = self.transfers[index]
+            .as_ref()
+            .expect("queued transfer is live");
+        let offset = t.offset + t.done as u64;
+        let addr = t.addr.wrapping_add(t.done);
+        let len = (t.len - t.done).min(MAX_SQE_LEN);
         let aligned = offset.is_multiple_of(IO_ALIGN as u64)
             && len.is_multiple_of(IO_ALIGN)
             && (addr as usize).is_multiple_of(IO_ALIGN);
@@ -489,7 +582,7 @@ impl IoRing {
         } else {
             BUFFERED_SLOT
         });
-        let entry = if read.write {
+        let entry = if t.write {
             opcode::Write::new(fd, addr, len as u32)
                 .offset(offset)
                 .build()
@@ -497,33 +590,29 @@ impl IoRing {
             opcode::Read::new(fd, addr, len as u32)
                 .offset(offset)
                 .build()
-        }
-        .user_data(slot as u64);
-        loop {
-            // SAFETY: the SQE points into the caller's buffer within its bounds
-            // (`done < len`), which the push contract keeps valid until the op is reaped;
-            // the slot stays in use (and counted in `in_flight`) until then.
-            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
-                return Ok(());
-            }
-            // Submission queue full: hand what is queued to the kernel first.
-            self.submit()?;
-        }
+        };
+        entry.user_data(index as u64)
     }
 
-    /// Hands queued reads to the kernel without waiting for any.
-    pub fn submit(&mut self) -> io::Result<()> {
+    /// `io_uring_enter` without waiting; false when the kernel asks to reap first.
+    fn enter_submit(&mut self) -> io::Result<bool> {
         loop {
             match self.ring.submit() {
-                Ok(_) => return Ok(()),
+                Ok(_) => return Ok(true),
                 Err(err) => match err.raw_os_error() {
                     Some(libc::EINTR) => continue,
                     // Completions must be reaped first; the owner does on its next wakeup.
-                    Some(libc::EBUSY) | Some(libc::EAGAIN) => return Ok(()),
+                    Some(libc::EBUSY) | Some(libc::EAGAIN) => return Ok(false),
                     _ => return Err(err),
                 },
             }
         }
+    }
+
+    /// Hands queued transfers to the kernel without waiting for any.
+    pub fn submit(&mut self) -> io::Result<()> {
+        self.fill()?;
+        self.enter_submit().map(|_| ())
     }
 
     /// Clears the eventfd counter (before reaping, so that later completions signal again).
@@ -534,61 +623,182 @@ impl IoRing {
         unsafe { libc::read(self.eventfd.as_raw_fd(), value.as_mut_ptr().cast(), 8) };
     }
 
-    /// Collects finished reads as `(tag, result)`, resubmitting short and interrupted ones.
-    pub fn reap(&mut self, out: &mut Vec<(u64, io::Result<()>)>) -> io::Result<()> {
-        let mut again = Vec::new();
+    /// Appends the ops whose every transfer completed, with their buffers; resubmits
+    /// short and interrupted transfers, and queues waiting ones into the room made.
+    pub fn reap(&mut self, out: &mut Vec<RingDone>) -> io::Result<()> {
         let completions: Vec<(u64, i32)> = self
             .ring
             .completion()
             .map(|cqe| (cqe.user_data(), cqe.result()))
             .collect();
-        for (slot, res) in completions {
-            let slot = slot as usize;
-            let Some(read) = self.slots.get_mut(slot).and_then(Option::as_mut) else {
+        for (index, res) in completions {
+            let index = index as usize;
+            let Some(t) = self.transfers.get_mut(index).and_then(Option::as_mut) else {
                 continue;
             };
+            self.in_kernel -= 1;
             let result = match usize::try_from(res) {
                 Err(_) if -res == libc::EINTR || -res == libc::EAGAIN => None,
                 Err(_) => Some(Err(io::Error::from_raw_os_error(-res))),
-                Ok(0) if read.write => Some(Err(io::ErrorKind::WriteZero.into())),
+                Ok(0) if t.write => Some(Err(io::ErrorKind::WriteZero.into())),
                 Ok(0) => Some(Err(io::ErrorKind::UnexpectedEof.into())),
                 Ok(n) => {
-                    read.done += n;
-                    (read.done >= read.len).then_some(Ok(()))
+                    t.done += n;
+                    (t.done >= t.len).then_some(Ok(()))
                 }
             };
-            match result {
-                None => again.push(slot),
-                Some(result) => {
-                    let read = self.slots[slot].take().expect("slot in use");
-                    self.free.push(slot);
-                    self.in_flight -= 1;
-                    out.push((read.tag, result));
-                }
+            let Some(result) = result else {
+                // The rest goes again, ahead of transfers not started yet.
+                self.waiting.push_front(index);
+                continue;
+            };
+            let t = self.transfers[index].take().expect("live transfer");
+            self.free_transfers.push(index);
+            let op = self.ops[t.op].as_mut().expect("live op");
+            if let Err(e) = result {
+                op.error.get_or_insert(e);
+            }
+            op.left -= 1;
+            if op.left == 0 {
+                let op = self.ops[t.op].take().expect("live op");
+                self.free_ops.push(t.op);
+                self.live_ops -= 1;
+                out.push(RingDone {
+                    tag: op.tag,
+                    result: op.error.map_or(Ok(()), Err),
+                    buf: op.buf,
+                });
             }
         }
-        for slot in again {
-            self.queue(slot)?;
-        }
         self.submit()
+    }
+
+    /// Blocks until the kernel has completed every transfer it was given; transfers still
+    /// waiting for room are dropped with their ops. For dropping the ring, and for owners
+    /// that must outlive the ring's I/O (blocking: never on a runtime thread in normal
+    /// operation).
+    pub fn wait_idle(&mut self) {
+        self.waiting.clear();
+        while self.in_kernel > 0 {
+            if let Err(err) = enter(&mut self.ring) {
+                abort_in_flight(&err, self.in_kernel);
+            }
+            let done = self.ring.completion().count();
+            self.in_kernel -= done;
+        }
+        self.ops.clear();
+        self.free_ops.clear();
+        self.transfers.clear();
+        self.free_transfers.clear();
+        self.live_ops = 0;
+    }
+}
+
+impl AsRawFd for IoRing {
+    /// The eventfd (see [`IoRing::eventfd`]), so that the ring itself can be registered
+    /// with a reactor.
+    fn as_raw_fd(&self) -> RawFd {
+        self.eventfd()
     }
 }
 
 impl Drop for IoRing {
     fn drop(&mut self) {
-        let mut done = Vec::new();
-        while self.in_flight > 0 {
-            if let Err(err) = enter(&mut self.ring) {
-                abort_in_flight(&err, self.in_flight);
-            }
-            if let Err(err) = self.reap(&mut done) {
-                abort_in_flight(&err, self.in_flight);
-            }
-            done.clear();
+        self.wait_idle();
+    }
+}
+
+/// Puts `value` in a free slot of `slots` (or a new one); returns its index.
+fn insert<T>(slots: &mut Vec<Option<T>>, free: &mut Vec<usize>, value: T) -> usize {
+    match free.pop() {
+        Some(index) => {
+            slots[index] = Some(value);
+            index
+        }
+        None => {
+            slots.push(Some(value));
+            slots.len() - 1
         }
     }
 }
 
+/// An [`IoRing`] whose completions wake a tokio task: its eventfd is registered with the
+/// runtime's reactor, and the ring lives inside that registration (so it is deregistered
+/// before the descriptor closes, by construction).
+///
+/// If the reactor stops answering (the runtime is shutting down), completions are still
+/// collected: the task is woken again at once and reaps the ring directly, so a task
+/// waiting for its I/O is never left without a wakeup.
+pub struct AsyncRing {
+    fd: tokio::io::unix::AsyncFd<IoRing>,
+    /// The reactor failed us once: reap by polling from now on.
+    unpolled: bool,
+}
+
+impl fmt::Debug for AsyncRing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AsyncRing")
+            .field("ring", self.fd.get_ref())
+            .field("unpolled", &self.unpolled)
+            .finish()
+    }
+}
+
+impl AsyncRing {
+    /// Registers `ring` with the current tokio runtime's reactor (call inside a runtime).
+    pub fn new(ring: IoRing) -> io::Result<AsyncRing> {
+        // SAFETY: the descriptor is the ring's eventfd, an `OwnedFd` the ring holds for its
+        // whole life and never replaces, and the ring lives inside the `AsyncFd`: the
+        // descriptor stays open and the same until the registration is gone.
+        let fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| e.into_parts().1)?;
+        Ok(AsyncRing {
+            fd,
+            unpolled: false,
+        })
+    }
+
+    /// The ring, to push ops and submit them.
+    pub fn ring(&mut self) -> &mut IoRing {
+        self.fd.get_mut()
+    }
+
+    /// Appends finished ops to `out`; `Ready` once at least one was appended. `Pending`
+    /// always leaves a wakeup behind: the reactor's, or an immediate one when the reactor
+    /// failed.
+    pub fn poll_complete(&mut self, cx: &mut Context<'_>, out: &mut Vec<RingDone>) -> Poll<()> {
+        let before = out.len();
+        loop {
+            if !self.unpolled {
+                match self.fd.poll_read_ready_mut(cx) {
+                    // Clear readiness and the counter before reaping: a completion that
+                    // lands after this point signals the eventfd again.
+                    Poll::Ready(Ok(mut ready)) => ready.clear_ready(),
+                    Poll::Ready(Err(e)) => {
+                        tracing::warn!(error = %e, "Polling an io_uring ring failed; reaping it by polling");
+                        self.unpolled = true;
+                    }
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            let ring = self.fd.get_mut();
+            ring.clear_eventfd();
+            if let Err(e) = ring.reap(out) {
+                tracing::warn!(error = %e, "io_uring submission failed");
+            }
+            if out.len() > before {
+                return Poll::Ready(());
+            }
+            if self.unpolled {
+                // No reactor will wake this task: ask to be polled again.
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+        }
+    }
+}
 /// One op of a batch as the ring sees it: raw address and progress.
 struct Transfer {
     offset: u64,
@@ -889,8 +1099,23 @@ mod tests {
         }
     }
 
+    /// Waits (blocking) until `ring` reports `n` more ops.
+    fn wait_for(ring: &mut IoRing, n: usize) -> Vec<RingDone> {
+        let mut done = Vec::new();
+        while done.len() < n {
+            enter(&mut ring.ring).unwrap();
+            ring.reap(&mut done).unwrap();
+            assert!(ring.in_kernel <= ring.room);
+        }
+        done
+    }
+
+    fn span(pos: usize, len: usize, offset: u64) -> RingSpan {
+        RingSpan { pos, len, offset }
+    }
+
     #[test]
-    fn io_ring_completes_aligned_and_unaligned_reads_by_tag() {
+    fn io_ring_completes_aligned_and_unaligned_ops_by_tag() {
         let Some((_dir, dev)) = device(1 << 20) else {
             return;
         };
@@ -907,46 +1132,51 @@ mod tests {
             (3, 4097, 1000),
             (4, 100, 5),
         ];
-        let mut bufs: Vec<AlignedBuf> = reads.iter().map(|r| AlignedBuf::zeroed(r.2)).collect();
-        for (read, buf) in reads.iter().zip(bufs.iter_mut()) {
-            // SAFETY: `bufs` outlives every read: all are reaped (or the ring dropped,
-            // which waits) before the buffers are dropped at the end of the test.
-            unsafe { ring.push_read(read.0, read.1, buf.as_mut_ptr(), read.2) }.unwrap();
+        for &(tag, offset, len) in &reads {
+            let buf = AlignedBuf::zeroed(len);
+            ring.push(tag, RingDir::Read, buf, &[span(0, len, offset)])
+                .unwrap();
         }
+        // One op in two spans: the buffer's halves from two places.
+        ring.push(
+            5,
+            RingDir::Read,
+            AlignedBuf::zeroed(8192),
+            &[span(0, 4096, 12288), span(4096, 4096, 0)],
+        )
+        .unwrap();
+        assert_eq!(ring.in_flight(), 5);
         ring.submit().unwrap();
-        let mut done = Vec::new();
-        while done.len() < reads.len() {
-            enter(&mut ring.ring).unwrap();
-            ring.reap(&mut done).unwrap();
-        }
+        let mut done = wait_for(&mut ring, 5);
         assert_eq!(ring.in_flight(), 0);
-        let mut tags: Vec<u64> = done
-            .iter()
-            .map(|(t, r)| {
-                assert!(r.is_ok());
-                *t
-            })
-            .collect();
-        tags.sort_unstable();
-        assert_eq!(tags, [1, 2, 3, 4]);
-        for (read, buf) in reads.iter().zip(&bufs) {
-            let at = read.1 as usize;
-            assert_eq!(&buf[..], &data[at..at + read.2], "read {}", read.0);
+        done.sort_by_key(|d| d.tag);
+        let tags: Vec<u64> = done.iter().map(|d| d.tag).collect();
+        assert_eq!(tags, [1, 2, 3, 4, 5]);
+        for (&(tag, offset, len), d) in reads.iter().zip(&done) {
+            assert!(d.result.is_ok());
+            let at = offset as usize;
+            assert_eq!(&d.buf[..], &data[at..at + len], "read {tag}");
         }
+        assert_eq!(&done[4].buf[..4096], &data[12288..16384]);
+        assert_eq!(&done[4].buf[4096..], &data[..4096]);
         // Writes, aligned and not, then read back.
-        let patch = AlignedBuf::zeroed(8192);
-        // SAFETY: `patch` outlives both writes, reaped below.
-        unsafe {
-            ring.push_write(20, 16384, patch.as_ptr(), 8192).unwrap();
-            ring.push_write(21, 30001, patch.as_ptr(), 3).unwrap();
-        }
+        ring.push(
+            20,
+            RingDir::Write,
+            AlignedBuf::zeroed(8192),
+            &[span(0, 8192, 16384)],
+        )
+        .unwrap();
+        ring.push(
+            21,
+            RingDir::Write,
+            AlignedBuf::zeroed(8192),
+            &[span(5, 3, 30001)],
+        )
+        .unwrap();
         ring.submit().unwrap();
-        done.clear();
-        while done.len() < 2 {
-            enter(&mut ring.ring).unwrap();
-            ring.reap(&mut done).unwrap();
-        }
-        assert!(done.iter().all(|(_, r)| r.is_ok()));
+        let done = wait_for(&mut ring, 2);
+        assert!(done.iter().all(|d| d.result.is_ok()));
         let mut back = vec![9u8; 32768];
         dev.read_at(0, &mut back).unwrap();
         assert_eq!(&back[..16384], &data[..16384]);
@@ -954,24 +1184,149 @@ mod tests {
         assert_eq!(&back[24576..30001], &data[24576..30001]);
         assert_eq!(&back[30001..30004], &[0, 0, 0]);
         assert_eq!(&back[30004..], &data[30004..32768]);
-        // Past the end: an error, not a hang.
-        let mut tail = AlignedBuf::zeroed(4096);
-        // SAFETY: `tail` outlives the read (reaped below, or waited for by the drop).
-        unsafe { ring.push_read(9, (1 << 20) - 2048, tail.as_mut_ptr(), 4096) }.unwrap();
+        // Past the end: an error, not a hang, and the buffer comes back.
+        ring.push(
+            9,
+            RingDir::Read,
+            AlignedBuf::zeroed(4096),
+            &[span(0, 4096, (1 << 20) - 2048)],
+        )
+        .unwrap();
         ring.submit().unwrap();
-        done.clear();
-        while done.is_empty() {
-            enter(&mut ring.ring).unwrap();
-            ring.reap(&mut done).unwrap();
-        }
-        assert_eq!(done[0].0, 9);
-        assert!(done[0].1.is_err());
-        // Dropping with reads in flight waits for them.
-        // SAFETY: `tail` is dropped after `ring`, whose drop waits for this read.
-        unsafe { ring.push_read(10, 0, tail.as_mut_ptr(), 4096) }.unwrap();
+        let done = wait_for(&mut ring, 1);
+        assert_eq!(done[0].tag, 9);
+        assert!(done[0].result.is_err());
+        assert_eq!(done[0].buf.len(), 4096);
+        // Dropping with ops in flight waits for them.
+        ring.push(
+            10,
+            RingDir::Read,
+            AlignedBuf::zeroed(4096),
+            &[span(0, 4096, 0)],
+        )
+        .unwrap();
         ring.submit().unwrap();
         drop(ring);
-        assert_eq!(&tail[..], &data[..4096]);
+    }
+
+    #[test]
+    fn io_ring_refuses_bad_spans_and_hands_the_buffer_back() {
+        let Some((_dir, dev)) = device(1 << 20) else {
+            return;
+        };
+        let mut ring = dev.io_ring().unwrap();
+        let mut buf = AlignedBuf::zeroed(4096);
+        buf.fill(7);
+        let addr = buf.as_ptr();
+        for spans in [
+            vec![],
+            vec![span(0, 0, 0)],
+            vec![span(1, 4096, 0)],
+            vec![span(0, 512, 0), span(usize::MAX, 2, 0)],
+        ] {
+            let (err, back) = ring.push(1, RingDir::Read, buf, &spans).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{spans:?}");
+            assert_eq!(back.as_ptr(), addr, "the same buffer comes back");
+            assert!(back.iter().all(|&b| b == 7), "untouched");
+            buf = back;
+        }
+        assert_eq!(ring.in_flight(), 0);
+    }
+
+    /// More transfers than the completion queue holds: the rest wait in the ring, and the
+    /// kernel never has more than the completion queue's size at once.
+    #[test]
+    fn io_ring_bounds_transfers_by_the_completion_queue() {
+        let Some((_dir, dev)) = device(1 << 20) else {
+            return;
+        };
+        let mut data = AlignedBuf::zeroed(256 * 512);
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = (i / 512) as u8;
+        }
+        dev.write_at(0, &data).unwrap();
+        let mut ring = IoRing::with_sizes(dev.pool.fds, dev.target.has_direct(), 4, 8).unwrap();
+        assert_eq!(ring.room, 8);
+        // 64 ops of 4 spans each: 256 transfers of 512 bytes, 8 at a time.
+        for tag in 0..64u64 {
+            let spans: Vec<RingSpan> = (0..4)
+                .map(|k| span(k * 512, 512, (tag * 4 + k as u64) * 512))
+                .collect();
+            ring.push(tag, RingDir::Read, AlignedBuf::zeroed(2048), &spans)
+                .unwrap();
+            assert!(ring.in_kernel <= ring.room);
+        }
+        ring.submit().unwrap();
+        assert_eq!(ring.in_kernel, 8);
+        let done = wait_for(&mut ring, 64);
+        for d in &done {
+            assert!(d.result.is_ok());
+            let at = d.tag as usize * 2048;
+            assert_eq!(&d.buf[..], &data[at..at + 2048], "op {}", d.tag);
+        }
+        assert_eq!((ring.in_flight(), ring.in_kernel), (0, 0));
+    }
+
+    /// A waker that counts its wakeups.
+    struct CountingWaker(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for CountingWaker {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.wake_by_ref();
+        }
+        fn wake_by_ref(self: &std::sync::Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// The reactor that polled the ring's eventfd is gone (its runtime shut down): polling
+    /// fails, yet every `Pending` must leave a wakeup behind, and the op still completes.
+    #[test]
+    fn async_ring_wakes_its_task_when_the_reactor_is_gone() {
+        let Some((_dir, dev)) = device(1 << 20) else {
+            return;
+        };
+        dev.write_at(0, &[5u8; 4096]).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .unwrap();
+        let mut ring = {
+            let _entered = runtime.enter();
+            AsyncRing::new(dev.io_ring().unwrap()).unwrap()
+        };
+        drop(runtime);
+        ring.ring()
+            .push(
+                1,
+                RingDir::Read,
+                AlignedBuf::zeroed(4096),
+                &[span(0, 4096, 0)],
+            )
+            .unwrap();
+        ring.ring().submit().unwrap();
+        let counter = std::sync::Arc::new(CountingWaker(Default::default()));
+        let waker = std::task::Waker::from(counter.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut done = Vec::new();
+        let mut polls = 0u64;
+        loop {
+            let woken = counter.0.load(Ordering::SeqCst);
+            match ring.poll_complete(&mut cx, &mut done) {
+                Poll::Ready(()) => break,
+                Poll::Pending => assert!(
+                    counter.0.load(Ordering::SeqCst) > woken,
+                    "Pending without a wakeup: the task would never run again"
+                ),
+            }
+            polls += 1;
+            if polls.is_multiple_of(1024) {
+                std::thread::yield_now();
+            }
+        }
+        assert_eq!(done.len(), 1);
+        assert!(done[0].result.is_ok());
+        assert!(done[0].buf.iter().all(|&b| b == 5));
     }
 
     #[test]

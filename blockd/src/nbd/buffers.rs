@@ -113,6 +113,40 @@ impl IoBuf {
     }
 }
 
+/// Where an [`IoBuf`]'s memory came from, while the memory itself is lent out as an
+/// [`AlignedBuf`] (to an io_uring ring, which owns the buffers of its ops).
+#[derive(Default)]
+pub struct BufHome {
+    len: usize,
+    pool: Option<Arc<BufPool>>,
+}
+
+impl IoBuf {
+    /// Splits the buffer into its aligned memory (at least `len()` bytes) and what
+    /// [`BufHome::restore`] needs to make it an `IoBuf` of the same length again.
+    pub fn detach(mut self) -> (AlignedBuf, BufHome) {
+        let buf = self.buf.take().expect("present until drop");
+        let home = BufHome {
+            len: self.len,
+            pool: self.pool.take(),
+        };
+        (buf, home)
+    }
+}
+
+impl BufHome {
+    /// The buffer again, with the length it had; `buf` is the memory [`IoBuf::detach`]
+    /// gave out (anything shorter is taken as unpooled and clipped).
+    pub fn restore(self, buf: AlignedBuf) -> IoBuf {
+        let len = self.len.min(buf.len());
+        IoBuf {
+            buf: Some(buf),
+            len,
+            pool: self.pool,
+        }
+    }
+}
+
 impl Deref for IoBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
@@ -156,6 +190,25 @@ mod tests {
         // Beyond the largest class: allocated exactly, not pooled.
         let big = pool.take((IO_ALIGN << CLASSES) + 1);
         assert_eq!(big.len(), (IO_ALIGN << CLASSES) + 1);
+    }
+
+    #[test]
+    fn detached_buffers_come_back_whole() {
+        let pool = BufPool::new();
+        let mut a = pool.take(5000);
+        a.fill(3);
+        let addr = a.as_ptr();
+        let (mem, home) = a.detach();
+        assert_eq!(mem.len(), 8192, "the whole size class is lent");
+        let a = home.restore(mem);
+        assert_eq!((a.as_ptr(), a.len()), (addr, 5000));
+        assert!(a.iter().all(|&b| b == 3));
+        drop(a);
+        assert_eq!(
+            pool.take(8192).as_ptr(),
+            addr,
+            "restored buffers go back to the pool"
+        );
     }
 
     #[test]

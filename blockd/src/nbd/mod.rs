@@ -13,17 +13,17 @@
 //! does synchronous io_uring/pread I/O), so the server calls them from tokio's blocking
 //! pool, never on a runtime worker (unless a target opts in with
 //! [`ExportTarget::nonblocking`]). Reads and plain writes are the exception when the
-//! target offers an [`IoQueue`]: they are started and completed on the runtime (io_uring +
-//! eventfd), with no thread hop, and answered one by one as they complete.
+//! target offers an [`IoQueue`]: they are started and completed on the connection's own
+//! task (io_uring + eventfd), with no thread hop, and answered one by one as they complete.
 //!
 //! ```text
 //!  client ──unix/TLS──▶ connection task ─┬─ handshake (options) ── registry.open(name)
-//!                                        └─ transmission: reader ─┬─▶ reads, writes ─▶ I/O task
-//!                      (decodes every request already buffered;   │    IoQueue: start,
-//!                       bounded in flight)                        │    poll_complete
-//!                                                                 └─▶ others: qos wait,
-//!                                                                     spawn_blocking(op)
-//!                                           writer task ◀── replies (out of order) ──┘
+//!                                        └─ transmission (one task): read requests
+//!                                             ├─▶ reads, plain writes ─▶ IoQueue (ring)
+//!                                             │     start, submit, poll_complete
+//!                                             └─▶ others: qos wait, spawn_blocking(op)
+//!                                                   reply ─▶ channel ─┐
+//!                  socket ◀── replies, out of order, vectored ◀───────┘ (same task)
 //! ```
 //!
 //! Contract between the server and a target (what the server guarantees):

@@ -5,9 +5,15 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
+use super::transmit::{plan_read, status_descriptors, Segment};
 use super::*;
+use crate::nbd::codec::*;
 use crate::nbd::mem::{MemExport, MemRegistry, BLOCK};
 use crate::nbd::Errno;
+use crate::nbd::{
+    ExportRegistry, ExportTarget, Extent, ExtentKind, IoBuf, IoQueue, OpenError, QueueDone,
+    QueueStart, ZeroMode,
+};
 
 const SIZE: u64 = 64 * BLOCK;
 const FAST_SIZE: u64 = 8 << 20;
@@ -1187,4 +1193,108 @@ async fn queued_reads_are_answered_out_of_order_with_their_data() {
     assert_eq!(seen.len(), 32);
     c.send(Command::Disc, 0, 0, 0, 0).await;
     c.expect_eof().await;
+}
+
+/// A target whose flushes wait at a gate, counting how many run at once.
+struct Throttled {
+    inner: MemExport,
+    gate: tokio::sync::Semaphore,
+    running: std::sync::atomic::AtomicUsize,
+    most: std::sync::atomic::AtomicUsize,
+}
+
+impl ExportTarget for Throttled {
+    fn size(&self) -> Result<u64, Errno> {
+        self.inner.size()
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), Errno> {
+        self.inner.read(offset, buf)
+    }
+    fn flush(&self) -> Result<(), Errno> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let now = self.running.fetch_add(1, SeqCst) + 1;
+        self.most.fetch_max(now, SeqCst);
+        // Blocking pool thread: waiting here is what the target is allowed to do.
+        while self.gate.try_acquire().is_err() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.running.fetch_sub(1, SeqCst);
+        self.inner.flush()
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), Errno> {
+        self.inner.write(offset, data)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, mode: ZeroMode) -> Result<(), Errno> {
+        self.inner.write_zeroes(offset, len, mode)
+    }
+    fn punch_is_fast(&self) -> bool {
+        true
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<(), Errno> {
+        self.inner.discard(offset, len)
+    }
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, Errno> {
+        self.inner.block_status(offset, len)
+    }
+}
+
+struct ThrottledRegistry(Arc<Throttled>);
+
+impl ExportRegistry for ThrottledRegistry {
+    fn open(&self, _name: &str) -> Result<Arc<dyn ExportTarget>, OpenError> {
+        Ok(self.0.clone())
+    }
+    fn list(&self) -> Vec<super::super::ExportListing> {
+        Vec::new()
+    }
+}
+
+/// Requests beyond `max_requests_in_flight` are not read until earlier ones are
+/// answered: with flushes held in the target (each one its own blocking call), no more
+/// than the limit ever run at once, and every request is answered once they may go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_in_flight_are_bounded() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let target = Arc::new(Throttled {
+        inner: MemExport::new(SIZE),
+        gate: tokio::sync::Semaphore::new(0),
+        running: Default::default(),
+        most: Default::default(),
+    });
+    let config = ServerConfig {
+        max_requests_in_flight: 3,
+        ..ServerConfig::default()
+    };
+    let server = Server::with_config(Arc::new(ThrottledRegistry(target.clone())), config);
+    let (mut c, _) = Client::connect_go(&server, "vol", false).await;
+    let mut wire = Vec::new();
+    for i in 0..40u64 {
+        wire.extend_from_slice(
+            &Request {
+                flags: 0,
+                command: Command::Flush,
+                cookie: i,
+                offset: 0,
+                length: 0,
+            }
+            .encode(),
+        );
+    }
+    c.s.write_all(&wire).await.unwrap();
+    while target.running.load(SeqCst) < 3 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    target.gate.add_permits(1000);
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..40 {
+        let (r, _) = c.simple(0).await;
+        assert_eq!(r.error, 0);
+        seen.insert(r.cookie);
+    }
+    assert_eq!(seen.len(), 40);
+    let most = target.most.load(SeqCst);
+    assert!(most <= 3, "{most} flushes ran at once");
 }
