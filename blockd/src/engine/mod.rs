@@ -53,6 +53,7 @@ mod fsck;
 mod gc;
 mod group;
 mod io;
+pub mod meta_space;
 pub mod records;
 mod state;
 pub mod superblock;
@@ -399,6 +400,7 @@ impl Engine {
             next_id,
             failed: None,
             open_problems: Vec::new(),
+            meta_full: None,
         };
 
         for (k, v) in meta.scan(Cf::Lineages, &[], &[], usize::MAX)? {
@@ -643,7 +645,10 @@ impl Engine {
         let health = match (&st.failed, st.open_problems.first()) {
             (Some(f), _) => format!("failed: {f}"),
             (None, Some(p)) => format!("degraded: {p}"),
-            (None, None) => "ok".to_string(),
+            (None, None) => st
+                .meta_full
+                .as_ref()
+                .map_or_else(|| "ok".to_string(), |full| full.health()),
         };
         PoolInfo {
             name: p.name.clone(),
@@ -759,7 +764,15 @@ impl Engine {
             })
     }
 
+    /// Refuses changes: after a fatal error, with metadata problems, and while the
+    /// metadata file system is full (`meta_space`).
     fn check_writable(st: &State) -> Result<()> {
+        Self::check_alive(st)?;
+        Self::check_meta_space(st)
+    }
+
+    /// Refuses data-path writes after a fatal error or with metadata problems.
+    fn check_alive(st: &State) -> Result<()> {
         if let Some(f) = &st.failed {
             return Err(EngineError::Failed(f.clone()));
         }
