@@ -25,6 +25,8 @@
 //! - Snapshot and clone-from-volume quiesce the lineage (exclusive `gate`) and commit.
 //! - Any metadata or device error during a commit fails the engine (`State::failed`):
 //!   memory and disk may disagree, so only a restart (which rebuilds from disk) is safe.
+//!   A full metadata file system is the exception: the engine keeps the batch, refuses
+//!   new allocations and resumes by itself ([`meta_space`]).
 //!
 //! # Where this differs from the first design, and why
 //! - Epoch 0 is reserved for chunks copied by flatten: they sit *under* every entry of the
