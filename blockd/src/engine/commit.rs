@@ -153,7 +153,13 @@ impl Engine {
                 Ok(Msg::Kick) | Err(mpsc::RecvTimeoutError::Timeout) => {}
             }
             if let Err(e) = self.commit() {
-                tracing::error!(error = %e, "background commit failed");
+                match e {
+                    // Logged once when it started (`meta_space`); every retry would spam.
+                    EngineError::MetaFull { .. } => {
+                        tracing::debug!(error = %e, "metadata still full; commit retried later")
+                    }
+                    _ => tracing::error!(error = %e, "background commit failed"),
+                }
                 continue;
             }
             match self.gc() {
