@@ -468,6 +468,20 @@ mod tests {
     }
 
     #[test]
+    fn a_full_file_system_is_told_apart_from_other_errors() {
+        // RocksDB's texts for a failed WAL append, and for a write refused afterwards
+        // while its background error stands.
+        assert!(is_no_space(
+            "IO error: No space left on device: While appending to file: /m/000004.log: No space left on device"
+        ));
+        assert!(is_no_space("IO error: No space left on device"));
+        assert!(!is_no_space("Corruption: block checksum mismatch"));
+        assert!(!is_no_space(
+            "IO error: Input/output error: While fsync: /m/000004.log"
+        ));
+    }
+
+    #[test]
     fn stats_report_background_and_key_counters() {
         let dir = tempfile::tempdir().unwrap();
         let store = RocksStore::open(dir.path()).unwrap();
