@@ -61,7 +61,9 @@ impl Engine {
                 }
             }
             if !batch.is_empty() {
-                inner.meta.write(batch, true)?;
+                // A copy: a batch that fails for want of space is kept and written again
+                // (`meta_space`). It is small next to the device flush before it.
+                inner.meta.write(batch.clone(), true)?;
                 inner.stats.commits.fetch_add(1, Ordering::Relaxed);
             }
             Ok(())
