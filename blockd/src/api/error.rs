@@ -16,9 +16,9 @@ impl From<EngineError> for Status {
             EngineError::InvalidName { .. }
             | EngineError::InvalidSize { .. }
             | EngineError::OutOfRange { .. } => Code::InvalidArgument,
-            EngineError::NoSpace { .. } | EngineError::OverProvisioned { .. } => {
-                Code::ResourceExhausted
-            }
+            EngineError::NoSpace { .. }
+            | EngineError::OverProvisioned { .. }
+            | EngineError::MetaFull { .. } => Code::ResourceExhausted,
             EngineError::ReadOnly { .. }
             | EngineError::ShrinkRefused { .. }
             | EngineError::FailedPrecondition { .. }
@@ -137,6 +137,12 @@ mod tests {
                 Code::FailedPrecondition,
             ),
             (EngineError::Failed("eio".into()), Code::Unavailable),
+            (
+                EngineError::MetaFull {
+                    detail: "No space left on device".into(),
+                },
+                Code::ResourceExhausted,
+            ),
             (EngineError::Corrupt("bad key".into()), Code::Internal),
         ];
         for (err, code) in cases {

@@ -37,11 +37,13 @@ impl Engine {
         self.commit()
     }
 
-    /// One group commit (see the module docs). After a failure the engine is failed.
+    /// One group commit (see the module docs). After a failure the engine is failed,
+    /// except when the metadata file system is full: then the engine keeps the batch and
+    /// runs degraded until a later commit succeeds (`meta_space`).
     pub fn commit(&self) -> Result<()> {
         let inner = self.inner();
         let _one = inner.commit_lock.lock();
-        let (batch, frees) = {
+        let (batch, frees, was_full) = {
             let mut st = inner.state.lock();
             if let Some(f) = &st.failed {
                 return Err(EngineError::Failed(f.clone()));
@@ -49,6 +51,7 @@ impl Engine {
             (
                 std::mem::take(&mut st.pending),
                 std::mem::take(&mut st.pending_frees),
+                st.meta_full.is_some(),
             )
         };
         let result = (|| -> Result<()> {
@@ -58,17 +61,25 @@ impl Engine {
                 }
             }
             if !batch.is_empty() {
-                inner.meta.write(batch, true)?;
+                // A copy: a batch that fails for want of space is kept and written again
+                // (`meta_space`). It is small next to the device flush before it.
+                inner.meta.write(batch.clone(), true)?;
                 inner.stats.commits.fetch_add(1, Ordering::Relaxed);
             }
             Ok(())
         })();
         if let Err(e) = result {
             let mut st = inner.state.lock();
+            if let Some(full) = Self::retain_after_meta_full(&mut st, &e, batch, frees) {
+                return Err(full);
+            }
             let why = format!("commit failed: {e}");
             tracing::error!(error = %e, "commit failed; the engine refuses further changes until restarted");
             st.failed = Some(why);
             return Err(e);
+        }
+        if was_full {
+            self.meta_space_recovered();
         }
         if frees.is_empty() {
             return Ok(());
@@ -144,7 +155,13 @@ impl Engine {
                 Ok(Msg::Kick) | Err(mpsc::RecvTimeoutError::Timeout) => {}
             }
             if let Err(e) = self.commit() {
-                tracing::error!(error = %e, "background commit failed");
+                match e {
+                    // Logged once when it started (`meta_space`); every retry would spam.
+                    EngineError::MetaFull { .. } => {
+                        tracing::debug!(error = %e, "metadata still full; commit retried later")
+                    }
+                    _ => tracing::error!(error = %e, "background commit failed"),
+                }
                 continue;
             }
             match self.gc() {

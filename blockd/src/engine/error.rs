@@ -106,6 +106,16 @@ pub enum EngineError {
     #[error("The engine stopped after a fatal I/O error and must be restarted: {0}")]
     Failed(String),
 
+    /// The metadata store's file system is full; the engine runs degraded until a commit
+    /// succeeds again (see `engine::meta_space`).
+    #[error(
+        "The metadata file system is full ({detail}): writes to unallocated space, flushes, \
+         discards, snapshots and other changes fail until space is freed on the file system \
+         of blockd's --state-dir; reads and overwrites of allocated data keep working, and \
+         blockd resumes by itself once there is room"
+    )]
+    MetaFull { detail: String },
+
     #[error("No delta from {base} to {target}: {reason}")]
     Unrelated {
         base: String,
@@ -129,7 +139,9 @@ impl EngineError {
             EngineError::InvalidName { .. }
             | EngineError::InvalidSize { .. }
             | EngineError::OutOfRange { .. } => libc::EINVAL,
-            EngineError::NoSpace { .. } | EngineError::OverProvisioned { .. } => libc::ENOSPC,
+            EngineError::NoSpace { .. }
+            | EngineError::OverProvisioned { .. }
+            | EngineError::MetaFull { .. } => libc::ENOSPC,
             EngineError::ReadOnly { .. } => libc::EPERM,
             EngineError::ShrinkRefused { .. } | EngineError::FailedPrecondition { .. } => {
                 libc::EBUSY

@@ -343,7 +343,8 @@ impl Engine {
         let mut ops: Vec<DeviceIo> = Vec::new();
         {
             let st = self.inner.state.lock();
-            Self::check_writable(&st)?;
+            // In place: needs no metadata, so it works while the metadata is full too.
+            Self::check_alive(&st)?;
             Self::check_range(&st, h, offset, len)?;
             let lin = &st.lineages[&h.lineage];
             let e_head = lin.rec.e_head;
@@ -402,6 +403,7 @@ impl Engine {
     /// Writes `data` at `offset` of a volume head. The new mappings are in the overlay
     /// when this returns; they become durable at the next commit (`flush`).
     pub fn write(&self, h: &ImageHandle, offset: u64, data: &[u8]) -> Result<()> {
+        self.probe_meta_space();
         let gate = self.writer_gate(h)?;
         let _writer = gate.read();
         let pending = self.write_quiesced(h, offset, data)?;
@@ -439,7 +441,9 @@ impl Engine {
         let cs = pool.chunk_size;
         let mut st = self.inner.state.lock();
         loop {
-            Self::check_writable(&st)?;
+            // Pieces the head owns are written in place even while the metadata is full;
+            // a fresh chunk checks for metadata space below.
+            Self::check_alive(&st)?;
             Self::check_range(&st, h, offset, len)?;
             let lin = &st.lineages[&h.lineage];
             let busy = pieces(offset, len, cs).any(|p| lin.cow_inflight.contains(&p.chunk));
@@ -460,23 +464,35 @@ impl Engine {
                 Some(phys) if phys != ZERO => plans.push(WritePlan::InPlace { piece: p, phys }),
                 _ => {
                     let source = st.resolve(h.lineage, e_head, p.chunk, cs);
-                    let Some(phys) = st.allocators[pool.idx].allocate() else {
-                        // Undo this request's reservations.
-                        for plan in &plans {
-                            if let WritePlan::Fresh { piece, phys, .. } = plan {
-                                st.allocators[pool.idx].release(*phys);
-                                st.reserved.remove(&(pool.idx, *phys));
-                                st.lineages
-                                    .get_mut(&h.lineage)
-                                    .expect("exists")
-                                    .cow_inflight
-                                    .remove(&piece.chunk);
+                    // A fresh chunk needs a metadata commit to be kept: none is handed
+                    // out while the metadata is full.
+                    let phys =
+                        match Self::check_meta_space(&st) {
+                            Ok(()) => st.allocators[pool.idx].allocate().ok_or_else(|| {
+                                EngineError::NoSpace {
+                                    pool: pool.name.clone(),
+                                    image: h.name.to_string(),
+                                }
+                            }),
+                            Err(e) => Err(e),
+                        };
+                    let phys = match phys {
+                        Ok(phys) => phys,
+                        Err(e) => {
+                            // Undo this request's reservations.
+                            for plan in &plans {
+                                if let WritePlan::Fresh { piece, phys, .. } = plan {
+                                    st.allocators[pool.idx].release(*phys);
+                                    st.reserved.remove(&(pool.idx, *phys));
+                                    st.lineages
+                                        .get_mut(&h.lineage)
+                                        .expect("exists")
+                                        .cow_inflight
+                                        .remove(&piece.chunk);
+                                }
                             }
+                            return Err(e);
                         }
-                        return Err(EngineError::NoSpace {
-                            pool: pool.name.clone(),
-                            image: h.name.to_string(),
-                        });
                     };
                     st.reserved.insert((pool.idx, phys));
                     st.lineages

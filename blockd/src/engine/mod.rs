@@ -25,6 +25,8 @@
 //! - Snapshot and clone-from-volume quiesce the lineage (exclusive `gate`) and commit.
 //! - Any metadata or device error during a commit fails the engine (`State::failed`):
 //!   memory and disk may disagree, so only a restart (which rebuilds from disk) is safe.
+//!   A full metadata file system is the exception: the engine keeps the batch, refuses
+//!   new allocations and resumes by itself ([`meta_space`]).
 //!
 //! # Where this differs from the first design, and why
 //! - Epoch 0 is reserved for chunks copied by flatten: they sit *under* every entry of the
@@ -55,6 +57,7 @@ mod gc;
 mod group;
 mod images;
 mod io;
+pub mod meta_space;
 mod open;
 pub mod records;
 mod state;
@@ -318,7 +321,10 @@ impl Engine {
         let health = match (&st.failed, st.open_problems.first()) {
             (Some(f), _) => format!("failed: {f}"),
             (None, Some(p)) => format!("degraded: {p}"),
-            (None, None) => "ok".to_string(),
+            (None, None) => st
+                .meta_full
+                .as_ref()
+                .map_or_else(|| "ok".to_string(), |full| full.health()),
         };
         PoolInfo {
             name: p.name.clone(),
@@ -434,7 +440,15 @@ impl Engine {
             })
     }
 
+    /// Refuses changes: after a fatal error, with metadata problems, and while the
+    /// metadata file system is full (`meta_space`).
     fn check_writable(st: &State) -> Result<()> {
+        Self::check_alive(st)?;
+        Self::check_meta_space(st)
+    }
+
+    /// Refuses data-path writes after a fatal error or with metadata problems.
+    fn check_alive(st: &State) -> Result<()> {
         if let Some(f) = &st.failed {
             return Err(EngineError::Failed(f.clone()));
         }

@@ -265,6 +265,7 @@ fn load_images(meta: &dyn MetaStore, pools: &[Arc<PoolRt>], next_id: u64) -> Res
         next_id,
         failed: None,
         open_problems: Vec::new(),
+        meta_full: None,
     };
 
     for (k, v) in meta.scan(Cf::Lineages, &[], &[], usize::MAX)? {

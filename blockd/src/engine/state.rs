@@ -290,6 +290,8 @@ pub struct State {
     pub failed: Option<String>,
     /// Problems found at open (double ownership); writes are refused while non-empty.
     pub open_problems: Vec<String>,
+    /// Set while the metadata file system is full (see `engine::meta_space`).
+    pub meta_full: Option<super::meta_space::MetaFull>,
 }
 
 impl State {

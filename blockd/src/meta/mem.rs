@@ -25,6 +25,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::Bound;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use parking_lot::RwLock;
@@ -85,6 +86,8 @@ pub struct MemStore {
     state: RwLock<State>,
     /// When set, every write ticks it first and fails once it has tripped.
     faults: Option<Arc<FaultClock>>,
+    /// The file system is full: every write fails with [`MetaError::NoSpace`].
+    full: AtomicBool,
 }
 
 impl MemStore {
@@ -93,6 +96,7 @@ impl MemStore {
         Self {
             state: RwLock::new(State::default()),
             faults: None,
+            full: AtomicBool::new(false),
         }
     }
 
@@ -101,7 +105,14 @@ impl MemStore {
         Self {
             state: RwLock::new(State::default()),
             faults: Some(clock),
+            full: AtomicBool::new(false),
         }
+    }
+
+    /// Makes every later write fail with [`MetaError::NoSpace`] (`true`) or succeed again
+    /// (`false`), as a file system that filled up and then got space back.
+    pub fn set_full(&self, full: bool) {
+        self.full.store(full, Ordering::SeqCst);
     }
 
     /// How many batches were written with `sync = false` since the last synced write.
@@ -146,6 +157,7 @@ impl MemStore {
                 unsynced: Vec::new(),
             }),
             faults: None,
+            full: AtomicBool::new(false),
         }
     }
 }
@@ -182,6 +194,12 @@ impl MetaStore for MemStore {
             clock
                 .tick()
                 .map_err(|after| MetaError::Injected { after })?;
+        }
+        if self.full.load(Ordering::SeqCst) {
+            return Err(MetaError::NoSpace {
+                op: "write",
+                message: "No space left on device (simulated)".into(),
+            });
         }
         let mut state = self.state.write();
         apply(&mut state.visible, &batch);
@@ -393,6 +411,22 @@ mod tests {
         del.delete_cf(Cf::Images, b"x".to_vec());
         store.write(del, false).unwrap();
         super::super::conformance::conformance(&store.crash_copy_at(2));
+    }
+
+    #[test]
+    fn a_full_store_refuses_writes_until_space_returns() {
+        let store = MemStore::new();
+        store.write(put(b"a", b"1"), true).unwrap();
+        store.set_full(true);
+        let err = store.write(put(b"b", b"2"), true).unwrap_err();
+        assert!(matches!(err, MetaError::NoSpace { .. }), "{err}");
+        assert_eq!(get(&store, b"b"), None);
+        assert_eq!(get(&store.durable_copy(), b"b"), None);
+        // Reads keep working.
+        assert_eq!(get(&store, b"a").as_deref(), Some(&b"1"[..]));
+        store.set_full(false);
+        store.write(put(b"b", b"2"), true).unwrap();
+        assert_eq!(get(&store.durable_copy(), b"b").as_deref(), Some(&b"2"[..]));
     }
 
     #[test]

@@ -71,6 +71,10 @@ pub enum MetaError {
     Open { path: String, message: String },
     #[error("Injected metadata fault after {after} writes")]
     Injected { after: u64 },
+    /// The file system holding the store is full (ENOSPC): the write changed nothing
+    /// visible and may succeed once space is freed (RocksDB resumes by itself then).
+    #[error("Metadata store is out of space during {op}: {message}")]
+    NoSpace { op: &'static str, message: String },
     #[error("Corrupt metadata key or value in {cf:?}: {what}")]
     Corrupt { cf: Cf, what: String },
 }

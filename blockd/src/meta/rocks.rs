@@ -193,16 +193,36 @@ fn cf_options(cf: Cf, cache: &Cache) -> Options {
     opts
 }
 
-/// Maps a RocksDB error of operation `op` to [`MetaError::Store`].
+/// Maps a RocksDB error of operation `op` to [`MetaError::NoSpace`] when its file system
+/// is full, else to [`MetaError::Store`].
+///
+/// RocksDB reports a full file system as an `IOError` with sub-code `NoSpace`, whose text
+/// is "No space left on device"; the C API passes only the text. After such an error on
+/// a write RocksDB stops writes (a "hard" background error) and its `SstFileManager`
+/// polls the free space and resumes the database by itself once there is room, so a
+/// later write succeeds without reopening the store.
 fn store_err(op: &'static str) -> impl Fn(rocksdb::Error) -> MetaError {
-    move |e| MetaError::Store {
-        op,
-        message: if e.kind() == ErrorKind::Corruption {
-            format!("RocksDB reports corruption: {e}")
-        } else {
-            e.into_string()
-        },
+    move |e| {
+        if is_no_space(&e.to_string()) {
+            return MetaError::NoSpace {
+                op,
+                message: e.into_string(),
+            };
+        }
+        MetaError::Store {
+            op,
+            message: if e.kind() == ErrorKind::Corruption {
+                format!("RocksDB reports corruption: {e}")
+            } else {
+                e.into_string()
+            },
+        }
     }
+}
+
+/// Whether a RocksDB error text says the file system is full.
+fn is_no_space(message: &str) -> bool {
+    message.contains("No space left on device") || message.contains("NoSpace")
 }
 
 impl fmt::Debug for RocksStore {
@@ -445,6 +465,20 @@ mod tests {
             store.scan(Cf::Map, b"", b"", usize::MAX).unwrap().len(),
             model.len()
         );
+    }
+
+    #[test]
+    fn a_full_file_system_is_told_apart_from_other_errors() {
+        // RocksDB's texts for a failed WAL append, and for a write refused afterwards
+        // while its background error stands.
+        assert!(is_no_space(
+            "IO error: No space left on device: While appending to file: /m/000004.log: No space left on device"
+        ));
+        assert!(is_no_space("IO error: No space left on device"));
+        assert!(!is_no_space("Corruption: block checksum mismatch"));
+        assert!(!is_no_space(
+            "IO error: Input/output error: While fsync: /m/000004.log"
+        ));
     }
 
     #[test]

@@ -153,7 +153,7 @@ impl Collector for EngineCollector {
         gauge_family(
             e,
             "blockd_pool_healthy",
-            "1 when the pool is healthy, 0 after a fatal I/O error",
+            "1 when the pool is healthy, 0 after a fatal I/O error or while degraded (metadata file system full)",
             &pools,
             "pool",
             name,
