@@ -679,6 +679,14 @@ setup_loop
 setup_knbd
 setup_ublk
 total_runs=$((total_runs + (${#systems[@]} - 5) * ${#data_workloads[@]}))
+# Report order, so that each device runs right next to what it is compared with.
+ordered=()
+for s in raw loop blockd blockd-ublk blockd-kernel-nbd qemu-nbd qemu-nbd-qcow2 nbdkit; do
+  for t in "${systems[@]}"; do
+    [ "$s" = "$t" ] && ordered+=("$s")
+  done
+done
+systems=("${ordered[@]}")
 
 # --- the data workloads, each on every system -------------------------------------------
 for w in "${data_workloads[@]}"; do

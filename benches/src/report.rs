@@ -334,7 +334,12 @@ pub fn stalls(text: &str, fio_dir: &Path) -> Result<Vec<Stall>> {
             .with_context(|| format!("reading {}", path.display()))
             .and_then(|t| parse_stall_fio(&t));
         let (max_pause_ms, io_errors, ios, problem) = match parsed {
-            Ok(fig) => (Some(fig.max_lat_us / 1000.0), Some(fig.errors), fig.ios, None),
+            Ok(fig) => (
+                Some(fig.max_lat_us / 1000.0),
+                Some(fig.errors),
+                fig.ios,
+                None,
+            ),
             Err(e) => (None, None, 0, Some(format!("{e:#}"))),
         };
         out.push(Stall {
@@ -496,10 +501,28 @@ pub fn targets(
         }
     };
     let mut out = vec![
-        ratio_target("4k randread QD32", "randread-4k-qd32", "blockd", "raw", 0.85),
-        ratio_target("4k randread QD32", "randread-4k-qd32", "blockd", "qemu-nbd", 1.3),
+        ratio_target(
+            "4k randread QD32",
+            "randread-4k-qd32",
+            "blockd",
+            "raw",
+            0.85,
+        ),
+        ratio_target(
+            "4k randread QD32",
+            "randread-4k-qd32",
+            "blockd",
+            "qemu-nbd",
+            1.3,
+        ),
         ratio_target("1M sequential read", "seqread-1m-qd8", "blockd", "raw", 0.9),
-        ratio_target("1M sequential write", "seqwrite-1m-qd8", "blockd", "raw", 0.9),
+        ratio_target(
+            "1M sequential write",
+            "seqwrite-1m-qd8",
+            "blockd",
+            "raw",
+            0.9,
+        ),
         ratio_target(
             "first-touch write",
             "randwrite-4k-qd32-first-touch",
@@ -514,7 +537,13 @@ pub fn targets(
             "qemu-nbd-qcow2",
             1.0,
         ),
-        ratio_target("4k randread QD32", "randread-4k-qd32", "blockd-ublk", "loop", 0.9),
+        ratio_target(
+            "4k randread QD32",
+            "randread-4k-qd32",
+            "blockd-ublk",
+            "loop",
+            0.9,
+        ),
         ratio_target(
             "4k randread QD32",
             "randread-4k-qd32",
@@ -1268,7 +1297,10 @@ mod tests {
         assert_eq!(st[0].restart_ms, 812.0);
         assert!(st[0].met(), "{:?}", st[0]);
         let t = targets(&[], None, &[], &st);
-        assert_eq!(target(&t, "restart stall (blockd-kernel-nbd)").met, Some(true));
+        assert_eq!(
+            target(&t, "restart stall (blockd-kernel-nbd)").met,
+            Some(true)
+        );
         assert_eq!(target(&t, "restart stall (blockd-ublk)").met, None);
 
         let (_dir, slow) = stall_dir(&STALL_FIO.replace("1500000000", "2500000000"), "exit 0");
@@ -1286,7 +1318,10 @@ mod tests {
             ..Default::default()
         });
         assert!(md.contains("## Restart stall"), "{md}");
-        assert!(md.contains("| blockd-kernel-nbd | – | – | 0 | 0.81 s | hung"), "{md}");
+        assert!(
+            md.contains("| blockd-kernel-nbd | – | – | 0 | 0.81 s | hung"),
+            "{md}"
+        );
 
         assert!(stalls("blockd-ublk\tx.json\tsoon\texit 0\tfio", Path::new("/")).is_err());
         assert!(stalls("blockd-ublk\tx.json", Path::new("/")).is_err());
@@ -1310,7 +1345,11 @@ mod tests {
                 }
             }
         }
-        assert_eq!(check_complete(&rs, &s).len(), 5, "blockd-kernel-nbd lacks 5 workloads");
+        assert_eq!(
+            check_complete(&rs, &s).len(),
+            5,
+            "blockd-kernel-nbd lacks 5 workloads"
+        );
         let all: Vec<Skipped> = KERNEL_SYSTEMS
             .iter()
             .map(|k| Skipped {
@@ -1323,7 +1362,10 @@ mod tests {
         rs.push(rec("loop", "randread-4k-qd1", 5.0));
         assert_eq!(check_complete(&rs, &all).len(), 1);
         // A measured blockd device needs its restart-stall run.
-        assert_eq!(check_stalls(&[rec("blockd-ublk", "randread-4k-qd1", 5.0)], &[]).len(), 1);
+        assert_eq!(
+            check_stalls(&[rec("blockd-ublk", "randread-4k-qd1", 5.0)], &[]).len(),
+            1
+        );
 
         let machine = vec![("emulated".to_string(), "yes (QEMU TCG CPU)".to_string())];
         let md = render_markdown(&ReportInput {
@@ -1334,8 +1376,14 @@ mod tests {
         });
         assert!(md.contains("- `blockd-ublk`: skipped: no driver"), "{md}");
         assert!(md.contains("- `raw`: measured"), "{md}");
-        assert!(md.contains("| blockd-kernel-nbd | skipped: no driver |"), "{md}");
-        assert!(md.contains("Emulated CPU — these figures are meaningless"), "{md}");
+        assert!(
+            md.contains("| blockd-kernel-nbd | skipped: no driver |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("Emulated CPU — these figures are meaningless"),
+            "{md}"
+        );
         assert!(!render_markdown(&ReportInput::default()).contains("Emulated CPU"));
     }
 
@@ -1414,6 +1462,9 @@ mod tests {
         });
         assert!(md.contains("Changed-block tracking"), "{md}");
         assert!(md.contains("| 1.0 TiB | 4 chunks"), "{md}");
-        assert_eq!(targets(&[], Some(&e), &[], &[]).last().unwrap().met, Some(true));
+        assert_eq!(
+            targets(&[], Some(&e), &[], &[]).last().unwrap().met,
+            Some(true)
+        );
     }
 }

@@ -136,7 +136,10 @@ fn reported_state(report: &str, system: &str) -> Option<String> {
     if state == "measured" {
         None
     } else if let Some(reason) = state.strip_prefix("skipped: ") {
-        assert!(!reason.trim().is_empty(), "{system} skipped without a reason");
+        assert!(
+            !reason.trim().is_empty(),
+            "{system} skipped without a reason"
+        );
         Some(reason.to_string())
     } else {
         panic!("{system}: neither measured nor skipped: {line}")
@@ -235,7 +238,9 @@ fn quick_run_reports_every_system_and_workload() {
     match std::env::var_os("BLOCKD_BIN") {
         // Binaries built elsewhere (the guest runs what the host built): no cargo.
         Some(blockd) => {
-            let dir = Path::new(&blockd).parent().expect("BLOCKD_BIN has a directory");
+            let dir = Path::new(&blockd)
+                .parent()
+                .expect("BLOCKD_BIN has a directory");
             command.arg("--bin-dir").arg(dir);
         }
         None => {
@@ -314,7 +319,9 @@ fn quick_run_reports_every_system_and_workload() {
         }
         eprintln!(
             "{system}: {}",
-            state.as_deref().map_or("measured".into(), |r| format!("skipped: {r}"))
+            state
+                .as_deref()
+                .map_or("measured".into(), |r| format!("skipped: {r}"))
         );
         if state.is_some() {
             skipped.push(system);
@@ -371,12 +378,18 @@ fn quick_run_reports_every_system_and_workload() {
         assert_eq!(runs.len(), 1, "{system}: one restart-stall run: {stalls:?}");
         let run = runs[0];
         assert_eq!(run["fio_status"], "exit 0", "{system}: {run}");
-        assert_eq!(run["io_errors"], 0, "{system}: I/O errors across the restart: {run}");
+        assert_eq!(
+            run["io_errors"], 0,
+            "{system}: I/O errors across the restart: {run}"
+        );
         assert!(run["ios"].as_u64().unwrap_or(0) > 0, "{system}: {run}");
         assert!(run["max_pause_ms"].as_f64().is_some(), "{system}: {run}");
         eprintln!("{system} restart stall: {run}");
     }
-    assert!(report.contains("## Restart stall"), "report.md has the restart stall");
+    assert!(
+        report.contains("## Restart stall"),
+        "report.md has the restart stall"
+    );
 
     assert!(!report.trim().is_empty(), "report.md is empty");
     for w in WORKLOADS {

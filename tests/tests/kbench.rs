@@ -140,7 +140,10 @@ fn job_file_and_table_on_plain_files() {
             "{stderr}"
         );
     };
-    bad_error(table(&[&plain]), "no result for the baseline volume hostpath");
+    bad_error(
+        table(&[&plain]),
+        "no result for the baseline volume hostpath",
+    );
     let junk = dir.path().join("junk.json");
     std::fs::write(&junk, "not json").unwrap();
     bad_error(table(&[&host, &junk]), "holds no fio JSON output");
@@ -149,8 +152,14 @@ fn job_file_and_table_on_plain_files() {
         serde_json::from_str(&std::fs::read_to_string(&plain).unwrap()).unwrap();
     doc["jobs"].as_array_mut().unwrap().pop();
     std::fs::write(&partial, doc.to_string()).unwrap();
-    bad_error(table(&[&host, &partial]), "no result for job seq-write-128k-qd16");
-    bad_error(table(&[&host, &dir.path().join("gone.json")]), "cannot read");
+    bad_error(
+        table(&[&host, &partial]),
+        "no result for job seq-write-128k-qd16",
+    );
+    bad_error(
+        table(&[&host, &dir.path().join("gone.json")]),
+        "cannot read",
+    );
 
     // The run script names a missing baseline before running anything.
     let out = run_kbench(&volumes, &results, "nothere");
