@@ -335,7 +335,7 @@ fn quick_run_reports_every_system_and_workload() {
     .expect("results.json parses");
     let results = results.as_array().expect("results.json is an array");
     for workload in WORKLOADS {
-        for system in systems_for(workload).iter().filter(measured) {
+        for system in systems_for(workload).iter().filter(|s| measured(s)) {
             let found: Vec<_> = results
                 .iter()
                 .filter(|r| r["system"] == *system && r["workload"] == workload)
@@ -357,7 +357,7 @@ fn quick_run_reports_every_system_and_workload() {
     }
     let expected: usize = WORKLOADS
         .iter()
-        .map(|w| systems_for(w).iter().filter(measured).count())
+        .map(|w| systems_for(w).iter().filter(|s| measured(s)).count())
         .sum();
     assert_eq!(results.len(), expected, "unexpected extra results");
 

@@ -129,7 +129,12 @@ fn job_file_and_table_on_plain_files() {
     };
     let plain = results.join("plain.json");
     let host = results.join("hostpath.json");
-    let swapped = table(&[Path::new("--baseline"), Path::new("plain"), &host, &plain]);
+    let swapped = table(&[
+        Path::new("--baseline"),
+        Path::new("plain"),
+        host.as_path(),
+        plain.as_path(),
+    ]);
     check_table(&swapped, "plain", &["hostpath"]);
     let bad_error = |out: Output, needle: &str| {
         assert_eq!(out.status.code(), Some(2), "{out:?}");
@@ -141,23 +146,26 @@ fn job_file_and_table_on_plain_files() {
         );
     };
     bad_error(
-        table(&[&plain]),
+        table(&[plain.as_path()]),
         "no result for the baseline volume hostpath",
     );
     let junk = dir.path().join("junk.json");
     std::fs::write(&junk, "not json").unwrap();
-    bad_error(table(&[&host, &junk]), "holds no fio JSON output");
+    bad_error(
+        table(&[host.as_path(), junk.as_path()]),
+        "holds no fio JSON output",
+    );
     let partial = dir.path().join("partial.json");
     let mut doc: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&plain).unwrap()).unwrap();
     doc["jobs"].as_array_mut().unwrap().pop();
     std::fs::write(&partial, doc.to_string()).unwrap();
     bad_error(
-        table(&[&host, &partial]),
+        table(&[host.as_path(), partial.as_path()]),
         "no result for job seq-write-128k-qd16",
     );
     bad_error(
-        table(&[&host, &dir.path().join("gone.json")]),
+        table(&[host.as_path(), dir.path().join("gone.json").as_path()]),
         "cannot read",
     );
 
