@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # benches/run.sh [--quick] [--out DIR] [--engine-figures | --no-engine-figures]
-#                 [--profile release|dev]
+#                 [--profile release|dev] [--bin-dir DIR]
 #
 # Side-by-side fio benchmark of blockd against the physical limit and its userspace peers,
 # all measured in one run, on files in one scratch directory on one filesystem:
@@ -11,23 +11,41 @@
 #   qemu-nbd-qcow2  the same on a qcow2 image (the userspace thin + snapshot peer)
 #   nbdkit          nbdkit's file plugin (cache=none)
 #
+# and, where the kernel has the driver (else each is listed in the report as "skipped:"
+# with the reason), the kernel block devices, with fio io_uring + O_DIRECT on the device:
+#
+#   loop               a loop device (--direct-io=on) on raw's file (root, /dev/loop-control)
+#   blockd-kernel-nbd  a blockd volume on /dev/nbdN: nbd-client through csi-nbd-proxy, as
+#                      csi-shim attaches it in production (root, /dev/nbd*, nbd-client)
+#   blockd-ublk        a blockd volume on /dev/ublkbN (`blockctl attach VOL --ublk`)
+#
+# and, for the two blockd devices, the restart stall: the longest I/O pause fio sees, and
+# its I/O errors, while blockd is killed (SIGKILL) and restarted under a random read/write
+# load.
+#
 # Every system gets the same fio binary and the same options; only the target differs
-# (--filename for raw, --uri for the NBD servers). Writes DIR/results.json, DIR/report.md,
-# DIR/chart.png, and DIR/fio/ (every fio JSON output and the exact command lines).
+# (--filename for raw and the devices, --uri for the NBD servers). Writes DIR/results.json,
+# DIR/restart-stall.json, DIR/report.md, DIR/chart.png, and DIR/fio/ (every fio JSON
+# output and the exact command lines).
 #
 # --quick: 512 MiB data files, 4 s per time-based run (BLOCKD_BENCH_SECONDS overrides the
-# seconds; the smoke test uses it). Full: 2 GiB, 18 s per run after 2 s of ramp. Every
-# workload runs on every system back to back, so load drifts little within a comparison.
+# seconds, BLOCKD_BENCH_DATA_MIB the data size; the smoke test uses both). Full: 2 GiB,
+# 18 s per run after 2 s of ramp. Every workload runs on every system back to back, so
+# load drifts little within a comparison.
 # Both modes end with the engine figures (metadata bytes per TiB, RSS with 1 TiB of thin
 # volumes, startup time with 1 M mapped chunks, snapshot creation time against volume
 # size; a few seconds); --no-engine-figures skips them.
 #
 # --profile dev runs debug binaries (no release build, so no second RocksDB compile): for
 # checking that the harness works (the test suite's smoke test), never for figures; the
-# report says so.
+# report says so. --bin-dir DIR runs the binaries already built in DIR (blockd, blockctl,
+# bench-report, engine-figures, csi-nbd-proxy) and builds nothing: the test guest, which
+# runs what the host built, uses it. On an emulated CPU (QEMU TCG, as in the test guest)
+# the report says its figures mean nothing.
 #
 # Environment: CARGO_TARGET_DIR (default $HOME/.cache/blockd-target),
-# BLOCKD_BENCH_SECONDS, BLOCKD_BENCH_SCRATCH (parent of the scratch directory; default DIR).
+# BLOCKD_BENCH_SECONDS, BLOCKD_BENCH_DATA_MIB, BLOCKD_BENCH_SCRATCH (parent of the scratch
+# directory; default DIR).
 set -euo pipefail
 
 script_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -44,6 +62,7 @@ quick=0
 out="$repo/bench-out"
 engine_figures=1
 profile=release
+bin_dir=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) quick=1 ;;
@@ -61,11 +80,17 @@ while [ $# -gt 0 ]; do
       shift
       ;;
     --profile=*) profile="${1#--profile=}" ;;
+    --bin-dir)
+      [ $# -ge 2 ] || die "--bin-dir needs a directory"
+      bin_dir="$2"
+      shift
+      ;;
+    --bin-dir=*) bin_dir="${1#--bin-dir=}" ;;
     -h | --help)
-      sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'
+      sed -n '2,/^set -euo pipefail/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
       exit 0
       ;;
-    *) die "unknown argument '$1' (usage: benches/run.sh [--quick] [--out DIR] [--engine-figures|--no-engine-figures] [--profile release|dev])" ;;
+    *) die "unknown argument '$1' (usage: benches/run.sh [--quick] [--out DIR] [--engine-figures|--no-engine-figures] [--profile release|dev] [--bin-dir DIR])" ;;
   esac
   shift
 done
@@ -95,6 +120,18 @@ seconds="${BLOCKD_BENCH_SECONDS:-$seconds}"
 case "$seconds" in
   '' | *[!0-9]* | 0) die "BLOCKD_BENCH_SECONDS must be a positive integer, got '$seconds'" ;;
 esac
+if [ -n "${BLOCKD_BENCH_DATA_MIB:-}" ]; then
+  case "$BLOCKD_BENCH_DATA_MIB" in
+    '' | *[!0-9]* | 0) die "BLOCKD_BENCH_DATA_MIB must be a positive number of MiB, got '$BLOCKD_BENCH_DATA_MIB'" ;;
+  esac
+  [ "$BLOCKD_BENCH_DATA_MIB" -ge 16 ] || die "BLOCKD_BENCH_DATA_MIB must be at least 16 (MiB), got $BLOCKD_BENCH_DATA_MIB"
+  data_size=$((BLOCKD_BENCH_DATA_MIB << 20))
+fi
+# The restart stall: fio runs stall_runtime seconds on a blockd device; blockd is killed
+# stall_kill_at seconds in and restarted at once (I/O still in flight when runtime ends
+# completes after the restart, so a slow restart still shows in full).
+stall_kill_at=$((seconds < 4 ? 2 : seconds / 2))
+stall_runtime=$((stall_kill_at * 2 + 2))
 # First-touch runs write into a fresh 64 GiB target (1 M chunks: few writes hit a chunk
 # twice); they and the post-snapshot runs are
 # bounded by an I/O count (every write should hit a chunk/cluster not written before), with
@@ -112,7 +149,7 @@ started=$(date +%s)
 # Space at the peak: three data files (raw, qcow2, blockd's pool) with a 64 KiB copy per
 # post-snapshot write in two of them; later blockd's pool and qcow2's first-touch image
 # (64 KiB per write); plus a margin.
-need_bytes=$((3 * data_size + 2 * cow_ios * chunk))
+need_bytes=$((5 * data_size + 2 * cow_ios * chunk)) # + the kernel devices' two volumes
 ft_need=$((data_size + cow_ios * chunk + ft_ios * chunk))
 [ "$need_bytes" -ge "$ft_need" ] || need_bytes=$ft_need
 need_bytes=$((need_bytes + (256 << 20)))
@@ -121,12 +158,33 @@ if [ "$avail_bytes" -lt "$need_bytes" ]; then
   die "$scratch_parent has $((avail_bytes >> 20)) MiB free; this run needs about $((need_bytes >> 20)) MiB (set BLOCKD_BENCH_SCRATCH to another directory, or use --quick)"
 fi
 
-# --- cleanup: every server we start, the scratch directory -----------------------------
+# --- cleanup: every device we attach, every server we start, the scratch directory ------
 pids=()
 scratch=""
+loop_dev=""  # the loop device on raw's file
+knbd_dev=""  # /dev/nbdN (nbd-client through csi-nbd-proxy)
+ublk_vol=""  # the volume attached with `blockctl attach --ublk`
+# detach_devices: the kernel devices go first, while the servers behind them still run
+# (a device whose server is gone holds its I/O until a timeout).
+detach_devices() {
+  if [ -n "$ublk_vol" ]; then
+    timeout 60 "$blockctl_bin" --api "$api" detach "$ublk_vol" >/dev/null 2>&1 ||
+      log "  warning: blockctl detach $ublk_vol failed"
+    ublk_vol=""
+  fi
+  if [ -n "$knbd_dev" ]; then
+    timeout 60 nbd-client -d "$knbd_dev" >/dev/null 2>&1 || log "  warning: nbd-client -d $knbd_dev failed"
+    knbd_dev=""
+  fi
+  if [ -n "$loop_dev" ]; then
+    losetup -d "$loop_dev" 2>/dev/null || log "  warning: losetup -d $loop_dev failed"
+    loop_dev=""
+  fi
+}
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM
+  detach_devices
   local pid
   for pid in "${pids[@]}"; do
     kill -TERM "$pid" 2>/dev/null || true
@@ -174,17 +232,26 @@ if [ "$(cat /proc/sys/kernel/io_uring_disabled 2>/dev/null || echo 0)" != 0 ]; t
 fi
 
 # --- build -----------------------------------------------------------------------------
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/blockd-target}"
-have cargo || die "cargo not found"
-log "building blockd, blockctl and the bench tools ($profile, CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
-(
-  cd "$repo" || exit 1
-  # The whole workspace's binaries, not `-p ...`: a narrower selection resolves the
-  # features of bindgen's dependencies differently and would compile RocksDB's C++ a
-  # second time instead of sharing the release build `tools/run.sh` (README) makes.
-  cargo build "${profile_flag[@]}" --quiet
-) || die "cargo build ($profile) failed"
-bin="$CARGO_TARGET_DIR/$profile_dir"
+if [ -n "$bin_dir" ]; then
+  [ -d "$bin_dir" ] || die "--bin-dir $bin_dir is not a directory"
+  bin="$(cd "$bin_dir" && pwd)"
+  for b in blockd blockctl bench-report engine-figures; do
+    [ -x "$bin/$b" ] || die "--bin-dir $bin has no executable $b (build with: cargo build --workspace --bins)"
+  done
+  log "using the binaries in $bin (no build)"
+else
+  export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/blockd-target}"
+  have cargo || die "cargo not found"
+  log "building blockd, blockctl and the bench tools ($profile, CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
+  (
+    cd "$repo" || exit 1
+    # The whole workspace's binaries, not `-p ...`: a narrower selection resolves the
+    # features of bindgen's dependencies differently and would compile RocksDB's C++ a
+    # second time instead of sharing the release build `tools/run.sh` (README) makes.
+    cargo build "${profile_flag[@]}" --quiet
+  ) || die "cargo build ($profile) failed"
+  bin="$CARGO_TARGET_DIR/$profile_dir"
+fi
 blockd_bin="$bin/blockd"
 blockctl_bin="$bin/blockctl"
 report_bin="$bin/bench-report"
@@ -194,24 +261,44 @@ scratch="$(mktemp -d "$scratch_parent/scratch.XXXXXX")" || die "cannot create a 
 mkdir -p "$scratch/logs"
 rm -rf "$out/fio"
 mkdir -p "$out/fio"
-rm -f "$out/results.json" "$out/report.md" "$out/chart.png" "$out/engine-figures.json"
+rm -f "$out/results.json" "$out/report.md" "$out/chart.png" "$out/engine-figures.json" \
+  "$out/restart-stall.json"
 runs="$out/fio/runs.tsv"
+skipped="$out/fio/skipped.tsv" # system<TAB>why it was not measured
+stalls="$out/fio/stalls.tsv"   # system<TAB>fio JSON<TAB>kill-to-ready ms<TAB>fio status<TAB>command
 : >"$runs"
+: >"$skipped"
+: >"$stalls"
 
 # --- machine info ----------------------------------------------------------------------
+# An emulated CPU (QEMU's TCG, as in the test guest of tests/vm/run.sh where no hardware
+# KVM exists) makes every figure an emulation artefact: the report says so.
+emulated=""
+cpu_model="$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)"
+case "$cpu_model" in
+  *TCG*) emulated="yes ($cpu_model)" ;;
+esac
 {
   printf 'nproc\t%s\n' "$(nproc)"
   printf 'kernel\t%s\n' "$(uname -r)"
-  printf 'cpu\t%s\n' "$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)"
+  printf 'cpu\t%s\n' "$cpu_model"
+  [ -z "$emulated" ] || printf 'emulated\t%s\n' "$emulated"
   printf 'memory\t%s\n' "$(awk '/^MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo)"
   printf 'filesystem\t%s\n' "$(df -T "$scratch" | awk 'NR == 2 {print $2 " on " $1 " (" $7 ")"}')"
   printf 'scratch\t%s\n' "$scratch"
   printf 'fio\t%s\n' "$(fio --version)"
   printf 'qemu-nbd\t%s\n' "$(qemu-nbd --version | head -1)"
   printf 'nbdkit\t%s\n' "$(nbdkit --version | head -1)"
+  if have nbd-client; then
+    printf 'nbd-client\t%s\n' "$(nbd-client -V 2>&1 | head -1)"
+  fi
   printf 'blockd\t%s\n' "$(git -C "$repo" describe --always --dirty 2>/dev/null || echo unknown)"
   printf 'mode\t%s\n' "$([ "$quick" = 1 ] && echo quick || echo full)"
-  printf 'build\t%s\n' "$([ "$profile" = release ] && echo release || echo 'dev (debug binaries: a harness check, not figures)')"
+  if [ -n "$bin_dir" ]; then
+    printf 'build\t%s\n' "prebuilt binaries from $bin"
+  else
+    printf 'build\t%s\n' "$([ "$profile" = release ] && echo release || echo 'dev (debug binaries: a harness check, not figures)')"
+  fi
   printf 'seconds\t%s\n' "$seconds"
   printf 'ramp_seconds\t%s\n' "$ramp"
   printf 'data_size\t%s\n' "$data_size"
@@ -248,8 +335,9 @@ workload_args() {
 # The data workloads in the order they run: reads first, then overwrites; each one runs
 # on every system in turn.
 data_workloads=(randread-4k-qd1 randread-4k-qd32 seqread-1m-qd8 randwrite-4k-qd32 seqwrite-1m-qd8)
+# The userspace systems; the kernel devices that could be set up join them (set-up below).
 systems=(raw blockd qemu-nbd qemu-nbd-qcow2 nbdkit)
-total_runs=32 # 5 systems x (5 data workloads + first-touch) + 2 after-snapshot
+total_runs=32 # 5 systems x (5 data workloads + first-touch) + 2 after-snapshot, + below
 run_no=0
 
 # run_fio SYSTEM WORKLOAD TARGET_ARGS...: one fio run; its JSON (from the first '{', as
@@ -361,16 +449,188 @@ fresh_sparse() { # fresh_sparse FILE SIZE
 ctl() { "$blockctl_bin" --api "$api" "$@"; }
 
 # target_of SYSTEM: sets tgt to SYSTEM's fio target options (raw: the data file; the
-# others: their NBD URI).
+# kernel devices: the device; the others: their NBD URI).
+declare -A dev_of=()
 target_of() {
   case "$1" in
     raw) tgt=(--ioengine=io_uring --direct=1 "--filename=$raw") ;;
+    loop | blockd-kernel-nbd | blockd-ublk) tgt=(--ioengine=io_uring --direct=1 "--filename=${dev_of[$1]}") ;;
     blockd) tgt=(--ioengine=nbd "--uri=$blockd_uri") ;;
     *) tgt=(--ioengine=nbd "--uri=$(nbd_uri "$1")") ;;
   esac
 }
 tgt=()
 blockd_uri=""
+
+# skip_system SYSTEM REASON: SYSTEM is not measured in this run; the report says why.
+skip_system() {
+  log "  $1: skipped: $2"
+  printf '%s\t%s\n' "$1" "$2" >>"$skipped"
+}
+
+# Kernel NBD connections, as csi-shim's default: one per CPU, 1 to 4.
+knbd_connections=$(nproc)
+[ "$knbd_connections" -le 4 ] || knbd_connections=4
+
+# setup_loop: a loop device with direct I/O on raw's (prefilled) file.
+setup_loop() {
+  [ "$(id -u)" -eq 0 ] || { skip_system loop "needs root (losetup)"; return 0; }
+  have losetup || { skip_system loop "losetup is not installed (util-linux's mount package)"; return 0; }
+  [ -e /dev/loop-control ] || { skip_system loop "no /dev/loop-control (the loop driver is not loaded)"; return 0; }
+  local dev
+  if ! dev=$(losetup -f --show --direct-io=on "$raw" 2>"$scratch/logs/losetup.log"); then
+    skip_system loop "losetup -f --show --direct-io=on failed: $(head -1 "$scratch/logs/losetup.log")"
+    return 0
+  fi
+  loop_dev="$dev"
+  local dio
+  dio=$(cat "/sys/block/${dev#/dev/}/loop/dio" 2>/dev/null || echo "?")
+  printf 'loop\t%s on %s, direct I/O %s\n' "$dev" "$raw" "$([ "$dio" = 1 ] && echo on || echo "OFF ($dio)")" >>"$out/machine.tsv"
+  dev_of[loop]="$dev"
+  systems+=(loop)
+}
+
+# free_nbd_device: the first /dev/nbdN with no connection (size 0, no pid).
+free_nbd_device() {
+  local d n
+  for d in /sys/block/nbd*; do
+    [ -e "$d" ] || continue
+    n="${d##*/}"
+    if [ "$(cat "$d/size" 2>/dev/null)" = 0 ] && [ ! -e "$d/pid" ]; then
+      echo "/dev/$n"
+      return 0
+    fi
+  done
+  return 1
+}
+
+# setup_knbd: volume data-knbd on /dev/nbdN the way csi-shim attaches it in production:
+# csi-nbd-proxy between the kernel and blockd (so a blockd restart costs a pause, not the
+# connection), nbd-client handing the kernel the connections over netlink.
+setup_knbd() {
+  local name=blockd-kernel-nbd
+  compgen -G '/dev/nbd[0-9]*' >/dev/null || { skip_system $name "no /dev/nbd* (the kernel nbd module is not loaded: modprobe nbd)"; return 0; }
+  [ "$(id -u)" -eq 0 ] || { skip_system $name "needs root (nbd-client)"; return 0; }
+  have nbd-client || { skip_system $name "nbd-client is not installed (apt-get install nbd-client)"; return 0; }
+  [ -x "$bin/csi-nbd-proxy" ] || { skip_system $name "$bin/csi-nbd-proxy is missing (cargo build --workspace --bins)"; return 0; }
+  local dev uri
+  dev=$(free_nbd_device) || { skip_system $name "every /dev/nbd* is in use"; return 0; }
+  ctl volume create data-knbd --size "$data_size" >/dev/null || die "blockctl volume create data-knbd failed"
+  uri="$(ctl export data-knbd)" || die "blockctl export data-knbd failed"
+  local proxy_sock="$scratch/knbd-proxy.sock"
+  start_server knbd-proxy "$proxy_sock" "$bin/csi-nbd-proxy" --listen "$proxy_sock" \
+    --upstream-socket "${uri##*socket=}" --export data-knbd
+  # The I/O timeout is above the proxy's reconnect window (120 s), as csi-shim sets it.
+  if ! nbd-client -u "$proxy_sock" "$dev" -N data-knbd -C "$knbd_connections" -b 4096 -t 180 \
+    >>"$scratch/logs/nbd-client.log" 2>&1; then
+    skip_system $name "nbd-client -u $proxy_sock $dev failed: $(tail -1 "$scratch/logs/nbd-client.log")"
+    return 0
+  fi
+  knbd_dev="$dev"
+  local i
+  for i in $(seq 100); do
+    [ "$(cat "/sys/block/${dev#/dev/}/size" 2>/dev/null || echo 0)" != 0 ] && break
+    sleep 0.1
+  done
+  [ "$(cat "/sys/block/${dev#/dev/}/size" 2>/dev/null || echo 0)" != 0 ] || die "$dev has no size after nbd-client connected"
+  printf 'kernel-nbd\t%s, %s connection(s) through csi-nbd-proxy\n' "$dev" "$knbd_connections" >>"$out/machine.tsv"
+  dev_of[$name]="$dev"
+  systems+=($name)
+  target_of $name
+  run_fio $name prefill "${tgt[@]}"
+}
+
+# setup_ublk: volume data-ublk on /dev/ublkbN through `blockctl attach --ublk`, which
+# prints exactly one line, the device.
+setup_ublk() {
+  local name=blockd-ublk
+  [ -e /dev/ublk-control ] || { skip_system $name "no /dev/ublk-control (the ublk_drv module is not loaded: modprobe ublk_drv)"; return 0; }
+  ctl volume create data-ublk --size "$data_size" >/dev/null || die "blockctl volume create data-ublk failed"
+  local printed
+  if ! printed=$(ctl attach data-ublk --ublk 2>"$scratch/logs/ublk-attach.log"); then
+    skip_system $name "blockctl attach data-ublk --ublk failed: $(grep -v '^[[:space:]]*$' "$scratch/logs/ublk-attach.log" | head -1)"
+    return 0
+  fi
+  ublk_vol=data-ublk
+  if [ "$(printf '%s\n' "$printed" | wc -l)" != 1 ] || [ ! -b "$printed" ]; then
+    skip_system $name "blockctl attach --ublk printed '$(printf '%s' "$printed" | tr '\n' ' ')', not one line naming a block device"
+    return 0
+  fi
+  printf 'ublk\t%s\n' "$printed" >>"$out/machine.tsv"
+  dev_of[$name]="$printed"
+  systems+=($name)
+  target_of $name
+  run_fio $name prefill "${tgt[@]}"
+}
+
+# restart_blockd: SIGKILL (a crash), then the same command line on the same state.
+restart_blockd() {
+  local pid="${server_pids[blockd]}" p
+  kill -KILL "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  local kept=()
+  for p in "${pids[@]}"; do
+    [ "$p" = "$pid" ] || kept+=("$p")
+  done
+  pids=("${kept[@]+"${kept[@]}"}")
+  start_server blockd "$api" "${blockd_cmd[@]}"
+  local i
+  for i in $(seq 600); do
+    ctl status >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  die "blockd does not answer on $api within 60 s of its restart (log: $scratch/logs/blockd.log)"
+}
+
+# run_stall SYSTEM: fio (random 4 KiB reads and writes, 16 in flight) on SYSTEM's device;
+# stall_kill_at seconds in, blockd is killed and restarted. The JSON holds the longest
+# completion latency (the longest pause any I/O saw) and, with --continue_on_error=all,
+# every I/O error counted (total_err) instead of fio stopping at the first.
+run_stall() {
+  local system="$1"
+  local base="$out/fio/${system}__restart-stall"
+  local -a cmd=(fio --name=restart-stall "${common[@]}" --rw=randrw --rwmixread=70 --bs=4k
+    --iodepth=16 --time_based "--runtime=$stall_runtime" "--size=$data_size"
+    --continue_on_error=all --ioengine=io_uring --direct=1 "--filename=${dev_of[$system]}")
+  log "restart stall: $system (blockd killed ${stall_kill_at} s into a ${stall_runtime} s run)"
+  "${cmd[@]}" >"$base.out" 2>"$base.err" &
+  local fio_pid=$!
+  pids+=("$fio_pid")
+  sleep "$stall_kill_at"
+  local t0 t1
+  t0=$(date +%s%N)
+  restart_blockd
+  t1=$(date +%s%N)
+  local ready_ms=$(((t1 - t0) / 1000000))
+  log "  blockd killed and answering again in ${ready_ms} ms"
+  # A device that does not recover holds its I/O; fio then never ends: give up after
+  # 120 s more than the run should take.
+  local waited=0 status
+  while kill -0 "$fio_pid" 2>/dev/null && [ "$waited" -lt $((stall_runtime + 120)) ]; do
+    sleep 1
+    waited=$((waited + 1))
+  done
+  if kill -0 "$fio_pid" 2>/dev/null; then
+    kill -KILL "$fio_pid" 2>/dev/null || true
+    wait "$fio_pid" 2>/dev/null || true
+    status="hung: fio did not finish within $((stall_runtime + 120)) s (I/O never completed after the restart)"
+  else
+    set +e
+    wait "$fio_pid"
+    status="exit $?"
+    set -e
+  fi
+  local p kept=()
+  for p in "${pids[@]}"; do
+    [ "$p" = "$fio_pid" ] || kept+=("$p")
+  done
+  pids=("${kept[@]+"${kept[@]}"}")
+  sed -n '/^{/,$p' "$base.out" >"$base.json"
+  rm -f "$base.out"
+  [ -s "$base.err" ] || rm -f "$base.err"
+  printf '%s\t%s\t%s\t%s\t%s\n' "$system" "${system}__restart-stall.json" "$ready_ms" "$status" "${cmd[*]}" >>"$stalls"
+  "$report_bin" stall "$base.json" | sed 's/^/run.sh:     /' >&2 || true
+}
 
 # --- set-up: every system up at once, each on prefilled data ----------------------------
 # raw, qemu-nbd and nbdkit share one preallocated file; qcow2 and blockd prefill their own
@@ -400,8 +660,9 @@ run_fio qemu-nbd-qcow2 prefill "${tgt[@]}"
 
 mkdir -p "$state"
 pool_size=$(((data_size + ft_size) * 2))
-start_server blockd "$api" "$blockd_bin" --state-dir "$state" \
-  --pool "bench=$scratch/blockd-pool.img,size=$pool_size,chunk=$chunk"
+blockd_cmd=("$blockd_bin" --state-dir "$state"
+  --pool "bench=$scratch/blockd-pool.img,size=$pool_size,chunk=$chunk")
+start_server blockd "$api" "${blockd_cmd[@]}"
 for _ in $(seq 100); do
   ctl status >/dev/null 2>&1 && break
   sleep 0.1
@@ -412,6 +673,21 @@ blockd_uri="$(ctl export data)" || die "blockctl export failed"
 target_of blockd
 run_fio blockd prefill "${tgt[@]}"
 
+# --- the kernel devices, where this kernel has them --------------------------------------
+log "set-up: kernel devices (loop, kernel NBD, ublk) where this kernel has them"
+setup_loop
+setup_knbd
+setup_ublk
+total_runs=$((total_runs + (${#systems[@]} - 5) * ${#data_workloads[@]}))
+# Report order, so that each device runs right next to what it is compared with.
+ordered=()
+for s in raw loop blockd blockd-ublk blockd-kernel-nbd qemu-nbd qemu-nbd-qcow2 nbdkit; do
+  for t in "${systems[@]}"; do
+    [ "$s" = "$t" ] && ordered+=("$s")
+  done
+done
+systems=("${ordered[@]}")
+
 # --- the data workloads, each on every system -------------------------------------------
 for w in "${data_workloads[@]}"; do
   for system in "${systems[@]}"; do
@@ -419,6 +695,11 @@ for w in "${data_workloads[@]}"; do
     run_fio "$system" "$w" "${tgt[@]}"
   done
 done
+# The loop device is done (raw's file goes below).
+if [ -n "$loop_dev" ]; then
+  losetup -d "$loop_dev" || log "  warning: losetup -d $loop_dev failed"
+  loop_dev=""
+fi
 
 # --- copy-on-write after a snapshot: blockd, then qcow2 (internal snapshot, server stopped)
 ctl snapshot create data bench-snap >/dev/null || die "blockctl snapshot create failed"
@@ -452,7 +733,16 @@ fresh_sparse "$ft_raw" "$ft_size"
 nbdkit_file "$ft_raw"
 target_of nbdkit
 run_fio nbdkit randwrite-4k-qd32-first-touch "${tgt[@]}"
-stop_servers nbdkit blockd
+stop_servers nbdkit
+
+# --- restart stall: blockd killed and restarted under load on its kernel devices ----------
+for system in blockd-ublk blockd-kernel-nbd; do
+  if [ -n "${dev_of[$system]:-}" ]; then
+    run_stall "$system"
+  fi
+done
+detach_devices
+stop_servers knbd-proxy blockd
 rm -f "$ft_raw" "$ft_qcow" "$scratch/blockd-pool.img"
 
 # --- engine figures ------------------------------------------------------------------------

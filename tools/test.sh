@@ -27,6 +27,7 @@ have nbdinfo || need+=(libnbd-bin)
 have fio || need+=(fio)
 have openssl || need+=(openssl)                                # NBD-over-TLS test certificates
 have nbdkit || need+=(nbdkit)
+have nbd-client || need+=(nbd-client)                          # kernel NBD bench system (guest)
 have gnuplot || need+=(gnuplot-nox)
 have mkfs.ext4 || need+=(e2fsprogs)
 have mkfs.xfs || need+=(xfsprogs)

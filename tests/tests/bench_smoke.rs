@@ -1,8 +1,18 @@
 //! Smoke test of the benchmark harness: `benches/run.sh --quick --profile dev` runs every
-//! system and workload (2 s each through `BLOCKD_BENCH_SECONDS`) and the engine figures,
-//! and leaves a complete `results.json`, a `report.md` and a `chart.png`, and no process
-//! behind. Debug binaries: this checks the harness, not the figures, and the test suite
-//! never has to compile RocksDB a second time, in release.
+//! system and workload (2 s each through `BLOCKD_BENCH_SECONDS`, 128 MiB of data through
+//! `BLOCKD_BENCH_DATA_MIB`) and the engine figures, and leaves a complete `results.json`,
+//! a `report.md` and a `chart.png`, and no process or device behind. Debug binaries: this
+//! checks the harness, not the figures, and the test suite never has to compile RocksDB a
+//! second time, in release.
+//!
+//! The kernel systems (`loop`, `blockd-kernel-nbd`, `blockd-ublk`) are measured where the
+//! kernel has their drivers and listed as skipped with the reason elsewhere; the test
+//! checks which, from what this machine has. On the host that is "skipped" for kernel NBD
+//! and ublk; in the test guest (`tests/vm/kernel-suite.sh` runs this test there, with the
+//! binaries the host built through `BLOCKD_BIN`), kernel NBD and loop are measured, with
+//! kernel NBD's restart stall (0 I/O errors), and ublk too once `blockctl attach` has
+//! `--ublk`. The guest's CPU is emulated: the report must say its figures mean nothing,
+//! and the guest run leaves out the engine figures (the host run has them).
 //!
 //! run.sh runs in its own process group; if the test fails or times out, the guard sends
 //! the group SIGTERM (run.sh's trap stops its servers and removes its scratch directory),
@@ -18,7 +28,17 @@ use blockd_tests::{have_tool, skip};
 /// Generous: run.sh first builds the (debug) binaries, usually a no-op here.
 const TIMEOUT: Duration = Duration::from_secs(20 * 60);
 
-const SYSTEMS: [&str; 5] = ["raw", "blockd", "qemu-nbd", "qemu-nbd-qcow2", "nbdkit"];
+const SYSTEMS: [&str; 8] = [
+    "raw",
+    "loop",
+    "blockd",
+    "blockd-ublk",
+    "blockd-kernel-nbd",
+    "qemu-nbd",
+    "qemu-nbd-qcow2",
+    "nbdkit",
+];
+const USERSPACE: [&str; 5] = ["raw", "blockd", "qemu-nbd", "qemu-nbd-qcow2", "nbdkit"];
 const WORKLOADS: [&str; 7] = [
     "randread-4k-qd1",
     "randread-4k-qd32",
@@ -29,12 +49,100 @@ const WORKLOADS: [&str; 7] = [
     "randwrite-4k-qd32-after-snapshot",
 ];
 
-/// The systems a workload applies to (only blockd and qcow2 take snapshots).
+/// The systems a workload applies to (only blockd and qcow2 take snapshots; the kernel
+/// devices sit on prefilled data, so they have no first-touch run).
 fn systems_for(workload: &str) -> &'static [&'static str] {
-    if workload == "randwrite-4k-qd32-after-snapshot" {
-        &["blockd", "qemu-nbd-qcow2"]
+    match workload {
+        "randwrite-4k-qd32-after-snapshot" => &["blockd", "qemu-nbd-qcow2"],
+        "randwrite-4k-qd32-first-touch" => &USERSPACE,
+        _ => &SYSTEMS,
+    }
+}
+
+/// What this machine offers each kernel system: `Some(reason)` when it must be skipped
+/// (the reason must mention `hint`), `None` when it must be measured; `Err` when either
+/// is acceptable (ublk before `blockctl attach --ublk` exists).
+fn kernel_expectation(system: &str) -> Result<Option<&'static str>, ()> {
+    let root = blockd_tests::is_root();
+    match system {
+        "loop" => {
+            if !root {
+                Ok(Some("root"))
+            } else if !Path::new("/dev/loop-control").exists() {
+                Ok(Some("/dev/loop-control"))
+            } else {
+                Ok(None)
+            }
+        }
+        "blockd-kernel-nbd" => {
+            if !has_nbd_devices() {
+                Ok(Some("/dev/nbd"))
+            } else if !root {
+                Ok(Some("root"))
+            } else {
+                // nbd-client is installed by tools/test.sh: no excuse left.
+                Ok(None)
+            }
+        }
+        "blockd-ublk" => {
+            if !Path::new("/dev/ublk-control").exists() {
+                Ok(Some("/dev/ublk-control"))
+            } else if blockctl_has_ublk_attach() {
+                Ok(None)
+            } else {
+                Err(())
+            }
+        }
+        _ => unreachable!("{system} is not a kernel system"),
+    }
+}
+
+fn has_nbd_devices() -> bool {
+    std::fs::read_dir("/dev").is_ok_and(|d| {
+        d.flatten().any(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.strip_prefix("nbd")
+                .is_some_and(|rest| !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_digit()))
+        })
+    })
+}
+
+/// Whether this blockctl has `attach --ublk` (the ublk attacher, built in parallel).
+fn blockctl_has_ublk_attach() -> bool {
+    Command::new(blockd_tests::binary("blockctl"))
+        .args(["attach", "--help"])
+        .output()
+        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("--ublk"))
+}
+
+/// Whether this machine's CPU is emulated (QEMU TCG), as run.sh decides it.
+fn emulated_cpu() -> bool {
+    std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| {
+        c.lines()
+            .find(|l| l.starts_with("model name"))
+            .is_some_and(|l| l.contains("TCG"))
+    })
+}
+
+/// `Some(reason)` if report.md's "## Systems" list says `system` was skipped, `None` if it
+/// says measured; panics otherwise.
+fn reported_state(report: &str, system: &str) -> Option<String> {
+    let prefix = format!("- `{system}`: ");
+    let line = report
+        .lines()
+        .find(|l| l.starts_with(&prefix))
+        .unwrap_or_else(|| panic!("report.md does not list {system}:\n{report}"));
+    let state = &line[prefix.len()..];
+    if state == "measured" {
+        None
+    } else if let Some(reason) = state.strip_prefix("skipped: ") {
+        assert!(
+            !reason.trim().is_empty(),
+            "{system} skipped without a reason"
+        );
+        Some(reason.to_string())
     } else {
-        &SYSTEMS
+        panic!("{system}: neither measured nor skipped: {line}")
     }
 }
 
@@ -101,7 +209,11 @@ fn run_sh() -> PathBuf {
 
 #[test]
 fn quick_run_reports_every_system_and_workload() {
-    for tool in ["fio", "qemu-nbd", "qemu-img", "nbdkit", "gnuplot"] {
+    let mut tools = vec!["fio", "qemu-nbd", "qemu-img", "nbdkit", "gnuplot"];
+    if has_nbd_devices() {
+        tools.push("nbd-client");
+    }
+    for tool in tools {
         if !have_tool(tool) {
             skip(&format!(
                 "{tool} is not installed (tools/test.sh installs it)"
@@ -116,14 +228,33 @@ fn quick_run_reports_every_system_and_workload() {
     let log_path = out.path().join("run.log");
     let log = std::fs::File::create(&log_path).expect("log file");
     let started = Instant::now();
+    // Where the kernel has the block drivers (the test guest, emulated), the engine
+    // figures are left out: they take minutes there, and the host run checks them.
+    let kernel_run = has_nbd_devices() || Path::new("/dev/ublk-control").exists();
     let mut command = Command::new("bash");
     // run.sh runs cargo: with the environment a shell has, not this test's.
     blockd_tests::without_cargo_test_env(&mut command);
+    command.arg(run_sh()).arg("--quick");
+    match std::env::var_os("BLOCKD_BIN") {
+        // Binaries built elsewhere (the guest runs what the host built): no cargo.
+        Some(blockd) => {
+            let dir = Path::new(&blockd)
+                .parent()
+                .expect("BLOCKD_BIN has a directory");
+            command.arg("--bin-dir").arg(dir);
+        }
+        None => {
+            command.args(["--profile", "dev"]);
+        }
+    }
+    if kernel_run {
+        command.arg("--no-engine-figures");
+    }
     let child = command
-        .arg(run_sh())
-        .args(["--quick", "--profile", "dev", "--out"])
+        .arg("--out")
         .arg(out.path())
         .env("BLOCKD_BENCH_SECONDS", "2")
+        .env("BLOCKD_BENCH_DATA_MIB", "128")
         .env_remove("BLOCKD_BENCH_SCRATCH")
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("log file"))
@@ -165,13 +296,46 @@ fn quick_run_reports_every_system_and_workload() {
         "scratch directory left behind: {scratch_left:?}"
     );
 
+    // No device left attached to the scratch directory's files.
+    let loops = blockd_tests::csi_node::loops_under(out.path());
+    assert!(loops.is_empty(), "loop devices left behind: {loops:?}");
+
+    let report = std::fs::read_to_string(out.path().join("report.md")).expect("report.md");
+    // Each kernel system: measured, or skipped with a reason, as this machine allows.
+    let mut skipped = Vec::new();
+    for system in ["loop", "blockd-kernel-nbd", "blockd-ublk"] {
+        let state = reported_state(&report, system);
+        match (kernel_expectation(system), &state) {
+            (Ok(Some(hint)), Some(reason)) => assert!(
+                reason.contains(hint),
+                "{system} skipped for '{reason}', expected a reason naming {hint}"
+            ),
+            (Ok(Some(hint)), None) => panic!("{system} measured, but this machine lacks {hint}"),
+            (Ok(None), Some(reason)) => panic!(
+                "{system} skipped ({reason}) where it can run; log:\n{}",
+                log_text()
+            ),
+            (Ok(None), None) | (Err(()), _) => {}
+        }
+        eprintln!(
+            "{system}: {}",
+            state
+                .as_deref()
+                .map_or("measured".into(), |r| format!("skipped: {r}"))
+        );
+        if state.is_some() {
+            skipped.push(system);
+        }
+    }
+    let measured = |s: &&str| !skipped.contains(s);
+
     let results: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(out.path().join("results.json")).expect("results.json"),
     )
     .expect("results.json parses");
     let results = results.as_array().expect("results.json is an array");
     for workload in WORKLOADS {
-        for system in systems_for(workload) {
+        for system in systems_for(workload).iter().filter(|s| measured(s)) {
             let found: Vec<_> = results
                 .iter()
                 .filter(|r| r["system"] == *system && r["workload"] == workload)
@@ -191,23 +355,65 @@ fn quick_run_reports_every_system_and_workload() {
             }
         }
     }
-    let expected: usize = WORKLOADS.iter().map(|w| systems_for(w).len()).sum();
+    let expected: usize = WORKLOADS
+        .iter()
+        .map(|w| systems_for(w).iter().filter(|s| measured(s)).count())
+        .sum();
     assert_eq!(results.len(), expected, "unexpected extra results");
 
-    let report = std::fs::read_to_string(out.path().join("report.md")).expect("report.md");
+    // The restart stall: one run per measured blockd device, every I/O completed without
+    // an error (how long the pause was is a figure, not a pass/fail here).
+    let stalls: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.path().join("restart-stall.json"))
+            .expect("restart-stall.json"),
+    )
+    .expect("restart-stall.json parses");
+    let stalls = stalls.as_array().expect("restart-stall.json is an array");
+    for system in ["blockd-kernel-nbd", "blockd-ublk"] {
+        let runs: Vec<_> = stalls.iter().filter(|s| s["system"] == system).collect();
+        if skipped.contains(&system) {
+            assert!(runs.is_empty(), "{system} skipped but has a stall run");
+            continue;
+        }
+        assert_eq!(runs.len(), 1, "{system}: one restart-stall run: {stalls:?}");
+        let run = runs[0];
+        assert_eq!(run["fio_status"], "exit 0", "{system}: {run}");
+        assert_eq!(
+            run["io_errors"], 0,
+            "{system}: I/O errors across the restart: {run}"
+        );
+        assert!(run["ios"].as_u64().unwrap_or(0) > 0, "{system}: {run}");
+        assert!(run["max_pause_ms"].as_f64().is_some(), "{system}: {run}");
+        eprintln!("{system} restart stall: {run}");
+    }
+    assert!(
+        report.contains("## Restart stall"),
+        "report.md has the restart stall"
+    );
+
     assert!(!report.trim().is_empty(), "report.md is empty");
     for w in WORKLOADS {
         assert!(report.contains(w), "report.md does not mention {w}");
     }
     assert!(report.contains("met") || report.contains("missed"));
-    assert!(
-        report.contains("debug binaries"),
-        "the report says it ran debug binaries"
-    );
-    assert!(
-        report.contains("## Engine figures") && report.contains("Changed-block tracking"),
-        "report.md has the engine and changed-block-tracking figures"
-    );
+    if std::env::var_os("BLOCKD_BIN").is_none() {
+        assert!(
+            report.contains("debug binaries"),
+            "the report says it ran debug binaries"
+        );
+    }
+    if emulated_cpu() {
+        assert!(
+            report.contains("Emulated CPU — these figures are meaningless"),
+            "the report says its figures come from an emulated CPU"
+        );
+    }
+    if !kernel_run {
+        assert!(
+            report.contains("## Engine figures") && report.contains("Changed-block tracking"),
+            "report.md has the engine and changed-block-tracking figures"
+        );
+    }
     let png = std::fs::read(out.path().join("chart.png")).expect("chart.png");
     assert!(
         png.len() > 1000 && png.starts_with(b"\x89PNG"),

@@ -48,9 +48,106 @@ fn kustomization_renders_and_every_object_validates() {
     std::fs::write(&file, &rendered).expect("write rendered manifests");
     validate(&validator, &file);
     for example in std::fs::read_dir(repo().join("deploy/kubernetes/examples")).expect("examples") {
-        validate(&validator, &example.expect("dir entry").path());
+        let path = example.expect("dir entry").path();
+        // Directories are kustomizations of their own (kbench: its own test below).
+        if path.extension().is_some_and(|e| e == "yaml") {
+            validate(&validator, &path);
+        }
     }
 }
+
+/// The kbench example (`deploy/kubernetes/examples/kbench`): renders offline, validates,
+/// and wires what its README promises: one Job pod with a PVC of every StorageClass the
+/// base defines, each at /volumes/CLASS, the hostPath baseline at /volumes/BASELINE, and
+/// the fio job file, run script and table script from the repository in its ConfigMap
+/// (the same files tests/tests/kbench.rs runs).
+#[test]
+fn kbench_example_renders_validates_and_benchmarks_every_class() {
+    let (validator, python) = match tools() {
+        Ok(tools) => tools,
+        Err(reason) => {
+            blockd_tests::skip(&reason);
+            return;
+        }
+    };
+    let kbench = repo().join("deploy/kubernetes/examples/kbench");
+    let rendered = kustomize(&kbench);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("kbench.yaml");
+    std::fs::write(&file, &rendered).expect("write rendered manifests");
+    validate(&validator, &file);
+    let base = dir.path().join("base.yaml");
+    std::fs::write(&base, render()).expect("write rendered base");
+    let out = Command::new(python)
+        .arg("-c")
+        .arg(KBENCH_CHECKS)
+        .arg(&file)
+        .arg(&base)
+        .arg(&kbench)
+        .output()
+        .expect("run the kbench checks");
+    assert!(
+        out.status.success(),
+        "kbench example checks failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+const KBENCH_CHECKS: &str = r#"
+import os, sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+base = [d for d in yaml.safe_load_all(open(sys.argv[2])) if d]
+src = sys.argv[3]
+bad = []
+def check(cond, what):
+    if not cond:
+        bad.append(what)
+kinds = {}
+for d in docs:
+    kinds.setdefault(d["kind"], []).append(d)
+jobs = kinds.get("Job", [])
+check(len(jobs) == 1, "one Job")
+classes = {d["metadata"]["name"] for d in base if d["kind"] == "StorageClass"}
+pvcs = {d["metadata"]["name"]: d for d in kinds.get("PersistentVolumeClaim", [])}
+by_class = {p["spec"].get("storageClassName"): n for n, p in pvcs.items()}
+check(classes and set(by_class) == classes,
+      f"a PVC of every StorageClass of the base: {sorted(classes)} vs {sorted(by_class)}")
+cms = kinds.get("ConfigMap", [])
+check(len(cms) == 1, "one ConfigMap")
+for cm in cms:
+    for f in ["kbench.fio", "kbench-run.sh", "kbench-table.py"]:
+        check(cm["data"].get(f) == open(os.path.join(src, f)).read(),
+              f"the ConfigMap holds the repository's {f}")
+for job in jobs:
+    check(job["spec"].get("backoffLimit") == 0, "the Job does not retry (one table per run)")
+    pod = job["spec"]["template"]["spec"]
+    check(pod.get("restartPolicy") == "Never", "restartPolicy Never")
+    check(len(pod["containers"]) == 1, "one container: volumes run one after the other")
+    c = pod["containers"][0]
+    env = {e["name"]: e.get("value") for e in c.get("env", [])}
+    root = env.get("KBENCH_VOLUMES", "/volumes")
+    mounts = {m["name"]: m["mountPath"] for m in c.get("volumeMounts", [])}
+    vols = {v["name"]: v for v in pod["volumes"]}
+    cm_mount = [mounts.get(n) for n, v in vols.items() if "configMap" in v]
+    check(len(cm_mount) == 1 and cm_mount[0] and c["command"] == ["sh", cm_mount[0] + "/kbench-run.sh"],
+          "the container runs kbench-run.sh from the ConfigMap")
+    for n, v in vols.items():
+        if "configMap" in v:
+            check(v["configMap"]["name"] == cms[0]["metadata"]["name"], "the ConfigMap's generated name")
+    claims = {v["persistentVolumeClaim"]["claimName"]: mounts.get(n) for n, v in vols.items()
+              if "persistentVolumeClaim" in v}
+    for cls, pvc in by_class.items():
+        check(claims.get(pvc) == f"{root}/{cls}", f"PVC {pvc} is mounted at {root}/{cls}")
+    host = [mounts.get(n) for n, v in vols.items() if "hostPath" in v]
+    baseline = env.get("KBENCH_BASELINE", "hostpath")
+    check(host == [f"{root}/{baseline}"], f"the hostPath baseline is mounted at {root}/{baseline}")
+    for k in ["KBENCH_SIZE", "KBENCH_RUNTIME", "KBENCH_RAMP"]:
+        check(env.get(k), f"the Job sets {k}")
+for line in bad:
+    print("FAILED:", line)
+sys.exit(1 if bad else 0)
+"#;
 
 /// Semantic checks, in Python (PyYAML comes with kubernetes-validate): each failed check
 /// prints one line and the script exits 1.

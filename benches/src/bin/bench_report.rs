@@ -2,6 +2,7 @@
 //!
 //! - `bench-report summary FILE`: one line (IOPS, bandwidth, p50/p99) for a fio JSON
 //!   output, for run.sh's progress lines;
+//! - `bench-report stall FILE`: the same for a restart-stall run (longest pause, errors);
 //! - `bench-report report --out DIR`: `results.json`, `report.md` and `chart.png` from what
 //!   run.sh left in DIR (see [`blockd_bench::report`]).
 
@@ -22,6 +23,8 @@ struct Cli {
 enum Command {
     /// Prints one line summarising a fio JSON output.
     Summary { file: PathBuf },
+    /// Prints one line (longest I/O pause, I/O errors) for a restart-stall fio JSON output.
+    Stall { file: PathBuf },
     /// Writes results.json, report.md and chart.png into DIR (fio/, machine.tsv inside).
     Report {
         #[arg(long)]
@@ -51,6 +54,18 @@ fn run(cli: Cli) -> Result<()> {
                 f.lat_p99_us,
                 f.ios,
                 f.runtime_s
+            );
+        }
+        Command::Stall { file } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let f = blockd_bench::report::parse_stall_fio(&text)
+                .with_context(|| format!("parsing {}", file.display()))?;
+            println!(
+                "longest I/O pause {:.3} s, {} I/O errors, {} I/Os",
+                f.max_lat_us / 1e6,
+                f.errors,
+                f.ios
             );
         }
         Command::Report { out } => {
