@@ -11,6 +11,9 @@
 //! - [`node`]: stage (export + attach + mkfs + mount), publish (bind mounts), stats,
 //!   expansion, and the record of staged volumes that survives restarts.
 //!
+//! The helper binaries' logic lives here too: [`proxy`] (`csi-nbd-proxy`) and [`fuse`]
+//! (`csi-fuse-nbd`). Every binary's `main` is in `src/bin/`.
+//!
 //! Shared pieces: [`ids`] (how CSI ids name blockd objects and the node holding them),
 //! [`locks`] (one operation per volume at a time, `ABORTED` for the next),
 //! [`blockd`] (the lazy, self-reconnecting API channel), [`config`] (flags),
@@ -19,6 +22,7 @@
 pub mod blockd;
 pub mod config;
 pub mod controller;
+pub mod fuse;
 pub mod identity;
 pub mod ids;
 pub mod io_flusher;

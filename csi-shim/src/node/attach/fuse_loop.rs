@@ -178,7 +178,7 @@ pub async fn detach(dir: &Path) -> Result<()> {
 /// size.
 ///
 /// csi-fuse-nbd re-reads the size when the size file names a larger one and the file is
-/// stat'ed (see `fuse_file`); `losetup -c` then re-reads the file size into the loop
+/// stat'ed (see [`crate::fuse`]); `losetup -c` then re-reads the file size into the loop
 /// device. nbdfuse learns the export size once, at connect time, so with nbdfuse the
 /// device cannot grow online.
 pub async fn refresh_size(attachment: &Attachment, volume_size: u64) -> Result<u64> {

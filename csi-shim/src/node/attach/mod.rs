@@ -11,7 +11,7 @@
 //!   reconnect to a new proxy).
 //! - fuse-loop everywhere else: a FUSE server presents the export as a file on a private
 //!   FUSE mount and `losetup --direct-io=on` turns that file into a loop device. The server
-//!   is `csi-fuse-nbd` (see [`fuse_file`]; its file grows with the export, so volumes
+//!   is `csi-fuse-nbd` (see [`crate::fuse`]; its file grows with the export, so volumes
 //!   expand online) when installed next to csi-shim, else `nbdfuse` (fixed size).
 //!
 //! `--attach auto` picks kernel NBD when the module is present, fuse-loop otherwise.
@@ -25,7 +25,6 @@
 //!   half-made attachment even when no record of it was written;
 //! - [`Attachment`] is the serialisable description stored in the volume's state record.
 
-pub mod fuse_file;
 pub mod fuse_loop;
 pub mod kernel_nbd;
 pub mod nbd_client;
