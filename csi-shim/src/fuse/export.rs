@@ -75,14 +75,14 @@ impl NbdExport {
     }
 
     /// One NBD request, reconnecting and resending on a transport error.
-    fn request(&mut self, kind: u16, offset: u64, length: u32, data: &mut [u8]) -> Result<(), Errno> {
+    fn request(&mut self, kind: nbd::Command, offset: u64, length: u32, data: &mut [u8]) -> Result<(), Errno> {
         let deadline = Instant::now() + self.reconnect_timeout;
         loop {
             match self.conn.request(kind, offset, length, data) {
                 Ok(0) => return Ok(()),
                 Ok(error) => return Err(Errno::from_i32(i32::try_from(error).unwrap_or(0))),
                 Err(err) => {
-                    tracing::warn!(error = %err, kind, offset, length, "NBD request failed; reconnecting");
+                    tracing::warn!(error = %err, kind = ?kind, offset, length, "NBD request failed; reconnecting");
                     if Instant::now() > deadline {
                         return Err(Errno::EIO);
                     }
@@ -148,21 +148,21 @@ impl Export for NbdExport {
         match command {
             Command::Read { offset, buf } => {
                 let len = u32::try_from(buf.len()).map_err(|_| Errno::EINVAL)?;
-                self.request(nbd::CMD_READ, offset, len, buf)
+                self.request(nbd::Command::Read, offset, len, buf)
             }
             Command::Write { offset, data } => {
                 let len = u32::try_from(data.len()).map_err(|_| Errno::EINVAL)?;
                 let mut scratch = std::mem::take(&mut self.scratch);
                 scratch.clear();
                 scratch.extend_from_slice(data);
-                let result = self.request(nbd::CMD_WRITE, offset, len, &mut scratch);
+                let result = self.request(nbd::Command::Write, offset, len, &mut scratch);
                 self.scratch = scratch;
                 result
             }
-            Command::Flush => self.request(nbd::CMD_FLUSH, 0, 0, &mut []),
-            Command::Trim { offset, len } => self.request(nbd::CMD_TRIM, offset, len, &mut []),
+            Command::Flush => self.request(nbd::Command::Flush, 0, 0, &mut []),
+            Command::Trim { offset, len } => self.request(nbd::Command::Trim, offset, len, &mut []),
             Command::WriteZeroes { offset, len } => {
-                self.request(nbd::CMD_WRITE_ZEROES, offset, len, &mut [])
+                self.request(nbd::Command::WriteZeroes, offset, len, &mut [])
             }
         }
     }
