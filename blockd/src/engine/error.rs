@@ -111,8 +111,8 @@ pub enum EngineError {
     #[error(
         "The metadata file system is full ({detail}): writes to unallocated space, flushes, \
          discards, snapshots and other changes fail until space is freed on the file system \
-         of blockd's --state-dir; reads and overwrites of allocated data keep working, and \
-         blockd resumes by itself once there is room"
+         of blockd's --state-dir; reads and overwrites of allocated data keep working; once there is \
+         room blockd retries by itself, and a restart of blockd clears it for sure"
     )]
     MetaFull { detail: String },
 

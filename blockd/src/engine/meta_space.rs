@@ -37,10 +37,11 @@
 //! (every control operation is idempotent). While degraded, control operations are
 //! refused before they change anything.
 //!
-//! Leaving the state needs no restart: RocksDB stops its writes after a `NoSpace` error
-//! and its `SstFileManager` resumes the database once it sees free space (it polls every
-//! few seconds); the engine's next probe then commits the retained batch and clears the
-//! state. Probes from writes are spaced by an exponential back-off
+//! Leaving the state: the engine's next probe commits the retained batch and clears the
+//! state once the store accepts writes again. RocksDB stops its writes after a failed
+//! WAL append and, as tested, does not resume by itself when space is freed (its
+//! `SstFileManager` recovery did not clear it), so with RocksDB a restart is still
+//! needed; the in-memory store resumes. Probes from writes are spaced by an exponential back-off
 //! ([`PROBE_BACKOFF_START`] to [`PROBE_BACKOFF_MAX`]) so that a stream of writes to a full
 //! engine does not turn into a stream of doomed metadata writes.
 

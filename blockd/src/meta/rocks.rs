@@ -203,7 +203,7 @@ fn cf_options(cf: Cf, cache: &Cache) -> Options {
 /// later write succeeds without reopening the store.
 fn store_err(op: &'static str) -> impl Fn(rocksdb::Error) -> MetaError {
     move |e| {
-        if is_no_space(&e.to_string()) {
+        if is_no_space(e.as_ref()) {
             return MetaError::NoSpace {
                 op,
                 message: e.into_string(),
