@@ -126,7 +126,15 @@ mod tests {
             &["csi-fuse-nbd", "--mount", "/m"][..],
             &["csi-fuse-nbd", "--bogus"],
             &["csi-fuse-nbd", "--export"],
-            &["csi-fuse-nbd", "--mount", "/m", "--socket", "/s", "--export", ""],
+            &[
+                "csi-fuse-nbd",
+                "--mount",
+                "/m",
+                "--socket",
+                "/s",
+                "--export",
+                "",
+            ],
             &[
                 "csi-fuse-nbd",
                 "--mount",

@@ -22,12 +22,24 @@ use crate::node::attach::nbd_client::{self as nbd, Connection};
 /// An NBD command, by what it does to the export.
 #[derive(Debug)]
 pub enum Command<'a> {
-    Read { offset: u64, buf: &'a mut [u8] },
-    Write { offset: u64, data: &'a [u8] },
+    Read {
+        offset: u64,
+        buf: &'a mut [u8],
+    },
+    Write {
+        offset: u64,
+        data: &'a [u8],
+    },
     Flush,
     /// Discard (`NBD_CMD_TRIM`): the range may read back as anything.
-    Trim { offset: u64, len: u32 },
-    WriteZeroes { offset: u64, len: u32 },
+    Trim {
+        offset: u64,
+        len: u32,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u32,
+    },
 }
 
 /// What [`super::ExportFile`] needs from the block device behind it.
@@ -75,7 +87,13 @@ impl NbdExport {
     }
 
     /// One NBD request, reconnecting and resending on a transport error.
-    fn request(&mut self, kind: nbd::Command, offset: u64, length: u32, data: &mut [u8]) -> Result<(), Errno> {
+    fn request(
+        &mut self,
+        kind: nbd::Command,
+        offset: u64,
+        length: u32,
+        data: &mut [u8],
+    ) -> Result<(), Errno> {
         let deadline = Instant::now() + self.reconnect_timeout;
         loop {
             match self.conn.request(kind, offset, length, data) {
@@ -137,7 +155,12 @@ impl Export for NbdExport {
         }
         match open(&self.socket, &self.export, self.reconnect_timeout) {
             Ok(conn) => {
-                tracing::info!(from = self.conn.size, to = conn.size, wanted, "export size refreshed");
+                tracing::info!(
+                    from = self.conn.size,
+                    to = conn.size,
+                    wanted,
+                    "export size refreshed"
+                );
                 self.conn = conn;
             }
             Err(err) => tracing::warn!(error = %err, wanted, "cannot refresh the export size"),

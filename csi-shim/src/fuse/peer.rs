@@ -272,9 +272,9 @@ impl KernelPeer {
             session: session.spawn()?,
             next_unique: 2,
         };
-        let init = peer.receive()?.ok_or_else(|| {
-            io::Error::new(io::ErrorKind::UnexpectedEof, "no reply to FUSE_INIT")
-        })?;
+        let init = peer
+            .receive()?
+            .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "no reply to FUSE_INIT"))?;
         if init.error != 0 || init.unique != 1 {
             return Err(io::Error::other(format!("FUSE_INIT failed: {init:?}")));
         }
@@ -300,13 +300,16 @@ impl KernelPeer {
         let unique = self.next_unique;
         self.next_unique += 1;
         self.send(&request(opcode, unique, nodeid, body))?;
-        let reply = self.receive()?.ok_or_else(|| {
-            io::Error::new(io::ErrorKind::UnexpectedEof, "the session ended")
-        })?;
+        let reply = self
+            .receive()?
+            .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "the session ended"))?;
         if reply.unique != unique {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!("reply to request {} while waiting for {unique}", reply.unique),
+                format!(
+                    "reply to request {} while waiting for {unique}",
+                    reply.unique
+                ),
             ));
         }
         Ok(reply)

@@ -82,13 +82,19 @@ fn the_file_serves_the_export() {
     assert_eq!(u64_at(&entry.body, 0), FILE, "node id");
     assert_eq!(u64_at(&entry.body, 24), 0, "attribute TTL");
     assert_eq!(u64_at(&entry.body, 48), MIB as u64, "size");
-    assert_eq!(errno(peer.call(opcode::LOOKUP, ROOT, b"other\0")), libc::ENOENT);
+    assert_eq!(
+        errno(peer.call(opcode::LOOKUP, ROOT, b"other\0")),
+        libc::ENOENT
+    );
     let root = ok(peer.call(opcode::GETATTR, ROOT, &[0; 16]));
     assert_eq!(u32_at(&root.body, 76) & libc::S_IFMT, libc::S_IFDIR);
     let file = ok(peer.call(opcode::GETATTR, FILE, &[0; 16]));
     assert_eq!(u32_at(&file.body, 76), libc::S_IFREG | 0o600);
     assert_eq!(attr_size(&file), MIB as u64);
-    assert_eq!(errno(peer.call(opcode::GETATTR, 99, &[0; 16])), libc::ENOENT);
+    assert_eq!(
+        errno(peer.call(opcode::GETATTR, 99, &[0; 16])),
+        libc::ENOENT
+    );
     let open = ok(peer.call(opcode::OPEN, FILE, &[0; 8]));
     assert_eq!(u32_at(&open.body, 8) & 1, 1, "FOPEN_DIRECT_IO");
 
@@ -97,10 +103,15 @@ fn the_file_serves_the_export() {
     let written = ok(peer.call(opcode::WRITE, FILE, &write_in(4096, &data)));
     assert_eq!(u32_at(&written.body, 0), 8192);
     assert_eq!(&disk.lock()[4096..4096 + 8192], &data[..]);
-    assert_eq!(ok(peer.call(opcode::READ, FILE, &read_in(4096, 8192))).body, data);
+    assert_eq!(
+        ok(peer.call(opcode::READ, FILE, &read_in(4096, 8192))).body,
+        data
+    );
     let tail = ok(peer.call(opcode::READ, FILE, &read_in(MIB as u64 - 100, 4096)));
     assert_eq!(tail.body.len(), 100);
-    assert!(ok(peer.call(opcode::READ, FILE, &read_in(u64::MAX, 4096))).body.is_empty());
+    assert!(ok(peer.call(opcode::READ, FILE, &read_in(u64::MAX, 4096)))
+        .body
+        .is_empty());
     assert_eq!(
         errno(peer.call(opcode::WRITE, FILE, &write_in(MIB as u64 - 4096, &data))),
         libc::ENOSPC
@@ -113,7 +124,10 @@ fn the_file_serves_the_export() {
         errno(peer.call(opcode::READ, FILE, &read_in(0, MAX_IO + 1))),
         libc::EINVAL
     );
-    assert_eq!(errno(peer.call(opcode::READ, ROOT, &read_in(0, 16))), libc::EBADF);
+    assert_eq!(
+        errno(peer.call(opcode::READ, ROOT, &read_in(0, 16))),
+        libc::EBADF
+    );
     ok(peer.call(opcode::FSYNC, FILE, &[0; 16]));
 
     // Discard and zeroing become NBD commands; plain allocation is not supported.
@@ -149,21 +163,33 @@ fn the_file_serves_the_export() {
     assert_eq!(names, [".", "..", "nbd"]);
     let rest = ok(peer.call(opcode::READDIR, ROOT, &read_in(2, 4096)));
     assert_eq!(dirent_names(&rest.body), ["nbd"]);
-    assert!(ok(peer.call(opcode::READDIR, ROOT, &read_in(u64::MAX, 4096))).body.is_empty());
+    assert!(
+        ok(peer.call(opcode::READDIR, ROOT, &read_in(u64::MAX, 4096)))
+            .body
+            .is_empty()
+    );
     ok(peer.call(opcode::STATFS, ROOT, &[]));
 
     // A grown export shows at the next stat; truncation to another size is refused.
     disk.lock().resize(2 * MIB, 0);
     let grown = ok(peer.call(opcode::GETATTR, FILE, &[0; 16]));
     assert_eq!(attr_size(&grown), 2 * MIB as u64);
-    ok(peer.call(opcode::WRITE, FILE, &write_in(2 * MIB as u64 - 4096, &data[..4096])));
-    assert_eq!(errno(peer.call(opcode::SETATTR, FILE, &setattr_size(0))), libc::EPERM);
+    ok(peer.call(
+        opcode::WRITE,
+        FILE,
+        &write_in(2 * MIB as u64 - 4096, &data[..4096]),
+    ));
+    assert_eq!(
+        errno(peer.call(opcode::SETATTR, FILE, &setattr_size(0))),
+        libc::EPERM
+    );
     let same = ok(peer.call(opcode::SETATTR, FILE, &setattr_size(2 * MIB as u64)));
     assert_eq!(attr_size(&same), 2 * MIB as u64);
 
     // Unmounting ends the session cleanly.
     ok(peer.call(opcode::DESTROY, ROOT, &[]));
-    peer.finish().expect("the session ends without an error after DESTROY");
+    peer.finish()
+        .expect("the session ends without an error after DESTROY");
 }
 
 /// The names in a READDIR reply (`struct fuse_dirent`s, 8-byte aligned).
@@ -214,7 +240,11 @@ fn writes_are_flushed_every_flush_every_bytes() {
     const CHUNK: u64 = 64 << 10;
     let chunk = vec![7u8; CHUNK as usize];
     for i in 0..FLUSH_EVERY / CHUNK {
-        assert_eq!(flushes.load(Ordering::SeqCst), 0, "flushed early, before write {i}");
+        assert_eq!(
+            flushes.load(Ordering::SeqCst),
+            0,
+            "flushed early, before write {i}"
+        );
         ok(peer.call(opcode::WRITE, FILE, &write_in(i * CHUNK, &chunk)));
     }
     assert_eq!(flushes.load(Ordering::SeqCst), 1);
@@ -235,7 +265,11 @@ fn writes_are_flushed_every_flush_every_bytes() {
         errno(peer.call(
             opcode::FALLOCATE,
             FILE,
-            &fallocate_in(0, 4096, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
+            &fallocate_in(
+                0,
+                4096,
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+            )
         )),
         libc::EOPNOTSUPP,
         "discard without NBD_FLAG_SEND_TRIM"
@@ -269,7 +303,11 @@ fn short_and_malformed_requests_get_errors_not_panics() {
         (
             opcode::FALLOCATE,
             FILE,
-            fallocate_in(0, 4096, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE),
+            fallocate_in(
+                0,
+                4096,
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            ),
         ),
     ];
     for (op, node, body) in &requests {
@@ -292,14 +330,18 @@ fn short_and_malformed_requests_get_errors_not_panics() {
     let mut lying = request(opcode::GETATTR, 9999, FILE, &[0; 16]);
     lying[0..4].copy_from_slice(&200u32.to_le_bytes());
     peer.send(&lying).unwrap();
-    let end = peer.finish().expect_err("the session ends on an undecodable request");
+    let end = peer
+        .finish()
+        .expect_err("the session ends on an undecodable request");
     assert_eq!(end.kind(), io::ErrorKind::InvalidData, "{end}");
 
     // Shorter than a header.
     let peer = KernelPeer::start(ExportFile::new(MemoryExport::new(MIB))).unwrap();
     peer.send(&request(opcode::GETATTR, 5, FILE, &[])[..HEADER_LEN - 1])
         .unwrap();
-    let end = peer.finish().expect_err("the session ends on a short message");
+    let end = peer
+        .finish()
+        .expect_err("the session ends on a short message");
     assert_eq!(end.kind(), io::ErrorKind::InvalidData, "{end}");
 }
 
@@ -312,8 +354,12 @@ fn kernel_framing_sets_only_length_fields() {
     super::peer::frame_like_the_kernel(&mut write);
     assert_eq!(u32_at(&write, 0) as usize, write.len());
     assert_eq!(u32_at(&write, HEADER_LEN + 16), 100);
-    let changed: Vec<usize> = (0..write.len()).filter(|i| write[*i] != before[*i]).collect();
-    assert!(changed.iter().all(|i| *i < 4 || (HEADER_LEN + 16..HEADER_LEN + 20).contains(i)));
+    let changed: Vec<usize> = (0..write.len())
+        .filter(|i| write[*i] != before[*i])
+        .collect();
+    assert!(changed
+        .iter()
+        .all(|i| *i < 4 || (HEADER_LEN + 16..HEADER_LEN + 20).contains(i)));
     // Too short for a header: only `len`, as far as it fits.
     let mut short = vec![0xffu8; 6];
     super::peer::frame_like_the_kernel(&mut short);
