@@ -285,6 +285,19 @@ async fn handshake(
                     // No way to report an error: a failure is a hard disconnect.
                     return Err(ConnError::Protocol(format!("NBD_OPT_EXPORT_NAME: {error}")));
                 }
+                // The proxy offers no structured replies, so the options that need them are
+                // unsupported whatever their payload (as before the shared codec).
+                if matches!(
+                    option,
+                    wire::NBD_OPT_STRUCTURED_REPLY
+                        | wire::NBD_OPT_LIST_META_CONTEXT
+                        | wire::NBD_OPT_SET_META_CONTEXT
+                ) {
+                    let msg = format!("option {option} is not supported by csi-nbd-proxy");
+                    s.write_all(&OptionReply::error(option, wire::NBD_REP_ERR_UNSUP, msg).encode())
+                        .await?;
+                    continue;
+                }
                 let msg = format!("malformed option {option}: {error}");
                 s.write_all(&OptionReply::error(option, wire::NBD_REP_ERR_INVALID, msg).encode())
                     .await?;
