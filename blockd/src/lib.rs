@@ -19,3 +19,4 @@ pub mod meta;
 pub mod metrics;
 pub mod nbd;
 pub mod qos;
+pub mod ublk;

@@ -234,7 +234,20 @@ fn run(mut config: Config) -> anyhow::Result<()> {
         .thread_name("blockd")
         .build()
         .context("cannot start the async runtime")?;
-    let served = runtime.block_on(serve(&config, engine.clone(), meta, tls));
+    let metrics = Metrics::new();
+    let ublk =
+        blockd::ublk::UblkFrontend::new(engine.clone(), metrics.clone(), runtime.handle().clone());
+    let served = runtime.block_on(serve(
+        &config,
+        engine.clone(),
+        meta,
+        tls,
+        metrics,
+        ublk.clone(),
+    ));
+    // ublk devices stay with the kernel: nothing in flight is answered from now on, so
+    // it is reissued to the next blockd, which recovers the devices (see `blockd::ublk`).
+    ublk.freeze();
     // Blocking engine calls still running (a long flatten) get a moment to finish; the
     // engine's shutdown below is safe with them in flight either way.
     runtime.shutdown_timeout(Duration::from_secs(5));
@@ -284,11 +297,12 @@ async fn serve(
     engine: Engine,
     meta: Arc<dyn MetaStore>,
     tls: Option<TlsConfig>,
+    metrics: Metrics,
+    ublk: blockd::ublk::UblkFrontend,
 ) -> anyhow::Result<()> {
     let shutdown = Shutdown::new();
     shutdown.on_signals()?;
 
-    let metrics = Metrics::new();
     metrics.attach(engine.clone(), meta);
 
     let api_socket = config.api_socket();
@@ -313,7 +327,9 @@ async fn serve(
         metrics_addr: config.metrics_addr,
         started: Instant::now(),
     };
-    let mut ctx = ApiContext::new(engine.clone(), metrics.clone(), info);
+    let mut ctx = ApiContext::new(engine.clone(), metrics.clone(), info).with_ublk(ublk.clone());
+    // Devices a previous blockd served resume as soon as each is taken over.
+    ublk.recover_all();
     let mut tasks = tokio::task::JoinSet::new();
 
     // The NBD server: exported images only (the registry asks the engine), unexport

@@ -27,8 +27,12 @@ impl Mode {
 /// How a staged volume becomes a block device on this node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum AttachMode {
-    /// Kernel NBD when the `nbd` module is available, else fuse-loop.
+    /// ublk when the kernel has it (`/dev/ublk-control`), else kernel NBD when the `nbd`
+    /// module is available, else fuse-loop; the log says which and why.
     Auto,
+    /// ublk: blockd serves the volume as /dev/ublkbN itself (Linux 6.0+, ublk_drv), and
+    /// recovers the device in place after a blockd restart.
+    Ublk,
     /// Kernel NBD configured over generic netlink.
     Nbd,
     /// The NBD export presented as a file through FUSE (csi-fuse-nbd, or nbdfuse when that

@@ -492,6 +492,22 @@ impl TryFrom<v1::ExportRequest> for ImageRef {
     }
 }
 
+impl TryFrom<v1::AttachUblkRequest> for ImageRef {
+    type Error = ValidationError;
+
+    fn try_from(req: v1::AttachUblkRequest) -> Result<Self> {
+        ImageRef::parse(&req.image)
+    }
+}
+
+impl TryFrom<v1::DetachUblkRequest> for ImageRef {
+    type Error = ValidationError;
+
+    fn try_from(req: v1::DetachUblkRequest) -> Result<Self> {
+        ImageRef::parse(&req.image)
+    }
+}
+
 impl TryFrom<v1::UnexportRequest> for ImageRef {
     type Error = ValidationError;
 

@@ -4,8 +4,9 @@
 //! process under the test's directories, even when the test fails.
 //!
 //! The attacher under test is `BLOCKD_TEST_ATTACH`: `fuse-loop` (the default: csi-fuse-nbd
-//! and loop devices, as on nodes without the kernel `nbd` module) or `nbd` (the kernel's
-//! `/dev/nbdN` over netlink, in the guest kernel of `tests/vm/run.sh`).
+//! and loop devices, as on nodes without the kernel `nbd` module), `nbd` (the kernel's
+//! `/dev/nbdN` over netlink, in the guest kernel of `tests/vm/run.sh`) or `ublk`
+//! (`/dev/ublkbN` served by blockd itself, in the same guest).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -44,13 +45,14 @@ pub fn build_helpers() -> &'static Result<PathBuf, String> {
     })
 }
 
-/// The attacher under test (`BLOCKD_TEST_ATTACH`): `fuse-loop` or `nbd`.
+/// The attacher under test (`BLOCKD_TEST_ATTACH`): `fuse-loop`, `nbd` or `ublk`.
 pub fn attach_mode() -> &'static str {
     static MODE: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
     MODE.get_or_init(|| match std::env::var("BLOCKD_TEST_ATTACH").as_deref() {
         Err(_) | Ok("") | Ok("fuse-loop") => "fuse-loop",
         Ok("nbd") => "nbd",
-        Ok(other) => panic!("BLOCKD_TEST_ATTACH={other:?}: expected fuse-loop or nbd"),
+        Ok("ublk") => "ublk",
+        Ok(other) => panic!("BLOCKD_TEST_ATTACH={other:?}: expected fuse-loop, nbd or ublk"),
     })
 }
 
@@ -58,10 +60,23 @@ pub fn kernel_nbd() -> bool {
     attach_mode() == "nbd"
 }
 
+/// Whether the attacher under test is ublk (blockd serves `/dev/ublkbN` itself).
+pub fn ublk() -> bool {
+    attach_mode() == "ublk"
+}
+
+/// Whether the device under test is a real kernel block driver (nbd or ublk), whose
+/// errors the kernel log must not show.
+pub fn kernel_device() -> bool {
+    kernel_nbd() || ublk()
+}
+
 /// The device-node prefix of the attacher under test.
 pub fn device_prefix() -> &'static str {
     if kernel_nbd() {
         "/dev/nbd"
+    } else if ublk() {
+        "/dev/ublkb"
     } else {
         "/dev/loop"
     }
@@ -73,7 +88,14 @@ pub fn skip_reason() -> Option<String> {
     if unsafe { libc::geteuid() } != 0 {
         return Some("needs root for mounts and loop devices".into());
     }
-    if kernel_nbd() {
+    if ublk() {
+        if !Path::new("/dev/ublk-control").exists() {
+            return Some(
+                "BLOCKD_TEST_ATTACH=ublk needs the kernel ublk_drv module (run it in tests/vm/run.sh)"
+                    .into(),
+            );
+        }
+    } else if kernel_nbd() {
         if !Path::new("/sys/module/nbd").exists() {
             return Some(
                 "BLOCKD_TEST_ATTACH=nbd needs the kernel nbd module (run it in tests/vm/run.sh)"
@@ -406,9 +428,15 @@ impl Env {
     }
 
     /// The block devices attached for this node's volumes: loop devices under its
-    /// directories, or the `/dev/nbdN` its attachments name.
+    /// directories, the `/dev/nbdN` its attachments name, or the ublk devices (tests run
+    /// one at a time, so every `/dev/ublkbN` there is is this test's).
     pub fn attached_devices(&self) -> Vec<PathBuf> {
         let mut devices = loops_under(&self.root);
+        for entry in std::fs::read_dir("/dev").into_iter().flatten().flatten() {
+            if entry.file_name().to_string_lossy().starts_with("ublkb") {
+                devices.push(entry.path());
+            }
+        }
         let attach = self.shim.state_dir().join("attach");
         for dir in std::fs::read_dir(&attach).into_iter().flatten().flatten() {
             if let Ok(index) = std::fs::read_to_string(dir.path().join("nbd.index")) {
@@ -443,6 +471,17 @@ impl Env {
             .into_inner()
             .exports;
         assert!(exports.is_empty(), "exports left behind: {exports:?}");
+        let ublk = self
+            .daemon
+            .grpc()
+            .await
+            .exports
+            .list_ublk(blockd_proto::v1::ListUblkRequest {})
+            .await
+            .expect("ListUblk")
+            .into_inner()
+            .devices;
+        assert!(ublk.is_empty(), "ublk devices left behind: {ublk:?}");
     }
 }
 

@@ -270,6 +270,41 @@ fn stats_follow_writes_and_report_a_dead_attachment() {
             "stats on a path the volume is not at",
         );
 
+        if ublk() {
+            // ublk has no helper: blockd serves the device. With blockd gone the device
+            // holds its I/O, so the probe read times out and the volume is abnormal;
+            // blockd started again recovers the device and the volume is healthy.
+            env.daemon.kill();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let condition = loop {
+                let stats = env.stats(&id, &target).await.expect("stats, blockd down");
+                let condition = stats.volume_condition.expect("condition");
+                if condition.abnormal || Instant::now() > deadline {
+                    break condition;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            };
+            assert!(condition.abnormal, "{condition:?}");
+            env.daemon.restart();
+            let deadline = Instant::now() + Duration::from_secs(90);
+            loop {
+                let stats = env.stats(&id, &target).await.expect("stats after restart");
+                let condition = stats.volume_condition.expect("condition");
+                if !condition.abnormal {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the ublk device was not recovered: {condition:?}\n{}",
+                    env.daemon.log()
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            write_synced(&target.join("after-recovery"), &content(9, MIB as usize));
+            env.umount(&id, &staging, &target).await;
+            env.assert_clean().await;
+            return;
+        }
         // The helper serving the device dies (the FUSE server, or the proxy the kernel's
         // socket leads to): the volume is abnormal, and unstage still cleans up.
         let helper = if kernel_nbd() {
@@ -353,6 +388,31 @@ fn online_expansion_shows_in_df() {
 
         env.daemon
             .ctl_ok(&["volume", "resize", "grow", "--size", "640M"]);
+        let ublk_status = env.daemon.ctl_json(&["status"])["ublk"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        if ublk() && ublk_status.contains("no online resize") {
+            // This kernel cannot resize a live ublk device (UBLK_F_UPDATE_SIZE is Linux
+            // 6.16+): NodeExpandVolume says so, and a restage shows the new size.
+            let msg = expect_code(
+                env.expand(&id, &target, 640 * MIB).await,
+                Code::FailedPrecondition,
+                "online growth of a ublk device without UBLK_F_UPDATE_SIZE",
+            );
+            assert!(msg.contains("UBLK_F_UPDATE_SIZE"), "{msg}");
+            env.umount(&id, &staging, &target).await;
+            let (staging, target) = env.mount(&id, "grow", mount_cap("xfs")).await;
+            let big = df_bytes(&target);
+            assert!(big > 550 * MIB, "df after restaging: {big}");
+            assert_eq!(
+                checksum(&std::fs::read(target.join("before")).expect("data kept")),
+                checksum(&content(7, MIB as usize))
+            );
+            env.umount(&id, &staging, &target).await;
+            env.assert_clean().await;
+            return;
+        }
         for _ in 0..2 {
             let grown = env
                 .expand(&id, &target, 640 * MIB)
@@ -827,7 +887,7 @@ fn kernel_log() -> Option<Vec<String>> {
 /// Asserts that the kernel logged no error for `device` after line `mark` of its log.
 fn assert_no_kernel_errors(mark: Option<usize>, device: &str) {
     let (Some(mark), Some(log)) = (mark, kernel_log()) else {
-        if kernel_nbd() {
+        if kernel_device() {
             panic!("the kernel log cannot be read in the guest");
         }
         eprintln!("the kernel log cannot be read here; not checked for {device}");
@@ -936,6 +996,7 @@ fn attach_nbd_needs_the_kernel_module_and_auto_prefers_it() {
     require_root_and_tools!();
     runtime().block_on(async {
         let module = Path::new("/sys/module/nbd").exists();
+        let ublk_here = Path::new("/dev/ublk-control").exists();
         {
             // One connection per device here; the rest of the suite uses the default
             // (one per CPU, up to 4, as blockd advertises multi-conn).
@@ -972,7 +1033,8 @@ fn attach_nbd_needs_the_kernel_module_and_auto_prefers_it() {
             }
             env.assert_clean().await;
         }
-        // auto: kernel NBD where the module is, fuse-loop elsewhere.
+        // auto: ublk where the kernel has it, else kernel NBD where the module is, else
+        // fuse-loop.
         let mut env = Env::start_exactly(&["--attach", "auto"]).await;
         let id = env.volume("auto", "64M");
         let staging = env.staging("auto");
@@ -981,7 +1043,13 @@ fn attach_nbd_needs_the_kernel_module_and_auto_prefers_it() {
             .expect("stage with --attach auto");
         let devices = env.attached_devices();
         assert_eq!(devices.len(), 1, "{devices:?}");
-        let want = if module { "/dev/nbd" } else { "/dev/loop" };
+        let want = if ublk_here {
+            "/dev/ublkb"
+        } else if module {
+            "/dev/nbd"
+        } else {
+            "/dev/loop"
+        };
         assert!(
             devices[0].display().to_string().starts_with(want),
             "auto picked {devices:?}, expected {want}*"
@@ -998,18 +1066,21 @@ fn blockd_restart_while_mounted_and_written_is_invisible() {
         let mut env = Env::start(&[]).await;
         let id = env.volume("steady", "256M");
         let (staging, target) = env.mount(&id, "steady", mount_cap("ext4")).await;
-        // The attachment goes through csi-nbd-proxy, which outlives blockd restarts.
-        let work = std::fs::read_dir(env.shim.state_dir().join("attach"))
-            .expect("attach dir")
-            .filter_map(|e| e.ok())
-            .map(|e| e.path())
-            .next()
-            .expect("a work directory");
-        assert!(
-            work.join("proxy.sock").exists(),
-            "the FUSE server connects through csi-nbd-proxy: {:?}",
-            std::fs::read_dir(&work).map(|d| d.count())
-        );
+        if !ublk() {
+            // The attachment goes through csi-nbd-proxy, which outlives blockd restarts.
+            // (ublk needs none: the kernel holds the device, blockd recovers it.)
+            let work = std::fs::read_dir(env.shim.state_dir().join("attach"))
+                .expect("attach dir")
+                .filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .next()
+                .expect("a work directory");
+            assert!(
+                work.join("proxy.sock").exists(),
+                "the FUSE server connects through csi-nbd-proxy: {:?}",
+                std::fs::read_dir(&work).map(|d| d.count())
+            );
+        }
 
         let device = mount_of(&staging).expect("mounted").0;
         let mark = kernel_log().map(|l| l.len());

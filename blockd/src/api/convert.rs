@@ -1,6 +1,6 @@
 //! Conversions between engine values and `blockd.v1` messages.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use blockd_proto::model::{self, VolumeSource};
 use blockd_proto::v1;
@@ -9,8 +9,34 @@ use crate::engine::{
     FsckReport, GcStats, PoolInfo, Qos, QosPolicy, SnapshotInfo, Source, VolumeInfo, VolumeSpec,
 };
 
-/// The images currently exported, for the `exported` flags of listings.
-pub(crate) type Exported = HashSet<String>;
+/// The images currently exported over NBD and attached as ublk devices, for the
+/// `exported` and `ublk_device` fields of listings.
+#[derive(Debug, Default)]
+pub(crate) struct Exported {
+    nbd: HashSet<String>,
+    ublk: HashMap<String, u32>,
+}
+
+impl Exported {
+    /// What the engine records now.
+    pub(crate) fn of(engine: &crate::engine::Engine) -> Exported {
+        Exported {
+            nbd: engine.exported_images().into_iter().collect(),
+            ublk: engine.ublk_devices().into_iter().collect(),
+        }
+    }
+
+    fn contains(&self, image: &str) -> bool {
+        self.nbd.contains(image)
+    }
+
+    fn ublk_device(&self, image: &str) -> String {
+        self.ublk
+            .get(image)
+            .map(|id| format!("/dev/ublkb{id}"))
+            .unwrap_or_default()
+    }
+}
 
 pub(crate) fn pool(p: PoolInfo) -> v1::Pool {
     let ratio = if p.capacity_bytes == 0 {
@@ -78,6 +104,7 @@ pub(crate) fn create_policy(req: &model::CreateVolume) -> Option<QosPolicy> {
 
 pub(crate) fn volume(v: VolumeInfo, exported: &Exported) -> v1::Volume {
     let is_exported = exported.contains(&v.name);
+    let ublk_device = exported.ublk_device(&v.name);
     v1::Volume {
         source: v.source.map(|s| match s {
             Source::Snapshot(name) => v1::volume::Source::SourceSnapshot(name),
@@ -93,6 +120,7 @@ pub(crate) fn volume(v: VolumeInfo, exported: &Exported) -> v1::Volume {
         snapshot_count: v.snapshots,
         created_unix: v.created_unix,
         exported: is_exported,
+        ublk_device,
         id: v.id,
         source_id: v.source_id.unwrap_or_default(),
         source_deleted: v.source_deleted,
@@ -100,7 +128,8 @@ pub(crate) fn volume(v: VolumeInfo, exported: &Exported) -> v1::Volume {
 }
 
 pub(crate) fn snapshot(s: SnapshotInfo, exported: &Exported) -> v1::Snapshot {
-    let is_exported = exported.contains(&format!("{}@{}", s.volume, s.name));
+    let image = format!("{}@{}", s.volume, s.name);
+    let is_exported = exported.contains(&image);
     v1::Snapshot {
         name: s.name,
         volume: s.volume,
@@ -108,6 +137,7 @@ pub(crate) fn snapshot(s: SnapshotInfo, exported: &Exported) -> v1::Snapshot {
         size_bytes: s.size_bytes,
         created_unix: s.created_unix,
         exported: is_exported,
+        ublk_device: exported.ublk_device(&image),
         group: s.group.unwrap_or_default(),
         replica_of: s.replica_of.unwrap_or_default(),
         id: s.id,

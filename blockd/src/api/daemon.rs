@@ -64,6 +64,13 @@ impl DaemonService for DaemonApi {
                     volume_count: volumes as u64,
                     snapshot_count: snapshots as u64,
                     export_count: exports as u64,
+                    ublk_count: self.ctx.ublk.as_ref().map_or(0, |u| u.list().len() as u64),
+                    ublk: self
+                        .ctx
+                        .ublk
+                        .as_ref()
+                        .map(|u| u.support().describe())
+                        .unwrap_or_else(|| "unavailable: not served by this daemon".into()),
                     health,
                 }))
             })

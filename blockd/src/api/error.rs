@@ -35,6 +35,19 @@ impl From<EngineError> for Status {
     }
 }
 
+impl From<crate::ublk::UblkError> for Status {
+    fn from(err: crate::ublk::UblkError) -> Self {
+        use crate::ublk::UblkError;
+        match err {
+            UblkError::Engine(e) => Status::from(e),
+            UblkError::Unavailable { .. } | UblkError::InUse { .. } => {
+                Status::failed_precondition(err.to_string())
+            }
+            UblkError::Device { .. } => Status::internal(err.to_string()),
+        }
+    }
+}
+
 /// The error and its sources on one line, each said once.
 fn message(err: &EngineError) -> String {
     let mut text = err.to_string();

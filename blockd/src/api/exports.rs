@@ -3,6 +3,9 @@
 //! Whether an image is exported is engine state (persisted, so exports survive a
 //! restart); the NBD server asks the engine before it opens an image. This service only
 //! flips that state and tells the client where to connect.
+//!
+//! It also attaches images as ublk devices that blockd serves itself (`crate::ublk`),
+//! the other way a volume leaves blockd.
 
 use blockd_proto::model::ImageRef;
 use blockd_proto::nbd_uri::NbdUri;
@@ -104,6 +107,63 @@ impl ExportService for ExportApi {
             .await
     }
 
+    async fn attach_ublk(
+        &self,
+        request: Request<v1::AttachUblkRequest>,
+    ) -> Result<Response<v1::AttachUblkResponse>, Status> {
+        let span = tracing::info_span!("attach_ublk", image = %request.get_ref().image);
+        self.ctx
+            .rpc("AttachUblk", span, async {
+                let image = ImageRef::try_from(request.into_inner())?;
+                let name = image.to_string();
+                let (device, changed) = self.ctx.run_ublk(move |u| u.attach(&name)).await?;
+                Ok(Response::new(v1::AttachUblkResponse {
+                    device: Some(ublk_device(device)),
+                    changed,
+                }))
+            })
+            .await
+    }
+
+    async fn detach_ublk(
+        &self,
+        request: Request<v1::DetachUblkRequest>,
+    ) -> Result<Response<v1::DetachUblkResponse>, Status> {
+        let span = tracing::info_span!("detach_ublk", image = %request.get_ref().image);
+        self.ctx
+            .rpc("DetachUblk", span, async {
+                let image = ImageRef::try_from(request.into_inner())?;
+                let name = image.to_string();
+                if self.ctx.ublk.is_none() {
+                    return Ok(Response::new(v1::DetachUblkResponse { changed: false }));
+                }
+                let changed = self.ctx.run_ublk(move |u| u.detach(&name)).await?;
+                Ok(Response::new(v1::DetachUblkResponse { changed }))
+            })
+            .await
+    }
+
+    async fn list_ublk(
+        &self,
+        _request: Request<v1::ListUblkRequest>,
+    ) -> Result<Response<v1::ListUblkResponse>, Status> {
+        let span = tracing::info_span!("list_ublk");
+        self.ctx
+            .rpc("ListUblk", span, async {
+                let devices = self
+                    .ctx
+                    .ublk
+                    .as_ref()
+                    .map(|u| u.list())
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(ublk_device)
+                    .collect();
+                Ok(Response::new(v1::ListUblkResponse { devices }))
+            })
+            .await
+    }
+
     async fn list_exports(
         &self,
         _request: Request<v1::ListExportsRequest>,
@@ -124,5 +184,16 @@ impl ExportService for ExportApi {
                 Ok(Response::new(v1::ListExportsResponse { exports }))
             })
             .await
+    }
+}
+
+fn ublk_device(d: crate::ublk::UblkDeviceInfo) -> v1::UblkDevice {
+    v1::UblkDevice {
+        image: d.image,
+        device: d.device,
+        dev_id: d.dev_id,
+        read_only: d.read_only,
+        state: d.state,
+        data_path: d.data_path,
     }
 }

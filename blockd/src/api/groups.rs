@@ -22,7 +22,7 @@ impl GroupSnapshotApi {
 }
 
 fn exported(engine: &crate::engine::Engine) -> Exported {
-    engine.exported_images().into_iter().collect()
+    Exported::of(engine)
 }
 
 fn group(g: GroupSnapshotInfo, exported: &Exported) -> v1::GroupSnapshot {

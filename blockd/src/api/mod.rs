@@ -108,6 +108,9 @@ pub struct ApiContext {
     /// The NBD server, told to close the connections of an image that stops being
     /// exported. None when the daemon serves no NBD (tests of the API alone).
     pub nbd: Option<crate::nbd::Server>,
+    /// The ublk devices blockd serves. None when the daemon serves none (tests of the
+    /// API alone); AttachUblk is then FAILED_PRECONDITION.
+    pub ublk: Option<crate::ublk::UblkFrontend>,
 }
 
 impl std::fmt::Debug for ApiContext {
@@ -127,6 +130,61 @@ impl ApiContext {
             metrics,
             info: Arc::new(info),
             nbd: None,
+            ublk: None,
+        }
+    }
+
+    /// Lets the API attach images as ublk devices.
+    pub fn with_ublk(mut self, ublk: crate::ublk::UblkFrontend) -> Self {
+        self.ublk = Some(ublk);
+        self
+    }
+
+    /// The ublk device `image` is attached as, if any.
+    pub(crate) fn ublk_device(&self, image: &str) -> Option<String> {
+        self.ublk.as_ref().and_then(|u| u.device_of(image))
+    }
+
+    /// Refuses `action` on `image` with FAILED_PRECONDITION while it is attached as a
+    /// ublk device, unless `force` (then the device is detached first, which still
+    /// refuses while it is mounted).
+    pub(crate) async fn refuse_if_ublk(
+        &self,
+        image: &str,
+        force: bool,
+        action: &str,
+    ) -> Result<(), Status> {
+        let Some(device) = self.ublk_device(image) else {
+            return Ok(());
+        };
+        if !force {
+            return Err(Status::failed_precondition(format!(
+                "Cannot {action} {image:?}: it is attached as ublk device {device}; \
+                 detach it first (`blockctl detach {image}`; with csi-shim, unstage the \
+                 volume)"
+            )));
+        }
+        let name = image.to_string();
+        tracing::warn!(image, device = %device, "forced: detaching the ublk device");
+        self.run_ublk(move |u| u.detach(&name).map(|_| ())).await?;
+        Ok(())
+    }
+
+    /// Runs a blocking ublk frontend call on the blocking pool, inside the current span.
+    pub(crate) async fn run_ublk<T, F>(&self, f: F) -> Result<T, Status>
+    where
+        F: FnOnce(&crate::ublk::UblkFrontend) -> Result<T, crate::ublk::UblkError> + Send + 'static,
+        T: Send + 'static,
+    {
+        let Some(ublk) = self.ublk.clone() else {
+            return Err(Status::failed_precondition(
+                "This blockd serves no ublk devices",
+            ));
+        };
+        let span = tracing::Span::current();
+        match tokio::task::spawn_blocking(move || span.in_scope(|| f(&ublk))).await {
+            Ok(result) => result.map_err(Status::from),
+            Err(join) => Err(error::join_error(join)),
         }
     }
 

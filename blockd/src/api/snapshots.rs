@@ -20,7 +20,7 @@ impl SnapshotApi {
 }
 
 fn exported(engine: &crate::engine::Engine) -> Exported {
-    engine.exported_images().into_iter().collect()
+    Exported::of(engine)
 }
 
 #[tonic::async_trait]
@@ -109,6 +109,17 @@ impl SnapshotService for SnapshotApi {
         self.ctx
             .rpc("DeleteSnapshot", span, async {
                 let name = SnapshotName::try_from(request.into_inner())?;
+                let probe = name.clone();
+                let attached = self
+                    .ctx
+                    .run(move |e| {
+                        let info = e.snapshot(probe.as_str())?;
+                        Ok(format!("{}@{}", info.volume, info.name))
+                    })
+                    .await?;
+                self.ctx
+                    .refuse_if_ublk(&attached, false, "delete snapshot")
+                    .await?;
                 let image = self
                     .ctx
                     .run(move |e| {

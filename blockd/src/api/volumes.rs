@@ -30,7 +30,7 @@ impl VolumeApi {
 }
 
 fn exported(engine: &crate::engine::Engine) -> Exported {
-    engine.exported_images().into_iter().collect()
+    Exported::of(engine)
 }
 
 #[tonic::async_trait]
@@ -121,6 +121,9 @@ impl VolumeService for VolumeApi {
                         format!("blockctl volume delete {} --force", name.as_str())
                     })
                     .await?;
+                self.ctx
+                    .refuse_if_ublk(name.as_str(), force, "delete volume")
+                    .await?;
                 let deleted = name.clone();
                 self.ctx
                     .run(move |e| e.delete_volume(deleted.as_str()))
@@ -154,6 +157,11 @@ impl VolumeService for VolumeApi {
                         Ok((info, exported(e)))
                     })
                     .await?;
+                if let Some(ublk) = self.ctx.ublk.clone() {
+                    // An attached device follows the new size where the kernel can.
+                    let (name, size) = (info.name.clone(), info.size_bytes);
+                    let _ = tokio::task::spawn_blocking(move || ublk.resized(&name, size)).await;
+                }
                 Ok(Response::new(convert::volume(info, &exported)))
             })
             .await

@@ -37,6 +37,28 @@ impl Engine {
         self.commit()
     }
 
+    /// Makes every mapping changed so far durable (with the data it points to), or
+    /// returns at once when none is pending. Unlike [`Engine::flush`] it does not sync
+    /// devices that only took in-place overwrites of committed chunks: those already
+    /// survive a crash of this process (not of the machine), which is what a frontend
+    /// that acknowledges writes without a journal of its own (ublk) needs before it
+    /// answers. A commit already running when it is called has finished when it returns.
+    pub fn commit_pending(&self) -> Result<()> {
+        {
+            let inner = self.inner();
+            // Waits for a running commit: its batch is durable once we hold the lock.
+            let _one = inner.commit_lock.lock();
+            let st = inner.state.lock();
+            if let Some(f) = &st.failed {
+                return Err(EngineError::Failed(f.clone()));
+            }
+            if st.pending.is_empty() && st.pending_frees.is_empty() {
+                return Ok(());
+            }
+        }
+        self.commit()
+    }
+
     /// One group commit (see the module docs). After a failure the engine is failed,
     /// except when the metadata file system is full: then the engine keeps the batch and
     /// runs degraded until a later commit succeeds (`meta_space`).

@@ -165,6 +165,7 @@ impl Engine {
                 origin: volume.clone(),
                 created_unix: created,
                 exported: false,
+                ublk_device: None,
                 group: group.to_string(),
                 uuid: records::new_id(),
                 origin_id: st.images[vid].uuid.clone(),

@@ -185,6 +185,7 @@ impl Engine {
             origin: String::new(),
             created_unix: now_unix(),
             exported: false,
+            ublk_device: None,
             group: String::new(),
             uuid: records::new_id(),
             origin_id: String::new(),
@@ -315,6 +316,7 @@ impl Engine {
             origin: volume.to_string(),
             created_unix: now_unix(),
             exported: false,
+            ublk_device: None,
             group: String::new(),
             uuid: records::new_id(),
             origin_id,
@@ -446,6 +448,45 @@ impl Engine {
             .map(|i| match i.kind {
                 ImageKind::Volume => i.name.clone(),
                 ImageKind::Snapshot => format!("{}@{}", i.origin, i.name),
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Records that an image ("VOL" or "VOL@SNAP") is attached as ublk device `device`
+    /// (None: detached); persisted, so the attachment is recovered after a restart.
+    /// Returns whether anything changed.
+    pub fn set_ublk_device(&self, image: &str, device: Option<u32>) -> Result<bool> {
+        let _ctl = self.inner.control.lock();
+        let mut st = self.inner.state.lock();
+        Self::check_writable(&st)?;
+        let id = Self::image_id(&st, image)?;
+        let img = st.images.get_mut(&id).expect("indexed");
+        if img.ublk_device == device {
+            return Ok(false);
+        }
+        img.ublk_device = device;
+        let rec = img.clone();
+        image_put(&mut st.pending, id, &rec);
+        drop(st);
+        self.commit()?;
+        Ok(true)
+    }
+
+    /// Images attached as ublk devices, as ("VOL" or "VOL@SNAP", device id), sorted by
+    /// image.
+    pub fn ublk_devices(&self) -> Vec<(String, u32)> {
+        let st = self.inner.state.lock();
+        let mut v: Vec<(String, u32)> = st
+            .images
+            .values()
+            .filter_map(|i| {
+                let dev = i.ublk_device?;
+                Some(match i.kind {
+                    ImageKind::Volume => (i.name.clone(), dev),
+                    ImageKind::Snapshot => (format!("{}@{}", i.origin, i.name), dev),
+                })
             })
             .collect();
         v.sort();

@@ -69,6 +69,10 @@ pub struct ImageRecord {
     pub created_unix: u64,
     #[serde(default)]
     pub exported: bool,
+    /// The ublk device (`/dev/ublkbN`, N) the image is attached as, kept so that blockd
+    /// recovers the device after a restart (see `crate::ublk`). None: not attached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ublk_device: Option<u32>,
     /// Snapshots: the group snapshot this one belongs to (empty: none). See `engine::group`.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub group: String,

@@ -90,6 +90,12 @@ struct IoLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct UblkLabels {
+    image: String,
+    device: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct RpcLabels {
     method: &'static str,
     code: String,
@@ -121,6 +127,7 @@ struct Inner {
     rpc_requests: Family<RpcLabels, Counter>,
     rpc_latency: HistogramFamily<MethodLabels>,
     gc_backlog: Gauge,
+    ublk_devices: Family<UblkLabels, Gauge>,
     source: Arc<OnceLock<engine_collector::Source>>,
 }
 
@@ -156,9 +163,10 @@ impl Metrics {
         let rpc_latency: HistogramFamily<MethodLabels> =
             Family::new_with_constructor(rpc_latency_histogram);
         let gc_backlog = Gauge::default();
+        let ublk_devices = Family::<UblkLabels, Gauge>::default();
         registry.register(
             "blockd_volume_ops",
-            "NBD operations completed, by image and operation",
+            "I/O operations completed (NBD and ublk), by image and operation",
             io_ops.clone(),
         );
         registry.register(
@@ -168,12 +176,12 @@ impl Metrics {
         );
         registry.register(
             "blockd_volume_errors",
-            "NBD operations that failed, by image and operation",
+            "I/O operations that failed (NBD and ublk), by image and operation",
             io_errors.clone(),
         );
         registry.register(
             "blockd_volume_op_duration_seconds",
-            "Latency of NBD operations, by image and operation",
+            "Latency of I/O operations (NBD and ublk), by image and operation",
             io_latency.clone(),
         );
         registry.register(
@@ -191,6 +199,11 @@ impl Metrics {
             "Map entries the last garbage-collection pass left to examine",
             gc_backlog.clone(),
         );
+        registry.register(
+            "blockd_ublk_device",
+            "Images attached as ublk devices: 1 while the device serves I/O, 0 while it is being recovered or has failed",
+            ublk_devices.clone(),
+        );
         let source = Arc::new(OnceLock::new());
         registry.register_collector(Box::new(engine_collector::EngineCollector::new(
             source.clone(),
@@ -205,9 +218,29 @@ impl Metrics {
                 rpc_requests,
                 rpc_latency,
                 gc_backlog,
+                ublk_devices,
                 source,
             }),
         }
+    }
+
+    /// Records the state of the ublk device of `image`: serving I/O (`live`) or not.
+    pub fn set_ublk_device(&self, image: &str, device: &str, live: bool) {
+        self.inner
+            .ublk_devices
+            .get_or_create(&UblkLabels {
+                image: image.to_string(),
+                device: device.to_string(),
+            })
+            .set(i64::from(live));
+    }
+
+    /// Forgets the ublk device of `image` (detached).
+    pub fn forget_ublk_device(&self, image: &str, device: &str) {
+        self.inner.ublk_devices.remove(&UblkLabels {
+            image: image.to_string(),
+            device: device.to_string(),
+        });
     }
 
     /// Makes scrapes report the engine's pools, volumes and counters, and the metadata

@@ -97,7 +97,7 @@ impl NodeService {
     pub async fn start(driver: Arc<Driver>) -> anyhow::Result<Self> {
         let store = StateStore::open(&driver.args.state_dir.join("volumes"))?;
         let ephemeral = StateStore::open(&driver.args.state_dir.join("ephemeral"))?;
-        let attacher = Attacher::new(&driver.args);
+        let attacher = Attacher::new(&driver.args, driver.blockd.clone());
         let mut records = BTreeMap::new();
         for record in store.load_all()? {
             match record.attachment.problem() {
@@ -127,6 +127,11 @@ impl NodeService {
             state_dir = %driver.args.state_dir.display(),
             "node service ready"
         );
+        if driver.args.attach == crate::config::AttachMode::Ublk {
+            if let Some(reason) = attach::ublk::unavailable() {
+                tracing::warn!(reason = %reason, "--attach ublk cannot stage volumes on this node");
+            }
+        }
         if driver.args.attach == crate::config::AttachMode::Nbd {
             if let Some(reason) = attach::kernel_nbd_unavailable() {
                 tracing::warn!(reason = %reason, "--attach nbd cannot stage volumes on this node");

@@ -1,11 +1,14 @@
 //! Attachers: how a blockd export becomes a block device on this node.
 //!
 //! ```text
+//!   blockd ── ublk (blockd serves the device itself) ─────────────────→ /dev/ublkbN
 //!   blockd NBD socket ──(csi-nbd-proxy, when installed)──┬─ kernel nbd (netlink) → /dev/nbdN
 //!                                                       └─ csi-fuse-nbd (or nbdfuse) → FUSE file
 //!                                                            → loop (direct I/O) → /dev/loopN
 //! ```
 //!
+//! - ublk, where the kernel has it (see [`ublk`]): blockd creates and serves the device
+//!   itself and recovers it in place after its own restart; csi-shim only asks.
 //! - Kernel NBD, configured over generic netlink, where the `nbd` module is loaded (see
 //!   [`kernel_nbd`]: several connections per device, online grow, prompt detach, and
 //!   reconnect to a new proxy).
@@ -14,7 +17,7 @@
 //!   is `csi-fuse-nbd` (see [`crate::fuse`]; its file grows with the export, so volumes
 //!   expand online) when installed next to csi-shim, else `nbdfuse` (fixed size).
 //!
-//! `--attach auto` picks kernel NBD when the module is present, fuse-loop otherwise.
+//! `--attach auto` prefers ublk, then kernel NBD, then fuse-loop, and logs why it chose.
 //!
 //! Invariants:
 //! - every process an attachment needs (nbdfuse, the proxy) runs in its own session
@@ -29,6 +32,7 @@ pub mod fuse_loop;
 pub mod kernel_nbd;
 pub mod nbd_client;
 pub mod nbd_netlink;
+pub mod ublk;
 
 use std::path::{Path, PathBuf};
 
@@ -66,13 +70,21 @@ pub enum Attachment {
         /// The NBD socket the kernel was given (the proxy's, or blockd's).
         socket: PathBuf,
     },
+    Ublk {
+        /// The blockd image the device shows.
+        image: String,
+        /// `/dev/ublkbN`.
+        device: PathBuf,
+    },
 }
 
 impl Attachment {
     /// The block device a file system or a publication uses.
     pub fn device(&self) -> &Path {
         match self {
-            Attachment::FuseLoop { device, .. } | Attachment::KernelNbd { device, .. } => device,
+            Attachment::FuseLoop { device, .. }
+            | Attachment::KernelNbd { device, .. }
+            | Attachment::Ublk { device, .. } => device,
         }
     }
 
@@ -86,6 +98,7 @@ impl Attachment {
                 proxy_pid,
                 ..
             } => kernel_nbd::problem(dir, *index, *proxy_pid),
+            Attachment::Ublk { device, .. } => ublk::problem(device),
         }
     }
 }
@@ -93,6 +106,7 @@ impl Attachment {
 /// Which attacher a node uses, resolved from `--attach`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
+    Ublk,
     KernelNbd,
     FuseLoop,
 }
@@ -100,6 +114,7 @@ pub enum Kind {
 impl Kind {
     pub fn name(self) -> &'static str {
         match self {
+            Kind::Ublk => "ublk",
             Kind::KernelNbd => "kernel nbd",
             Kind::FuseLoop => "fuse-loop",
         }
@@ -130,6 +145,46 @@ pub fn kernel_nbd_unavailable() -> Option<String> {
     )
 }
 
+/// The attacher `--attach auto` takes: ublk, then kernel NBD, then fuse-loop; and why,
+/// for the log.
+fn auto_kind(ublk_missing: Option<String>, nbd_missing: Option<String>) -> (Kind, String) {
+    match (ublk_missing, nbd_missing) {
+        (None, _) => (
+            Kind::Ublk,
+            "the kernel has ublk (/dev/ublk-control): blockd serves the devices itself and \
+             recovers them in place after a restart"
+                .to_string(),
+        ),
+        (Some(no_ublk), None) => (
+            Kind::KernelNbd,
+            format!("no ublk ({no_ublk}); the kernel nbd module answers"),
+        ),
+        (Some(no_ublk), Some(no_nbd)) => (
+            Kind::FuseLoop,
+            format!("no ublk ({no_ublk}); no kernel NBD ({no_nbd})"),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_prefers_ublk_then_nbd_then_fuse_loop() {
+        let no = || Some("missing".to_string());
+        assert_eq!(auto_kind(None, None).0, Kind::Ublk);
+        assert_eq!(auto_kind(None, no()).0, Kind::Ublk);
+        assert_eq!(auto_kind(no(), None).0, Kind::KernelNbd);
+        let (kind, why) = auto_kind(no(), no());
+        assert_eq!(kind, Kind::FuseLoop);
+        assert!(
+            why.contains("no ublk") && why.contains("no kernel NBD"),
+            "{why}"
+        );
+    }
+}
+
 /// Attaches and detaches volumes for the node service.
 #[derive(Debug)]
 pub struct Attacher {
@@ -140,19 +195,20 @@ pub struct Attacher {
     root: PathBuf,
     /// Helper binaries installed next to csi-shim.
     helpers: fuse_loop::Helpers,
+    /// blockd, which attaches ublk devices.
+    blockd: crate::blockd::Blockd,
 }
 
 impl Attacher {
-    pub fn new(args: &Args) -> Self {
+    pub fn new(args: &Args, blockd: crate::blockd::Blockd) -> Self {
         let kind = match args.attach {
             AttachMode::FuseLoop => Kind::FuseLoop,
             AttachMode::Nbd => Kind::KernelNbd,
+            AttachMode::Ublk => Kind::Ublk,
             AttachMode::Auto => {
-                if kernel_nbd_unavailable().is_none() {
-                    Kind::KernelNbd
-                } else {
-                    Kind::FuseLoop
-                }
+                let (kind, why) = auto_kind(ublk::unavailable(), kernel_nbd_unavailable());
+                tracing::info!(attacher = kind.name(), reason = %why, "--attach auto chose");
+                kind
             }
         };
         let beside = |name: &str| {
@@ -171,6 +227,7 @@ impl Attacher {
             nbd_connections: args.nbd_connections(),
             root: args.state_dir.join("attach"),
             helpers,
+            blockd,
         }
     }
 
@@ -187,6 +244,13 @@ impl Attacher {
     pub fn check(&self) -> Result<()> {
         match self.kind {
             Kind::FuseLoop => Ok(()),
+            Kind::Ublk => match ublk::unavailable() {
+                None => Ok(()),
+                Some(reason) => Err(NodeError::AttachUnavailable {
+                    mode: Kind::Ublk.name(),
+                    reason,
+                }),
+            },
             Kind::KernelNbd => match kernel_nbd_unavailable() {
                 None => Ok(()),
                 Some(reason) => Err(NodeError::AttachUnavailable {
@@ -200,6 +264,10 @@ impl Attacher {
     /// Attaches blockd image `volume`, exported at `uri`.
     pub async fn attach(&self, volume_id: &str, volume: &str, uri: &str) -> Result<Attachment> {
         match self.kind {
+            Kind::Ublk => {
+                self.check()?;
+                ublk::attach(&self.blockd, volume).await
+            }
             Kind::FuseLoop => {
                 let dir = self.work_dir(volume_id);
                 fuse_loop::attach(&dir, volume, uri, &self.helpers).await
@@ -219,7 +287,18 @@ impl Attacher {
             Some(Attachment::FuseLoop { dir, .. } | Attachment::KernelNbd { dir, .. }) => {
                 dir.clone()
             }
-            None => self.work_dir(volume_id),
+            Some(Attachment::Ublk { image, .. }) => {
+                return ublk::detach(&self.blockd, image).await;
+            }
+            None => {
+                if self.kind == Kind::Ublk {
+                    // A stage that crashed before its record: blockd may hold a device.
+                    if let Ok(id) = crate::ids::VolumeId::parse(volume_id) {
+                        ublk::detach(&self.blockd, &id.volume).await?;
+                    }
+                }
+                self.work_dir(volume_id)
+            }
         };
         if dir.join("nbd.index").exists() {
             kernel_nbd::detach(&dir).await
@@ -235,6 +314,23 @@ impl Attacher {
             Attachment::KernelNbd {
                 dir, index, device, ..
             } => kernel_nbd::refresh_size(dir, *index, device, volume_size).await,
+            // blockd resizes its device itself (where the kernel can): report what the
+            // device shows, and say so when it lags behind the volume.
+            Attachment::Ublk { device, .. } => {
+                let size = ublk::device_size(device)?;
+                if size < volume_size {
+                    return Err(NodeError::OnlineGrowUnsupported {
+                        device: device.clone(),
+                        device_size: size,
+                        volume_size,
+                        detail: "this kernel cannot resize a live ublk device \
+                                 (UBLK_F_UPDATE_SIZE, Linux 6.16+); unstage and stage the \
+                                 volume again to see the new size"
+                            .to_string(),
+                    });
+                }
+                Ok(size)
+            }
         }
     }
 

@@ -106,6 +106,35 @@ pub enum Command {
     /// Lists the exported images with their NBD URIs.
     Exports,
 
+    /// Attaches VOLUME (read-write) or VOLUME@SNAP (read-only) as a local block device
+    /// that blockd serves itself, and prints its path (one line, e.g. /dev/ublkb0).
+    ///
+    /// ublk needs Linux 6.0 or later with the ublk_drv module loaded. Idempotent:
+    /// attaching an attached image prints the same device. Attachments survive a blockd
+    /// restart, SIGKILL included: the next blockd (same state directory) takes the device
+    /// over, and I/O that was in flight is reissued, so a mounted file system sees no
+    /// error. `-o json` prints the device as JSON.
+    #[command(after_help = "Examples:
+  blockctl attach vol1 --ublk                 # prints /dev/ublkb0
+  mkfs.ext4 \"$(blockctl attach vol1 --ublk)\"
+  blockctl attach vol1@snap1 --ublk           # a read-only device
+  blockctl attach vol1 --ublk -o json")]
+    Attach {
+        /// VOLUME or VOLUME@SNAP.
+        image: String,
+        /// Attach through ublk (the only kind blockd serves itself; kernel NBD and
+        /// fuse-loop attachments are csi-shim's, over `blockctl export`).
+        #[arg(long, required = true)]
+        ublk: bool,
+    },
+
+    /// Removes the image's ublk device. Refused while it is mounted or open.
+    #[command(after_help = "Examples:\n  umount /mnt/vol1 && blockctl detach vol1")]
+    Detach {
+        /// VOLUME or VOLUME@SNAP.
+        image: String,
+    },
+
     /// Checks the metadata (chunk map, allocator, intents); exits 0 only when consistent.
     #[command(after_help = "Examples:\n  blockctl fsck\n  blockctl fsck --repair")]
     Fsck {

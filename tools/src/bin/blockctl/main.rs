@@ -200,11 +200,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Status => {
             let status = api.daemon.get_status(v1::GetStatusRequest {}).await?;
-            show(
-                out,
-                &StatusView::from(status.into_inner()),
-                render::status_details,
-            )
+            let mut view = StatusView::from(status.into_inner());
+            view.ublk_devices = api
+                .exports
+                .list_ublk(v1::ListUblkRequest {})
+                .await?
+                .into_inner()
+                .devices
+                .into_iter()
+                .map(Into::into)
+                .collect();
+            show(out, &view, render::status_details)
         }
         Command::Pool(cmd) => pool(&mut api, out, cmd).await,
         Command::Volume(cmd) => volume(&mut api, out, cmd).await,
@@ -244,6 +250,38 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 format!("unexported {image:?}")
             } else {
                 format!("{image:?} was not exported")
+            };
+            confirm(
+                out,
+                &serde_json::json!({ "image": image, "changed": resp.changed }),
+                line,
+            )
+        }
+        Command::Attach { image, ublk: _ } => {
+            let resp = api
+                .exports
+                .attach_ublk(v1::AttachUblkRequest { image })
+                .await?
+                .into_inner();
+            let device = resp
+                .device
+                .ok_or_else(|| anyhow::anyhow!("blockd answered an attach without a device"))?;
+            let view = render::UblkView::from(device);
+            let line = view.device.clone();
+            confirm(out, &view, line)
+        }
+        Command::Detach { image } => {
+            let resp = api
+                .exports
+                .detach_ublk(v1::DetachUblkRequest {
+                    image: image.clone(),
+                })
+                .await?
+                .into_inner();
+            let line = if resp.changed {
+                format!("detached {image:?}")
+            } else {
+                format!("{image:?} was not attached")
             };
             confirm(
                 out,

@@ -85,6 +85,8 @@ pub struct VolumeView {
     pub snapshot_count: u64,
     pub created_unix: u64,
     pub exported: bool,
+    /// The ublk device it is attached as (`/dev/ublkbN`), if any.
+    pub ublk_device: Option<String>,
 }
 
 impl From<v1::Volume> for VolumeView {
@@ -112,6 +114,7 @@ impl From<v1::Volume> for VolumeView {
             snapshot_count: v.snapshot_count,
             created_unix: v.created_unix,
             exported: v.exported,
+            ublk_device: (!v.ublk_device.is_empty()).then_some(v.ublk_device),
         }
     }
 }
@@ -164,6 +167,8 @@ pub struct SnapshotView {
     pub size_bytes: u64,
     pub created_unix: u64,
     pub exported: bool,
+    /// The read-only ublk device VOLUME@SNAP is attached as, if any.
+    pub ublk_device: Option<String>,
     /// The group snapshot it belongs to, if any.
     pub group: Option<String>,
     /// The id of the snapshot this one reproduces (taken by `import-diff`), if any.
@@ -185,6 +190,7 @@ impl From<v1::Snapshot> for SnapshotView {
             size_bytes: s.size_bytes,
             created_unix: s.created_unix,
             exported: s.exported,
+            ublk_device: (!s.ublk_device.is_empty()).then_some(s.ublk_device),
         }
     }
 }
@@ -237,6 +243,34 @@ pub struct StatusView {
     pub snapshot_count: u64,
     pub export_count: u64,
     pub health: String,
+    /// What the kernel's ublk driver offers ("unavailable: ..." or "available: ...").
+    pub ublk: String,
+    /// The images attached as ublk devices.
+    pub ublk_devices: Vec<UblkView>,
+}
+
+/// One ublk device (`blockctl attach`, `blockctl status`).
+#[derive(Debug, Serialize)]
+pub struct UblkView {
+    pub image: String,
+    pub device: String,
+    pub read_only: bool,
+    /// "live", "recovering", "starting" or "failed: <reason>".
+    pub state: String,
+    /// "copy" or "zero-copy".
+    pub data_path: String,
+}
+
+impl From<v1::UblkDevice> for UblkView {
+    fn from(d: v1::UblkDevice) -> Self {
+        UblkView {
+            image: d.image,
+            device: d.device,
+            read_only: d.read_only,
+            state: d.state,
+            data_path: d.data_path,
+        }
+    }
 }
 
 impl From<v1::DaemonStatus> for StatusView {
@@ -255,6 +289,8 @@ impl From<v1::DaemonStatus> for StatusView {
             snapshot_count: s.snapshot_count,
             export_count: s.export_count,
             health: s.health,
+            ublk: s.ublk,
+            ublk_devices: Vec::new(),
         }
     }
 }
@@ -479,6 +515,10 @@ pub fn volume_details(v: &VolumeView) -> Table {
         ("qos", v.qos_text()),
         ("snapshots", v.snapshot_count.to_string()),
         ("exported", yes_no(v.exported).to_string()),
+        (
+            "ublk device",
+            v.ublk_device.clone().unwrap_or_else(|| "-".into()),
+        ),
         ("created", format_time(v.created_unix)),
     ]);
     details(rows)
@@ -541,6 +581,10 @@ pub fn snapshot_details(s: &SnapshotView) -> Table {
         ("pool", s.pool.clone()),
         ("size", size_with_bytes(s.size_bytes)),
         ("exported", yes_no(s.exported).to_string()),
+        (
+            "ublk device",
+            s.ublk_device.clone().unwrap_or_else(|| "-".into()),
+        ),
         ("created", format_time(s.created_unix)),
         ("group", s.group.clone().unwrap_or_else(|| "-".into())),
         (
@@ -601,6 +645,19 @@ pub fn status_details(s: &StatusView) -> Table {
         ("volumes", s.volume_count.to_string()),
         ("snapshots", s.snapshot_count.to_string()),
         ("exports", s.export_count.to_string()),
+        ("ublk", s.ublk.clone()),
+        (
+            "ublk devices",
+            if s.ublk_devices.is_empty() {
+                "-".to_string()
+            } else {
+                s.ublk_devices
+                    .iter()
+                    .map(|d| format!("{} {} ({})", d.device, d.image, d.state))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+        ),
         ("health", s.health.clone()),
     ])
 }
