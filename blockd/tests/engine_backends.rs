@@ -9,12 +9,15 @@ use std::sync::Arc;
 
 use blockd::device::mem::MemDevice;
 use blockd::device::{open_path, BlockDevice, EngineChoice, IoEngine};
-use blockd::engine::{Engine, EngineError, PoolSpec, Qos, Source, VolumeSpec};
+use blockd::engine::{Engine, EngineError, PoolSpec, Source};
 use blockd::meta::mem::MemStore;
 use blockd::meta::rocks::RocksStore;
 use blockd::meta::MetaStore;
 
 mod common;
+#[path = "common/volume_spec.rs"]
+mod volume_spec;
+use volume_spec::spec;
 
 const MIB: u64 = 1 << 20;
 
@@ -132,16 +135,6 @@ impl Fixture {
 
 fn display(p: &Path) -> String {
     p.display().to_string()
-}
-
-fn spec(name: &str, size: u64) -> VolumeSpec {
-    VolumeSpec {
-        name: name.into(),
-        pool: None,
-        size: Some(size),
-        source: None,
-        qos: Qos::default(),
-    }
 }
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {

@@ -15,13 +15,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use blockd::device::mem::MemDevice;
-use blockd::device::BlockDevice;
-use blockd::engine::{
-    DiffExtent, DiffTarget, Engine, EngineError, ExtentPage, PoolSpec, Source, VolumeSpec,
-};
+use blockd::engine::{DiffExtent, DiffTarget, Engine, EngineError, ExtentPage, Source, VolumeSpec};
 use blockd::meta::mem::MemStore;
-use blockd::meta::MetaStore;
 use proptest::prelude::*;
+
+#[path = "common/mem_engine.rs"]
+mod mem_engine;
+use mem_engine::{open, spec};
 
 const CHUNK: u64 = 8192;
 const POOL: u64 = 8 << 20;
@@ -118,15 +118,9 @@ impl Harness {
     fn new() -> Self {
         let meta = Arc::new(MemStore::new());
         let dev = Arc::new(MemDevice::new(POOL));
-        let engine = Self::open(&meta, &dev);
+        let engine = open(&meta, &dev, CHUNK);
         engine
-            .create_volume(&VolumeSpec {
-                name: "v".into(),
-                pool: None,
-                size: Some(VOL),
-                source: None,
-                qos: Default::default(),
-            })
+            .create_volume(&spec("v", VOL))
             .unwrap();
         Harness {
             meta,
@@ -137,16 +131,6 @@ impl Harness {
             snaps: BTreeMap::new(),
             next_snap: 0,
         }
-    }
-
-    fn open(meta: &Arc<MemStore>, dev: &Arc<MemDevice>) -> Engine {
-        let spec = PoolSpec {
-            name: "p".into(),
-            device: dev.clone() as Arc<dyn BlockDevice>,
-            chunk_size: CHUNK,
-            path: "mem".into(),
-        };
-        Engine::open(meta.clone() as Arc<dyn MetaStore>, vec![spec]).expect("engine opens")
     }
 
     fn pick(&self, clone: bool) -> usize {
@@ -268,7 +252,7 @@ impl Harness {
             }
             Op::Reopen => {
                 self.engine.shutdown().unwrap();
-                self.engine = Self::open(&self.meta, &self.dev);
+                self.engine = open(&self.meta, &self.dev, CHUNK);
             }
         }
     }
@@ -494,13 +478,7 @@ proptest! {
 fn delta_of_unrelated_volumes_names_both() {
     let h = Harness::new();
     h.engine
-        .create_volume(&VolumeSpec {
-            name: "w".into(),
-            pool: None,
-            size: Some(VOL),
-            source: None,
-            qos: Default::default(),
-        })
+        .create_volume(&spec("w", VOL))
         .unwrap();
     h.engine.create_snapshot("v", "a").unwrap();
     h.engine.create_snapshot("w", "b").unwrap();

@@ -7,11 +7,15 @@ use std::sync::Arc;
 use blockd::device::faulty::FaultyDevice;
 use blockd::device::mem::MemDevice;
 use blockd::device::BlockDevice;
-use blockd::engine::{Engine, EngineError, PoolSpec, Qos, Source, VolumeSpec};
+use blockd::engine::{Engine, EngineError, PoolSpec, Source};
 use blockd::fault::FaultClock;
 use blockd::meta::keys;
 use blockd::meta::mem::MemStore;
 use blockd::meta::{Cf, MetaStore, WriteBatch};
+
+#[path = "common/volume_spec.rs"]
+mod volume_spec;
+use volume_spec::spec;
 
 const CHUNK: u64 = 16 * 1024;
 const MIB: u64 = 1 << 20;
@@ -22,16 +26,6 @@ fn pool(name: &str, dev: Arc<dyn BlockDevice>) -> PoolSpec {
         device: dev,
         chunk_size: CHUNK,
         path: format!("mem:{name}"),
-    }
-}
-
-fn spec(name: &str, size: u64) -> VolumeSpec {
-    VolumeSpec {
-        name: name.into(),
-        pool: None,
-        size: Some(size),
-        source: None,
-        qos: Qos::default(),
     }
 }
 

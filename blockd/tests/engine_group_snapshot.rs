@@ -13,6 +13,8 @@ use blockd::meta::mem::MemStore;
 mod mem_engine;
 use mem_engine::{open, spec};
 
+/// The pool's chunk size.
+const CHUNK: u64 = 64 << 10;
 const BLOCK: usize = 4096;
 
 fn stamp(n: u64) -> Vec<u8> {
@@ -45,7 +47,7 @@ fn names(v: &[&str]) -> Vec<String> {
 fn members_share_one_instant_under_ordered_writes() {
     let meta = Arc::new(MemStore::new());
     let dev = Arc::new(MemDevice::new(64 << 20));
-    let e = open(&meta, &dev);
+    let e = open(&meta, &dev, CHUNK);
     for v in ["a", "b", "c"] {
         e.create_volume(&spec(v, 1 << 20)).unwrap();
     }
@@ -109,7 +111,7 @@ fn members_share_one_instant_under_ordered_writes() {
 fn idempotent_errors_change_nothing_and_members_go_with_their_group() {
     let meta = Arc::new(MemStore::new());
     let dev = Arc::new(MemDevice::new(64 << 20));
-    let e = open(&meta, &dev);
+    let e = open(&meta, &dev, CHUNK);
     for v in ["db", "wal", "other"] {
         e.create_volume(&spec(v, 1 << 20)).unwrap();
     }
@@ -193,7 +195,7 @@ fn idempotent_errors_change_nothing_and_members_go_with_their_group() {
     // Survives a restart.
     e.shutdown().unwrap();
     drop((e, db, wal));
-    let e = open(&meta, &dev);
+    let e = open(&meta, &dev, CHUNK);
     let g2 = e.group_snapshot("nightly").unwrap();
     assert_eq!(g2, g);
     assert_eq!(counter(&e, "db@nightly-db"), 7);
