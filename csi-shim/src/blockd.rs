@@ -13,6 +13,10 @@ use blockd_proto::v1::group_snapshot_service_client::GroupSnapshotServiceClient;
 use blockd_proto::v1::pool_service_client::PoolServiceClient;
 use blockd_proto::v1::snapshot_service_client::SnapshotServiceClient;
 use blockd_proto::v1::volume_service_client::VolumeServiceClient;
+use blockd_proto::v1::{
+    DeleteVolumeRequest, DeleteVolumeResponse, GetSnapshotRequest, ListPoolsRequest, Pool,
+    Snapshot, UnexportRequest, UnexportResponse,
+};
 use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::{Code, Status};
@@ -76,6 +80,64 @@ impl Blockd {
         blockd_proto::v1::image_data_service_client::ImageDataServiceClient::new(
             self.channel.clone(),
         )
+    }
+
+    /// Every pool of this node's blockd.
+    pub async fn list_pools(&self) -> Result<Vec<Pool>, Status> {
+        Ok(self
+            .pools()
+            .list_pools(ListPoolsRequest::default())
+            .await
+            .map_err(|status| upstream("listing pools", status))?
+            .into_inner()
+            .pools)
+    }
+
+    /// blockd's snapshot `name`, or blockd's own error (NOT_FOUND when it has none).
+    pub async fn get_snapshot(&self, name: &str) -> Result<Snapshot, Status> {
+        let request = GetSnapshotRequest {
+            name: name.to_string(),
+        };
+        Ok(self.snapshots().get_snapshot(request).await?.into_inner())
+    }
+
+    /// Deletes volume `name`; `force` deletes it even with NBD clients connected. blockd's
+    /// own answer, for the caller to judge (NOT_FOUND: there was no such volume).
+    pub async fn delete_volume(
+        &self,
+        name: &str,
+        force: bool,
+    ) -> Result<DeleteVolumeResponse, Status> {
+        let request = DeleteVolumeRequest {
+            name: name.to_string(),
+            force,
+        };
+        Ok(self.volumes().delete_volume(request).await?.into_inner())
+    }
+
+    /// Takes back the NBD export of `image`; `force` drops its connected clients too.
+    /// blockd's own answer, for the caller to judge (NOT_FOUND: nothing was exported).
+    pub async fn unexport(&self, image: &str, force: bool) -> Result<UnexportResponse, Status> {
+        let request = UnexportRequest {
+            image: image.to_string(),
+            force,
+        };
+        Ok(self.exports().unexport(request).await?.into_inner())
+    }
+}
+
+/// The answer of a blockd call for which NOT_FOUND is an answer too (an idempotent delete
+/// or unexport that finds nothing left, a lookup that finds no such object): `Some` of the
+/// reply, `None` for NOT_FOUND, and any other failure through [`upstream`] with the
+/// context `context` builds.
+pub fn found<T>(
+    result: Result<T, Status>,
+    context: impl FnOnce() -> String,
+) -> Result<Option<T>, Status> {
+    match result {
+        Ok(reply) => Ok(Some(reply)),
+        Err(status) if status.code() == Code::NotFound => Ok(None),
+        Err(status) => Err(upstream(&context(), status)),
     }
 }
 

@@ -30,7 +30,7 @@ use blockd_proto::v1;
 use tonic::{Code, Request, Response, Status};
 
 use super::{traced, ControllerService};
-use crate::blockd::upstream;
+use crate::blockd::{found, upstream};
 use crate::ids::{blockd_name, IdError};
 use crate::Driver;
 
@@ -118,20 +118,9 @@ impl GroupControllerService {
         let request = v1::GetGroupSnapshotRequest {
             name: name.to_string(),
         };
-        match self
-            .driver()
-            .blockd
-            .groups()
-            .get_group_snapshot(request)
-            .await
-        {
-            Ok(group) => Ok(Some(group.into_inner())),
-            Err(status) if status.code() == Code::NotFound => Ok(None),
-            Err(status) => Err(upstream(
-                &format!("looking up group snapshot {name:?}"),
-                status,
-            )),
-        }
+        let result = self.driver().blockd.groups().get_group_snapshot(request).await;
+        let group = found(result, || format!("looking up group snapshot {name:?}"))?;
+        Ok(group.map(Response::into_inner))
     }
 
     /// `INVALID_ARGUMENT` unless `ids` names exactly the members of `group`.
@@ -294,15 +283,8 @@ impl GroupControllerService {
                 name: gid.group.clone(),
             })
             .await;
-        match result {
-            Ok(_) => tracing::info!(group = %gid, "deleted group snapshot"),
-            Err(status) if status.code() == Code::NotFound => {}
-            Err(status) => {
-                return Err(upstream(
-                    &format!("deleting group snapshot {:?}", gid.group),
-                    status,
-                ))
-            }
+        if found(result, || format!("deleting group snapshot {:?}", gid.group))?.is_some() {
+            tracing::info!(group = %gid, "deleted group snapshot");
         }
         Ok(DeleteVolumeGroupSnapshotResponse {})
     }

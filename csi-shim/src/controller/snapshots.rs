@@ -13,7 +13,7 @@ use tonic::{Code, Status};
 
 use super::volumes::page;
 use super::{ControllerService, Located};
-use crate::blockd::upstream;
+use crate::blockd::{found, upstream};
 use crate::ids::{blockd_name, SnapshotId, VolumeId};
 
 /// The lock key of a snapshot: its blockd name is unique on this node.
@@ -174,15 +174,8 @@ impl ControllerService {
                 name: sid.snapshot.clone(),
             })
             .await;
-        match result {
-            Ok(_) => tracing::info!(snapshot = %sid, "deleted snapshot"),
-            Err(status) if status.code() == Code::NotFound => {}
-            Err(status) => {
-                return Err(upstream(
-                    &format!("deleting snapshot {:?}", sid.snapshot),
-                    status,
-                ))
-            }
+        if found(result, || format!("deleting snapshot {:?}", sid.snapshot))?.is_some() {
+            tracing::info!(snapshot = %sid, "deleted snapshot");
         }
         Ok(DeleteSnapshotResponse {})
     }

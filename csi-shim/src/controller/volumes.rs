@@ -10,13 +10,13 @@ use blockd_proto::csi::*;
 use blockd_proto::model::{NameKind, PageRequest};
 use blockd_proto::size::format_size;
 use blockd_proto::v1;
-use tonic::{Code, Status};
+use tonic::Status;
 
 use super::capability;
 use super::capacity::{self, Range, SIZE_GRANULE};
 use super::modify::{self, MutableParams};
 use super::{ControllerService, Located};
-use crate::blockd::upstream;
+use crate::blockd::{found, upstream};
 use crate::ids::{blockd_name, SnapshotId, VolumeId};
 use crate::params::{self, VolumeParams};
 
@@ -165,7 +165,7 @@ impl ControllerService {
 
     /// Pool name → health, for volume conditions.
     async fn pool_health(&self) -> Result<HashMap<String, String>, Status> {
-        let pools = self.list_pools().await?;
+        let pools = self.driver.blockd.list_pools().await?;
         Ok(pools.into_iter().map(|p| (p.name, p.health)).collect())
     }
 
@@ -469,26 +469,11 @@ impl ControllerService {
                 vid.volume
             )));
         }
-        let result = self
-            .driver
-            .blockd
-            .volumes()
-            .delete_volume(v1::DeleteVolumeRequest {
-                name: vid.volume.clone(),
-                // Never force: a volume with connected NBD clients is in use, and CSI
-                // lets DeleteVolume say so (FAILED_PRECONDITION, passed through).
-                force: false,
-            })
-            .await;
-        match result {
-            Ok(_) => tracing::info!(volume = %vid, "deleted volume"),
-            Err(status) if status.code() == Code::NotFound => {}
-            Err(status) => {
-                return Err(upstream(
-                    &format!("deleting volume {:?}", vid.volume),
-                    status,
-                ))
-            }
+        // Never force: a volume with connected NBD clients is in use, and CSI lets
+        // DeleteVolume say so (FAILED_PRECONDITION, passed through).
+        let result = self.driver.blockd.delete_volume(&vid.volume, false).await;
+        if found(result, || format!("deleting volume {:?}", vid.volume))?.is_some() {
+            tracing::info!(volume = %vid, "deleted volume");
         }
         Ok(DeleteVolumeResponse {})
     }
@@ -721,6 +706,8 @@ impl ControllerService {
 
 #[cfg(test)]
 mod tests {
+    use tonic::Code;
+
     use super::*;
 
     #[test]
