@@ -31,7 +31,10 @@ pub mod node;
 pub mod params;
 pub mod proxy;
 pub mod snapshot_metadata;
+#[cfg(test)]
+mod testing;
 
+use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -152,6 +155,20 @@ pub async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
     }
     tracing::info!("shutdown signal received");
+}
+
+/// The multi-threaded tokio runtime a binary of this crate runs on, with `workers` worker
+/// threads (`None`: one per core). On failure it says why on stderr and gives the exit code
+/// for `main` to return.
+pub fn runtime(workers: Option<usize>) -> Result<tokio::runtime::Runtime, ExitCode> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(workers) = workers {
+        builder.worker_threads(workers);
+    }
+    builder.enable_all().build().map_err(|err| {
+        eprintln!("error: cannot start the async runtime: {err}");
+        ExitCode::FAILURE
+    })
 }
 
 /// Logs to stderr as text or JSON, filtered by the environment variable `env_var` (then

@@ -165,13 +165,7 @@ impl ControllerService {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn map(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::testing::string_map as map;
 
     #[test]
     fn parses_the_qos_keys_like_a_storage_class() {
