@@ -289,38 +289,27 @@ pub fn resize(index: u32, backend: &str, size: u64) -> Result<(), NetlinkError> 
 
 /// Disconnects device `index` (the kernel fails outstanding I/O and frees the device).
 pub fn disconnect(index: u32) -> Result<(), NetlinkError> {
-    let mut nl = Netlink::open()?;
-    let family = nl.family_id()?;
-    let seq = nl.next_seq();
-    let mut m = MessageBuilder::new(
-        family,
-        NLM_F_REQUEST | NLM_F_ACK,
-        seq,
-        NBD_CMD_DISCONNECT,
-        NBD_GENL_VERSION,
-    );
-    m.u32(NBD_ATTR_INDEX, index);
-    nl.exchange(&m.finish(), seq, "NBD_CMD_DISCONNECT")?;
+    device_command(index, NBD_CMD_DISCONNECT, "NBD_CMD_DISCONNECT")?;
     Ok(())
 }
 
 /// Whether device `index` has a live connection (`None`: the kernel does not list it).
 pub fn status(index: u32) -> Result<Option<bool>, NetlinkError> {
-    let mut nl = Netlink::open()?;
-    let family = nl.family_id()?;
-    let seq = nl.next_seq();
-    let mut m = MessageBuilder::new(
-        family,
-        NLM_F_REQUEST | NLM_F_ACK,
-        seq,
-        NBD_CMD_STATUS,
-        NBD_GENL_VERSION,
-    );
-    m.u32(NBD_ATTR_INDEX, index);
-    let replies = nl.exchange(&m.finish(), seq, "NBD_CMD_STATUS")?;
+    let replies = device_command(index, NBD_CMD_STATUS, "NBD_CMD_STATUS")?;
     Ok(replies
         .iter()
         .find_map(|attrs| device_connected(attrs, index)))
+}
+
+/// Sends command `cmd` (`name` in errors), whose one attribute is device `index`, and
+/// returns the kernel's replies.
+fn device_command(index: u32, cmd: u8, name: &'static str) -> Result<Vec<Vec<u8>>, NetlinkError> {
+    let mut nl = Netlink::open()?;
+    let family = nl.family_id()?;
+    let seq = nl.next_seq();
+    let mut m = MessageBuilder::new(family, NLM_F_REQUEST | NLM_F_ACK, seq, cmd, NBD_GENL_VERSION);
+    m.u32(NBD_ATTR_INDEX, index);
+    nl.exchange(&m.finish(), seq, name)
 }
 
 fn device_connected(attrs: &[u8], index: u32) -> Option<bool> {
