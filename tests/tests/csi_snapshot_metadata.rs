@@ -9,6 +9,7 @@ use blockd_proto::csi::plugin_capability::service;
 use blockd_proto::csi::snapshot_metadata_client::SnapshotMetadataClient;
 use blockd_proto::v1;
 use blockd_proto::v1::image_data_service_client::ImageDataServiceClient;
+use blockd_tests::csi_controller::{offers_service, plugin_capabilities};
 use blockd_tests::expect_status;
 use blockd_tests::{runtime, CsiShim, Daemon};
 use tonic::transport::Channel;
@@ -190,20 +191,8 @@ fn snapshot_metadata_follows_the_spec() {
             .expect("w1");
 
         let channel = shim.channel().await;
-        let caps = IdentityClient::new(channel.clone())
-            .get_plugin_capabilities(csi::GetPluginCapabilitiesRequest {})
-            .await
-            .expect("capabilities")
-            .into_inner()
-            .capabilities;
-        let services: Vec<i32> = caps
-            .iter()
-            .filter_map(|c| match &c.r#type {
-                Some(csi::plugin_capability::Type::Service(s)) => Some(s.r#type),
-                _ => None,
-            })
-            .collect();
-        assert!(services.contains(&(service::Type::SnapshotMetadataService as i32)));
+        let caps = plugin_capabilities(&mut IdentityClient::new(channel.clone())).await;
+        assert!(offers_service(&caps, service::Type::SnapshotMetadataService));
 
         let mut client = SnapshotMetadataClient::new(channel);
         let (s1, s2) = ("node-a/v@s1", "node-a/v@s2");
