@@ -820,27 +820,36 @@ mod tests {
     #[test]
     fn dash_o_means_file_for_export_diff_only() {
         let args = |s: &str| s.split_whitespace().map(OsString::from).collect::<Vec<_>>();
-        assert_eq!(
-            rewrite_export_diff_args(args("blockctl export-diff v@s -o out.bdiff")),
-            args("blockctl export-diff v@s --file out.bdiff")
-        );
-        assert_eq!(
-            rewrite_export_diff_args(args("blockctl export-diff v@s -o-")),
-            args("blockctl export-diff v@s --file=-")
-        );
-        assert_eq!(
-            rewrite_export_diff_args(args("blockctl volume list -o json")),
-            args("blockctl volume list -o json")
-        );
-        // A volume named export-diff is not the subcommand.
-        assert_eq!(
-            rewrite_export_diff_args(args("blockctl -o json volume show export-diff -o json")),
-            args("blockctl -o json volume show export-diff -o json")
-        );
-        assert_eq!(
-            rewrite_export_diff_args(args("blockctl --api /s export-diff v@s -o f")),
-            args("blockctl --api /s export-diff v@s --file f")
-        );
+        // (command line, what it is rewritten to)
+        for (given, rewritten) in [
+            (
+                "blockctl export-diff v@s -o out.bdiff",
+                "blockctl export-diff v@s --file out.bdiff",
+            ),
+            (
+                "blockctl export-diff v@s -o-",
+                "blockctl export-diff v@s --file=-",
+            ),
+            (
+                "blockctl volume list -o json",
+                "blockctl volume list -o json",
+            ),
+            // A volume named export-diff is not the subcommand.
+            (
+                "blockctl -o json volume show export-diff -o json",
+                "blockctl -o json volume show export-diff -o json",
+            ),
+            (
+                "blockctl --api /s export-diff v@s -o f",
+                "blockctl --api /s export-diff v@s --file f",
+            ),
+        ] {
+            assert_eq!(
+                rewrite_export_diff_args(args(given)),
+                args(rewritten),
+                "{given}"
+            );
+        }
     }
 
     #[test]
