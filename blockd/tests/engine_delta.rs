@@ -115,6 +115,15 @@ fn vol_name(t: usize) -> &'static str {
 }
 
 impl Harness {
+    /// The names of the snapshots not deleted, in name order.
+    fn live_snapshots(&self) -> Vec<String> {
+        self.snaps
+            .iter()
+            .filter(|(_, s)| !s.deleted)
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
     fn new() -> Self {
         let meta = Arc::new(MemStore::new());
         let dev = Arc::new(MemDevice::new(POOL));
@@ -201,12 +210,7 @@ impl Harness {
                 );
             }
             Op::DeleteSnapshot(n) => {
-                let live: Vec<String> = self
-                    .snaps
-                    .iter()
-                    .filter(|(_, s)| !s.deleted)
-                    .map(|(n, _)| n.clone())
-                    .collect();
+                let live = self.live_snapshots();
                 if live.is_empty() {
                     return;
                 }
@@ -428,12 +432,7 @@ fn run(ops: &[Op], start: u64, max: usize) {
     for op in ops {
         h.apply(op);
     }
-    let snaps: Vec<String> = h
-        .snaps
-        .iter()
-        .filter(|(_, s)| !s.deleted)
-        .map(|(n, _)| n.clone())
-        .collect();
+    let snaps = h.live_snapshots();
     for base in &snaps {
         for target in &snaps {
             check_pair(&h, base, (target, DiffTarget::Snapshot(target)), start, max);

@@ -29,6 +29,15 @@ fn pool(name: &str, dev: Arc<dyn BlockDevice>) -> PoolSpec {
     }
 }
 
+/// A new engine on an in-memory store and 8 MiB device, pool `p`, with volume `a` of 1 MiB.
+fn with_volume_a() -> (Arc<MemStore>, Arc<dyn BlockDevice>, Engine) {
+    let meta = Arc::new(MemStore::new());
+    let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(8 * MIB));
+    let e = Engine::open(meta.clone(), vec![pool("p", dev.clone())]).unwrap();
+    e.create_volume(&spec("a", MIB)).unwrap();
+    (meta, dev, e)
+}
+
 fn fill(e: &Engine, vol: &str, len: usize, byte: u8) {
     let h = e.open_image(vol).unwrap();
     e.write(&h, 0, &vec![byte; len]).unwrap();
@@ -44,10 +53,7 @@ fn first_map_entry(meta: &MemStore) -> (u64, u64, u64, u64) {
 
 #[test]
 fn fsck_reports_double_ownership_and_refuses_writes() {
-    let meta = Arc::new(MemStore::new());
-    let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(8 * MIB));
-    let e = Engine::open(meta.clone(), vec![pool("p", dev.clone())]).unwrap();
-    e.create_volume(&spec("a", MIB)).unwrap();
+    let (meta, dev, e) = with_volume_a();
     fill(&e, "a", 4 * CHUNK as usize, 1);
     e.shutdown().unwrap();
     drop(e);
@@ -83,10 +89,7 @@ fn fsck_reports_double_ownership_and_refuses_writes() {
 
 #[test]
 fn fsck_repairs_orphans_and_bad_pointers_are_reported() {
-    let meta = Arc::new(MemStore::new());
-    let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(8 * MIB));
-    let e = Engine::open(meta.clone(), vec![pool("p", dev.clone())]).unwrap();
-    e.create_volume(&spec("a", MIB)).unwrap();
+    let (meta, dev, e) = with_volume_a();
     fill(&e, "a", CHUNK as usize, 1);
     e.shutdown().unwrap();
     drop(e);

@@ -17,6 +17,17 @@ use mem_engine::{open, spec};
 const CHUNK: u64 = 64 << 10;
 const BLOCK: usize = 4096;
 
+/// A new engine (64 MiB in memory) with a 1 MiB volume of each name in `volumes`.
+fn with_volumes(volumes: &[&str]) -> (Arc<MemStore>, Arc<MemDevice>, Engine) {
+    let meta = Arc::new(MemStore::new());
+    let dev = Arc::new(MemDevice::new(64 << 20));
+    let e = open(&meta, &dev, CHUNK);
+    for v in volumes {
+        e.create_volume(&spec(v, 1 << 20)).unwrap();
+    }
+    (meta, dev, e)
+}
+
 fn stamp(n: u64) -> Vec<u8> {
     n.to_le_bytes().repeat(BLOCK / 8)
 }
@@ -45,12 +56,7 @@ fn names(v: &[&str]) -> Vec<String> {
 /// broken instant.
 #[test]
 fn members_share_one_instant_under_ordered_writes() {
-    let meta = Arc::new(MemStore::new());
-    let dev = Arc::new(MemDevice::new(64 << 20));
-    let e = open(&meta, &dev, CHUNK);
-    for v in ["a", "b", "c"] {
-        e.create_volume(&spec(v, 1 << 20)).unwrap();
-    }
+    let (_meta, _dev, e) = with_volumes(&["a", "b", "c"]);
     let stop = Arc::new(AtomicBool::new(false));
     // The last round the writer finished: each group waits for a new one, so groups and
     // writes interleave however the threads are scheduled.
@@ -109,12 +115,7 @@ fn members_share_one_instant_under_ordered_writes() {
 
 #[test]
 fn idempotent_errors_change_nothing_and_members_go_with_their_group() {
-    let meta = Arc::new(MemStore::new());
-    let dev = Arc::new(MemDevice::new(64 << 20));
-    let e = open(&meta, &dev, CHUNK);
-    for v in ["db", "wal", "other"] {
-        e.create_volume(&spec(v, 1 << 20)).unwrap();
-    }
+    let (meta, dev, e) = with_volumes(&["db", "wal", "other"]);
     let db = e.open_image("db").unwrap();
     let wal = e.open_image("wal").unwrap();
     e.write(&db, 0, &stamp(7)).unwrap();

@@ -152,6 +152,15 @@ impl Harness {
         Some((off, len.min(size - off)))
     }
 
+    /// The volume in `slot` and the part of `off`+`len` inside it; `None` when the slot
+    /// has no volume or the range starts past its end.
+    fn clipped(&self, slot: u8, off: u64, len: u64) -> Option<(String, u64, u64)> {
+        let name = Self::vname(slot);
+        let model = self.vols.get(&name)?;
+        let (off, len) = Self::clip(model.len() as u64, off, len)?;
+        Some((name, off, len))
+    }
+
     fn apply(&mut self, op: &Op) {
         match *op {
             Op::Create { slot, size } => {
@@ -197,13 +206,10 @@ impl Harness {
                 }
             }
             Op::Read { slot, off, len } => {
-                let name = Self::vname(slot);
-                let Some(model) = self.vols.get(&name) else {
+                let Some((name, off, len)) = self.clipped(slot, off, len) else {
                     return;
                 };
-                let Some((off, len)) = Self::clip(model.len() as u64, off, len) else {
-                    return;
-                };
+                let model = &self.vols[&name];
                 let h = self.engine.open_image(&name).unwrap();
                 let mut buf = vec![0xEE; len as usize];
                 self.engine.read(&h, off, &mut buf).unwrap();
@@ -213,13 +219,10 @@ impl Harness {
                 );
             }
             Op::Zero { slot, off, len } | Op::Discard { slot, off, len } => {
-                let name = Self::vname(slot);
-                let Some(model) = self.vols.get_mut(&name) else {
+                let Some((name, off, len)) = self.clipped(slot, off, len) else {
                     return;
                 };
-                let Some((off, len)) = Self::clip(model.len() as u64, off, len) else {
-                    return;
-                };
+                let model = self.vols.get_mut(&name).expect("clipped to a volume");
                 let h = self.engine.open_image(&name).unwrap();
                 if matches!(op, Op::Zero { .. }) {
                     match self.engine.write_zeroes(&h, off, len) {
