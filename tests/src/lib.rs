@@ -765,6 +765,15 @@ pub fn sweep(root: &Path) {
     }
 }
 
+/// blockd's CreateSnapshot of `volume` as `name` (a plain snapshot, not a replica).
+pub fn snapshot_request(volume: &str, name: &str) -> blockd_proto::v1::CreateSnapshotRequest {
+    blockd_proto::v1::CreateSnapshotRequest {
+        volume: volume.into(),
+        name: name.into(),
+        replica_of: String::new(),
+    }
+}
+
 /// Asserts that a gRPC call failed with `code` and a message that mentions `needle` (the
 /// field at fault, for `INVALID_ARGUMENT`); `what` names the call in the failure.
 pub fn expect_status<T: std::fmt::Debug>(

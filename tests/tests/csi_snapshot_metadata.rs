@@ -10,7 +10,7 @@ use blockd_proto::csi::snapshot_metadata_client::SnapshotMetadataClient;
 use blockd_proto::v1;
 use blockd_proto::v1::image_data_service_client::ImageDataServiceClient;
 use blockd_tests::csi_controller::{offers_service, plugin_capabilities};
-use blockd_tests::expect_status;
+use blockd_tests::{expect_status, snapshot_request};
 use blockd_tests::{runtime, CsiShim, Daemon};
 use tonic::transport::Channel;
 use tonic::Code;
@@ -155,11 +155,7 @@ fn snapshot_metadata_follows_the_spec() {
         let grpc = daemon.grpc().await;
         let mut data = ImageDataServiceClient::new(grpc.channel.clone());
         let mut snaps = grpc.snapshots.clone();
-        let snap = |name: &str| v1::CreateSnapshotRequest {
-            volume: "v".into(),
-            name: name.into(),
-            replica_of: String::new(),
-        };
+        let snap = |name: &str| snapshot_request("v", name);
         // s1: chunks 0-1, 4, 10; s2: chunk 4 rewritten, chunk 10 zeroed, chunk 20 new.
         write(
             &mut data,
@@ -182,17 +178,16 @@ fn snapshot_metadata_follows_the_spec() {
         .await;
         snaps.create_snapshot(snap("s2")).await.expect("s2");
         snaps
-            .create_snapshot(v1::CreateSnapshotRequest {
-                volume: "w".into(),
-                name: "w1".into(),
-                replica_of: String::new(),
-            })
+            .create_snapshot(snapshot_request("w", "w1"))
             .await
             .expect("w1");
 
         let channel = shim.channel().await;
         let caps = plugin_capabilities(&mut IdentityClient::new(channel.clone())).await;
-        assert!(offers_service(&caps, service::Type::SnapshotMetadataService));
+        assert!(offers_service(
+            &caps,
+            service::Type::SnapshotMetadataService
+        ));
 
         let mut client = SnapshotMetadataClient::new(channel);
         let (s1, s2) = ("node-a/v@s1", "node-a/v@s2");
