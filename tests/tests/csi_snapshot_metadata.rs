@@ -20,6 +20,25 @@ const K: i64 = 1024;
 const CHUNK: i64 = 64 * K;
 const SIZE: i64 = 4 << 20;
 
+/// The (offset, size) tuples of one stream message, checking its invariants: variable
+/// length tuples, the volume's capacity, and at most `max` tuples (when `max` is set).
+fn message_tuples(
+    kind: i32,
+    capacity: i64,
+    metadata: &[csi::BlockMetadata],
+    max: i32,
+) -> Vec<(i64, i64)> {
+    assert_eq!(kind, csi::BlockMetadataType::VariableLength as i32);
+    assert_eq!(capacity, SIZE);
+    if max > 0 {
+        assert!(metadata.len() <= max as usize);
+    }
+    metadata
+        .iter()
+        .map(|b| (b.byte_offset, b.size_bytes))
+        .collect()
+}
+
 /// (offset, size) tuples of a whole stream, checking the per-message invariants.
 async fn allocated(
     client: &mut SnapshotMetadataClient<Channel>,
@@ -41,19 +60,8 @@ async fn allocated(
     let mut messages = 0;
     while let Some(msg) = stream.message().await.expect("message") {
         messages += 1;
-        assert_eq!(
-            msg.block_metadata_type,
-            csi::BlockMetadataType::VariableLength as i32
-        );
-        assert_eq!(msg.volume_capacity_bytes, SIZE);
-        if max > 0 {
-            assert!(msg.block_metadata.len() <= max as usize);
-        }
-        out.extend(
-            msg.block_metadata
-                .iter()
-                .map(|b| (b.byte_offset, b.size_bytes)),
-        );
+        let (kind, capacity) = (msg.block_metadata_type, msg.volume_capacity_bytes);
+        out.extend(message_tuples(kind, capacity, &msg.block_metadata, max));
     }
     assert!(messages >= 1, "at least one message carries the capacity");
     check_order(&out, start);
@@ -80,19 +88,8 @@ async fn delta(
         .into_inner();
     let mut out = Vec::new();
     while let Some(msg) = stream.message().await.expect("message") {
-        assert_eq!(
-            msg.block_metadata_type,
-            csi::BlockMetadataType::VariableLength as i32
-        );
-        assert_eq!(msg.volume_capacity_bytes, SIZE);
-        if max > 0 {
-            assert!(msg.block_metadata.len() <= max as usize);
-        }
-        out.extend(
-            msg.block_metadata
-                .iter()
-                .map(|b| (b.byte_offset, b.size_bytes)),
-        );
+        let (kind, capacity) = (msg.block_metadata_type, msg.volume_capacity_bytes);
+        out.extend(message_tuples(kind, capacity, &msg.block_metadata, max));
     }
     check_order(&out, start);
     out
