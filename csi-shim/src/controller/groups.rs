@@ -25,13 +25,13 @@ use std::sync::Arc;
 use blockd_proto::csi::group_controller_server::GroupController;
 use blockd_proto::csi::group_controller_service_capability::{self, rpc};
 use blockd_proto::csi::*;
-use blockd_proto::model::{validate_name, NameKind};
+use blockd_proto::model::NameKind;
 use blockd_proto::v1;
 use tonic::{Code, Request, Response, Status};
 
 use super::{traced, ControllerService};
 use crate::blockd::{found, upstream};
-use crate::ids::{blockd_name, IdError};
+use crate::ids::{blockd_name, parse_node_name, IdError};
 use crate::Driver;
 
 /// A parsed CSI group snapshot id, `NODE/GROUP`.
@@ -50,16 +50,13 @@ impl GroupSnapshotId {
     }
 
     pub fn parse(id: &str) -> Result<Self, IdError> {
-        let malformed = || IdError::Malformed {
-            kind: "group snapshot",
-            id: id.to_string(),
-            expected: "NODE/GROUP",
-        };
-        let (node, group) = id.split_once('/').ok_or_else(malformed)?;
-        if node.is_empty() || group.contains('/') || group.contains('@') {
-            return Err(malformed());
-        }
-        validate_name(NameKind::Snapshot, "group_snapshot_id", group).map_err(|_| malformed())?;
+        let (node, group) = parse_node_name(
+            id,
+            "group snapshot",
+            "NODE/GROUP",
+            NameKind::Snapshot,
+            "group_snapshot_id",
+        )?;
         Ok(GroupSnapshotId::new(node, group))
     }
 }
