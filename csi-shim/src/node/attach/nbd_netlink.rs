@@ -725,16 +725,22 @@ mod tests {
         e
     }
 
-    #[test]
-    fn connect_is_byte_exact() {
-        let p = ConnectParams {
+    /// Backend `v1`, 1 GiB in 4 KiB blocks, 180 s I/O timeout, and a dead connection
+    /// timeout of `dead_conn_secs`.
+    fn connect_params(dead_conn_secs: u64) -> ConnectParams {
+        ConnectParams {
             backend: "v1".into(),
             size: 1 << 30,
             block_size: 4096,
             server_flags: 0x10d,
             io_timeout: Duration::from_secs(180),
-            dead_conn_timeout: Duration::from_secs(120),
-        };
+            dead_conn_timeout: Duration::from_secs(dead_conn_secs),
+        }
+    }
+
+    #[test]
+    fn connect_is_byte_exact() {
+        let p = connect_params(120);
         let mut e = Vec::new();
         e.extend(ne32(104));
         e.extend(ne16(0x1a)); // the resolved nbd family
@@ -766,14 +772,7 @@ mod tests {
 
     #[test]
     fn connect_with_two_sockets_is_byte_exact() {
-        let p = ConnectParams {
-            backend: "v1".into(),
-            size: 1 << 30,
-            block_size: 4096,
-            server_flags: 0x10d,
-            io_timeout: Duration::from_secs(180),
-            dead_conn_timeout: Duration::from_secs(180),
-        };
+        let p = connect_params(180);
         let one = connect_message(0x1a, 3, &[5], &p);
         let two = connect_message(0x1a, 3, &[5, 6], &p);
         // One more NBD_SOCK_ITEM (12 bytes): the nest and the message grow by as much.
