@@ -123,14 +123,41 @@ fn fsck_repairs_orphans_and_bad_pointers_are_reported() {
     assert_eq!(r.bad_pointers, 1, "{r:?}");
 }
 
+/// A metadata store and a device that fail together once `clock` is armed, and can then
+/// lose power.
+struct Faulty {
+    clock: Arc<FaultClock>,
+    meta: Arc<MemStore>,
+    mem: Arc<MemDevice>,
+}
+
+impl Faulty {
+    /// A new store and device of `size` bytes, and the engine (pool `p`) on them.
+    fn open(size: u64) -> (Faulty, Engine) {
+        let clock = Arc::new(FaultClock::new());
+        let meta = Arc::new(MemStore::with_faults(clock.clone()));
+        let mem = Arc::new(MemDevice::new(size));
+        let dev: Arc<dyn BlockDevice> = Arc::new(FaultyDevice::new(mem.clone(), clock.clone()));
+        let e = Engine::open(meta.clone(), vec![pool("p", dev)]).unwrap();
+        (Faulty { clock, meta, mem }, e)
+    }
+
+    /// Drops `e`, disarms the clock, cuts the power (seed `seed`, each unflushed write
+    /// kept with probability `keep_ratio`) and opens the engine on what survived.
+    fn crash_and_reopen(&self, e: Engine, seed: u64, keep_ratio: f64) -> Engine {
+        drop(e);
+        self.clock.arm(None);
+        self.mem.power_cut(seed, keep_ratio);
+        let dev: Arc<dyn BlockDevice> = Arc::new(self.mem.clone_durable());
+        let meta = Arc::new(self.meta.crash_copy(seed));
+        Engine::open(meta, vec![pool("p", dev)]).unwrap()
+    }
+}
+
 #[test]
 fn crash_during_gc_resumes_and_reclaims_everything() {
     for fail_after in [1u64, 2, 3, 5, 8, 13] {
-        let clock = Arc::new(FaultClock::new());
-        let meta = Arc::new(MemStore::with_faults(clock.clone()));
-        let mem = Arc::new(MemDevice::new(16 * MIB));
-        let dev: Arc<dyn BlockDevice> = Arc::new(FaultyDevice::new(mem.clone(), clock.clone()));
-        let e = Engine::open(meta.clone(), vec![pool("p", dev)]).unwrap();
+        let (f, e) = Faulty::open(16 * MIB);
         e.create_volume(&spec("big", 8 * MIB)).unwrap();
         e.create_volume(&spec("keep", MIB)).unwrap();
         fill(&e, "big", 6 * MIB as usize, 3);
@@ -140,13 +167,9 @@ fn crash_during_gc_resumes_and_reclaims_everything() {
         e.flush().unwrap();
         e.delete_volume("big").unwrap();
         e.delete_snapshot("s").unwrap();
-        clock.arm(Some(fail_after));
+        f.clock.arm(Some(fail_after));
         let _ = e.gc();
-        drop(e);
-        clock.arm(None);
-        mem.power_cut(fail_after, 0.5);
-        let dev: Arc<dyn BlockDevice> = Arc::new(mem.clone_durable());
-        let e = Engine::open(Arc::new(meta.crash_copy(fail_after)), vec![pool("p", dev)]).unwrap();
+        let e = f.crash_and_reopen(e, fail_after, 0.5);
         e.gc().unwrap();
         let p = e.pool("p").unwrap();
         assert_eq!(
@@ -164,11 +187,7 @@ fn crash_during_gc_resumes_and_reclaims_everything() {
 #[test]
 fn crash_during_flatten_resumes_from_its_intent() {
     for fail_after in [2u64, 5, 9, 20, 40] {
-        let clock = Arc::new(FaultClock::new());
-        let meta = Arc::new(MemStore::with_faults(clock.clone()));
-        let mem = Arc::new(MemDevice::new(32 * MIB));
-        let dev: Arc<dyn BlockDevice> = Arc::new(FaultyDevice::new(mem.clone(), clock.clone()));
-        let e = Engine::open(meta.clone(), vec![pool("p", dev)]).unwrap();
+        let (f, e) = Faulty::open(32 * MIB);
         e.create_volume(&spec("base", 4 * MIB)).unwrap();
         fill(&e, "base", 4 * MIB as usize, 6);
         e.create_snapshot("base", "gold").unwrap();
@@ -178,17 +197,13 @@ fn crash_during_flatten_resumes_from_its_intent() {
         let h = e.open_image("clone").unwrap();
         e.write(&h, 0, &[9; 4096]).unwrap();
         e.flush().unwrap();
-        clock.arm(Some(fail_after));
+        f.clock.arm(Some(fail_after));
         let r = e.flatten_volume("clone", &mut |_, _| {});
         assert!(
             r.is_err(),
             "the fault interrupts the flatten (fail after {fail_after})"
         );
-        drop(e);
-        clock.arm(None);
-        mem.power_cut(fail_after, 0.3);
-        let dev: Arc<dyn BlockDevice> = Arc::new(mem.clone_durable());
-        let e = Engine::open(Arc::new(meta.crash_copy(fail_after)), vec![pool("p", dev)]).unwrap();
+        let e = f.crash_and_reopen(e, fail_after, 0.3);
         e.resume_intents();
         let info = e.volume("clone").unwrap();
         assert!(
