@@ -29,7 +29,7 @@ use blockd_proto::model::NameKind;
 use blockd_proto::v1;
 use tonic::{Code, Request, Response, Status};
 
-use super::{traced, ControllerService};
+use super::{require_field, traced, ControllerService};
 use crate::blockd::{found, upstream};
 use crate::ids::{blockd_name, parse_node_name, IdError};
 use crate::Driver;
@@ -155,12 +155,8 @@ impl GroupControllerService {
         &self,
         req: CreateVolumeGroupSnapshotRequest,
     ) -> Result<CreateVolumeGroupSnapshotResponse, Status> {
-        if req.name.is_empty() {
-            return Err(Status::invalid_argument("name is required"));
-        }
-        if req.source_volume_ids.is_empty() {
-            return Err(Status::invalid_argument("source_volume_ids is required"));
-        }
+        require_field(req.name.is_empty(), "name")?;
+        require_field(req.source_volume_ids.is_empty(), "source_volume_ids")?;
         if let Some(key) = req
             .parameters
             .keys()
@@ -247,12 +243,8 @@ impl GroupControllerService {
         &self,
         req: DeleteVolumeGroupSnapshotRequest,
     ) -> Result<DeleteVolumeGroupSnapshotResponse, Status> {
-        if req.group_snapshot_id.is_empty() {
-            return Err(Status::invalid_argument("group_snapshot_id is required"));
-        }
-        if req.snapshot_ids.is_empty() {
-            return Err(Status::invalid_argument("snapshot_ids is required"));
-        }
+        require_field(req.group_snapshot_id.is_empty(), "group_snapshot_id")?;
+        require_field(req.snapshot_ids.is_empty(), "snapshot_ids")?;
         let Some(gid) = self.local_group(&req.group_snapshot_id)? else {
             return Ok(DeleteVolumeGroupSnapshotResponse {});
         };
@@ -290,12 +282,8 @@ impl GroupControllerService {
         &self,
         req: GetVolumeGroupSnapshotRequest,
     ) -> Result<GetVolumeGroupSnapshotResponse, Status> {
-        if req.group_snapshot_id.is_empty() {
-            return Err(Status::invalid_argument("group_snapshot_id is required"));
-        }
-        if req.snapshot_ids.is_empty() {
-            return Err(Status::invalid_argument("snapshot_ids is required"));
-        }
+        require_field(req.group_snapshot_id.is_empty(), "group_snapshot_id")?;
+        require_field(req.snapshot_ids.is_empty(), "snapshot_ids")?;
         let not_found = || {
             Status::not_found(format!(
                 "group snapshot {:?} does not exist",

@@ -228,6 +228,15 @@ enum Located<T> {
     Malformed(IdError),
 }
 
+/// `INVALID_ARGUMENT` ("FIELD is required") when the request left the required `field`
+/// `empty`.
+fn require_field(empty: bool, field: &str) -> Result<(), Status> {
+    if empty {
+        return Err(Status::invalid_argument(format!("{field} is required")));
+    }
+    Ok(())
+}
+
 /// Runs one RPC body inside `span` and logs how it ended: successes of mutating calls at
 /// info, refusals the caller must fix at info, failures at warn. Errors are logged here and
 /// nowhere else.

@@ -12,7 +12,7 @@ use blockd_proto::v1;
 use tonic::{Code, Status};
 
 use super::volumes::page;
-use super::{ControllerService, Located};
+use super::{require_field, ControllerService, Located};
 use crate::blockd::{found, upstream};
 use crate::ids::{blockd_name, SnapshotId, VolumeId};
 
@@ -46,12 +46,8 @@ impl ControllerService {
         &self,
         req: CreateSnapshotRequest,
     ) -> Result<CreateSnapshotResponse, Status> {
-        if req.name.is_empty() {
-            return Err(Status::invalid_argument("name is required"));
-        }
-        if req.source_volume_id.is_empty() {
-            return Err(Status::invalid_argument("source_volume_id is required"));
-        }
+        require_field(req.name.is_empty(), "name")?;
+        require_field(req.source_volume_id.is_empty(), "source_volume_id")?;
         if let Some(key) = req
             .parameters
             .keys()
@@ -124,9 +120,7 @@ impl ControllerService {
         &self,
         req: DeleteSnapshotRequest,
     ) -> Result<DeleteSnapshotResponse, Status> {
-        if req.snapshot_id.is_empty() {
-            return Err(Status::invalid_argument("snapshot_id is required"));
-        }
+        require_field(req.snapshot_id.is_empty(), "snapshot_id")?;
         let sid = match self.locate_snapshot(&req.snapshot_id) {
             Located::Malformed(err) => {
                 tracing::info!(error = %err, "malformed snapshot id: nothing to delete");
@@ -184,9 +178,7 @@ impl ControllerService {
         &self,
         req: GetSnapshotRequest,
     ) -> Result<GetSnapshotResponse, Status> {
-        if req.snapshot_id.is_empty() {
-            return Err(Status::invalid_argument("snapshot_id is required"));
-        }
+        require_field(req.snapshot_id.is_empty(), "snapshot_id")?;
         let sid = self.local_snapshot(&req.snapshot_id)?;
         let snapshot = self
             .blockd_snapshot(&sid.snapshot)

@@ -15,7 +15,7 @@ use tonic::Status;
 use super::capability;
 use super::capacity::{self, Range, SIZE_GRANULE};
 use super::modify::{self, MutableParams};
-use super::{ControllerService, Located};
+use super::{require_field, ControllerService, Located};
 use crate::blockd::{found, upstream};
 use crate::ids::{blockd_name, SnapshotId, VolumeId};
 use crate::params::{self, VolumeParams};
@@ -262,9 +262,7 @@ impl ControllerService {
         &self,
         req: CreateVolumeRequest,
     ) -> Result<CreateVolumeResponse, Status> {
-        if req.name.is_empty() {
-            return Err(Status::invalid_argument("name is required"));
-        }
+        require_field(req.name.is_empty(), "name")?;
         let access = capability::check(&req.volume_capabilities)?;
         let mut params = VolumeParams::parse(&req.parameters)?;
         // A VolumeAttributesClass given at creation: its keys win over the StorageClass's.
@@ -441,9 +439,7 @@ impl ControllerService {
         &self,
         req: DeleteVolumeRequest,
     ) -> Result<DeleteVolumeResponse, Status> {
-        if req.volume_id.is_empty() {
-            return Err(Status::invalid_argument("volume_id is required"));
-        }
+        require_field(req.volume_id.is_empty(), "volume_id")?;
         let vid = match self.locate_volume(&req.volume_id) {
             Located::Malformed(err) => {
                 // No volume can have this id, so it is already gone (the spec's OK).
@@ -482,9 +478,7 @@ impl ControllerService {
         &self,
         req: ValidateVolumeCapabilitiesRequest,
     ) -> Result<ValidateVolumeCapabilitiesResponse, Status> {
-        if req.volume_id.is_empty() {
-            return Err(Status::invalid_argument("volume_id is required"));
-        }
+        require_field(req.volume_id.is_empty(), "volume_id")?;
         let checked = capability::check(&req.volume_capabilities);
         if let Err(err) = &checked {
             if err.is_missing_field() {
@@ -608,9 +602,7 @@ impl ControllerService {
         &self,
         req: ControllerExpandVolumeRequest,
     ) -> Result<ControllerExpandVolumeResponse, Status> {
-        if req.volume_id.is_empty() {
-            return Err(Status::invalid_argument("volume_id is required"));
-        }
+        require_field(req.volume_id.is_empty(), "volume_id")?;
         let Some(range) = req.capacity_range.as_ref() else {
             return Err(Status::invalid_argument("capacity_range is required"));
         };
@@ -676,9 +668,7 @@ impl ControllerService {
         &self,
         req: ControllerGetVolumeRequest,
     ) -> Result<ControllerGetVolumeResponse, Status> {
-        if req.volume_id.is_empty() {
-            return Err(Status::invalid_argument("volume_id is required"));
-        }
+        require_field(req.volume_id.is_empty(), "volume_id")?;
         let vid = self.local_volume("volume", &req.volume_id)?;
         let volume = self.blockd_volume(&vid.volume).await?.ok_or_else(|| {
             Status::not_found(format!("volume {:?} does not exist", req.volume_id))
