@@ -128,9 +128,7 @@ impl Harness {
         let meta = Arc::new(MemStore::new());
         let dev = Arc::new(MemDevice::new(POOL));
         let engine = open(&meta, &dev, CHUNK);
-        engine
-            .create_volume(&spec("v", VOL))
-            .unwrap();
+        engine.create_volume(&spec("v", VOL)).unwrap();
         Harness {
             meta,
             dev,
@@ -476,9 +474,7 @@ proptest! {
 #[test]
 fn delta_of_unrelated_volumes_names_both() {
     let h = Harness::new();
-    h.engine
-        .create_volume(&spec("w", VOL))
-        .unwrap();
+    h.engine.create_volume(&spec("w", VOL)).unwrap();
     h.engine.create_snapshot("v", "a").unwrap();
     h.engine.create_snapshot("w", "b").unwrap();
     let err = h

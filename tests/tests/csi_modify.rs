@@ -272,7 +272,9 @@ fn iops_per_gb_follows_expansion_and_keys_change_one_at_a_time() {
     env.rt.block_on(async {
         let mut c = env.controller().await;
         let rpcs = controller_rpcs(&mut c).await;
-        assert!(rpcs.contains(&(csi::controller_service_capability::rpc::Type::ModifyVolume as i32)));
+        assert!(
+            rpcs.contains(&(csi::controller_service_capability::rpc::Type::ModifyVolume as i32))
+        );
 
         let id = create(&mut c, create_req("scaled", GIB, &[("iopsPerGB", "20")]))
             .await

@@ -115,7 +115,12 @@ impl GroupControllerService {
         let request = v1::GetGroupSnapshotRequest {
             name: name.to_string(),
         };
-        let result = self.driver().blockd.groups().get_group_snapshot(request).await;
+        let result = self
+            .driver()
+            .blockd
+            .groups()
+            .get_group_snapshot(request)
+            .await;
         let group = found(result, || format!("looking up group snapshot {name:?}"))?;
         Ok(group.map(Response::into_inner))
     }
@@ -272,7 +277,10 @@ impl GroupControllerService {
                 name: gid.group.clone(),
             })
             .await;
-        if found(result, || format!("deleting group snapshot {:?}", gid.group))?.is_some() {
+        let deleted = found(result, || {
+            format!("deleting group snapshot {:?}", gid.group)
+        })?;
+        if deleted.is_some() {
             tracing::info!(group = %gid, "deleted group snapshot");
         }
         Ok(DeleteVolumeGroupSnapshotResponse {})

@@ -168,7 +168,8 @@ impl ControllerService {
                 name: sid.snapshot.clone(),
             })
             .await;
-        if found(result, || format!("deleting snapshot {:?}", sid.snapshot))?.is_some() {
+        let deleted = found(result, || format!("deleting snapshot {:?}", sid.snapshot))?;
+        if deleted.is_some() {
             tracing::info!(snapshot = %sid, "deleted snapshot");
         }
         Ok(DeleteSnapshotResponse {})

@@ -468,7 +468,8 @@ impl ControllerService {
         // Never force: a volume with connected NBD clients is in use, and CSI lets
         // DeleteVolume say so (FAILED_PRECONDITION, passed through).
         let result = self.driver.blockd.delete_volume(&vid.volume, false).await;
-        if found(result, || format!("deleting volume {:?}", vid.volume))?.is_some() {
+        let deleted = found(result, || format!("deleting volume {:?}", vid.volume))?;
+        if deleted.is_some() {
             tracing::info!(volume = %vid, "deleted volume");
         }
         Ok(DeleteVolumeResponse {})

@@ -376,8 +376,11 @@ impl NodeService {
             format!("unexporting ephemeral volume {}", id.volume)
         })?;
         // force: unexported just above, with its connections closed.
-        let deleted = self.driver.blockd.delete_volume(&id.volume, true).await;
-        if found(deleted, || format!("deleting ephemeral volume {}", id.volume))?.is_some() {
+        let result = self.driver.blockd.delete_volume(&id.volume, true).await;
+        let deleted = found(result, || {
+            format!("deleting ephemeral volume {}", id.volume)
+        })?;
+        if deleted.is_some() {
             tracing::info!(volume = %id, "deleted ephemeral volume");
         }
         if let Some(dir) = record.staging_path.parent() {
@@ -397,8 +400,8 @@ impl NodeService {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tonic::Code;
     use crate::testing::string_map as ctx;
+    use tonic::Code;
 
     #[test]
     fn only_a_true_ephemeral_key_asks_for_an_ephemeral_volume() {

@@ -307,7 +307,13 @@ fn device_command(index: u32, cmd: u8, name: &'static str) -> Result<Vec<Vec<u8>
     let mut nl = Netlink::open()?;
     let family = nl.family_id()?;
     let seq = nl.next_seq();
-    let mut m = MessageBuilder::new(family, NLM_F_REQUEST | NLM_F_ACK, seq, cmd, NBD_GENL_VERSION);
+    let mut m = MessageBuilder::new(
+        family,
+        NLM_F_REQUEST | NLM_F_ACK,
+        seq,
+        cmd,
+        NBD_GENL_VERSION,
+    );
     m.u32(NBD_ATTR_INDEX, index);
     nl.exchange(&m.finish(), seq, name)
 }
