@@ -29,7 +29,7 @@ use blockd_proto::model::NameKind;
 use blockd_proto::v1;
 use tonic::{Code, Request, Response, Status};
 
-use super::{require_field, traced, ControllerService};
+use super::{no_class_parameters, require_field, traced, ControllerService};
 use crate::blockd::{found, upstream};
 use crate::ids::{blockd_name, parse_node_name, IdError};
 use crate::Driver;
@@ -162,16 +162,11 @@ impl GroupControllerService {
     ) -> Result<CreateVolumeGroupSnapshotResponse, Status> {
         require_field(req.name.is_empty(), "name")?;
         require_field(req.source_volume_ids.is_empty(), "source_volume_ids")?;
-        if let Some(key) = req
-            .parameters
-            .keys()
-            .find(|k| !k.starts_with("csi.storage.k8s.io/"))
-        {
-            return Err(Status::invalid_argument(format!(
-                "unknown VolumeGroupSnapshotClass parameter {key:?}: blockd.csi.io group \
-                 snapshots take no parameters"
-            )));
-        }
+        no_class_parameters(
+            &req.parameters,
+            "VolumeGroupSnapshotClass",
+            "group snapshots",
+        )?;
         let distinct: BTreeSet<&String> = req.source_volume_ids.iter().collect();
         if distinct.len() != req.source_volume_ids.len() {
             return Err(Status::invalid_argument(

@@ -237,6 +237,25 @@ fn require_field(empty: bool, field: &str) -> Result<(), Status> {
     Ok(())
 }
 
+/// `INVALID_ARGUMENT` for the first of `parameters` (from a `class`, of the objects
+/// `what`) that is not one the external sidecars add (`csi.storage.k8s.io/...`): blockd.csi.io
+/// takes none for these objects.
+fn no_class_parameters(
+    parameters: &std::collections::HashMap<String, String>,
+    class: &str,
+    what: &str,
+) -> Result<(), Status> {
+    if let Some(key) = parameters
+        .keys()
+        .find(|k| !k.starts_with("csi.storage.k8s.io/"))
+    {
+        return Err(Status::invalid_argument(format!(
+            "unknown {class} parameter {key:?}: blockd.csi.io {what} take no parameters"
+        )));
+    }
+    Ok(())
+}
+
 /// Runs one RPC body inside `span` and logs how it ended: successes of mutating calls at
 /// info, refusals the caller must fix at info, failures at warn. Errors are logged here and
 /// nowhere else.

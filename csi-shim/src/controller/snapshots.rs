@@ -12,7 +12,7 @@ use blockd_proto::v1;
 use tonic::{Code, Status};
 
 use super::volumes::page;
-use super::{require_field, ControllerService, Located};
+use super::{no_class_parameters, require_field, ControllerService, Located};
 use crate::blockd::{found, upstream};
 use crate::ids::{blockd_name, SnapshotId, VolumeId};
 
@@ -48,16 +48,7 @@ impl ControllerService {
     ) -> Result<CreateSnapshotResponse, Status> {
         require_field(req.name.is_empty(), "name")?;
         require_field(req.source_volume_id.is_empty(), "source_volume_id")?;
-        if let Some(key) = req
-            .parameters
-            .keys()
-            .find(|k| !k.starts_with("csi.storage.k8s.io/"))
-        {
-            return Err(Status::invalid_argument(format!(
-                "unknown VolumeSnapshotClass parameter {key:?}: blockd.csi.io snapshots take \
-                 no parameters"
-            )));
-        }
+        no_class_parameters(&req.parameters, "VolumeSnapshotClass", "snapshots")?;
         let vid = self.local_volume("source volume", &req.source_volume_id)?;
         let name = blockd_name(NameKind::Snapshot, &req.name);
         let _guard = self.driver.locks.try_lock(&lock_key(self.node(), &name))?;
