@@ -10,6 +10,7 @@ use std::time::Duration;
 use blockd_proto::v1::daemon_service_client::DaemonServiceClient;
 use blockd_proto::v1::export_service_client::ExportServiceClient;
 use blockd_proto::v1::group_snapshot_service_client::GroupSnapshotServiceClient;
+use blockd_proto::v1::image_data_service_client::ImageDataServiceClient;
 use blockd_proto::v1::pool_service_client::PoolServiceClient;
 use blockd_proto::v1::snapshot_service_client::SnapshotServiceClient;
 use blockd_proto::v1::volume_service_client::VolumeServiceClient;
@@ -23,6 +24,15 @@ use tonic::{Code, Status};
 
 /// How long one blockd call may take before the shim gives up on it.
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// One method per blockd service, `name: Client`: a client of it on the shared channel.
+macro_rules! service_clients {
+    ($($name:ident: $client:ident,)*) => {$(
+        pub fn $name(&self) -> $client<Channel> {
+            $client::new(self.channel.clone())
+        }
+    )*};
+}
 
 /// A cheap-to-clone handle on blockd's API.
 #[derive(Debug, Clone)]
@@ -55,31 +65,14 @@ impl Blockd {
         &self.socket
     }
 
-    pub fn pools(&self) -> PoolServiceClient<Channel> {
-        PoolServiceClient::new(self.channel.clone())
-    }
-    pub fn volumes(&self) -> VolumeServiceClient<Channel> {
-        VolumeServiceClient::new(self.channel.clone())
-    }
-    pub fn snapshots(&self) -> SnapshotServiceClient<Channel> {
-        SnapshotServiceClient::new(self.channel.clone())
-    }
-    pub fn exports(&self) -> ExportServiceClient<Channel> {
-        ExportServiceClient::new(self.channel.clone())
-    }
-    pub fn daemon(&self) -> DaemonServiceClient<Channel> {
-        DaemonServiceClient::new(self.channel.clone())
-    }
-    pub fn groups(&self) -> GroupSnapshotServiceClient<Channel> {
-        GroupSnapshotServiceClient::new(self.channel.clone())
-    }
-
-    pub fn image_data(
-        &self,
-    ) -> blockd_proto::v1::image_data_service_client::ImageDataServiceClient<Channel> {
-        blockd_proto::v1::image_data_service_client::ImageDataServiceClient::new(
-            self.channel.clone(),
-        )
+    service_clients! {
+        pools: PoolServiceClient,
+        volumes: VolumeServiceClient,
+        snapshots: SnapshotServiceClient,
+        exports: ExportServiceClient,
+        daemon: DaemonServiceClient,
+        groups: GroupSnapshotServiceClient,
+        image_data: ImageDataServiceClient,
     }
 
     /// Every pool of this node's blockd.
