@@ -17,7 +17,8 @@
 //! Shared pieces: [`ids`] (how CSI ids name blockd objects and the node holding them),
 //! [`locks`] (one operation per volume at a time, `ABORTED` for the next),
 //! [`blockd`] (the lazy, self-reconnecting API channel), [`config`] (flags),
-//! [`io_flusher`] (`PR_SET_IO_FLUSHER` for the helpers in the write-back path).
+//! [`io_flusher`] (`PR_SET_IO_FLUSHER` for the helpers in the write-back path), [`socket`]
+//! (socket options on raw descriptors).
 
 pub mod blockd;
 pub mod config;
@@ -31,6 +32,7 @@ pub mod node;
 pub mod params;
 pub mod proxy;
 pub mod snapshot_metadata;
+pub mod socket;
 #[cfg(test)]
 mod testing;
 

@@ -574,23 +574,7 @@ impl Netlink {
         }
         // SAFETY: `raw` is a descriptor socket(2) just returned and nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let tv = libc::timeval {
-            tv_sec: REPLY_TIMEOUT.as_secs() as libc::time_t,
-            tv_usec: 0,
-        };
-        // SAFETY: setsockopt(2) on our socket with a pointer to a live timeval and its size.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&tv as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 {
-            return Err(NetlinkError::Socket(io::Error::last_os_error()));
-        }
+        crate::socket::set_receive_timeout(&fd, REPLY_TIMEOUT).map_err(NetlinkError::Socket)?;
         // SAFETY: sockaddr_nl is plain old data; all-zero is a valid value.
         let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
         addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
