@@ -829,7 +829,12 @@ fn stale_socket_is_replaced_and_live_socket_refused() {
     // A second server on the same live socket is refused, leaving the first intact.
     let second = rt.block_on(Server::new(registry).serve_unix(&sock, async {}));
     assert!(
-        matches!(second, Err(blockd::nbd::ServerError::SocketInUse { .. })),
+        matches!(
+            second,
+            Err(blockd::nbd::ServerError::Bind(
+                blockd_proto::unix_socket::BindError::InUse { .. }
+            ))
+        ),
         "{second:?}"
     );
     assert!(UnixStream::connect(&sock).is_ok());

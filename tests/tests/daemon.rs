@@ -501,3 +501,22 @@ mod parking_lot_free {
         }
     }
 }
+
+/// Logs written to a file (stderr not a terminal) carry no ANSI colour codes, from blockd
+/// and csi-shim alike: log collectors store them verbatim.
+#[test]
+fn logs_carry_no_colour_codes_when_stderr_is_not_a_terminal() {
+    let mut d = Daemon::start();
+    d.ctl_ok(&["volume", "create", "v", "--size", "1M"]);
+    let mut shim = blockd_tests::CsiShim::start(&d, "node-a", &[]);
+    let shim_status = shim.stop_with(libc::SIGTERM);
+    let status = d.stop();
+    assert!(status.success() && shim_status.success());
+    for (who, log) in [("blockd", d.log()), ("csi-shim", shim.log())] {
+        assert!(log.lines().count() >= 2, "{who} logged nothing:\n{log}");
+        assert!(
+            !log.contains('\x1b'),
+            "{who}'s log has escape codes:\n{log}"
+        );
+    }
+}

@@ -112,7 +112,7 @@ pub enum EngineError {
         "The metadata file system is full ({detail}): writes to unallocated space, flushes, \
          discards, snapshots and other changes fail until space is freed on the file system \
          of blockd's --state-dir; reads and overwrites of allocated data keep working; once there is \
-         room blockd retries by itself, and a restart of blockd clears it for sure"
+         room blockd resumes by itself within seconds"
     )]
     MetaFull { detail: String },
 

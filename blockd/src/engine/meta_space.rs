@@ -39,9 +39,9 @@
 //!
 //! Leaving the state: the engine's next probe commits the retained batch and clears the
 //! state once the store accepts writes again. RocksDB stops its writes after a failed
-//! WAL append and, as tested, does not resume by itself when space is freed (its
-//! `SstFileManager` recovery did not clear it), so with RocksDB a restart is still
-//! needed; the in-memory store resumes. Probes from writes are spaced by an exponential back-off
+//! WAL append and does not resume by itself when space is freed (its `SstFileManager`
+//! recovery did not clear it, as tested): the RocksDB store reopens its database once
+//! the file system has room (`meta::rocks`), and the probe's commit goes through. Probes from writes are spaced by an exponential back-off
 //! ([`PROBE_BACKOFF_START`] to [`PROBE_BACKOFF_MAX`]) so that a stream of writes to a full
 //! engine does not turn into a stream of doomed metadata writes.
 

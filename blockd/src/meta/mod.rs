@@ -72,7 +72,7 @@ pub enum MetaError {
     #[error("Injected metadata fault after {after} writes")]
     Injected { after: u64 },
     /// The file system holding the store is full (ENOSPC): the write changed nothing
-    /// visible and may succeed once space is freed (RocksDB resumes by itself then).
+    /// visible and may succeed once space is freed (the RocksDB store reopens itself then).
     #[error("Metadata store is out of space during {op}: {message}")]
     NoSpace { op: &'static str, message: String },
     #[error("Corrupt metadata key or value in {cf:?}: {what}")]

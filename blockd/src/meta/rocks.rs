@@ -22,9 +22,28 @@
 //!
 //! The store closes on drop, syncing the WAL first so that a clean shutdown keeps even
 //! the `sync = false` writes (memtables need no flush: the WAL replays them on open).
+//!
+//! # Resuming after a full file system
+//! When a WAL append fails for lack of space, RocksDB sets a "hard" background error and
+//! refuses every later write, even once space is freed: its own recovery
+//! (`SstFileManager` polling) covers flushes and compactions, not the WAL, and the C API
+//! has no `DB::Resume`. So the store resumes itself by *reopening* the database:
+//! - after a failed write the store is marked stuck; the next write first checks the
+//!   file system's free space ([`MIN_FREE_TO_REOPEN`]) and, when there is room, reopens;
+//! - the reopen never leaves the store without a database to read from: a read-only
+//!   instance (which takes no `LOCK`) is opened *before* the stuck one is closed, and
+//!   serves reads until the writable one is open again (if that fails, the store stays
+//!   read-only and stuck, and the next write tries again);
+//! - nothing acknowledged is lost: every write RocksDB accepted is in the WAL (synced or
+//!   in the page cache of this live process), and opening replays the WAL; a batch whose
+//!   append failed is either absent or whole after replay (RocksDB's point-in-time WAL
+//!   recovery drops a torn tail record), and the engine writes it again anyway.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use parking_lot::{RwLock, RwLockReadGuard};
 
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, ErrorKind,
@@ -48,56 +67,26 @@ const SMALL_WRITE_BUFFER_BYTES: usize = 16 << 20;
 const MAX_TOTAL_WAL_BYTES: u64 = 512 << 20;
 /// Bloom filter bits per key (about 1% false positives).
 const BLOOM_BITS_PER_KEY: f64 = 10.0;
+/// A stuck store reopens only when its file system has at least this much free: opening
+/// writes a new MANIFEST, OPTIONS file and WAL, and replaying the WAL may flush memtables.
+pub const MIN_FREE_TO_REOPEN: u64 = 4 << 20;
 
 /// The RocksDB [`MetaStore`].
 pub struct RocksStore {
-    db: DB,
+    /// Replaced only by [`RocksStore::reopen`], under the write lock.
+    db: RwLock<DB>,
     path: PathBuf,
+    /// A write failed: RocksDB may be refusing writes until it is reopened (module docs).
+    stuck: AtomicBool,
 }
 
 impl RocksStore {
     /// Opens (creating if needed) the metadata store in `dir`.
     pub fn open(dir: &Path) -> Result<RocksStore> {
-        let open_err = |message: String| MetaError::Open {
-            path: dir.display().to_string(),
-            message,
-        };
-        std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
-
-        let cache = Cache::new_lru_cache(BLOCK_CACHE_BYTES);
-        let mut db_opts = Options::default();
-        db_opts.create_if_missing(true);
-        db_opts.create_missing_column_families(true);
-        db_opts.set_max_total_wal_size(MAX_TOTAL_WAL_BYTES);
-        // RocksDB's info LOG files otherwise accumulate forever in the store directory.
-        db_opts.set_keep_log_file_num(4);
-        db_opts.set_max_log_file_size(16 << 20);
-
-        let cfs: Vec<ColumnFamilyDescriptor> = Cf::ALL
-            .iter()
-            .map(|cf| ColumnFamilyDescriptor::new(cf.name(), cf_options(*cf, &cache)))
-            .collect();
-        let db = DB::open_cf_descriptors(&db_opts, dir, cfs).map_err(|e| {
-            let message = e.into_string();
-            // RocksDB says "While lock file: <dir>/LOCK: Resource temporarily unavailable"
-            // (another process) or "lock hold by current process"; say what it means.
-            if message.contains("/LOCK:") || message.contains("lock hold by current process") {
-                open_err(format!(
-                    "the store is already open (another blockd, or a second open in this \
-                     process): {message}"
-                ))
-            } else {
-                open_err(message)
-            }
-        })?;
-        for cf in Cf::ALL {
-            if db.cf_handle(cf.name()).is_none() {
-                return Err(open_err(format!("column family {} is missing", cf.name())));
-            }
-        }
         Ok(RocksStore {
-            db,
+            db: RwLock::new(open_db(dir, Access::ReadWrite)?),
             path: dir.to_path_buf(),
+            stuck: AtomicBool::new(false),
         })
     }
 
@@ -106,12 +95,58 @@ impl RocksStore {
         &self.path
     }
 
+    /// Whether a write failed and the store has not been reopened since.
+    pub fn is_stuck(&self) -> bool {
+        self.stuck.load(Ordering::SeqCst)
+    }
+
+    /// The open database, for reading (see [`RocksStore::reopen`]).
+    fn db(&self) -> RwLockReadGuard<'_, DB> {
+        self.db.read()
+    }
+
+    /// Closes and opens the database again, so that a RocksDB stopped by a background
+    /// error (a full file system) takes writes again. Reads are served throughout by a
+    /// read-only instance (module docs).
+    pub fn reopen(&self) -> Result<()> {
+        let mut db = self.db.write();
+        // Whatever the WAL buffer holds: best effort, the file system may still be full.
+        let _ = db.flush_wal(true);
+        let read_only = open_db(&self.path, Access::ReadOnly)?;
+        // Dropping the stuck instance releases the LOCK for the writable one.
+        drop(std::mem::replace(&mut *db, read_only));
+        let writable = open_db(&self.path, Access::ReadWrite)?;
+        *db = writable;
+        self.stuck.store(false, Ordering::SeqCst);
+        tracing::info!(path = %self.path.display(), "metadata store reopened after a failed write");
+        Ok(())
+    }
+
+    /// Before a write of a stuck store: reopens it when its file system has room again.
+    fn unstick(&self) {
+        if !self.is_stuck() {
+            return;
+        }
+        match free_bytes(&self.path) {
+            Ok(free) if free >= MIN_FREE_TO_REOPEN => {
+                if let Err(e) = self.reopen() {
+                    tracing::warn!(path = %self.path.display(), error = %e, "cannot reopen the metadata store yet");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(path = %self.path.display(), error = %e, "cannot read the metadata file system's free space")
+            }
+        }
+    }
+
     /// Flushes every column family's memtable to SST files. Not needed for durability
     /// (the WAL covers it); useful before a backup and to test the on-disk read path.
     pub fn flush(&self) -> Result<()> {
+        let db = self.db();
         for cf in Cf::ALL {
-            let handle = self.cf(cf, "flush")?;
-            self.db.flush_cf(handle).map_err(store_err("flush"))?;
+            db.flush_cf(handle(&db, cf, "flush")?)
+                .map_err(store_err("flush"))?;
         }
         Ok(())
     }
@@ -120,22 +155,11 @@ impl RocksStore {
     /// where `optimize_filters_for_hits` drops the last level's filters).
     #[cfg(test)]
     fn compact(&self) -> Result<()> {
+        let db = self.db();
         for cf in Cf::ALL {
-            let handle = self.cf(cf, "compact")?;
-            self.db
-                .compact_range_cf(handle, None::<&[u8]>, None::<&[u8]>);
+            db.compact_range_cf(handle(&db, cf, "compact")?, None::<&[u8]>, None::<&[u8]>);
         }
         Ok(())
-    }
-
-    /// The handle of `cf`; `open` checked that every one exists.
-    fn cf(&self, cf: Cf, op: &'static str) -> Result<&ColumnFamily> {
-        self.db
-            .cf_handle(cf.name())
-            .ok_or_else(|| MetaError::Store {
-                op,
-                message: format!("column family {} is missing", cf.name()),
-            })
     }
 
     /// Read options for iterators: total order, whatever the CF's prefix extractor.
@@ -147,16 +171,96 @@ impl RocksStore {
 
     /// Reads one integer property, DB-wide (`cf = None`) or of one column family.
     fn property(&self, cf: Option<Cf>, name: &str) -> Option<u64> {
+        let db = self.db();
         let value = match cf {
-            None => self.db.property_int_value(name),
+            None => db.property_int_value(name),
             Some(cf) => {
-                let handle = self.db.cf_handle(cf.name())?;
-                self.db.property_int_value_cf(handle, name)
+                let handle = db.cf_handle(cf.name())?;
+                db.property_int_value_cf(handle, name)
             }
         };
         // Statistics are best effort: a property this RocksDB does not know is skipped.
         value.ok().flatten()
     }
+}
+
+/// How [`open_db`] opens the database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// Creating what is missing; takes the `LOCK`.
+    ReadWrite,
+    /// An existing database, no writes, no `LOCK` (serves reads during a reopen).
+    ReadOnly,
+}
+
+/// Opens the database in `dir` with every column family.
+fn open_db(dir: &Path, access: Access) -> Result<DB> {
+    let open_err = |message: String| MetaError::Open {
+        path: dir.display().to_string(),
+        message,
+    };
+    std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
+
+    let cache = Cache::new_lru_cache(BLOCK_CACHE_BYTES);
+    let mut db_opts = Options::default();
+    db_opts.create_if_missing(true);
+    db_opts.create_missing_column_families(true);
+    db_opts.set_max_total_wal_size(MAX_TOTAL_WAL_BYTES);
+    // RocksDB's info LOG files otherwise accumulate forever in the store directory.
+    db_opts.set_keep_log_file_num(4);
+    db_opts.set_max_log_file_size(16 << 20);
+
+    let cfs: Vec<ColumnFamilyDescriptor> = Cf::ALL
+        .iter()
+        .map(|cf| ColumnFamilyDescriptor::new(cf.name(), cf_options(*cf, &cache)))
+        .collect();
+    let opened = match access {
+        Access::ReadWrite => DB::open_cf_descriptors(&db_opts, dir, cfs),
+        Access::ReadOnly => DB::open_cf_descriptors_read_only(&db_opts, dir, cfs, false),
+    };
+    let db = opened.map_err(|e| {
+        let message = e.into_string();
+        // RocksDB says "While lock file: <dir>/LOCK: Resource temporarily unavailable"
+        // (another process) or "lock hold by current process"; say what it means.
+        if message.contains("/LOCK:") || message.contains("lock hold by current process") {
+            open_err(format!(
+                "the store is already open (another blockd, or a second open in this \
+                     process): {message}"
+            ))
+        } else {
+            open_err(message)
+        }
+    })?;
+    for cf in Cf::ALL {
+        if db.cf_handle(cf.name()).is_none() {
+            return Err(open_err(format!("column family {} is missing", cf.name())));
+        }
+    }
+    Ok(db)
+}
+
+/// The handle of `cf`; [`open_db`] checked that every one exists.
+fn handle<'a>(db: &'a DB, cf: Cf, op: &'static str) -> Result<&'a ColumnFamily> {
+    db.cf_handle(cf.name()).ok_or_else(|| MetaError::Store {
+        op,
+        message: format!("column family {} is missing", cf.name()),
+    })
+}
+
+/// Free bytes for an unprivileged writer on the file system holding `path`.
+fn free_bytes(path: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: a NUL-terminated path and a pointer to a statvfs the call fills in.
+    let rc = unsafe { libc::statvfs(c_path.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: statvfs returned 0, so it filled the struct.
+    let st = unsafe { st.assume_init() };
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 /// The options of one column family (see the table in the module docs).
@@ -198,9 +302,8 @@ fn cf_options(cf: Cf, cache: &Cache) -> Options {
 ///
 /// RocksDB reports a full file system as an `IOError` with sub-code `NoSpace`, whose text
 /// is "No space left on device"; the C API passes only the text. After such an error on
-/// a write RocksDB stops writes (a "hard" background error) and its `SstFileManager`
-/// polls the free space and resumes the database by itself once there is room, so a
-/// later write succeeds without reopening the store.
+/// a write RocksDB stops writes (a "hard" background error) until the store is reopened
+/// (module docs).
 fn store_err(op: &'static str) -> impl Fn(rocksdb::Error) -> MetaError {
     move |e| {
         if is_no_space(e.as_ref()) {
@@ -237,7 +340,7 @@ impl Drop for RocksStore {
     fn drop(&mut self) {
         // Make the `sync = false` tail durable on a clean shutdown; RocksDB's own close
         // (dropping `db`) waits for running flushes and compactions.
-        if let Err(e) = self.db.flush_wal(true) {
+        if let Err(e) = self.db.get_mut().flush_wal(true) {
             tracing::warn!(path = %self.path.display(), error = %e, "Cannot sync the metadata WAL on close");
         }
     }
@@ -245,46 +348,56 @@ impl Drop for RocksStore {
 
 impl MetaStore for RocksStore {
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        let handle = self.cf(cf, "get")?;
-        self.db
-            .get_pinned_cf(handle, key)
+        let db = self.db();
+        db.get_pinned_cf(handle(&db, cf, "get")?, key)
             .map(|v| v.map(|v| v.to_vec()))
             .map_err(store_err("get"))
     }
 
     fn write(&self, batch: WriteBatch, sync: bool) -> Result<()> {
+        self.unstick();
+        let db = self.db();
         let mut opts = WriteOptions::default();
         opts.set_sync(sync);
-        if batch.is_empty() {
+        let result = if batch.is_empty() {
             // An empty batch is a barrier: with `sync` it must still make every earlier
             // write durable.
             if sync {
-                self.db.flush_wal(true).map_err(store_err("write"))?;
+                db.flush_wal(true).map_err(store_err("write"))
+            } else {
+                Ok(())
             }
-            return Ok(());
-        }
-        let mut rocks = rocksdb::WriteBatch::default();
-        for op in &batch.ops {
-            match op {
-                BatchOp::Put { cf, key, value } => rocks.put_cf(self.cf(*cf, "write")?, key, value),
-                BatchOp::Delete { cf, key } => rocks.delete_cf(self.cf(*cf, "write")?, key),
+        } else {
+            let mut rocks = rocksdb::WriteBatch::default();
+            for op in &batch.ops {
+                match op {
+                    BatchOp::Put { cf, key, value } => {
+                        rocks.put_cf(handle(&db, *cf, "write")?, key, value)
+                    }
+                    BatchOp::Delete { cf, key } => rocks.delete_cf(handle(&db, *cf, "write")?, key),
+                }
             }
+            db.write_opt(rocks, &opts).map_err(store_err("write"))
+        };
+        if result.is_err() {
+            self.stuck.store(true, Ordering::SeqCst);
         }
-        self.db.write_opt(rocks, &opts).map_err(store_err("write"))
+        result
     }
 
     fn scan(&self, cf: Cf, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<Kv>> {
         if limit == 0 || (!end.is_empty() && start >= end) {
             return Ok(Vec::new());
         }
-        let handle = self.cf(cf, "scan")?;
+        let db = self.db();
+        let handle = handle(&db, cf, "scan")?;
         let mut opts = Self::iter_options();
         if !end.is_empty() {
             // The bound lets RocksDB stop at the end instead of reading past it (and
             // skip the tombstones beyond it).
             opts.set_iterate_upper_bound(end);
         }
-        let mut iter = self.db.raw_iterator_cf_opt(handle, opts);
+        let mut iter = db.raw_iterator_cf_opt(handle, opts);
         iter.seek(start);
         let mut out = Vec::new();
         while out.len() < limit {
@@ -299,8 +412,9 @@ impl MetaStore for RocksStore {
     }
 
     fn seek_for_prev(&self, cf: Cf, key: &[u8]) -> Result<Option<Kv>> {
-        let handle = self.cf(cf, "seek_for_prev")?;
-        let mut iter = self.db.raw_iterator_cf_opt(handle, Self::iter_options());
+        let db = self.db();
+        let mut iter =
+            db.raw_iterator_cf_opt(handle(&db, cf, "seek_for_prev")?, Self::iter_options());
         iter.seek_for_prev(key);
         if let Some((k, v)) = iter.item() {
             return Ok(Some((k.to_vec(), v.to_vec())));
@@ -382,6 +496,40 @@ mod tests {
         assert_eq!(
             store.get(Cf::Map, &map_key(1, 2, 3)).unwrap().as_deref(),
             Some(&map_value(4)[..])
+        );
+    }
+
+    /// What `reopen` does after a full file system: everything written (synced or not)
+    /// is there afterwards, and writes are taken again.
+    #[test]
+    fn reopen_keeps_every_write_and_takes_writes_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RocksStore::open(dir.path()).unwrap();
+        let mut b = WriteBatch::new();
+        b.put_cf(Cf::Images, b"synced".to_vec(), b"1".to_vec());
+        store.write(b, true).unwrap();
+        let mut b = WriteBatch::new();
+        b.put_cf(Cf::Map, map_key(1, 2, 3), map_value(4));
+        store.write(b, false).unwrap();
+        store.stuck.store(true, Ordering::SeqCst);
+        store.reopen().unwrap();
+        assert!(!store.is_stuck());
+        assert_eq!(
+            store.get(Cf::Images, b"synced").unwrap().as_deref(),
+            Some(&b"1"[..])
+        );
+        assert_eq!(
+            store.get(Cf::Map, &map_key(1, 2, 3)).unwrap().as_deref(),
+            Some(&map_value(4)[..])
+        );
+        let mut b = WriteBatch::new();
+        b.put_cf(Cf::Images, b"after".to_vec(), b"2".to_vec());
+        store.write(b, true).unwrap();
+        drop(store);
+        let store = RocksStore::open(dir.path()).unwrap();
+        assert_eq!(
+            store.get(Cf::Images, b"after").unwrap().as_deref(),
+            Some(&b"2"[..])
         );
     }
 

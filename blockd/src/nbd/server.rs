@@ -51,7 +51,6 @@ mod transmit;
 
 use std::collections::HashMap;
 use std::io;
-use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -108,16 +107,8 @@ impl Default for ServerConfig {
 /// Errors of the listeners.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("Socket {path} is in use by a running server")]
-    SocketInUse { path: PathBuf },
-    #[error("{path} exists and is not a socket")]
-    NotASocket { path: PathBuf },
-    #[error("Cannot listen on {path}")]
-    Listen {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] blockd_proto::unix_socket::BindError),
     #[error("Accepting connections failed")]
     Accept(#[source] io::Error),
 }

@@ -5,8 +5,9 @@
 //! so [`Server::close_export`] and listener shutdown see every connection.
 //!
 //! Invariants:
-//! - a unix socket is created owner-only (whoever can connect can read and write volumes);
-//!   a stale socket file (no server answering) is replaced, a live one is an error;
+//! - a unix socket is bound by [`blockd_proto::unix_socket`], owner-only (whoever can
+//!   connect can read and write volumes): a stale socket file (no server answering) is
+//!   replaced, a live one or any other file is an error;
 //! - a transient accept error (descriptor or memory exhaustion, an aborted connection) is
 //!   logged and retried after a pause; any other ends the listener;
 //! - a listener that stops asks each of its connections to shut down and returns only
@@ -14,13 +15,13 @@
 
 use std::future::Future;
 use std::io;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use blockd_proto::unix_socket;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{debug, info, warn, Instrument};
 
@@ -38,8 +39,8 @@ impl Server {
         path: &Path,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), ServerError> {
-        let listener = bind_unix(path).await?;
-        info!(path = %path.display(), "nbd server listening on unix socket");
+        let (listener, previous) = unix_socket::bind_tokio(path, unix_socket::PRIVATE_SOCKET_MODE)?;
+        info!(path = %path.display(), ?previous, "nbd server listening on unix socket");
         let result = self
             .accept_loop(shutdown, || async {
                 let (stream, _) = listener.accept().await?;
@@ -102,7 +103,9 @@ impl Server {
         result
     }
 
-    fn spawn_connection(&self, listener: u64, stream: Accepted) {
+    /// Enters a new connection of `listener` (0: none) in the table, before its task
+    /// starts; the guard takes it out again when the connection ends.
+    fn register_connection(&self, listener: u64) -> (u64, ConnGuard, watch::Receiver<Stop>) {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let (stop_tx, stop_rx) = watch::channel(Stop::Run);
         let (done_tx, done_rx) = watch::channel(());
@@ -120,6 +123,11 @@ impl Server {
             id,
             _done: done_tx,
         };
+        (id, guard, stop_rx)
+    }
+
+    fn spawn_connection(&self, listener: u64, stream: Accepted) {
+        let (id, guard, stop_rx) = self.register_connection(listener);
         let span = tracing::info_span!("nbd_conn", conn = id);
         tokio::spawn(
             async move {
@@ -212,23 +220,7 @@ impl Server {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let (stop_tx, stop_rx) = watch::channel(Stop::Run);
-        let (done_tx, done_rx) = watch::channel(());
-        self.shared.conns.lock().insert(
-            id,
-            ConnSlot {
-                listener: 0,
-                stop: stop_tx,
-                done: done_rx,
-                attached: None,
-            },
-        );
-        let guard = ConnGuard {
-            shared: self.shared.clone(),
-            id,
-            _done: done_tx,
-        };
+        let (_, guard, stop_rx) = self.register_connection(0);
         if let Err(err) = run_plain(guard, stream, stop_rx).await {
             debug!(error = %err, "connection closed");
         }
@@ -240,39 +232,4 @@ fn is_transient_accept_error(err: &io::Error) -> bool {
         err.raw_os_error(),
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::ECONNABORTED)
     ) || err.kind() == io::ErrorKind::ConnectionAborted
-}
-
-async fn bind_unix(path: &Path) -> Result<UnixListener, ServerError> {
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => {
-            if tokio::net::UnixStream::connect(path).await.is_ok() {
-                return Err(ServerError::SocketInUse {
-                    path: path.to_owned(),
-                });
-            }
-            // Left by a server that died: nobody answers, so it is safe to replace.
-            std::fs::remove_file(path).map_err(|source| ServerError::Listen {
-                path: path.to_owned(),
-                source,
-            })?;
-        }
-        Ok(_) => {
-            return Err(ServerError::NotASocket {
-                path: path.to_owned(),
-            })
-        }
-        Err(_) => {}
-    }
-    let listener = UnixListener::bind(path).map_err(|source| ServerError::Listen {
-        path: path.to_owned(),
-        source,
-    })?;
-    // Whoever can connect can read and write volumes: owner only.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
-        ServerError::Listen {
-            path: path.to_owned(),
-            source,
-        }
-    })?;
-    Ok(listener)
 }
