@@ -9,12 +9,15 @@ use std::sync::Arc;
 
 use blockd::device::mem::MemDevice;
 use blockd::device::{open_path, BlockDevice, EngineChoice, IoEngine};
-use blockd::engine::{Engine, EngineError, PoolSpec, Qos, Source, VolumeSpec};
+use blockd::engine::{Engine, EngineError, PoolSpec, Source};
 use blockd::meta::mem::MemStore;
 use blockd::meta::rocks::RocksStore;
 use blockd::meta::MetaStore;
 
 mod common;
+#[path = "common/volume_spec.rs"]
+mod volume_spec;
+use volume_spec::spec;
 
 const MIB: u64 = 1 << 20;
 
@@ -132,16 +135,6 @@ impl Fixture {
 
 fn display(p: &Path) -> String {
     p.display().to_string()
-}
-
-fn spec(name: &str, size: u64) -> VolumeSpec {
-    VolumeSpec {
-        name: name.into(),
-        pool: None,
-        size: Some(size),
-        source: None,
-        qos: Qos::default(),
-    }
 }
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
@@ -387,33 +380,23 @@ fn pool_full_enospc(f: Fixture) {
     assert_clean(&e);
 }
 
+/// Every test above on a backend `$kind`, in module `$prefix`; each runs on a fixture
+/// (`@case`: pool size and chunk size) when the backend is available here.
 macro_rules! suite {
     ($prefix:ident, $kind:expr) => {
         mod $prefix {
             use super::*;
-            #[test]
-            fn basic_io() {
-                if let Some(f) = Fixture::new($kind, 64 * MIB, 64 * 1024) {
-                    super::basic_io(f);
-                }
-            }
-            #[test]
-            fn snapshots_and_clones() {
-                if let Some(f) = Fixture::new($kind, 64 * MIB, 64 * 1024) {
-                    super::snapshots_and_clones(f);
-                }
-            }
-            #[test]
-            fn freed_data_never_leaks() {
-                if let Some(f) = Fixture::new($kind, 8 * MIB, 16 * 1024) {
-                    super::freed_data_never_leaks(f);
-                }
-            }
-            #[test]
-            fn pool_full_enospc() {
-                if let Some(f) = Fixture::new($kind, 4 * MIB, 64 * 1024) {
-                    super::pool_full_enospc(f);
-                }
+            suite!(@case basic_io, $kind, 64 * MIB, 64 * 1024);
+            suite!(@case snapshots_and_clones, $kind, 64 * MIB, 64 * 1024);
+            suite!(@case freed_data_never_leaks, $kind, 8 * MIB, 16 * 1024);
+            suite!(@case pool_full_enospc, $kind, 4 * MIB, 64 * 1024);
+        }
+    };
+    (@case $test:ident, $kind:expr, $pool:expr, $chunk:expr) => {
+        #[test]
+        fn $test() {
+            if let Some(f) = Fixture::new($kind, $pool, $chunk) {
+                super::$test(f);
             }
         }
     };

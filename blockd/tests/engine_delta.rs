@@ -15,13 +15,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use blockd::device::mem::MemDevice;
-use blockd::device::BlockDevice;
-use blockd::engine::{
-    DiffExtent, DiffTarget, Engine, EngineError, ExtentPage, PoolSpec, Source, VolumeSpec,
-};
+use blockd::engine::{DiffExtent, DiffTarget, Engine, EngineError, ExtentPage, Source, VolumeSpec};
 use blockd::meta::mem::MemStore;
-use blockd::meta::MetaStore;
 use proptest::prelude::*;
+
+#[path = "common/mem_engine.rs"]
+mod mem_engine;
+use mem_engine::{open, spec};
 
 const CHUNK: u64 = 8192;
 const POOL: u64 = 8 << 20;
@@ -115,19 +115,20 @@ fn vol_name(t: usize) -> &'static str {
 }
 
 impl Harness {
+    /// The names of the snapshots not deleted, in name order.
+    fn live_snapshots(&self) -> Vec<String> {
+        self.snaps
+            .iter()
+            .filter(|(_, s)| !s.deleted)
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
     fn new() -> Self {
         let meta = Arc::new(MemStore::new());
         let dev = Arc::new(MemDevice::new(POOL));
-        let engine = Self::open(&meta, &dev);
-        engine
-            .create_volume(&VolumeSpec {
-                name: "v".into(),
-                pool: None,
-                size: Some(VOL),
-                source: None,
-                qos: Default::default(),
-            })
-            .unwrap();
+        let engine = open(&meta, &dev, CHUNK);
+        engine.create_volume(&spec("v", VOL)).unwrap();
         Harness {
             meta,
             dev,
@@ -137,16 +138,6 @@ impl Harness {
             snaps: BTreeMap::new(),
             next_snap: 0,
         }
-    }
-
-    fn open(meta: &Arc<MemStore>, dev: &Arc<MemDevice>) -> Engine {
-        let spec = PoolSpec {
-            name: "p".into(),
-            device: dev.clone() as Arc<dyn BlockDevice>,
-            chunk_size: CHUNK,
-            path: "mem".into(),
-        };
-        Engine::open(meta.clone() as Arc<dyn MetaStore>, vec![spec]).expect("engine opens")
     }
 
     fn pick(&self, clone: bool) -> usize {
@@ -217,12 +208,7 @@ impl Harness {
                 );
             }
             Op::DeleteSnapshot(n) => {
-                let live: Vec<String> = self
-                    .snaps
-                    .iter()
-                    .filter(|(_, s)| !s.deleted)
-                    .map(|(n, _)| n.clone())
-                    .collect();
+                let live = self.live_snapshots();
                 if live.is_empty() {
                     return;
                 }
@@ -268,7 +254,7 @@ impl Harness {
             }
             Op::Reopen => {
                 self.engine.shutdown().unwrap();
-                self.engine = Self::open(&self.meta, &self.dev);
+                self.engine = open(&self.meta, &self.dev, CHUNK);
             }
         }
     }
@@ -444,12 +430,7 @@ fn run(ops: &[Op], start: u64, max: usize) {
     for op in ops {
         h.apply(op);
     }
-    let snaps: Vec<String> = h
-        .snaps
-        .iter()
-        .filter(|(_, s)| !s.deleted)
-        .map(|(n, _)| n.clone())
-        .collect();
+    let snaps = h.live_snapshots();
     for base in &snaps {
         for target in &snaps {
             check_pair(&h, base, (target, DiffTarget::Snapshot(target)), start, max);
@@ -493,15 +474,7 @@ proptest! {
 #[test]
 fn delta_of_unrelated_volumes_names_both() {
     let h = Harness::new();
-    h.engine
-        .create_volume(&VolumeSpec {
-            name: "w".into(),
-            pool: None,
-            size: Some(VOL),
-            source: None,
-            qos: Default::default(),
-        })
-        .unwrap();
+    h.engine.create_volume(&spec("w", VOL)).unwrap();
     h.engine.create_snapshot("v", "a").unwrap();
     h.engine.create_snapshot("w", "b").unwrap();
     let err = h

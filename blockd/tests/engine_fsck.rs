@@ -7,11 +7,15 @@ use std::sync::Arc;
 use blockd::device::faulty::FaultyDevice;
 use blockd::device::mem::MemDevice;
 use blockd::device::BlockDevice;
-use blockd::engine::{Engine, EngineError, PoolSpec, Qos, Source, VolumeSpec};
+use blockd::engine::{Engine, EngineError, PoolSpec, Source};
 use blockd::fault::FaultClock;
 use blockd::meta::keys;
 use blockd::meta::mem::MemStore;
 use blockd::meta::{Cf, MetaStore, WriteBatch};
+
+#[path = "common/volume_spec.rs"]
+mod volume_spec;
+use volume_spec::spec;
 
 const CHUNK: u64 = 16 * 1024;
 const MIB: u64 = 1 << 20;
@@ -25,14 +29,13 @@ fn pool(name: &str, dev: Arc<dyn BlockDevice>) -> PoolSpec {
     }
 }
 
-fn spec(name: &str, size: u64) -> VolumeSpec {
-    VolumeSpec {
-        name: name.into(),
-        pool: None,
-        size: Some(size),
-        source: None,
-        qos: Qos::default(),
-    }
+/// A new engine on an in-memory store and 8 MiB device, pool `p`, with volume `a` of 1 MiB.
+fn with_volume_a() -> (Arc<MemStore>, Arc<dyn BlockDevice>, Engine) {
+    let meta = Arc::new(MemStore::new());
+    let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(8 * MIB));
+    let e = Engine::open(meta.clone(), vec![pool("p", dev.clone())]).unwrap();
+    e.create_volume(&spec("a", MIB)).unwrap();
+    (meta, dev, e)
 }
 
 fn fill(e: &Engine, vol: &str, len: usize, byte: u8) {
@@ -50,10 +53,7 @@ fn first_map_entry(meta: &MemStore) -> (u64, u64, u64, u64) {
 
 #[test]
 fn fsck_reports_double_ownership_and_refuses_writes() {
-    let meta = Arc::new(MemStore::new());
-    let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(8 * MIB));
-    let e = Engine::open(meta.clone(), vec![pool("p", dev.clone())]).unwrap();
-    e.create_volume(&spec("a", MIB)).unwrap();
+    let (meta, dev, e) = with_volume_a();
     fill(&e, "a", 4 * CHUNK as usize, 1);
     e.shutdown().unwrap();
     drop(e);
@@ -89,10 +89,7 @@ fn fsck_reports_double_ownership_and_refuses_writes() {
 
 #[test]
 fn fsck_repairs_orphans_and_bad_pointers_are_reported() {
-    let meta = Arc::new(MemStore::new());
-    let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(8 * MIB));
-    let e = Engine::open(meta.clone(), vec![pool("p", dev.clone())]).unwrap();
-    e.create_volume(&spec("a", MIB)).unwrap();
+    let (meta, dev, e) = with_volume_a();
     fill(&e, "a", CHUNK as usize, 1);
     e.shutdown().unwrap();
     drop(e);
@@ -126,14 +123,41 @@ fn fsck_repairs_orphans_and_bad_pointers_are_reported() {
     assert_eq!(r.bad_pointers, 1, "{r:?}");
 }
 
+/// A metadata store and a device that fail together once `clock` is armed, and can then
+/// lose power.
+struct Faulty {
+    clock: Arc<FaultClock>,
+    meta: Arc<MemStore>,
+    mem: Arc<MemDevice>,
+}
+
+impl Faulty {
+    /// A new store and device of `size` bytes, and the engine (pool `p`) on them.
+    fn open(size: u64) -> (Faulty, Engine) {
+        let clock = Arc::new(FaultClock::new());
+        let meta = Arc::new(MemStore::with_faults(clock.clone()));
+        let mem = Arc::new(MemDevice::new(size));
+        let dev: Arc<dyn BlockDevice> = Arc::new(FaultyDevice::new(mem.clone(), clock.clone()));
+        let e = Engine::open(meta.clone(), vec![pool("p", dev)]).unwrap();
+        (Faulty { clock, meta, mem }, e)
+    }
+
+    /// Drops `e`, disarms the clock, cuts the power (seed `seed`, each unflushed write
+    /// kept with probability `keep_ratio`) and opens the engine on what survived.
+    fn crash_and_reopen(&self, e: Engine, seed: u64, keep_ratio: f64) -> Engine {
+        drop(e);
+        self.clock.arm(None);
+        self.mem.power_cut(seed, keep_ratio);
+        let dev: Arc<dyn BlockDevice> = Arc::new(self.mem.clone_durable());
+        let meta = Arc::new(self.meta.crash_copy(seed));
+        Engine::open(meta, vec![pool("p", dev)]).unwrap()
+    }
+}
+
 #[test]
 fn crash_during_gc_resumes_and_reclaims_everything() {
     for fail_after in [1u64, 2, 3, 5, 8, 13] {
-        let clock = Arc::new(FaultClock::new());
-        let meta = Arc::new(MemStore::with_faults(clock.clone()));
-        let mem = Arc::new(MemDevice::new(16 * MIB));
-        let dev: Arc<dyn BlockDevice> = Arc::new(FaultyDevice::new(mem.clone(), clock.clone()));
-        let e = Engine::open(meta.clone(), vec![pool("p", dev)]).unwrap();
+        let (f, e) = Faulty::open(16 * MIB);
         e.create_volume(&spec("big", 8 * MIB)).unwrap();
         e.create_volume(&spec("keep", MIB)).unwrap();
         fill(&e, "big", 6 * MIB as usize, 3);
@@ -143,13 +167,9 @@ fn crash_during_gc_resumes_and_reclaims_everything() {
         e.flush().unwrap();
         e.delete_volume("big").unwrap();
         e.delete_snapshot("s").unwrap();
-        clock.arm(Some(fail_after));
+        f.clock.arm(Some(fail_after));
         let _ = e.gc();
-        drop(e);
-        clock.arm(None);
-        mem.power_cut(fail_after, 0.5);
-        let dev: Arc<dyn BlockDevice> = Arc::new(mem.clone_durable());
-        let e = Engine::open(Arc::new(meta.crash_copy(fail_after)), vec![pool("p", dev)]).unwrap();
+        let e = f.crash_and_reopen(e, fail_after, 0.5);
         e.gc().unwrap();
         let p = e.pool("p").unwrap();
         assert_eq!(
@@ -167,11 +187,7 @@ fn crash_during_gc_resumes_and_reclaims_everything() {
 #[test]
 fn crash_during_flatten_resumes_from_its_intent() {
     for fail_after in [2u64, 5, 9, 20, 40] {
-        let clock = Arc::new(FaultClock::new());
-        let meta = Arc::new(MemStore::with_faults(clock.clone()));
-        let mem = Arc::new(MemDevice::new(32 * MIB));
-        let dev: Arc<dyn BlockDevice> = Arc::new(FaultyDevice::new(mem.clone(), clock.clone()));
-        let e = Engine::open(meta.clone(), vec![pool("p", dev)]).unwrap();
+        let (f, e) = Faulty::open(32 * MIB);
         e.create_volume(&spec("base", 4 * MIB)).unwrap();
         fill(&e, "base", 4 * MIB as usize, 6);
         e.create_snapshot("base", "gold").unwrap();
@@ -181,17 +197,13 @@ fn crash_during_flatten_resumes_from_its_intent() {
         let h = e.open_image("clone").unwrap();
         e.write(&h, 0, &[9; 4096]).unwrap();
         e.flush().unwrap();
-        clock.arm(Some(fail_after));
+        f.clock.arm(Some(fail_after));
         let r = e.flatten_volume("clone", &mut |_, _| {});
         assert!(
             r.is_err(),
             "the fault interrupts the flatten (fail after {fail_after})"
         );
-        drop(e);
-        clock.arm(None);
-        mem.power_cut(fail_after, 0.3);
-        let dev: Arc<dyn BlockDevice> = Arc::new(mem.clone_durable());
-        let e = Engine::open(Arc::new(meta.crash_copy(fail_after)), vec![pool("p", dev)]).unwrap();
+        let e = f.crash_and_reopen(e, fail_after, 0.3);
         e.resume_intents();
         let info = e.volume("clone").unwrap();
         assert!(

@@ -13,7 +13,20 @@ use blockd::meta::mem::MemStore;
 mod mem_engine;
 use mem_engine::{open, spec};
 
+/// The pool's chunk size.
+const CHUNK: u64 = 64 << 10;
 const BLOCK: usize = 4096;
+
+/// A new engine (64 MiB in memory) with a 1 MiB volume of each name in `volumes`.
+fn with_volumes(volumes: &[&str]) -> (Arc<MemStore>, Arc<MemDevice>, Engine) {
+    let meta = Arc::new(MemStore::new());
+    let dev = Arc::new(MemDevice::new(64 << 20));
+    let e = open(&meta, &dev, CHUNK);
+    for v in volumes {
+        e.create_volume(&spec(v, 1 << 20)).unwrap();
+    }
+    (meta, dev, e)
+}
 
 fn stamp(n: u64) -> Vec<u8> {
     n.to_le_bytes().repeat(BLOCK / 8)
@@ -43,12 +56,7 @@ fn names(v: &[&str]) -> Vec<String> {
 /// broken instant.
 #[test]
 fn members_share_one_instant_under_ordered_writes() {
-    let meta = Arc::new(MemStore::new());
-    let dev = Arc::new(MemDevice::new(64 << 20));
-    let e = open(&meta, &dev);
-    for v in ["a", "b", "c"] {
-        e.create_volume(&spec(v, 1 << 20)).unwrap();
-    }
+    let (_meta, _dev, e) = with_volumes(&["a", "b", "c"]);
     let stop = Arc::new(AtomicBool::new(false));
     // The last round the writer finished: each group waits for a new one, so groups and
     // writes interleave however the threads are scheduled.
@@ -107,12 +115,7 @@ fn members_share_one_instant_under_ordered_writes() {
 
 #[test]
 fn idempotent_errors_change_nothing_and_members_go_with_their_group() {
-    let meta = Arc::new(MemStore::new());
-    let dev = Arc::new(MemDevice::new(64 << 20));
-    let e = open(&meta, &dev);
-    for v in ["db", "wal", "other"] {
-        e.create_volume(&spec(v, 1 << 20)).unwrap();
-    }
+    let (meta, dev, e) = with_volumes(&["db", "wal", "other"]);
     let db = e.open_image("db").unwrap();
     let wal = e.open_image("wal").unwrap();
     e.write(&db, 0, &stamp(7)).unwrap();
@@ -193,7 +196,7 @@ fn idempotent_errors_change_nothing_and_members_go_with_their_group() {
     // Survives a restart.
     e.shutdown().unwrap();
     drop((e, db, wal));
-    let e = open(&meta, &dev);
+    let e = open(&meta, &dev, CHUNK);
     let g2 = e.group_snapshot("nightly").unwrap();
     assert_eq!(g2, g);
     assert_eq!(counter(&e, "db@nightly-db"), 7);

@@ -15,6 +15,10 @@ use blockd::meta::keys;
 use blockd::meta::mem::MemStore;
 use blockd::meta::{Cf, MetaStore, WriteBatch};
 
+#[path = "common/volume_spec.rs"]
+mod volume_spec;
+use volume_spec::spec;
+
 const MIB: u64 = 1 << 20;
 
 fn open(meta: &Arc<MemStore>, dev: &Arc<dyn BlockDevice>) -> Engine {
@@ -35,16 +39,6 @@ fn fresh() -> (Arc<MemStore>, Arc<dyn BlockDevice>, Engine) {
     let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(8 * MIB));
     let e = open(&meta, &dev);
     (meta, dev, e)
-}
-
-fn spec(name: &str, size: u64) -> VolumeSpec {
-    VolumeSpec {
-        name: name.into(),
-        pool: None,
-        size: Some(size),
-        source: None,
-        qos: Qos::default(),
-    }
 }
 
 fn clone_of(name: &str, source: Source) -> VolumeSpec {

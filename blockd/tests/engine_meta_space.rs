@@ -20,12 +20,15 @@ use std::time::{Duration, Instant};
 
 use blockd::device::mem::MemDevice;
 use blockd::device::{open_path, BlockDevice, EngineChoice};
-use blockd::engine::{Engine, EngineError, ImageHandle, PoolSpec, Qos, VolumeSpec};
+use blockd::engine::{Engine, EngineError, ImageHandle, PoolSpec};
 use blockd::meta::mem::MemStore;
 use blockd::meta::rocks::RocksStore;
 use blockd::meta::MetaStore;
 
 mod common;
+#[path = "common/volume_spec.rs"]
+mod volume_spec;
+use volume_spec::spec;
 
 const CHUNK: u64 = 64 * 1024;
 /// How long the engine may take to resume after space is freed (the store reopens on the
@@ -44,13 +47,7 @@ fn pool(device: Arc<dyn BlockDevice>, path: &str) -> Vec<PoolSpec> {
 
 fn create(engine: &Engine, name: &str, size: u64) -> ImageHandle {
     engine
-        .create_volume(&VolumeSpec {
-            name: name.into(),
-            pool: None,
-            size: Some(size),
-            source: None,
-            qos: Qos::default(),
-        })
+        .create_volume(&spec(name, size))
         .expect("create volume");
     engine.open_image(name).expect("open volume")
 }

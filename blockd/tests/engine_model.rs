@@ -7,11 +7,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use blockd::device::mem::MemDevice;
-use blockd::device::BlockDevice;
-use blockd::engine::{Engine, EngineError, PoolSpec, Qos, Source, VolumeSpec};
+use blockd::engine::{Engine, EngineError, Qos, Source, VolumeSpec};
 use blockd::meta::mem::MemStore;
-use blockd::meta::MetaStore;
 use proptest::prelude::*;
+
+#[path = "common/mem_engine.rs"]
+mod mem_engine;
+use mem_engine::{open, spec};
 
 const CHUNK: u64 = 8192;
 const POOL: u64 = 4 << 20;
@@ -124,7 +126,7 @@ impl Harness {
     fn new() -> Self {
         let meta = Arc::new(MemStore::new());
         let dev = Arc::new(MemDevice::new(POOL));
-        let engine = Self::open(&meta, &dev);
+        let engine = open(&meta, &dev, CHUNK);
         Harness {
             meta,
             dev,
@@ -134,16 +136,6 @@ impl Harness {
             clones: Default::default(),
             orphaned: Default::default(),
         }
-    }
-
-    fn open(meta: &Arc<MemStore>, dev: &Arc<MemDevice>) -> Engine {
-        let spec = PoolSpec {
-            name: "p".into(),
-            device: dev.clone() as Arc<dyn BlockDevice>,
-            chunk_size: CHUNK,
-            path: "mem".into(),
-        };
-        Engine::open(meta.clone() as Arc<dyn MetaStore>, vec![spec]).expect("engine opens")
     }
 
     fn vname(slot: u8) -> String {
@@ -160,17 +152,20 @@ impl Harness {
         Some((off, len.min(size - off)))
     }
 
+    /// The volume in `slot` and the part of `off`+`len` inside it; `None` when the slot
+    /// has no volume or the range starts past its end.
+    fn clipped(&self, slot: u8, off: u64, len: u64) -> Option<(String, u64, u64)> {
+        let name = Self::vname(slot);
+        let model = self.vols.get(&name)?;
+        let (off, len) = Self::clip(model.len() as u64, off, len)?;
+        Some((name, off, len))
+    }
+
     fn apply(&mut self, op: &Op) {
         match *op {
             Op::Create { slot, size } => {
                 let name = Self::vname(slot);
-                let r = self.engine.create_volume(&VolumeSpec {
-                    name: name.clone(),
-                    pool: None,
-                    size: Some(size),
-                    source: None,
-                    qos: Qos::default(),
-                });
+                let r = self.engine.create_volume(&spec(&name, size));
                 match self.vols.get(&name) {
                     Some(v) if v.len() as u64 == round(size) && !self.clones.contains(&name) => {
                         assert!(!r.unwrap().1, "idempotent create")
@@ -211,13 +206,10 @@ impl Harness {
                 }
             }
             Op::Read { slot, off, len } => {
-                let name = Self::vname(slot);
-                let Some(model) = self.vols.get(&name) else {
+                let Some((name, off, len)) = self.clipped(slot, off, len) else {
                     return;
                 };
-                let Some((off, len)) = Self::clip(model.len() as u64, off, len) else {
-                    return;
-                };
+                let model = &self.vols[&name];
                 let h = self.engine.open_image(&name).unwrap();
                 let mut buf = vec![0xEE; len as usize];
                 self.engine.read(&h, off, &mut buf).unwrap();
@@ -227,13 +219,10 @@ impl Harness {
                 );
             }
             Op::Zero { slot, off, len } | Op::Discard { slot, off, len } => {
-                let name = Self::vname(slot);
-                let Some(model) = self.vols.get_mut(&name) else {
+                let Some((name, off, len)) = self.clipped(slot, off, len) else {
                     return;
                 };
-                let Some((off, len)) = Self::clip(model.len() as u64, off, len) else {
-                    return;
-                };
+                let model = self.vols.get_mut(&name).expect("clipped to a volume");
                 let h = self.engine.open_image(&name).unwrap();
                 if matches!(op, Op::Zero { .. }) {
                     match self.engine.write_zeroes(&h, off, len) {
@@ -388,7 +377,7 @@ impl Harness {
             Op::Flush => self.engine.flush().unwrap(),
             Op::Reopen => {
                 self.engine.shutdown().unwrap();
-                self.engine = Self::open(&self.meta, &self.dev);
+                self.engine = open(&self.meta, &self.dev, CHUNK);
             }
         }
     }

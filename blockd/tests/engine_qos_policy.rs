@@ -12,6 +12,8 @@ use blockd::meta::mem::MemStore;
 mod mem_engine;
 use mem_engine::{open, spec};
 
+/// The pool's chunk size.
+const CHUNK: u64 = 64 << 10;
 const GIB: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;
 
@@ -64,7 +66,7 @@ fn iops_per_gb_follows_resize_and_survives_restart() {
     // 1024 IOPS per GiB is one per MiB, so the sizes stay small (the pool is in memory).
     let meta = Arc::new(MemStore::new());
     let dev = Arc::new(MemDevice::new(128 * MIB));
-    let e = open(&meta, &dev);
+    let e = open(&meta, &dev, CHUNK);
     let (v, created) = e
         .create_volume_with_policy(&spec("vol", 16 * MIB), Some(per_gb(1024, 50, 1 << 20)))
         .unwrap();
@@ -101,7 +103,7 @@ fn iops_per_gb_follows_resize_and_survives_restart() {
     // Restart: the policy is durable and still drives resizes.
     e.shutdown().unwrap();
     drop((e, h));
-    let e = open(&meta, &dev);
+    let e = open(&meta, &dev, CHUNK);
     let v = e.volume("vol").unwrap();
     assert_eq!(v.qos_policy, per_gb(1024, 50, 1 << 20));
     assert_eq!(v.qos.max_iops, 50);
@@ -121,7 +123,7 @@ fn iops_per_gb_follows_resize_and_survives_restart() {
 fn set_qos_policy_changes_an_open_image_and_fixed_limits_stay_fixed() {
     let meta = Arc::new(MemStore::new());
     let dev = Arc::new(MemDevice::new(128 * MIB));
-    let e = open(&meta, &dev);
+    let e = open(&meta, &dev, CHUNK);
     let mut fixed = spec("fixed", 16 * MIB);
     fixed.qos = Qos {
         max_iops: 40,

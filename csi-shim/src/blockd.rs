@@ -10,15 +10,29 @@ use std::time::Duration;
 use blockd_proto::v1::daemon_service_client::DaemonServiceClient;
 use blockd_proto::v1::export_service_client::ExportServiceClient;
 use blockd_proto::v1::group_snapshot_service_client::GroupSnapshotServiceClient;
+use blockd_proto::v1::image_data_service_client::ImageDataServiceClient;
 use blockd_proto::v1::pool_service_client::PoolServiceClient;
 use blockd_proto::v1::snapshot_service_client::SnapshotServiceClient;
 use blockd_proto::v1::volume_service_client::VolumeServiceClient;
+use blockd_proto::v1::{
+    DeleteVolumeRequest, DeleteVolumeResponse, GetSnapshotRequest, ListPoolsRequest, Pool,
+    Snapshot, UnexportRequest, UnexportResponse,
+};
 use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::{Code, Status};
 
 /// How long one blockd call may take before the shim gives up on it.
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// One method per blockd service, `name: Client`: a client of it on the shared channel.
+macro_rules! service_clients {
+    ($($name:ident: $client:ident,)*) => {$(
+        pub fn $name(&self) -> $client<Channel> {
+            $client::new(self.channel.clone())
+        }
+    )*};
+}
 
 /// A cheap-to-clone handle on blockd's API.
 #[derive(Debug, Clone)]
@@ -51,31 +65,72 @@ impl Blockd {
         &self.socket
     }
 
-    pub fn pools(&self) -> PoolServiceClient<Channel> {
-        PoolServiceClient::new(self.channel.clone())
-    }
-    pub fn volumes(&self) -> VolumeServiceClient<Channel> {
-        VolumeServiceClient::new(self.channel.clone())
-    }
-    pub fn snapshots(&self) -> SnapshotServiceClient<Channel> {
-        SnapshotServiceClient::new(self.channel.clone())
-    }
-    pub fn exports(&self) -> ExportServiceClient<Channel> {
-        ExportServiceClient::new(self.channel.clone())
-    }
-    pub fn daemon(&self) -> DaemonServiceClient<Channel> {
-        DaemonServiceClient::new(self.channel.clone())
-    }
-    pub fn groups(&self) -> GroupSnapshotServiceClient<Channel> {
-        GroupSnapshotServiceClient::new(self.channel.clone())
+    service_clients! {
+        pools: PoolServiceClient,
+        volumes: VolumeServiceClient,
+        snapshots: SnapshotServiceClient,
+        exports: ExportServiceClient,
+        daemon: DaemonServiceClient,
+        groups: GroupSnapshotServiceClient,
+        image_data: ImageDataServiceClient,
     }
 
-    pub fn image_data(
+    /// Every pool of this node's blockd.
+    pub async fn list_pools(&self) -> Result<Vec<Pool>, Status> {
+        Ok(self
+            .pools()
+            .list_pools(ListPoolsRequest::default())
+            .await
+            .map_err(|status| upstream("listing pools", status))?
+            .into_inner()
+            .pools)
+    }
+
+    /// blockd's snapshot `name`, or blockd's own error (NOT_FOUND when it has none).
+    pub async fn get_snapshot(&self, name: &str) -> Result<Snapshot, Status> {
+        let request = GetSnapshotRequest {
+            name: name.to_string(),
+        };
+        Ok(self.snapshots().get_snapshot(request).await?.into_inner())
+    }
+
+    /// Deletes volume `name`; `force` deletes it even with NBD clients connected. blockd's
+    /// own answer, for the caller to judge (NOT_FOUND: there was no such volume).
+    pub async fn delete_volume(
         &self,
-    ) -> blockd_proto::v1::image_data_service_client::ImageDataServiceClient<Channel> {
-        blockd_proto::v1::image_data_service_client::ImageDataServiceClient::new(
-            self.channel.clone(),
-        )
+        name: &str,
+        force: bool,
+    ) -> Result<DeleteVolumeResponse, Status> {
+        let request = DeleteVolumeRequest {
+            name: name.to_string(),
+            force,
+        };
+        Ok(self.volumes().delete_volume(request).await?.into_inner())
+    }
+
+    /// Takes back the NBD export of `image`; `force` drops its connected clients too.
+    /// blockd's own answer, for the caller to judge (NOT_FOUND: nothing was exported).
+    pub async fn unexport(&self, image: &str, force: bool) -> Result<UnexportResponse, Status> {
+        let request = UnexportRequest {
+            image: image.to_string(),
+            force,
+        };
+        Ok(self.exports().unexport(request).await?.into_inner())
+    }
+}
+
+/// The answer of a blockd call for which NOT_FOUND is an answer too (an idempotent delete
+/// or unexport that finds nothing left, a lookup that finds no such object): `Some` of the
+/// reply, `None` for NOT_FOUND, and any other failure through [`upstream`] with the
+/// context `context` builds.
+pub fn found<T>(
+    result: Result<T, Status>,
+    context: impl FnOnce() -> String,
+) -> Result<Option<T>, Status> {
+    match result {
+        Ok(reply) => Ok(Some(reply)),
+        Err(status) if status.code() == Code::NotFound => Ok(None),
+        Err(status) => Err(upstream(&context(), status)),
     }
 }
 

@@ -39,6 +39,34 @@ pub struct VolumeId {
     pub volume: String,
 }
 
+impl IdError {
+    fn malformed(kind: &'static str, id: &str, expected: &'static str) -> Self {
+        IdError::Malformed {
+            kind,
+            id: id.to_string(),
+            expected,
+        }
+    }
+}
+
+/// Parses an id `NODE/NAME` of a `kind` object (`expected` spells that form in the error):
+/// NAME has no `/` or `@` and is a valid blockd name of `name_kind` (checked as `field`).
+pub(crate) fn parse_node_name<'a>(
+    id: &'a str,
+    kind: &'static str,
+    expected: &'static str,
+    name_kind: NameKind,
+    field: &'static str,
+) -> Result<(&'a str, &'a str), IdError> {
+    let malformed = || IdError::malformed(kind, id, expected);
+    let (node, name) = id.split_once('/').ok_or_else(malformed)?;
+    if node.is_empty() || name.contains('/') || name.contains('@') {
+        return Err(malformed());
+    }
+    validate_name(name_kind, field, name).map_err(|_| malformed())?;
+    Ok((node, name))
+}
+
 impl VolumeId {
     pub fn new(node: impl Into<String>, volume: impl Into<String>) -> Self {
         VolumeId {
@@ -48,16 +76,8 @@ impl VolumeId {
     }
 
     pub fn parse(id: &str) -> Result<Self, IdError> {
-        let malformed = || IdError::Malformed {
-            kind: "volume",
-            id: id.to_string(),
-            expected: "NODE/VOLUME",
-        };
-        let (node, volume) = id.split_once('/').ok_or_else(malformed)?;
-        if node.is_empty() || volume.contains('/') || volume.contains('@') {
-            return Err(malformed());
-        }
-        validate_name(NameKind::Volume, "volume_id", volume).map_err(|_| malformed())?;
+        let (node, volume) =
+            parse_node_name(id, "volume", "NODE/VOLUME", NameKind::Volume, "volume_id")?;
         Ok(VolumeId::new(node, volume))
     }
 }
@@ -90,11 +110,7 @@ impl SnapshotId {
     }
 
     pub fn parse(id: &str) -> Result<Self, IdError> {
-        let malformed = || IdError::Malformed {
-            kind: "snapshot",
-            id: id.to_string(),
-            expected: "NODE/VOLUME@SNAPSHOT",
-        };
+        let malformed = || IdError::malformed("snapshot", id, "NODE/VOLUME@SNAPSHOT");
         let (node, image) = id.split_once('/').ok_or_else(malformed)?;
         let (volume, snapshot) = image.split_once('@').ok_or_else(malformed)?;
         if node.is_empty() || image.contains('/') || snapshot.contains('@') {

@@ -17,7 +17,8 @@
 //! Shared pieces: [`ids`] (how CSI ids name blockd objects and the node holding them),
 //! [`locks`] (one operation per volume at a time, `ABORTED` for the next),
 //! [`blockd`] (the lazy, self-reconnecting API channel), [`config`] (flags),
-//! [`io_flusher`] (`PR_SET_IO_FLUSHER` for the helpers in the write-back path).
+//! [`io_flusher`] (`PR_SET_IO_FLUSHER` for the helpers in the write-back path), [`socket`]
+//! (socket options on raw descriptors).
 
 pub mod blockd;
 pub mod config;
@@ -31,7 +32,11 @@ pub mod node;
 pub mod params;
 pub mod proxy;
 pub mod snapshot_metadata;
+pub mod socket;
+#[cfg(test)]
+mod testing;
 
+use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -152,6 +157,20 @@ pub async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
     }
     tracing::info!("shutdown signal received");
+}
+
+/// The multi-threaded tokio runtime a binary of this crate runs on, with `workers` worker
+/// threads (`None`: one per core). On failure it says why on stderr and gives the exit code
+/// for `main` to return.
+pub fn runtime(workers: Option<usize>) -> Result<tokio::runtime::Runtime, ExitCode> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(workers) = workers {
+        builder.worker_threads(workers);
+    }
+    builder.enable_all().build().map_err(|err| {
+        eprintln!("error: cannot start the async runtime: {err}");
+        ExitCode::FAILURE
+    })
 }
 
 /// Logs to stderr as text or JSON, filtered by the environment variable `env_var` (then

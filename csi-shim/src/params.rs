@@ -284,13 +284,7 @@ fn positive_integer(key: &'static str, value: &str) -> Result<u64, ParamError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn map(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::testing::string_map as map;
 
     #[test]
     fn empty_parameters_mean_defaults_and_no_limits() {

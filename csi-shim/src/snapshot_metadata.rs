@@ -82,13 +82,9 @@ impl SnapshotMetadataService {
         let snap = self
             .driver
             .blockd
-            .snapshots()
-            .get_snapshot(v1::GetSnapshotRequest {
-                name: sid.snapshot.clone(),
-            })
+            .get_snapshot(&sid.snapshot)
             .await
-            .map_err(|s| upstream(&format!("{field} {sid}"), s))?
-            .into_inner();
+            .map_err(|s| upstream(&format!("{field} {sid}"), s))?;
         if snap.volume != sid.volume {
             return Err(Status::not_found(format!(
                 "{field} {sid}: snapshot {:?} belongs to volume {:?}, not {:?}",
@@ -133,18 +129,42 @@ fn tuples(page: &v1::ExtentPage) -> Vec<BlockMetadata> {
         .collect()
 }
 
-/// Forwards blockd's pages as CSI messages built by `make`, mapping a failure mid-stream
-/// to a status (the CO then resumes from the next offset it needs).
-fn forward<T: Send + 'static>(
-    mut pages: tonic::Streaming<v1::ExtentPage>,
+/// A CSI message that carries one page of block metadata.
+trait MetadataMessage: Send + 'static {
+    /// The message for a volume of `size` bytes carrying `tuples` (variable length).
+    fn page(size: u64, tuples: Vec<BlockMetadata>) -> Self;
+}
+
+macro_rules! metadata_message {
+    ($($message:ty),+) => {$(
+        impl MetadataMessage for $message {
+            fn page(size: u64, tuples: Vec<BlockMetadata>) -> Self {
+                Self {
+                    block_metadata_type: BlockMetadataType::VariableLength as i32,
+                    volume_capacity_bytes: size as i64,
+                    block_metadata: tuples,
+                }
+            }
+        }
+    )+};
+}
+
+metadata_message!(GetMetadataAllocatedResponse, GetMetadataDeltaResponse);
+
+/// Forwards the pages of blockd's `answer` (`context` names it in errors) as CSI messages
+/// about a volume of `size` bytes, mapping a failure mid-stream to a status (the CO then
+/// resumes from the next offset it needs).
+fn forward<T: MetadataMessage>(
+    answer: Result<Response<tonic::Streaming<v1::ExtentPage>>, Status>,
     context: String,
-    make: impl Fn(&v1::ExtentPage) -> T + Send + 'static,
-) -> ReceiverStream<Result<T, Status>> {
+    size: u64,
+) -> Result<Response<MetadataStream<T>>, Status> {
+    let mut pages = answer.map_err(|s| upstream(&context, s))?.into_inner();
     let (tx, rx) = mpsc::channel(4);
     tokio::spawn(async move {
         loop {
             let msg = match pages.message().await {
-                Ok(Some(page)) => Ok(make(&page)),
+                Ok(Some(page)) => Ok(T::page(size, tuples(&page))),
                 Ok(None) => return,
                 Err(status) => Err(upstream(&context, status)),
             };
@@ -154,7 +174,7 @@ fn forward<T: Send + 'static>(
             }
         }
     });
-    ReceiverStream::new(rx)
+    Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
 }
 
 #[tonic::async_trait]
@@ -169,25 +189,15 @@ impl SnapshotMetadata for SnapshotMetadataService {
         let (start, max) = range_args(req.starting_offset, req.max_results, size)?;
         tracing::info!(snapshot = %sid, start, max, "GetMetadataAllocated");
         let context = format!("allocated ranges of snapshot {sid}");
-        let pages = self
+        let answer = self
             .data()
             .get_allocated(v1::GetAllocatedRequest {
                 image: sid.image(),
                 start_offset: start,
                 max_extents: max,
             })
-            .await
-            .map_err(|s| upstream(&context, s))?
-            .into_inner();
-        Ok(Response::new(Box::pin(forward(
-            pages,
-            context,
-            move |page| GetMetadataAllocatedResponse {
-                block_metadata_type: BlockMetadataType::VariableLength as i32,
-                volume_capacity_bytes: size as i64,
-                block_metadata: tuples(page),
-            },
-        ))))
+            .await;
+        forward(answer, context, size)
     }
 
     async fn get_metadata_delta(
@@ -209,7 +219,7 @@ impl SnapshotMetadata for SnapshotMetadataService {
         let (start, max) = range_args(req.starting_offset, req.max_results, size)?;
         tracing::info!(base = %base, target = %target, start, max, "GetMetadataDelta");
         let context = format!("changes from snapshot {base} to {target}");
-        let pages = self
+        let answer = self
             .data()
             .get_delta(v1::GetDeltaRequest {
                 base_snapshot: base.snapshot.clone(),
@@ -219,18 +229,8 @@ impl SnapshotMetadata for SnapshotMetadataService {
                 start_offset: start,
                 max_extents: max,
             })
-            .await
-            .map_err(|s| upstream(&context, s))?
-            .into_inner();
-        Ok(Response::new(Box::pin(forward(
-            pages,
-            context,
-            move |page| GetMetadataDeltaResponse {
-                block_metadata_type: BlockMetadataType::VariableLength as i32,
-                volume_capacity_bytes: size as i64,
-                block_metadata: tuples(page),
-            },
-        ))))
+            .await;
+        forward(answer, context, size)
     }
 }
 

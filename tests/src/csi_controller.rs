@@ -3,7 +3,7 @@
 //! for node [`NODE`] on it, gRPC clients of both, and the requests those tests build over
 //! and over.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use blockd_proto::csi;
 use blockd_proto::csi::controller_client::ControllerClient;
@@ -69,6 +69,16 @@ impl Env {
             Err(s) if s.code() == Code::NotFound => None,
             Err(s) => panic!("blockd GetVolume {name}: {s}"),
         }
+    }
+
+    /// blockd's own view of pool `name`, which must exist.
+    pub async fn blockd_pool(&self, name: &str) -> v1::Pool {
+        let mut grpc = self.daemon.grpc().await;
+        grpc.pools
+            .get_pool(v1::GetPoolRequest { name: name.into() })
+            .await
+            .unwrap_or_else(|s| panic!("blockd GetPool {name}: {s}"))
+            .into_inner()
     }
 
     pub async fn blockd_volume_names(&self) -> Vec<String> {
@@ -190,6 +200,55 @@ pub fn from_volume(id: &str) -> Option<csi::VolumeContentSource> {
             volume_id: id.into(),
         })),
     })
+}
+
+/// GetPluginCapabilities that must succeed; answers the capabilities.
+pub async fn plugin_capabilities(id: &mut IdentityClient<Channel>) -> Vec<csi::PluginCapability> {
+    id.get_plugin_capabilities(csi::GetPluginCapabilitiesRequest {})
+        .await
+        .expect("GetPluginCapabilities")
+        .into_inner()
+        .capabilities
+}
+
+/// Whether `caps` (GetPluginCapabilities' answer) name the service `service`.
+pub fn offers_service(
+    caps: &[csi::PluginCapability],
+    service: csi::plugin_capability::service::Type,
+) -> bool {
+    caps.iter().any(|c| {
+        matches!(
+            &c.r#type,
+            Some(csi::plugin_capability::Type::Service(s)) if s.r#type == service as i32
+        )
+    })
+}
+
+/// ControllerGetCapabilities that must succeed; answers the RPC types it names.
+pub async fn controller_rpcs(c: &mut ControllerClient<Channel>) -> HashSet<i32> {
+    c.controller_get_capabilities(csi::ControllerGetCapabilitiesRequest {})
+        .await
+        .expect("ControllerGetCapabilities")
+        .into_inner()
+        .capabilities
+        .into_iter()
+        .map(|c| match c.r#type.expect("a capability type") {
+            csi::controller_service_capability::Type::Rpc(r) => r.r#type,
+        })
+        .collect()
+}
+
+/// ControllerGetVolume of `volume_id` that must succeed.
+pub async fn get_volume(
+    c: &mut ControllerClient<Channel>,
+    volume_id: &str,
+) -> csi::ControllerGetVolumeResponse {
+    c.controller_get_volume(csi::ControllerGetVolumeRequest {
+        volume_id: volume_id.into(),
+    })
+    .await
+    .unwrap_or_else(|s| panic!("ControllerGetVolume {volume_id}: {s}"))
+    .into_inner()
 }
 
 /// CreateVolume that must succeed; answers the volume.

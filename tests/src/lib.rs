@@ -346,17 +346,8 @@ impl Daemon {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn a second blockd");
-        let deadline = Instant::now() + timeout;
-        loop {
-            if child.try_wait().expect("wait").is_some() {
-                break;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("the second blockd did not exit within {timeout:?}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if wait_timeout(&mut child, timeout).is_none() {
+            panic!("the second blockd did not exit within {timeout:?}");
         }
         let mut stdout = String::new();
         let mut stderr = String::new();
@@ -524,6 +515,23 @@ pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
 }
 
+/// Waits up to `timeout` for `child` to exit and reaps it: its exit status, or `None` when
+/// it did not exit in time (it is then killed and reaped).
+pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for a child process") {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Reports that a test cannot run here (no root, no `/dev/fuse`, a missing tool): prints
 /// `skipping: {reason}`, after which the caller returns. Under `CI=true` (or `CI=1`) it
 /// panics instead, so that a test cannot pass in CI by not running.
@@ -668,17 +676,8 @@ impl CsiShim {
         // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.
         let rc = unsafe { libc::kill(child.id() as libc::pid_t, signal) };
         assert_eq!(rc, 0, "kill csi-shim");
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        loop {
-            if let Some(status) = child.try_wait().expect("wait for csi-shim") {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("csi-shim did not exit in time; log:\n{}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_timeout(&mut child, STOP_TIMEOUT)
+            .unwrap_or_else(|| panic!("csi-shim did not exit in time; log:\n{}", self.log()))
     }
 
     /// Starts csi-shim again with the same flags and state directory.
@@ -700,17 +699,8 @@ impl CsiShim {
     /// Waits for a csi-shim that ends by itself (say, at a crash point) and reaps it.
     pub fn wait_exit(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("csi-shim was started");
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        loop {
-            if let Some(status) = child.try_wait().expect("wait for csi-shim") {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("csi-shim did not exit; log:\n{}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_timeout(&mut child, STOP_TIMEOUT)
+            .unwrap_or_else(|| panic!("csi-shim did not exit; log:\n{}", self.log()))
     }
 }
 
@@ -772,6 +762,15 @@ pub fn sweep(root: &Path) {
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             }
         }
+    }
+}
+
+/// blockd's CreateSnapshot of `volume` as `name` (a plain snapshot, not a replica).
+pub fn snapshot_request(volume: &str, name: &str) -> blockd_proto::v1::CreateSnapshotRequest {
+    blockd_proto::v1::CreateSnapshotRequest {
+        volume: volume.into(),
+        name: name.into(),
+        replica_of: String::new(),
     }
 }
 

@@ -10,7 +10,9 @@ use std::process::{Command, Stdio};
 
 use blockd_proto::v1;
 use blockd_proto::v1::image_data_service_client::ImageDataServiceClient;
-use blockd_tests::{ctl_command, have_tool, runtime, skip, Daemon};
+use blockd_tests::{
+    ctl_command, expect_status, have_tool, runtime, skip, snapshot_request, Daemon,
+};
 use serde_json::Value;
 use tonic::Code;
 
@@ -197,11 +199,7 @@ fn extent_rpcs_page_and_check_their_arguments() {
         assert_eq!(resp.bytes_written, 16 * 64 * K);
         let mut grpc = d.grpc().await;
         grpc.snapshots
-            .create_snapshot(v1::CreateSnapshotRequest {
-                volume: "v".into(),
-                name: "s1".into(),
-                replica_of: String::new(),
-            })
+            .create_snapshot(snapshot_request("v", "s1"))
             .await
             .expect("snapshot");
 
@@ -254,54 +252,64 @@ fn extent_rpcs_page_and_check_their_arguments() {
         assert_eq!(&bytes[10 + 64 * K as usize..], &[3u8; 10]);
 
         // Bad arguments are statuses, not broken streams.
-        let status = data
-            .read_image(v1::ReadImageRequest {
+        expect_status(
+            "ReadImage past the end",
+            data.read_image(v1::ReadImageRequest {
                 image: "v".into(),
                 offset: 2 * M - 1,
                 length: 2,
             })
-            .await
-            .unwrap_err();
-        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-        let status = data
-            .get_allocated(v1::GetAllocatedRequest {
+            .await,
+            Code::InvalidArgument,
+            "",
+        );
+        expect_status(
+            "GetAllocated past the end",
+            data.get_allocated(v1::GetAllocatedRequest {
                 image: "v@s1".into(),
                 start_offset: 2 * M + 1,
                 max_extents: 0,
             })
-            .await
-            .unwrap_err();
-        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-        let status = data
-            .get_delta(v1::GetDeltaRequest {
+            .await,
+            Code::InvalidArgument,
+            "",
+        );
+        expect_status(
+            "GetDelta without a target",
+            data.get_delta(v1::GetDeltaRequest {
                 base_snapshot: "s1".into(),
                 target: None,
                 start_offset: 0,
                 max_extents: 0,
             })
-            .await
-            .unwrap_err();
-        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-        let status = data
-            .get_delta(v1::GetDeltaRequest {
+            .await,
+            Code::InvalidArgument,
+            "",
+        );
+        expect_status(
+            "GetDelta to an older snapshot",
+            data.get_delta(v1::GetDeltaRequest {
                 base_snapshot: "s1".into(),
                 target: Some(v1::get_delta_request::Target::TargetSnapshot("s0".into())),
                 start_offset: 0,
                 max_extents: 0,
             })
-            .await
-            .unwrap_err();
-        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
-        let status = data
-            .write_image(tokio_stream::iter(vec![v1::WriteImageRequest {
+            .await,
+            Code::FailedPrecondition,
+            "",
+        );
+        expect_status(
+            "WriteImage to a snapshot",
+            data.write_image(tokio_stream::iter(vec![v1::WriteImageRequest {
                 volume: "v@s1".into(),
                 offset: 0,
                 data: vec![1],
                 zero_length: 0,
             }]))
-            .await
-            .unwrap_err();
-        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+            .await,
+            Code::InvalidArgument,
+            "",
+        );
         let epochs = data
             .list_snapshot_epochs(v1::ListSnapshotEpochsRequest { volume: "v".into() })
             .await
@@ -336,13 +344,32 @@ fn file(dir: &Path, name: &str) -> PathBuf {
     dir.join(name)
 }
 
-#[test]
-fn export_diff_chain_replays_byte_for_byte() {
-    require!("qemu-io", "qemu-img");
+/// `blockctl export-diff IMAGE --from BASE -o OUT` on `d`, which must succeed.
+fn export_incremental(d: &Daemon, image: &str, base: &str, out: &Path) {
+    d.ctl_ok(&[
+        "export-diff",
+        image,
+        "--from",
+        base,
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+}
+
+/// A source daemon with volume `v` of `size`, an empty target daemon, and a scratch
+/// directory for the streams between them.
+fn source_and_target(size: &str) -> (Daemon, Daemon, tempfile::TempDir) {
     let src = Daemon::start();
     let dst = Daemon::start();
     let tmp = tempfile::tempdir().unwrap();
-    src.ctl_ok(&["volume", "create", "v", "--size", "8M"]);
+    src.ctl_ok(&["volume", "create", "v", "--size", size]);
+    (src, dst, tmp)
+}
+
+#[test]
+fn export_diff_chain_replays_byte_for_byte() {
+    require!("qemu-io", "qemu-img");
+    let (src, dst, tmp) = source_and_target("8M");
     qemu_io(
         &src,
         "v",
@@ -435,14 +462,7 @@ fn export_diff_chain_replays_byte_for_byte() {
     // A snapshot outlives its volume, and so does its export.
     src.ctl_ok(&["volume", "delete", "v", "--force"]);
     let again = file(tmp.path(), "again.bdiff");
-    src.ctl_ok(&[
-        "export-diff",
-        "v@s3",
-        "--from",
-        "s2",
-        "-o",
-        again.to_str().unwrap(),
-    ]);
+    export_incremental(&src, "v@s3", "s2", &again);
     let (a, b) = (std::fs::read(&again).unwrap(), std::fs::read(&f3).unwrap());
     let (_, recs_a, _) = split_stream(&a);
     let (_, recs_b, _) = split_stream(&b);
@@ -467,10 +487,7 @@ fn split_stream(bytes: &[u8]) -> (Vec<u8>, Vec<Vec<u8>>, Vec<u8>) {
 #[test]
 fn bad_streams_are_refused_and_change_nothing() {
     require!("qemu-io", "qemu-img");
-    let src = Daemon::start();
-    let dst = Daemon::start();
-    let tmp = tempfile::tempdir().unwrap();
-    src.ctl_ok(&["volume", "create", "v", "--size", "4M"]);
+    let (src, dst, tmp) = source_and_target("4M");
     qemu_io(&src, "v", &["write -P 0x11 0 1M"]);
     src.ctl_ok(&["snapshot", "create", "v", "s1"]);
     qemu_io(
@@ -488,22 +505,8 @@ fn bad_streams_are_refused_and_change_nothing() {
     let path = |n: &str| file(tmp.path(), n);
     let p = |b: &PathBuf| b.to_str().unwrap().to_string();
     src.ctl_ok(&["export-diff", "v@s1", "-o", &p(&path("full"))]);
-    src.ctl_ok(&[
-        "export-diff",
-        "v@s2",
-        "--from",
-        "s1",
-        "-o",
-        &p(&path("inc")),
-    ]);
-    src.ctl_ok(&[
-        "export-diff",
-        "v@s3",
-        "--from",
-        "s2",
-        "-o",
-        &p(&path("next")),
-    ]);
+    export_incremental(&src, "v@s2", "s1", &path("inc"));
+    export_incremental(&src, "v@s3", "s2", &path("next"));
     dst.ctl_ok(&["import-diff", &p(&path("full")), "r"]);
 
     let good = std::fs::read(path("inc")).unwrap();

@@ -5,7 +5,7 @@
 use blockd_proto::model::encode_token;
 use blockd_proto::v1;
 use blockd_proto::v1::create_volume_request::Source;
-use blockd_tests::{runtime, Daemon};
+use blockd_tests::{runtime, snapshot_request, Daemon};
 use tonic::Code;
 
 fn create(name: &str, size: Option<u64>) -> v1::CreateVolumeRequest {
@@ -55,11 +55,7 @@ fn every_rpc_refuses_bad_input_with_the_right_code() {
             .unwrap();
         assert!(ok.into_inner().created);
         g.snapshots
-            .create_snapshot(v1::CreateSnapshotRequest {
-                volume: "vol".into(),
-                name: "snap".into(),
-                replica_of: String::new(),
-            })
+            .create_snapshot(snapshot_request("vol", "snap"))
             .await
             .unwrap();
 
@@ -302,11 +298,7 @@ fn every_rpc_refuses_bad_input_with_the_right_code() {
         expect(
             "snapshot of missing volume",
             g.snapshots
-                .create_snapshot(v1::CreateSnapshotRequest {
-                    volume: "missing".into(),
-                    name: "s".into(),
-                    replica_of: String::new(),
-                })
+                .create_snapshot(snapshot_request("missing", "s"))
                 .await,
             Code::NotFound,
             &["\"missing\""],
@@ -314,11 +306,7 @@ fn every_rpc_refuses_bad_input_with_the_right_code() {
         expect(
             "snapshot empty name",
             g.snapshots
-                .create_snapshot(v1::CreateSnapshotRequest {
-                    volume: "vol".into(),
-                    name: "".into(),
-                    replica_of: String::new(),
-                })
+                .create_snapshot(snapshot_request("vol", ""))
                 .await,
             Code::InvalidArgument,
             &["snapshot name"],
@@ -326,11 +314,7 @@ fn every_rpc_refuses_bad_input_with_the_right_code() {
         expect(
             "snapshot bad chars",
             g.snapshots
-                .create_snapshot(v1::CreateSnapshotRequest {
-                    volume: "vol".into(),
-                    name: "s@1".into(),
-                    replica_of: String::new(),
-                })
+                .create_snapshot(snapshot_request("vol", "s@1"))
                 .await,
             Code::InvalidArgument,
             &["\"s@1\""],
@@ -342,11 +326,7 @@ fn every_rpc_refuses_bad_input_with_the_right_code() {
         expect(
             "snapshot name taken by another volume",
             g.snapshots
-                .create_snapshot(v1::CreateSnapshotRequest {
-                    volume: "other".into(),
-                    name: "snap".into(),
-                    replica_of: String::new(),
-                })
+                .create_snapshot(snapshot_request("other", "snap"))
                 .await,
             Code::AlreadyExists,
             &["\"snap\""],

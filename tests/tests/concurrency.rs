@@ -2,6 +2,7 @@
 //! duplicates, no lost volumes, exactly one "created" per name.
 
 use std::collections::BTreeSet;
+use std::path::PathBuf;
 use std::process::Child;
 
 use blockd_proto::v1;
@@ -56,6 +57,23 @@ fn fifty_concurrent_creates_with_distinct_names() {
     assert_eq!(pool["volume_count"], N as u64);
 }
 
+/// CreateVolume of `name` (`size` bytes) over a connection of its own to the API at `api`,
+/// so that concurrent creates really race in the daemon.
+async fn create_on_own_connection(
+    api: PathBuf,
+    name: &'static str,
+    size: u64,
+) -> Result<tonic::Response<v1::CreateVolumeResponse>, tonic::Status> {
+    let channel = blockd_proto::connect_unix(api).await.unwrap();
+    v1::volume_service_client::VolumeServiceClient::new(channel)
+        .create_volume(v1::CreateVolumeRequest {
+            name: name.into(),
+            size_bytes: Some(size),
+            ..Default::default()
+        })
+        .await
+}
+
 /// 50 gRPC creates of one name at once: exactly one creates it, the rest get the same
 /// volume back; with differing sizes, the losers get ALREADY_EXISTS.
 #[test]
@@ -66,18 +84,11 @@ fn fifty_concurrent_creates_with_identical_names() {
         // Separate connections, so the requests really race in the daemon.
         let mut tasks = Vec::new();
         for _ in 0..N {
-            let api = d.api_socket();
-            tasks.push(tokio::spawn(async move {
-                let channel = blockd_proto::connect_unix(api).await.unwrap();
-                let mut volumes = v1::volume_service_client::VolumeServiceClient::new(channel);
-                volumes
-                    .create_volume(v1::CreateVolumeRequest {
-                        name: "same".into(),
-                        size_bytes: Some(32 << 20),
-                        ..Default::default()
-                    })
-                    .await
-            }));
+            tasks.push(tokio::spawn(create_on_own_connection(
+                d.api_socket(),
+                "same",
+                32 << 20,
+            )));
         }
         let mut created = 0;
         for task in tasks {
@@ -99,20 +110,9 @@ fn fifty_concurrent_creates_with_identical_names() {
         // winner's size (idempotent success) or is ALREADY_EXISTS.
         let mut tasks = Vec::new();
         for i in 0..N {
-            let api = d.api_socket();
-            tasks.push(tokio::spawn(async move {
-                let channel = blockd_proto::connect_unix(api).await.unwrap();
-                let mut volumes = v1::volume_service_client::VolumeServiceClient::new(channel);
-                let size = (1 + (i as u64 % 5)) << 20;
-                let resp = volumes
-                    .create_volume(v1::CreateVolumeRequest {
-                        name: "contested".into(),
-                        size_bytes: Some(size),
-                        ..Default::default()
-                    })
-                    .await;
-                (size, resp)
-            }));
+            let size = (1 + (i as u64 % 5)) << 20;
+            let create = create_on_own_connection(d.api_socket(), "contested", size);
+            tasks.push(tokio::spawn(async move { (size, create.await) }));
         }
         let mut winners = BTreeSet::new();
         let mut created = 0;

@@ -5,7 +5,9 @@
 
 use blockd_proto::csi;
 use blockd_proto::csi::volume_content_source::{SnapshotSource, Type as SourceType};
-use blockd_tests::csi_controller::{create, create_block_req, Env, MIB, NODE};
+use blockd_tests::csi_controller::{
+    create, create_block_req, offers_service, plugin_capabilities, Env, MIB, NODE,
+};
 use blockd_tests::{expect_status, have_tool, qemu_io, skip};
 use tonic::Code;
 
@@ -39,16 +41,11 @@ fn group_snapshots_through_csi() {
             Some(csi::group_controller_service_capability::Type::Rpc(r))
                 if r.r#type == csi::group_controller_service_capability::rpc::Type::CreateDeleteGetVolumeGroupSnapshot as i32
         )));
-        let plugin = blockd_proto::csi::identity_client::IdentityClient::new(env.shim.channel().await)
-            .get_plugin_capabilities(csi::GetPluginCapabilitiesRequest {})
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(plugin.capabilities.iter().any(|cap| matches!(
-            &cap.r#type,
-            Some(csi::plugin_capability::Type::Service(s))
-                if s.r#type == csi::plugin_capability::service::Type::GroupControllerService as i32
-        )));
+        let plugin = plugin_capabilities(&mut env.identity().await).await;
+        assert!(offers_service(
+            &plugin,
+            csi::plugin_capability::service::Type::GroupControllerService
+        ));
 
         let db = create(&mut c, create_block_req("db", 8 * MIB)).await.volume_id;
         let wal = create(&mut c, create_block_req("wal", 8 * MIB)).await.volume_id;

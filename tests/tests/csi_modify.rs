@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use blockd_proto::csi;
 use blockd_proto::v1;
-use blockd_tests::csi_controller::{create, create_block_req, params, Env, GIB, MIB, NODE};
+use blockd_tests::csi_controller::{
+    controller_rpcs, create, create_block_req, params, Env, GIB, MIB, NODE,
+};
 use blockd_tests::nbd::NbdClient;
 use blockd_tests::{expect_status, have_tool, skip};
 use tonic::Code;
@@ -269,17 +271,10 @@ fn iops_per_gb_follows_expansion_and_keys_change_one_at_a_time() {
     let env = Env::start();
     env.rt.block_on(async {
         let mut c = env.controller().await;
-        let caps = c
-            .controller_get_capabilities(csi::ControllerGetCapabilitiesRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .capabilities;
-        assert!(caps.iter().any(|cap| matches!(
-            cap.r#type,
-            Some(csi::controller_service_capability::Type::Rpc(r))
-                if r.r#type == csi::controller_service_capability::rpc::Type::ModifyVolume as i32
-        )));
+        let rpcs = controller_rpcs(&mut c).await;
+        assert!(
+            rpcs.contains(&(csi::controller_service_capability::rpc::Type::ModifyVolume as i32))
+        );
 
         let id = create(&mut c, create_req("scaled", GIB, &[("iopsPerGB", "20")]))
             .await

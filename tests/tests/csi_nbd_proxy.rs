@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use blockd_tests::nbd::NbdClient;
-use blockd_tests::{bin_dir, binary, have_tool, skip, Daemon};
+use blockd_tests::{bin_dir, binary, have_tool, skip, wait_timeout, Daemon};
 use nbd_wire::codec::Command as NbdCommand;
 
 const MIB: u64 = 1 << 20;
@@ -109,18 +109,7 @@ impl Proxy {
         let mut child = self.child.take().expect("running");
         // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.
         unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = child.try_wait().expect("wait proxy") {
-                return status.success();
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_timeout(&mut child, Duration::from_secs(10)).is_some_and(|status| status.success())
     }
 }
 

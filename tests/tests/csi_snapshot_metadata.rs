@@ -9,7 +9,8 @@ use blockd_proto::csi::plugin_capability::service;
 use blockd_proto::csi::snapshot_metadata_client::SnapshotMetadataClient;
 use blockd_proto::v1;
 use blockd_proto::v1::image_data_service_client::ImageDataServiceClient;
-use blockd_tests::expect_status;
+use blockd_tests::csi_controller::{offers_service, plugin_capabilities};
+use blockd_tests::{expect_status, snapshot_request};
 use blockd_tests::{runtime, CsiShim, Daemon};
 use tonic::transport::Channel;
 use tonic::Code;
@@ -18,6 +19,25 @@ const NODE: &str = "node-a";
 const K: i64 = 1024;
 const CHUNK: i64 = 64 * K;
 const SIZE: i64 = 4 << 20;
+
+/// The (offset, size) tuples of one stream message, checking its invariants: variable
+/// length tuples, the volume's capacity, and at most `max` tuples (when `max` is set).
+fn message_tuples(
+    kind: i32,
+    capacity: i64,
+    metadata: &[csi::BlockMetadata],
+    max: i32,
+) -> Vec<(i64, i64)> {
+    assert_eq!(kind, csi::BlockMetadataType::VariableLength as i32);
+    assert_eq!(capacity, SIZE);
+    if max > 0 {
+        assert!(metadata.len() <= max as usize);
+    }
+    metadata
+        .iter()
+        .map(|b| (b.byte_offset, b.size_bytes))
+        .collect()
+}
 
 /// (offset, size) tuples of a whole stream, checking the per-message invariants.
 async fn allocated(
@@ -40,19 +60,8 @@ async fn allocated(
     let mut messages = 0;
     while let Some(msg) = stream.message().await.expect("message") {
         messages += 1;
-        assert_eq!(
-            msg.block_metadata_type,
-            csi::BlockMetadataType::VariableLength as i32
-        );
-        assert_eq!(msg.volume_capacity_bytes, SIZE);
-        if max > 0 {
-            assert!(msg.block_metadata.len() <= max as usize);
-        }
-        out.extend(
-            msg.block_metadata
-                .iter()
-                .map(|b| (b.byte_offset, b.size_bytes)),
-        );
+        let (kind, capacity) = (msg.block_metadata_type, msg.volume_capacity_bytes);
+        out.extend(message_tuples(kind, capacity, &msg.block_metadata, max));
     }
     assert!(messages >= 1, "at least one message carries the capacity");
     check_order(&out, start);
@@ -79,19 +88,8 @@ async fn delta(
         .into_inner();
     let mut out = Vec::new();
     while let Some(msg) = stream.message().await.expect("message") {
-        assert_eq!(
-            msg.block_metadata_type,
-            csi::BlockMetadataType::VariableLength as i32
-        );
-        assert_eq!(msg.volume_capacity_bytes, SIZE);
-        if max > 0 {
-            assert!(msg.block_metadata.len() <= max as usize);
-        }
-        out.extend(
-            msg.block_metadata
-                .iter()
-                .map(|b| (b.byte_offset, b.size_bytes)),
-        );
+        let (kind, capacity) = (msg.block_metadata_type, msg.volume_capacity_bytes);
+        out.extend(message_tuples(kind, capacity, &msg.block_metadata, max));
     }
     check_order(&out, start);
     out
@@ -154,11 +152,7 @@ fn snapshot_metadata_follows_the_spec() {
         let grpc = daemon.grpc().await;
         let mut data = ImageDataServiceClient::new(grpc.channel.clone());
         let mut snaps = grpc.snapshots.clone();
-        let snap = |name: &str| v1::CreateSnapshotRequest {
-            volume: "v".into(),
-            name: name.into(),
-            replica_of: String::new(),
-        };
+        let snap = |name: &str| snapshot_request("v", name);
         // s1: chunks 0-1, 4, 10; s2: chunk 4 rewritten, chunk 10 zeroed, chunk 20 new.
         write(
             &mut data,
@@ -181,29 +175,16 @@ fn snapshot_metadata_follows_the_spec() {
         .await;
         snaps.create_snapshot(snap("s2")).await.expect("s2");
         snaps
-            .create_snapshot(v1::CreateSnapshotRequest {
-                volume: "w".into(),
-                name: "w1".into(),
-                replica_of: String::new(),
-            })
+            .create_snapshot(snapshot_request("w", "w1"))
             .await
             .expect("w1");
 
         let channel = shim.channel().await;
-        let caps = IdentityClient::new(channel.clone())
-            .get_plugin_capabilities(csi::GetPluginCapabilitiesRequest {})
-            .await
-            .expect("capabilities")
-            .into_inner()
-            .capabilities;
-        let services: Vec<i32> = caps
-            .iter()
-            .filter_map(|c| match &c.r#type {
-                Some(csi::plugin_capability::Type::Service(s)) => Some(s.r#type),
-                _ => None,
-            })
-            .collect();
-        assert!(services.contains(&(service::Type::SnapshotMetadataService as i32)));
+        let caps = plugin_capabilities(&mut IdentityClient::new(channel.clone())).await;
+        assert!(offers_service(
+            &caps,
+            service::Type::SnapshotMetadataService
+        ));
 
         let mut client = SnapshotMetadataClient::new(channel);
         let (s1, s2) = ("node-a/v@s1", "node-a/v@s2");

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use blockd_proto::v1;
-use blockd_tests::{binary, free_local_port, http_get, runtime, Daemon};
+use blockd_tests::{binary, free_local_port, http_get, runtime, snapshot_request, Daemon};
 
 #[test]
 fn a_second_daemon_on_the_same_state_dir_refuses_to_start() {
@@ -101,11 +101,7 @@ fn sigterm_during_load_exits_cleanly() {
                 if i % 3 == 0 {
                     let snap = format!("{name}-s");
                     if snapshots
-                        .create_snapshot(v1::CreateSnapshotRequest {
-                            volume: name.clone(),
-                            name: snap.clone(),
-                            replica_of: String::new(),
-                        })
+                        .create_snapshot(snapshot_request(&name, &snap))
                         .await
                         .is_err()
                     {

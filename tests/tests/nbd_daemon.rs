@@ -47,6 +47,14 @@ fn qemu_io(uri: &str, read_only: bool, cmds: &[&str]) -> (bool, String) {
     (ok && !out.contains("failed") && !out.contains("error"), out)
 }
 
+/// A new daemon with volume `name` of `size`, exported; the daemon and the export's URI.
+fn exported_volume(name: &str, size: &str) -> (Daemon, String) {
+    let d = Daemon::start();
+    d.ctl_ok(&["volume", "create", name, "--size", size]);
+    let uri = d.ctl_ok(&["export", name]).trim().to_string();
+    (d, uri)
+}
+
 fn allocated(d: &Daemon, vol: &str) -> u64 {
     d.ctl_json(&["volume", "show", vol])["allocated_bytes"]
         .as_u64()
@@ -56,9 +64,7 @@ fn allocated(d: &Daemon, vol: &str) -> u64 {
 #[test]
 fn snapshot_semantics_through_nbd() {
     require!("qemu-io");
-    let d = Daemon::start();
-    d.ctl_ok(&["volume", "create", "vol", "--size", "64M"]);
-    let uri = d.ctl_ok(&["export", "vol"]).trim().to_string();
+    let (d, uri) = exported_volume("vol", "64M");
     assert!(uri.starts_with("nbd+unix:///vol?socket="), "{uri}");
     assert_eq!(
         d.ctl_ok(&["export", "vol"]).trim(),
@@ -179,9 +185,7 @@ fn qemu_img_convert_compare_map_and_nbdcopy() {
 #[test]
 fn fio_verified_random_writes_on_two_connections() {
     require!("fio");
-    let d = Daemon::start();
-    d.ctl_ok(&["volume", "create", "fio", "--size", "256M"]);
-    let uri = d.ctl_ok(&["export", "fio"]).trim().to_string();
+    let (d, uri) = exported_volume("fio", "256M");
     let (ok, out) = run(
         "fio",
         &[

@@ -6,7 +6,7 @@
 //! - `bench-report report --out DIR`: `results.json`, `report.md` and `chart.png` from what
 //!   run.sh left in DIR (see [`blockd_bench::report`]).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -39,13 +39,17 @@ fn main() {
     }
 }
 
+/// Reads `file` and parses it with `parse`, naming the file in either error.
+fn parse_file<T>(file: &Path, parse: impl FnOnce(&str) -> Result<T>) -> Result<T> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    parse(&text).with_context(|| format!("parsing {}", file.display()))
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Summary { file } => {
-            let text = std::fs::read_to_string(&file)
-                .with_context(|| format!("reading {}", file.display()))?;
-            let f = blockd_bench::report::parse_fio(&text)
-                .with_context(|| format!("parsing {}", file.display()))?;
+            let f = parse_file(&file, blockd_bench::report::parse_fio)?;
             println!(
                 "{:.0} IOPS, {:.1} MiB/s, p50 {:.1} µs, p99 {:.1} µs ({} I/Os in {:.1} s)",
                 f.iops,
@@ -57,10 +61,7 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
         Command::Stall { file } => {
-            let text = std::fs::read_to_string(&file)
-                .with_context(|| format!("reading {}", file.display()))?;
-            let f = blockd_bench::report::parse_stall_fio(&text)
-                .with_context(|| format!("parsing {}", file.display()))?;
+            let f = parse_file(&file, blockd_bench::report::parse_stall_fio)?;
             println!(
                 "longest I/O pause {:.3} s, {} I/O errors, {} I/Os",
                 f.max_lat_us / 1e6,

@@ -84,23 +84,35 @@ mod tests {
         Args::command().debug_assert();
     }
 
-    #[test]
-    fn arguments_are_parsed_and_checked() {
-        let args = Args::try_parse_from([
+    /// A command line with every required argument (`--export` naming `export`), then
+    /// `extra`.
+    fn command_line<'a>(export: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+        let mut line = vec![
             "csi-fuse-nbd",
             "--mount",
             "/m",
             "--socket",
             "/s",
             "--export",
+            export,
+        ];
+        line.extend_from_slice(extra);
+        line
+    }
+
+    #[test]
+    fn arguments_are_parsed_and_checked() {
+        let args = Args::try_parse_from(command_line(
             "v",
-            "--size-file",
-            "/z",
-            "--pidfile",
-            "/p",
-            "--reconnect-timeout",
-            "5",
-        ])
+            &[
+                "--size-file",
+                "/z",
+                "--pidfile",
+                "/p",
+                "--reconnect-timeout",
+                "5",
+            ],
+        ))
         .unwrap();
         let cfg = args.config();
         assert_eq!(cfg.mount_point, PathBuf::from("/m"));
@@ -109,45 +121,19 @@ mod tests {
         assert_eq!(cfg.size_file, Some(PathBuf::from("/z")));
         assert_eq!(cfg.pidfile, Some(PathBuf::from("/p")));
         assert_eq!(cfg.reconnect_timeout, Duration::from_secs(5));
-        let minimal = Args::try_parse_from([
-            "csi-fuse-nbd",
-            "--mount",
-            "/m",
-            "--socket",
-            "/s",
-            "--export",
-            "v",
-        ])
-        .unwrap()
-        .config();
+        let minimal = Args::try_parse_from(command_line("v", &[]))
+            .unwrap()
+            .config();
         assert_eq!(minimal.size_file, None);
         assert_eq!(minimal.reconnect_timeout, Duration::from_secs(60));
         for bad in [
-            &["csi-fuse-nbd", "--mount", "/m"][..],
-            &["csi-fuse-nbd", "--bogus"],
-            &["csi-fuse-nbd", "--export"],
-            &[
-                "csi-fuse-nbd",
-                "--mount",
-                "/m",
-                "--socket",
-                "/s",
-                "--export",
-                "",
-            ],
-            &[
-                "csi-fuse-nbd",
-                "--mount",
-                "/m",
-                "--socket",
-                "/s",
-                "--export",
-                "v",
-                "--reconnect-timeout",
-                "soon",
-            ],
+            vec!["csi-fuse-nbd", "--mount", "/m"],
+            vec!["csi-fuse-nbd", "--bogus"],
+            vec!["csi-fuse-nbd", "--export"],
+            command_line("", &[]),
+            command_line("v", &["--reconnect-timeout", "soon"]),
         ] {
-            assert!(Args::try_parse_from(bad).is_err(), "{bad:?} was accepted");
+            assert!(Args::try_parse_from(&bad).is_err(), "{bad:?} was accepted");
         }
     }
 }

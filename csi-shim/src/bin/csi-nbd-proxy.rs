@@ -52,16 +52,9 @@ fn main() -> ExitCode {
     csi_shim::init_logging(args.log_format, "CSI_NBD_PROXY_LOG");
     // Before the runtime starts its threads: they inherit the flag.
     csi_shim::io_flusher::become_io_flusher("csi-nbd-proxy");
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let runtime = match csi_shim::runtime(Some(2)) {
         Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("error: cannot start the async runtime: {err}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     match runtime.block_on(run(args)) {
         Ok(()) => ExitCode::SUCCESS,

@@ -10,15 +10,9 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let log_format = args.log_format;
     csi_shim::init_logging(log_format, "CSI_SHIM_LOG");
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match csi_shim::runtime(None) {
         Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("error: cannot start the async runtime: {err}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     match runtime.block_on(csi_shim::run(args)) {
         Ok(()) => ExitCode::SUCCESS,

@@ -151,20 +151,7 @@ pub fn new_volume_size(range: &Range, source: Option<u64>) -> Result<u64, SizeEr
         DEFAULT_VOLUME_SIZE.min(range.limit.unwrap_or(u64::MAX))
     };
     let size = round_up(want)?;
-    match range.limit {
-        Some(limit) if size > limit => {
-            let down = limit / SIZE_GRANULE * SIZE_GRANULE;
-            if down > 0 && down >= range.required && down >= floor {
-                Ok(down)
-            } else {
-                Err(SizeError::NoGranule {
-                    required: range.required,
-                    limit,
-                })
-            }
-        }
-        _ => Ok(size),
-    }
+    within_limit(range, size, floor.max(1))
 }
 
 /// The size a volume of `current` bytes grows to (ControllerExpandVolume). Never smaller
@@ -184,10 +171,16 @@ pub fn expanded_size(range: &Range, current: u64) -> Result<u64, SizeError> {
         range.limit.unwrap_or(current)
     };
     let size = round_up(want)?.max(current);
+    within_limit(range, size, current)
+}
+
+/// `size`, or when that passes `range.limit`, the limit rounded down to whole granules,
+/// provided that is still at least `range.required` and `least` bytes.
+fn within_limit(range: &Range, size: u64, least: u64) -> Result<u64, SizeError> {
     match range.limit {
         Some(limit) if size > limit => {
             let down = limit / SIZE_GRANULE * SIZE_GRANULE;
-            if down >= range.required && down >= current {
+            if down >= range.required && down >= least {
                 Ok(down)
             } else {
                 Err(SizeError::NoGranule {

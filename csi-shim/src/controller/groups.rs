@@ -25,13 +25,13 @@ use std::sync::Arc;
 use blockd_proto::csi::group_controller_server::GroupController;
 use blockd_proto::csi::group_controller_service_capability::{self, rpc};
 use blockd_proto::csi::*;
-use blockd_proto::model::{validate_name, NameKind};
+use blockd_proto::model::NameKind;
 use blockd_proto::v1;
 use tonic::{Code, Request, Response, Status};
 
-use super::{traced, ControllerService};
-use crate::blockd::upstream;
-use crate::ids::{blockd_name, IdError};
+use super::{no_class_parameters, require_field, traced, ControllerService};
+use crate::blockd::{found, upstream};
+use crate::ids::{blockd_name, parse_node_name, IdError};
 use crate::Driver;
 
 /// A parsed CSI group snapshot id, `NODE/GROUP`.
@@ -50,16 +50,13 @@ impl GroupSnapshotId {
     }
 
     pub fn parse(id: &str) -> Result<Self, IdError> {
-        let malformed = || IdError::Malformed {
-            kind: "group snapshot",
-            id: id.to_string(),
-            expected: "NODE/GROUP",
-        };
-        let (node, group) = id.split_once('/').ok_or_else(malformed)?;
-        if node.is_empty() || group.contains('/') || group.contains('@') {
-            return Err(malformed());
-        }
-        validate_name(NameKind::Snapshot, "group_snapshot_id", group).map_err(|_| malformed())?;
+        let (node, group) = parse_node_name(
+            id,
+            "group snapshot",
+            "NODE/GROUP",
+            NameKind::Snapshot,
+            "group_snapshot_id",
+        )?;
         Ok(GroupSnapshotId::new(node, group))
     }
 }
@@ -118,20 +115,14 @@ impl GroupControllerService {
         let request = v1::GetGroupSnapshotRequest {
             name: name.to_string(),
         };
-        match self
+        let result = self
             .driver()
             .blockd
             .groups()
             .get_group_snapshot(request)
-            .await
-        {
-            Ok(group) => Ok(Some(group.into_inner())),
-            Err(status) if status.code() == Code::NotFound => Ok(None),
-            Err(status) => Err(upstream(
-                &format!("looking up group snapshot {name:?}"),
-                status,
-            )),
-        }
+            .await;
+        let group = found(result, || format!("looking up group snapshot {name:?}"))?;
+        Ok(group.map(Response::into_inner))
     }
 
     /// `INVALID_ARGUMENT` unless `ids` names exactly the members of `group`.
@@ -169,22 +160,13 @@ impl GroupControllerService {
         &self,
         req: CreateVolumeGroupSnapshotRequest,
     ) -> Result<CreateVolumeGroupSnapshotResponse, Status> {
-        if req.name.is_empty() {
-            return Err(Status::invalid_argument("name is required"));
-        }
-        if req.source_volume_ids.is_empty() {
-            return Err(Status::invalid_argument("source_volume_ids is required"));
-        }
-        if let Some(key) = req
-            .parameters
-            .keys()
-            .find(|k| !k.starts_with("csi.storage.k8s.io/"))
-        {
-            return Err(Status::invalid_argument(format!(
-                "unknown VolumeGroupSnapshotClass parameter {key:?}: blockd.csi.io group \
-                 snapshots take no parameters"
-            )));
-        }
+        require_field(req.name.is_empty(), "name")?;
+        require_field(req.source_volume_ids.is_empty(), "source_volume_ids")?;
+        no_class_parameters(
+            &req.parameters,
+            "VolumeGroupSnapshotClass",
+            "group snapshots",
+        )?;
         let distinct: BTreeSet<&String> = req.source_volume_ids.iter().collect();
         if distinct.len() != req.source_volume_ids.len() {
             return Err(Status::invalid_argument(
@@ -261,12 +243,8 @@ impl GroupControllerService {
         &self,
         req: DeleteVolumeGroupSnapshotRequest,
     ) -> Result<DeleteVolumeGroupSnapshotResponse, Status> {
-        if req.group_snapshot_id.is_empty() {
-            return Err(Status::invalid_argument("group_snapshot_id is required"));
-        }
-        if req.snapshot_ids.is_empty() {
-            return Err(Status::invalid_argument("snapshot_ids is required"));
-        }
+        require_field(req.group_snapshot_id.is_empty(), "group_snapshot_id")?;
+        require_field(req.snapshot_ids.is_empty(), "snapshot_ids")?;
         let Some(gid) = self.local_group(&req.group_snapshot_id)? else {
             return Ok(DeleteVolumeGroupSnapshotResponse {});
         };
@@ -294,15 +272,11 @@ impl GroupControllerService {
                 name: gid.group.clone(),
             })
             .await;
-        match result {
-            Ok(_) => tracing::info!(group = %gid, "deleted group snapshot"),
-            Err(status) if status.code() == Code::NotFound => {}
-            Err(status) => {
-                return Err(upstream(
-                    &format!("deleting group snapshot {:?}", gid.group),
-                    status,
-                ))
-            }
+        let deleted = found(result, || {
+            format!("deleting group snapshot {:?}", gid.group)
+        })?;
+        if deleted.is_some() {
+            tracing::info!(group = %gid, "deleted group snapshot");
         }
         Ok(DeleteVolumeGroupSnapshotResponse {})
     }
@@ -311,12 +285,8 @@ impl GroupControllerService {
         &self,
         req: GetVolumeGroupSnapshotRequest,
     ) -> Result<GetVolumeGroupSnapshotResponse, Status> {
-        if req.group_snapshot_id.is_empty() {
-            return Err(Status::invalid_argument("group_snapshot_id is required"));
-        }
-        if req.snapshot_ids.is_empty() {
-            return Err(Status::invalid_argument("snapshot_ids is required"));
-        }
+        require_field(req.group_snapshot_id.is_empty(), "group_snapshot_id")?;
+        require_field(req.snapshot_ids.is_empty(), "snapshot_ids")?;
         let not_found = || {
             Status::not_found(format!(
                 "group snapshot {:?} does not exist",

@@ -65,7 +65,7 @@ use blockd_proto::v1;
 use tonic::{Code, Request, Response, Status};
 use tracing::Instrument;
 
-use crate::blockd::upstream;
+use crate::blockd::{found, upstream};
 use crate::ids::{IdError, SnapshotId, VolumeId, TOPOLOGY_KEY};
 use crate::Driver;
 
@@ -155,41 +155,20 @@ impl ControllerService {
         let request = v1::GetVolumeRequest {
             name: name.to_string(),
         };
-        match self.driver.blockd.volumes().get_volume(request).await {
-            Ok(volume) => Ok(Some(volume.into_inner())),
-            Err(status) if status.code() == Code::NotFound => Ok(None),
-            Err(status) => Err(upstream(&format!("looking up volume {name:?}"), status)),
-        }
+        let result = self.driver.blockd.volumes().get_volume(request).await;
+        let volume = found(result, || format!("looking up volume {name:?}"))?;
+        Ok(volume.map(Response::into_inner))
     }
 
     /// The blockd snapshot `name`, or `None` when blockd has none by that name.
     async fn blockd_snapshot(&self, name: &str) -> Result<Option<v1::Snapshot>, Status> {
-        let request = v1::GetSnapshotRequest {
-            name: name.to_string(),
-        };
-        match self.driver.blockd.snapshots().get_snapshot(request).await {
-            Ok(snapshot) => Ok(Some(snapshot.into_inner())),
-            Err(status) if status.code() == Code::NotFound => Ok(None),
-            Err(status) => Err(upstream(&format!("looking up snapshot {name:?}"), status)),
-        }
-    }
-
-    /// Every pool of this node's blockd.
-    async fn list_pools(&self) -> Result<Vec<v1::Pool>, Status> {
-        Ok(self
-            .driver
-            .blockd
-            .pools()
-            .list_pools(v1::ListPoolsRequest::default())
-            .await
-            .map_err(|status| upstream("listing pools", status))?
-            .into_inner()
-            .pools)
+        let result = self.driver.blockd.get_snapshot(name).await;
+        found(result, || format!("looking up snapshot {name:?}"))
     }
 
     /// The pool named `name`, or the default pool; `None` when there is no such pool.
     async fn blockd_pool(&self, name: Option<&str>) -> Result<Option<v1::Pool>, Status> {
-        let pools = self.list_pools().await?;
+        let pools = self.driver.blockd.list_pools().await?;
         Ok(pools.into_iter().find(|p| match name {
             Some(name) => p.name == name,
             None => p.is_default,
@@ -247,6 +226,34 @@ enum Located<T> {
     Here(T),
     Elsewhere(T),
     Malformed(IdError),
+}
+
+/// `INVALID_ARGUMENT` ("FIELD is required") when the request left the required `field`
+/// `empty`.
+fn require_field(empty: bool, field: &str) -> Result<(), Status> {
+    if empty {
+        return Err(Status::invalid_argument(format!("{field} is required")));
+    }
+    Ok(())
+}
+
+/// `INVALID_ARGUMENT` for the first of `parameters` (from a `class`, of the objects
+/// `what`) that is not one the external sidecars add (`csi.storage.k8s.io/...`): blockd.csi.io
+/// takes none for these objects.
+fn no_class_parameters(
+    parameters: &std::collections::HashMap<String, String>,
+    class: &str,
+    what: &str,
+) -> Result<(), Status> {
+    if let Some(key) = parameters
+        .keys()
+        .find(|k| !k.starts_with("csi.storage.k8s.io/"))
+    {
+        return Err(Status::invalid_argument(format!(
+            "unknown {class} parameter {key:?}: blockd.csi.io {what} take no parameters"
+        )));
+    }
+    Ok(())
 }
 
 /// Runs one RPC body inside `span` and logs how it ended: successes of mutating calls at

@@ -24,7 +24,7 @@ use blockd_proto::csi::{ControllerModifyVolumeRequest, ControllerModifyVolumeRes
 use blockd_proto::v1;
 use tonic::Status;
 
-use super::ControllerService;
+use super::{require_field, ControllerService};
 use crate::blockd::upstream;
 use crate::params::{self, VolumeParams};
 
@@ -105,9 +105,7 @@ impl ControllerService {
         &self,
         req: ControllerModifyVolumeRequest,
     ) -> Result<ControllerModifyVolumeResponse, Status> {
-        if req.volume_id.is_empty() {
-            return Err(Status::invalid_argument("volume_id is required"));
-        }
+        require_field(req.volume_id.is_empty(), "volume_id")?;
         if req.mutable_parameters.is_empty() {
             return Err(Status::invalid_argument(format!(
                 "mutable_parameters is required: name what to change ({})",
@@ -165,13 +163,7 @@ impl ControllerService {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn map(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::testing::string_map as map;
 
     #[test]
     fn parses_the_qos_keys_like_a_storage_class() {

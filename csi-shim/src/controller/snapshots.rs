@@ -12,8 +12,8 @@ use blockd_proto::v1;
 use tonic::{Code, Status};
 
 use super::volumes::page;
-use super::{ControllerService, Located};
-use crate::blockd::upstream;
+use super::{no_class_parameters, require_field, ControllerService, Located};
+use crate::blockd::{found, upstream};
 use crate::ids::{blockd_name, SnapshotId, VolumeId};
 
 /// The lock key of a snapshot: its blockd name is unique on this node.
@@ -46,22 +46,9 @@ impl ControllerService {
         &self,
         req: CreateSnapshotRequest,
     ) -> Result<CreateSnapshotResponse, Status> {
-        if req.name.is_empty() {
-            return Err(Status::invalid_argument("name is required"));
-        }
-        if req.source_volume_id.is_empty() {
-            return Err(Status::invalid_argument("source_volume_id is required"));
-        }
-        if let Some(key) = req
-            .parameters
-            .keys()
-            .find(|k| !k.starts_with("csi.storage.k8s.io/"))
-        {
-            return Err(Status::invalid_argument(format!(
-                "unknown VolumeSnapshotClass parameter {key:?}: blockd.csi.io snapshots take \
-                 no parameters"
-            )));
-        }
+        require_field(req.name.is_empty(), "name")?;
+        require_field(req.source_volume_id.is_empty(), "source_volume_id")?;
+        no_class_parameters(&req.parameters, "VolumeSnapshotClass", "snapshots")?;
         let vid = self.local_volume("source volume", &req.source_volume_id)?;
         let name = blockd_name(NameKind::Snapshot, &req.name);
         let _guard = self.driver.locks.try_lock(&lock_key(self.node(), &name))?;
@@ -124,9 +111,7 @@ impl ControllerService {
         &self,
         req: DeleteSnapshotRequest,
     ) -> Result<DeleteSnapshotResponse, Status> {
-        if req.snapshot_id.is_empty() {
-            return Err(Status::invalid_argument("snapshot_id is required"));
-        }
+        require_field(req.snapshot_id.is_empty(), "snapshot_id")?;
         let sid = match self.locate_snapshot(&req.snapshot_id) {
             Located::Malformed(err) => {
                 tracing::info!(error = %err, "malformed snapshot id: nothing to delete");
@@ -174,15 +159,9 @@ impl ControllerService {
                 name: sid.snapshot.clone(),
             })
             .await;
-        match result {
-            Ok(_) => tracing::info!(snapshot = %sid, "deleted snapshot"),
-            Err(status) if status.code() == Code::NotFound => {}
-            Err(status) => {
-                return Err(upstream(
-                    &format!("deleting snapshot {:?}", sid.snapshot),
-                    status,
-                ))
-            }
+        let deleted = found(result, || format!("deleting snapshot {:?}", sid.snapshot))?;
+        if deleted.is_some() {
+            tracing::info!(snapshot = %sid, "deleted snapshot");
         }
         Ok(DeleteSnapshotResponse {})
     }
@@ -191,9 +170,7 @@ impl ControllerService {
         &self,
         req: GetSnapshotRequest,
     ) -> Result<GetSnapshotResponse, Status> {
-        if req.snapshot_id.is_empty() {
-            return Err(Status::invalid_argument("snapshot_id is required"));
-        }
+        require_field(req.snapshot_id.is_empty(), "snapshot_id")?;
         let sid = self.local_snapshot(&req.snapshot_id)?;
         let snapshot = self
             .blockd_snapshot(&sid.snapshot)

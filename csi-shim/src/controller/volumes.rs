@@ -10,13 +10,13 @@ use blockd_proto::csi::*;
 use blockd_proto::model::{NameKind, PageRequest};
 use blockd_proto::size::format_size;
 use blockd_proto::v1;
-use tonic::{Code, Status};
+use tonic::Status;
 
 use super::capability;
 use super::capacity::{self, Range, SIZE_GRANULE};
 use super::modify::{self, MutableParams};
-use super::{ControllerService, Located};
-use crate::blockd::upstream;
+use super::{require_field, ControllerService, Located};
+use crate::blockd::{found, upstream};
 use crate::ids::{blockd_name, SnapshotId, VolumeId};
 use crate::params::{self, VolumeParams};
 
@@ -165,7 +165,7 @@ impl ControllerService {
 
     /// Pool name → health, for volume conditions.
     async fn pool_health(&self) -> Result<HashMap<String, String>, Status> {
-        let pools = self.list_pools().await?;
+        let pools = self.driver.blockd.list_pools().await?;
         Ok(pools.into_iter().map(|p| (p.name, p.health)).collect())
     }
 
@@ -262,9 +262,7 @@ impl ControllerService {
         &self,
         req: CreateVolumeRequest,
     ) -> Result<CreateVolumeResponse, Status> {
-        if req.name.is_empty() {
-            return Err(Status::invalid_argument("name is required"));
-        }
+        require_field(req.name.is_empty(), "name")?;
         let access = capability::check(&req.volume_capabilities)?;
         let mut params = VolumeParams::parse(&req.parameters)?;
         // A VolumeAttributesClass given at creation: its keys win over the StorageClass's.
@@ -441,9 +439,7 @@ impl ControllerService {
         &self,
         req: DeleteVolumeRequest,
     ) -> Result<DeleteVolumeResponse, Status> {
-        if req.volume_id.is_empty() {
-            return Err(Status::invalid_argument("volume_id is required"));
-        }
+        require_field(req.volume_id.is_empty(), "volume_id")?;
         let vid = match self.locate_volume(&req.volume_id) {
             Located::Malformed(err) => {
                 // No volume can have this id, so it is already gone (the spec's OK).
@@ -469,26 +465,12 @@ impl ControllerService {
                 vid.volume
             )));
         }
-        let result = self
-            .driver
-            .blockd
-            .volumes()
-            .delete_volume(v1::DeleteVolumeRequest {
-                name: vid.volume.clone(),
-                // Never force: a volume with connected NBD clients is in use, and CSI
-                // lets DeleteVolume say so (FAILED_PRECONDITION, passed through).
-                force: false,
-            })
-            .await;
-        match result {
-            Ok(_) => tracing::info!(volume = %vid, "deleted volume"),
-            Err(status) if status.code() == Code::NotFound => {}
-            Err(status) => {
-                return Err(upstream(
-                    &format!("deleting volume {:?}", vid.volume),
-                    status,
-                ))
-            }
+        // Never force: a volume with connected NBD clients is in use, and CSI lets
+        // DeleteVolume say so (FAILED_PRECONDITION, passed through).
+        let result = self.driver.blockd.delete_volume(&vid.volume, false).await;
+        let deleted = found(result, || format!("deleting volume {:?}", vid.volume))?;
+        if deleted.is_some() {
+            tracing::info!(volume = %vid, "deleted volume");
         }
         Ok(DeleteVolumeResponse {})
     }
@@ -497,9 +479,7 @@ impl ControllerService {
         &self,
         req: ValidateVolumeCapabilitiesRequest,
     ) -> Result<ValidateVolumeCapabilitiesResponse, Status> {
-        if req.volume_id.is_empty() {
-            return Err(Status::invalid_argument("volume_id is required"));
-        }
+        require_field(req.volume_id.is_empty(), "volume_id")?;
         let checked = capability::check(&req.volume_capabilities);
         if let Err(err) = &checked {
             if err.is_missing_field() {
@@ -623,9 +603,7 @@ impl ControllerService {
         &self,
         req: ControllerExpandVolumeRequest,
     ) -> Result<ControllerExpandVolumeResponse, Status> {
-        if req.volume_id.is_empty() {
-            return Err(Status::invalid_argument("volume_id is required"));
-        }
+        require_field(req.volume_id.is_empty(), "volume_id")?;
         let Some(range) = req.capacity_range.as_ref() else {
             return Err(Status::invalid_argument("capacity_range is required"));
         };
@@ -691,9 +669,7 @@ impl ControllerService {
         &self,
         req: ControllerGetVolumeRequest,
     ) -> Result<ControllerGetVolumeResponse, Status> {
-        if req.volume_id.is_empty() {
-            return Err(Status::invalid_argument("volume_id is required"));
-        }
+        require_field(req.volume_id.is_empty(), "volume_id")?;
         let vid = self.local_volume("volume", &req.volume_id)?;
         let volume = self.blockd_volume(&vid.volume).await?.ok_or_else(|| {
             Status::not_found(format!("volume {:?} does not exist", req.volume_id))
@@ -721,6 +697,8 @@ impl ControllerService {
 
 #[cfg(test)]
 mod tests {
+    use tonic::Code;
+
     use super::*;
 
     #[test]

@@ -246,23 +246,7 @@ impl KernelPeer {
         let (ours, theirs) = seqpacket_pair()?;
         let sock = File::from(ours);
         // A missing reply fails a test instead of hanging it.
-        let timeout = libc::timeval {
-            tv_sec: REPLY_WAIT.as_secs() as libc::time_t,
-            tv_usec: 0,
-        };
-        // SAFETY: setsockopt(2) reads a timeval that outlives the call, of the size given.
-        let rc = unsafe {
-            libc::setsockopt(
-                sock.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&timeout as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        crate::socket::set_receive_timeout(&sock, REPLY_WAIT)?;
         send(&sock, &request(opcode::INIT, 1, 0, &init_body()), || true)?;
         let mut config = fuser::Config::default();
         config.n_threads = Some(1);

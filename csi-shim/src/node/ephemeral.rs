@@ -34,12 +34,12 @@ use std::path::{Path, PathBuf};
 
 use blockd_proto::v1;
 use serde::{Deserialize, Serialize};
-use tonic::{Code, Status};
+use tonic::Status;
 
 use super::error::NodeError;
 use super::state::{file_key, Access, Capability};
 use super::NodeService;
-use crate::blockd::upstream;
+use crate::blockd::{found, upstream};
 use crate::controller::capacity::{self, Range};
 use crate::ids::{ephemeral_volume_name, VolumeId, EPHEMERAL_CONTEXT_KEY};
 use crate::params::{self, VolumeParams};
@@ -274,34 +274,17 @@ impl NodeService {
     /// has room (`RESOURCE_EXHAUSTED` otherwise).
     async fn create_ephemeral(&self, id: &VolumeId, spec: &Spec) -> Result<(), Status> {
         let mut volumes = self.driver.blockd.volumes();
-        match volumes
+        let result = volumes
             .get_volume(v1::GetVolumeRequest {
                 name: id.volume.clone(),
             })
-            .await
-        {
-            Ok(existing) => {
-                let existing = existing.into_inner();
-                tracing::info!(volume = %id, size_bytes = existing.size_bytes, "ephemeral volume already exists");
-                return Ok(());
-            }
-            Err(status) if status.code() == Code::NotFound => {}
-            Err(status) => {
-                return Err(upstream(
-                    &format!("looking up volume {}", id.volume),
-                    status,
-                ))
-            }
+            .await;
+        if let Some(existing) = found(result, || format!("looking up volume {}", id.volume))? {
+            let existing = existing.into_inner();
+            tracing::info!(volume = %id, size_bytes = existing.size_bytes, "ephemeral volume already exists");
+            return Ok(());
         }
-        let pools = self
-            .driver
-            .blockd
-            .pools()
-            .list_pools(v1::ListPoolsRequest::default())
-            .await
-            .map_err(|status| upstream("listing pools", status))?
-            .into_inner()
-            .pools;
+        let pools = self.driver.blockd.list_pools().await?;
         let pool = pools
             .into_iter()
             .find(|p| match &spec.params.pool {
@@ -386,46 +369,19 @@ impl NodeService {
         }
         self.unstage(id, record.staging_path.clone()).await?;
         // A crash between export and attach leaves an export no stage record knows of.
-        match self
-            .driver
-            .blockd
-            .exports()
-            .unexport(v1::UnexportRequest {
-                image: id.volume.clone(),
-                // Unstage above already detached this node's client; blockd may not have
-                // seen its connection close yet (as in node unstage).
-                force: true,
-            })
-            .await
-        {
-            Ok(_) => {}
-            Err(status) if status.code() == Code::NotFound => {}
-            Err(status) => {
-                return Err(upstream(
-                    &format!("unexporting ephemeral volume {}", id.volume),
-                    status,
-                ))
-            }
-        }
-        match self
-            .driver
-            .blockd
-            .volumes()
-            .delete_volume(v1::DeleteVolumeRequest {
-                name: id.volume.clone(),
-                // Unexported just above, with its connections closed.
-                force: true,
-            })
-            .await
-        {
-            Ok(_) => tracing::info!(volume = %id, "deleted ephemeral volume"),
-            Err(status) if status.code() == Code::NotFound => {}
-            Err(status) => {
-                return Err(upstream(
-                    &format!("deleting ephemeral volume {}", id.volume),
-                    status,
-                ))
-            }
+        // force: unstage above already detached this node's client; blockd may not have
+        // seen its connection close yet (as in node unstage).
+        let unexported = self.driver.blockd.unexport(&id.volume, true).await;
+        found(unexported, || {
+            format!("unexporting ephemeral volume {}", id.volume)
+        })?;
+        // force: unexported just above, with its connections closed.
+        let result = self.driver.blockd.delete_volume(&id.volume, true).await;
+        let deleted = found(result, || {
+            format!("deleting ephemeral volume {}", id.volume)
+        })?;
+        if deleted.is_some() {
+            tracing::info!(volume = %id, "deleted ephemeral volume");
         }
         if let Some(dir) = record.staging_path.parent() {
             match std::fs::remove_dir_all(dir) {
@@ -444,13 +400,8 @@ impl NodeService {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn ctx(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::testing::string_map as ctx;
+    use tonic::Code;
 
     #[test]
     fn only_a_true_ephemeral_key_asks_for_an_ephemeral_volume() {

@@ -4,13 +4,14 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use blockd_proto::v1::{ExportRequest, GetVolumeRequest, UnexportRequest};
+use blockd_proto::v1::{ExportRequest, GetVolumeRequest};
 use tonic::Code;
 
 use super::capability::stage_compatible;
 use super::error::{NodeError, Result};
 use super::state::{Access, Capability, Phase, StagedVolume};
 use super::{fs, mount, NodeService};
+use crate::blockd::found;
 use crate::ids::VolumeId;
 
 impl NodeService {
@@ -120,15 +121,7 @@ impl NodeService {
                 if export.changed {
                     // We exported it for this stage: take the export back.
                     // force: the only client was the attachment that just failed.
-                    let _ = self
-                        .driver
-                        .blockd
-                        .exports()
-                        .unexport(UnexportRequest {
-                            image: id.volume.clone(),
-                            force: true,
-                        })
-                        .await;
+                    let _ = self.driver.blockd.unexport(&id.volume, true).await;
                 }
                 return Err(err);
             }
@@ -256,31 +249,17 @@ impl NodeService {
         self.teardown(&record).await?;
         record.published.clear();
         record.phase = Phase::Attached;
-        match self
-            .driver
-            .blockd
-            .exports()
-            .unexport(UnexportRequest {
-                image: id.volume.clone(),
-                // force: teardown has just unmounted and detached this node's own client
-                // (kernel NBD proxy or nbdfuse). blockd may not have seen its connection
-                // close yet, and would refuse a plain unexport for it; any other client
-                // of a volume the CO is unstaging has lost its claim to it.
-                force: true,
-            })
-            .await
-        {
-            Ok(_) => {}
-            Err(status) if status.code() == Code::NotFound => {}
-            Err(status) => {
-                // Keep the record: the retry finds nothing mounted or attached and
-                // unexports again.
-                return Err(NodeError::Blockd(crate::blockd::upstream(
-                    &format!("unexporting volume {} (local cleanup is done)", id.volume),
-                    status,
-                )));
-            }
-        }
+        // force: teardown has just unmounted and detached this node's own client (kernel
+        // NBD proxy or nbdfuse). blockd may not have seen its connection close yet, and
+        // would refuse a plain unexport for it; any other client of a volume the CO is
+        // unstaging has lost its claim to it.
+        let unexported = self.driver.blockd.unexport(&id.volume, true).await;
+        // On failure, keep the record: the retry finds nothing mounted or attached and
+        // unexports again.
+        found(unexported, || {
+            format!("unexporting volume {} (local cleanup is done)", id.volume)
+        })
+        .map_err(NodeError::Blockd)?;
         self.forget(&volume_id)?;
         tracing::info!(volume_id = %volume_id, "unstaged");
         Ok(())

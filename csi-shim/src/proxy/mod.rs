@@ -700,6 +700,13 @@ mod tests {
         }
     }
 
+    fn flush() -> Request {
+        Request {
+            command: Command::Flush,
+            ..write(0, 0, 0)
+        }
+    }
+
     fn o(gen: u64, conn: u64, upstream_flags: u16) -> Origin {
         Origin {
             gen,
@@ -735,11 +742,7 @@ mod tests {
         );
         shared.accept_reply(o(1, 1, FLAGS), &w, Some(&p), wire::NBD_EIO, 0);
         assert_eq!(shared.journal.lock().entries.len(), 2);
-        let flush = Request {
-            command: Command::Flush,
-            ..write(0, 0, 0)
-        };
-        shared.accept_reply(o(1, 2, FLAGS), &flush, None, 0, mark);
+        shared.accept_reply(o(1, 2, FLAGS), &flush(), None, 0, mark);
         let j = shared.journal.lock();
         assert_eq!(j.entries.len(), 1);
         assert_eq!(j.entries[0].req.offset, 8192);
@@ -783,11 +786,7 @@ mod tests {
         shared.accept_reply(o(1, 1, flags), &write(0, 512, 0), Some(&p), 0, 0);
         shared.accept_reply(o(1, 2, flags), &write(512, 512, 0), Some(&p), 0, 0);
         let mark = shared.flush_mark();
-        let flush = Request {
-            command: Command::Flush,
-            ..write(0, 0, 0)
-        };
-        shared.accept_reply(o(1, 2, flags), &flush, None, 0, mark);
+        shared.accept_reply(o(1, 2, flags), &flush(), None, 0, mark);
         let j = shared.journal.lock();
         assert_eq!(j.entries.len(), 1);
         assert_eq!(j.entries[0].conn, 1);
@@ -798,27 +797,17 @@ mod tests {
         let shared = Shared::new(cfg());
         shared.journal.lock().gen = 3;
         let p = Arc::new(vec![0u8; 4096]);
-        assert_eq!(
-            shared.accept_reply(o(2, 1, FLAGS), &write(0, 4096, 0), Some(&p), 0, 0),
-            Accepted::Stale
-        );
-        assert_eq!(
-            shared.accept_reply(o(3, 1, FLAGS), &write(0, 4096, 0), Some(&p), 0, 0),
-            Accepted::Yes { flush_now: false }
-        );
-        assert_eq!(
-            shared.accept_reply(o(3, 1, FLAGS), &write(4096, 4096, 0), Some(&p), 0, 0),
-            Accepted::Yes { flush_now: false }
-        );
+        // The reply to a 4 KiB write at `offset`, from a connection of generation `gen`.
+        let reply = |gen, offset| {
+            shared.accept_reply(o(gen, 1, FLAGS), &write(offset, 4096, 0), Some(&p), 0, 0)
+        };
+        let accepted = |flush_now| Accepted::Yes { flush_now };
+        assert_eq!(reply(2, 0), Accepted::Stale);
+        assert_eq!(reply(3, 0), accepted(false));
+        assert_eq!(reply(3, 4096), accepted(false));
         // Over the 8 KiB limit: exactly one internal flush is requested.
-        assert_eq!(
-            shared.accept_reply(o(3, 1, FLAGS), &write(8192, 4096, 0), Some(&p), 0, 0),
-            Accepted::Yes { flush_now: true }
-        );
-        assert_eq!(
-            shared.accept_reply(o(3, 1, FLAGS), &write(8192, 4096, 0), Some(&p), 0, 0),
-            Accepted::Yes { flush_now: false }
-        );
+        assert_eq!(reply(3, 8192), accepted(true));
+        assert_eq!(reply(3, 8192), accepted(false));
     }
 
     #[test]

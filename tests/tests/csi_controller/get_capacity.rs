@@ -8,15 +8,7 @@ fn get_capacity_follows_creates_and_refuses_past_the_ratio() {
     let env = Env::start_with(&[], &["--overprovisioning-ratio", "1"]);
     env.rt.block_on(async {
         let mut c = env.controller().await;
-        let mut grpc = env.daemon.grpc().await;
-        let pool = grpc
-            .pools
-            .get_pool(v1::GetPoolRequest {
-                name: "default".into(),
-            })
-            .await
-            .expect("GetPool")
-            .into_inner();
+        let pool = env.blockd_pool("default").await;
         let cap_bytes = pool.capacity_bytes as i64;
         let reserve = cap_bytes / 50;
 
@@ -144,15 +136,7 @@ fn capacity_follows_writes_and_a_full_pool_refuses_new_volumes() {
             (16 * MIB..=17 * MIB).contains(&used),
             "16 MiB written, capacity fell by {used}"
         );
-        let mut grpc = env.daemon.grpc().await;
-        let pool = grpc
-            .pools
-            .get_pool(v1::GetPoolRequest {
-                name: "default".into(),
-            })
-            .await
-            .expect("GetPool")
-            .into_inner();
+        let pool = env.blockd_pool("default").await;
         // Fill all but a sliver below the 2% reserve.
         let fill_to = pool.capacity_bytes - pool.capacity_bytes / 100;
         nbd_write(&uri, 16 << 20, fill_to - (16 << 20));

@@ -16,12 +16,7 @@ fn identity_info_capabilities_and_controller_capabilities() {
         assert_eq!(info.name, "blockd.csi.io");
         assert_eq!(info.vendor_version, env!("CARGO_PKG_VERSION"));
 
-        let caps = id
-            .get_plugin_capabilities(csi::GetPluginCapabilitiesRequest {})
-            .await
-            .expect("GetPluginCapabilities")
-            .into_inner()
-            .capabilities;
+        let caps = plugin_capabilities(&mut id).await;
         let mut services = HashSet::new();
         let mut expansion = None;
         for c in caps {
@@ -36,19 +31,7 @@ fn identity_info_capabilities_and_controller_capabilities() {
         assert!(services.contains(&(service::Type::VolumeAccessibilityConstraints as i32)));
         assert_eq!(expansion, Some(volume_expansion::Type::Online as i32));
 
-        let caps: HashSet<i32> = env
-            .controller()
-            .await
-            .controller_get_capabilities(csi::ControllerGetCapabilitiesRequest {})
-            .await
-            .expect("ControllerGetCapabilities")
-            .into_inner()
-            .capabilities
-            .into_iter()
-            .map(|c| match c.r#type.expect("a capability type") {
-                csi::controller_service_capability::Type::Rpc(r) => r.r#type,
-            })
-            .collect();
+        let caps = controller_rpcs(&mut env.controller().await).await;
         for want in [
             rpc::Type::CreateDeleteVolume,
             rpc::Type::CreateDeleteSnapshot,
@@ -135,19 +118,8 @@ fn probe_follows_blockd_down_and_up() {
 fn controller_only_mode_serves_the_controller() {
     let env = Env::start_with(&[], &["--mode", "controller"]);
     env.rt.block_on(async {
-        let caps = env
-            .identity()
-            .await
-            .get_plugin_capabilities(csi::GetPluginCapabilitiesRequest {})
-            .await
-            .expect("GetPluginCapabilities")
-            .into_inner()
-            .capabilities;
-        assert!(caps.iter().any(|c| matches!(
-            c.r#type,
-            Some(csi::plugin_capability::Type::Service(s))
-                if s.r#type == service::Type::ControllerService as i32
-        )));
+        let caps = plugin_capabilities(&mut env.identity().await).await;
+        assert!(offers_service(&caps, service::Type::ControllerService));
         create(&mut env.controller().await, create_req("ctl-only", 4 * MIB)).await;
     });
     // Node mode does not claim a controller service.
@@ -155,17 +127,8 @@ fn controller_only_mode_serves_the_controller() {
     let shim = CsiShim::start(&daemon, NODE, &["--mode", "node"]);
     let rt = runtime();
     rt.block_on(async {
-        let caps = IdentityClient::new(shim.channel().await)
-            .get_plugin_capabilities(csi::GetPluginCapabilitiesRequest {})
-            .await
-            .expect("GetPluginCapabilities")
-            .into_inner()
-            .capabilities;
-        assert!(!caps.iter().any(|c| matches!(
-            c.r#type,
-            Some(csi::plugin_capability::Type::Service(s))
-                if s.r#type == service::Type::ControllerService as i32
-        )));
+        let caps = plugin_capabilities(&mut IdentityClient::new(shim.channel().await)).await;
+        assert!(!offers_service(&caps, service::Type::ControllerService));
     });
 }
 
@@ -195,13 +158,7 @@ fn a_failed_pool_makes_probe_unhealthy_and_volumes_abnormal() {
         );
 
         let mut c = env.controller().await;
-        let got = c
-            .controller_get_volume(csi::ControllerGetVolumeRequest {
-                volume_id: format!("{NODE}/vol"),
-            })
-            .await
-            .expect("ControllerGetVolume")
-            .into_inner();
+        let got = get_volume(&mut c, &format!("{NODE}/vol")).await;
         let status = got.status.expect("status");
         assert_eq!(status.published_node_ids, vec![NODE.to_string()]);
         let condition = status.volume_condition.expect("condition");

@@ -202,13 +202,8 @@ fn snapshots_restores_and_clones() {
         assert!(env.blockd_volume("from-elsewhere").await.is_none());
 
         // ControllerGetVolume reports where a restore came from.
-        let got = c
-            .controller_get_volume(csi::ControllerGetVolumeRequest {
-                volume_id: big.volume_id.clone(),
-            })
+        let got = get_volume(&mut c, &big.volume_id)
             .await
-            .expect("ControllerGetVolume")
-            .into_inner()
             .volume
             .expect("volume");
         assert_eq!(got.content_source, from_snapshot(&snap.snapshot_id));

@@ -616,13 +616,7 @@ fn list_volumes_paginates_and_reports_status() {
         );
 
         // ControllerGetVolume: published and healthy, or NOT_FOUND.
-        let got = c
-            .controller_get_volume(csi::ControllerGetVolumeRequest {
-                volume_id: format!("{NODE}/vol-3"),
-            })
-            .await
-            .expect("ControllerGetVolume")
-            .into_inner();
+        let got = get_volume(&mut c, &format!("{NODE}/vol-3")).await;
         let status = got.status.expect("status");
         assert_eq!(status.published_node_ids, vec![NODE.to_string()]);
         let condition = status.volume_condition.expect("condition");
@@ -776,15 +770,7 @@ fn volumes_live_in_the_named_pool_and_clones_stay_with_their_source() {
             fast.maximum_volume_size < default.maximum_volume_size,
             "fast {fast:?}, default {default:?}"
         );
-        let mut grpc = env.daemon.grpc().await;
-        let pool = grpc
-            .pools
-            .get_pool(v1::GetPoolRequest {
-                name: "fast".into(),
-            })
-            .await
-            .expect("GetPool fast")
-            .into_inner();
+        let pool = env.blockd_pool("fast").await;
         assert_eq!(
             fast.maximum_volume_size,
             Some(4 * pool.capacity_bytes as i64 - (24 * MIB)),

@@ -289,23 +289,21 @@ pub fn resize(index: u32, backend: &str, size: u64) -> Result<(), NetlinkError> 
 
 /// Disconnects device `index` (the kernel fails outstanding I/O and frees the device).
 pub fn disconnect(index: u32) -> Result<(), NetlinkError> {
-    let mut nl = Netlink::open()?;
-    let family = nl.family_id()?;
-    let seq = nl.next_seq();
-    let mut m = MessageBuilder::new(
-        family,
-        NLM_F_REQUEST | NLM_F_ACK,
-        seq,
-        NBD_CMD_DISCONNECT,
-        NBD_GENL_VERSION,
-    );
-    m.u32(NBD_ATTR_INDEX, index);
-    nl.exchange(&m.finish(), seq, "NBD_CMD_DISCONNECT")?;
+    device_command(index, NBD_CMD_DISCONNECT, "NBD_CMD_DISCONNECT")?;
     Ok(())
 }
 
 /// Whether device `index` has a live connection (`None`: the kernel does not list it).
 pub fn status(index: u32) -> Result<Option<bool>, NetlinkError> {
+    let replies = device_command(index, NBD_CMD_STATUS, "NBD_CMD_STATUS")?;
+    Ok(replies
+        .iter()
+        .find_map(|attrs| device_connected(attrs, index)))
+}
+
+/// Sends command `cmd` (`name` in errors), whose one attribute is device `index`, and
+/// returns the kernel's replies.
+fn device_command(index: u32, cmd: u8, name: &'static str) -> Result<Vec<Vec<u8>>, NetlinkError> {
     let mut nl = Netlink::open()?;
     let family = nl.family_id()?;
     let seq = nl.next_seq();
@@ -313,14 +311,11 @@ pub fn status(index: u32) -> Result<Option<bool>, NetlinkError> {
         family,
         NLM_F_REQUEST | NLM_F_ACK,
         seq,
-        NBD_CMD_STATUS,
+        cmd,
         NBD_GENL_VERSION,
     );
     m.u32(NBD_ATTR_INDEX, index);
-    let replies = nl.exchange(&m.finish(), seq, "NBD_CMD_STATUS")?;
-    Ok(replies
-        .iter()
-        .find_map(|attrs| device_connected(attrs, index)))
+    nl.exchange(&m.finish(), seq, name)
 }
 
 fn device_connected(attrs: &[u8], index: u32) -> Option<bool> {
@@ -579,23 +574,7 @@ impl Netlink {
         }
         // SAFETY: `raw` is a descriptor socket(2) just returned and nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let tv = libc::timeval {
-            tv_sec: REPLY_TIMEOUT.as_secs() as libc::time_t,
-            tv_usec: 0,
-        };
-        // SAFETY: setsockopt(2) on our socket with a pointer to a live timeval and its size.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&tv as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 {
-            return Err(NetlinkError::Socket(io::Error::last_os_error()));
-        }
+        crate::socket::set_receive_timeout(&fd, REPLY_TIMEOUT).map_err(NetlinkError::Socket)?;
         // SAFETY: sockaddr_nl is plain old data; all-zero is a valid value.
         let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
         addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
@@ -736,16 +715,22 @@ mod tests {
         e
     }
 
-    #[test]
-    fn connect_is_byte_exact() {
-        let p = ConnectParams {
+    /// Backend `v1`, 1 GiB in 4 KiB blocks, 180 s I/O timeout, and a dead connection
+    /// timeout of `dead_conn_secs`.
+    fn connect_params(dead_conn_secs: u64) -> ConnectParams {
+        ConnectParams {
             backend: "v1".into(),
             size: 1 << 30,
             block_size: 4096,
             server_flags: 0x10d,
             io_timeout: Duration::from_secs(180),
-            dead_conn_timeout: Duration::from_secs(120),
-        };
+            dead_conn_timeout: Duration::from_secs(dead_conn_secs),
+        }
+    }
+
+    #[test]
+    fn connect_is_byte_exact() {
+        let p = connect_params(120);
         let mut e = Vec::new();
         e.extend(ne32(104));
         e.extend(ne16(0x1a)); // the resolved nbd family
@@ -777,14 +762,7 @@ mod tests {
 
     #[test]
     fn connect_with_two_sockets_is_byte_exact() {
-        let p = ConnectParams {
-            backend: "v1".into(),
-            size: 1 << 30,
-            block_size: 4096,
-            server_flags: 0x10d,
-            io_timeout: Duration::from_secs(180),
-            dead_conn_timeout: Duration::from_secs(180),
-        };
+        let p = connect_params(180);
         let one = connect_message(0x1a, 3, &[5], &p);
         let two = connect_message(0x1a, 3, &[5, 6], &p);
         // One more NBD_SOCK_ITEM (12 bytes): the nest and the message grow by as much.

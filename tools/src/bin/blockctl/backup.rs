@@ -261,6 +261,17 @@ pub async fn volume_allocated(channel: &Channel, out: Output, image: String) -> 
     ExtentsView::new(None, image, size, chunk, extents).print(out)
 }
 
+/// blockd's answer, `None` when it is NOT_FOUND; any other failure as it is.
+fn unless_not_found<T>(
+    answer: Result<tonic::Response<T>, tonic::Status>,
+) -> Result<Option<T>, tonic::Status> {
+    match answer {
+        Ok(reply) => Ok(Some(reply.into_inner())),
+        Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
+        Err(s) => Err(s),
+    }
+}
+
 fn bytes_bar(len: u64, message: String) -> anyhow::Result<ProgressBar> {
     // indicatif draws on stderr and hides itself when stderr is not a terminal.
     let bar = ProgressBar::new(len).with_message(message);
@@ -322,19 +333,13 @@ pub async fn export_diff(channel: &Channel, args: ExportDiffArgs) -> anyhow::Res
     let mut data = ImageDataServiceClient::new(channel.clone());
     // The snapshot's place in its volume; a snapshot whose volume was deleted is still
     // exported (its epoch is then known only from a delta's ends, 0 in a full stream).
-    let listed = match data
+    let answer = data
         .list_snapshot_epochs(v1::ListSnapshotEpochsRequest {
             volume: volume.clone(),
         })
-        .await
-    {
-        Ok(r) => Some(r.into_inner()),
-        Err(s) if s.code() == tonic::Code::NotFound => None,
-        Err(s) => {
-            return Err(anyhow::Error::from(s)
-                .context(format!("listing the snapshots of volume {volume:?}")))
-        }
-    };
+        .await;
+    let listed = unless_not_found(answer)
+        .with_context(|| format!("listing the snapshots of volume {volume:?}"))?;
     let found = listed.as_ref().and_then(|e| {
         e.snapshots
             .iter()
@@ -589,29 +594,23 @@ pub async fn import_diff(channel: &Channel, args: ImportDiffArgs) -> anyhow::Res
     let mut volumes = VolumeServiceClient::new(channel.clone());
     let mut snaps = SnapshotServiceClient::new(channel.clone());
 
-    match snaps
+    let answer = snaps
         .get_snapshot(v1::GetSnapshotRequest {
             name: snap_name.clone(),
         })
-        .await
-    {
-        Ok(s) => bail!(
+        .await;
+    if let Some(s) = unless_not_found(answer)? {
+        bail!(
             "snapshot {snap_name:?} already exists (of volume {:?}); nothing was changed (choose another name with --snapshot)",
-            s.into_inner().volume
-        ),
-        Err(s) if s.code() == tonic::Code::NotFound => {}
-        Err(s) => return Err(s.into()),
+            s.volume
+        );
     }
-    let existing = match volumes
+    let answer = volumes
         .get_volume(v1::GetVolumeRequest {
             name: volume.clone(),
         })
-        .await
-    {
-        Ok(v) => Some(v.into_inner()),
-        Err(s) if s.code() == tonic::Code::NotFound => None,
-        Err(s) => return Err(s.into()),
-    };
+        .await;
+    let existing = unless_not_found(answer)?;
     match (&header.base, &existing) {
         (None, Some(_)) => bail!(
             "volume {volume:?} already exists: a full stream (of {}@{}) only creates a new volume; nothing was changed",
@@ -820,27 +819,36 @@ mod tests {
     #[test]
     fn dash_o_means_file_for_export_diff_only() {
         let args = |s: &str| s.split_whitespace().map(OsString::from).collect::<Vec<_>>();
-        assert_eq!(
-            rewrite_export_diff_args(args("blockctl export-diff v@s -o out.bdiff")),
-            args("blockctl export-diff v@s --file out.bdiff")
-        );
-        assert_eq!(
-            rewrite_export_diff_args(args("blockctl export-diff v@s -o-")),
-            args("blockctl export-diff v@s --file=-")
-        );
-        assert_eq!(
-            rewrite_export_diff_args(args("blockctl volume list -o json")),
-            args("blockctl volume list -o json")
-        );
-        // A volume named export-diff is not the subcommand.
-        assert_eq!(
-            rewrite_export_diff_args(args("blockctl -o json volume show export-diff -o json")),
-            args("blockctl -o json volume show export-diff -o json")
-        );
-        assert_eq!(
-            rewrite_export_diff_args(args("blockctl --api /s export-diff v@s -o f")),
-            args("blockctl --api /s export-diff v@s --file f")
-        );
+        // (command line, what it is rewritten to)
+        for (given, rewritten) in [
+            (
+                "blockctl export-diff v@s -o out.bdiff",
+                "blockctl export-diff v@s --file out.bdiff",
+            ),
+            (
+                "blockctl export-diff v@s -o-",
+                "blockctl export-diff v@s --file=-",
+            ),
+            (
+                "blockctl volume list -o json",
+                "blockctl volume list -o json",
+            ),
+            // A volume named export-diff is not the subcommand.
+            (
+                "blockctl -o json volume show export-diff -o json",
+                "blockctl -o json volume show export-diff -o json",
+            ),
+            (
+                "blockctl --api /s export-diff v@s -o f",
+                "blockctl --api /s export-diff v@s --file f",
+            ),
+        ] {
+            assert_eq!(
+                rewrite_export_diff_args(args(given)),
+                args(rewritten),
+                "{given}"
+            );
+        }
     }
 
     #[test]

@@ -202,6 +202,18 @@ pub struct Reader<R: Read> {
 }
 
 impl<R: Read> Reader<R> {
+    /// Reads the CRC32 (`what` in errors) that follows `parts` in the stream; whether it is
+    /// theirs.
+    fn checksum_matches(&mut self, parts: &[&[u8]], what: &str) -> anyhow::Result<bool> {
+        let mut crc = [0u8; 4];
+        self.take(&mut crc, what)?;
+        let mut h = crc32fast::Hasher::new();
+        for part in parts {
+            h.update(part);
+        }
+        Ok(h.finalize() == u32::from_le_bytes(crc))
+    }
+
     fn take(&mut self, buf: &mut [u8], what: &str) -> anyhow::Result<()> {
         self.inner.read_exact(buf).map_err(|e| {
             if e.kind() == std::io::ErrorKind::UnexpectedEof {
@@ -265,13 +277,8 @@ impl<R: Read> Reader<R> {
         );
         let mut json = vec![0u8; json_len as usize];
         r.take(&mut json, "the header")?;
-        let mut crc = [0u8; 4];
-        r.take(&mut crc, "the header checksum")?;
-        let mut h = crc32fast::Hasher::new();
-        h.update(&fixed);
-        h.update(&json);
         ensure!(
-            h.finalize() == u32::from_le_bytes(crc),
+            r.checksum_matches(&[&fixed, &json], "the header checksum")?,
             "the diff stream header is corrupt (checksum mismatch)"
         );
         r.header = serde_json::from_slice(&json).context("the diff stream header is not valid")?;
@@ -341,14 +348,8 @@ impl<R: Read> Reader<R> {
                     data = vec![0u8; len as usize];
                     self.take(&mut data, "a data record")?;
                 }
-                let mut crc = [0u8; 4];
-                self.take(&mut crc, "a record checksum")?;
-                let mut h = crc32fast::Hasher::new();
-                h.update(&kind);
-                h.update(&head);
-                h.update(&data);
                 ensure!(
-                    h.finalize() == u32::from_le_bytes(crc),
+                    self.checksum_matches(&[&kind, &head, &data], "a record checksum")?,
                     "corrupt diff record at byte {start} (offset {offset}, length {len}): \
                      checksum mismatch"
                 );
