@@ -9,9 +9,8 @@
 //! kernel has their drivers and listed as skipped with the reason elsewhere; the test
 //! checks which, from what this machine has. On the host that is "skipped" for kernel NBD
 //! and ublk; in the test guest (`tests/vm/kernel-suite.sh` runs this test there, with the
-//! binaries the host built through `BLOCKD_BIN`), kernel NBD and loop are measured, with
-//! kernel NBD's restart stall (0 I/O errors), and ublk too once `blockctl attach` has
-//! `--ublk`. The guest's CPU is emulated: the report must say its figures mean nothing,
+//! binaries the host built through `BLOCKD_BIN`), loop, kernel NBD and ublk are
+//! measured, with the restart stalls of kernel NBD and ublk (0 I/O errors). The guest's CPU is emulated: the report must say its figures mean nothing,
 //! and the guest run leaves out the engine figures (the host run has them).
 //!
 //! run.sh runs in its own process group; if the test fails or times out, the guard sends
@@ -60,37 +59,36 @@ fn systems_for(workload: &str) -> &'static [&'static str] {
 }
 
 /// What this machine offers each kernel system: `Some(reason)` when it must be skipped
-/// (the reason must mention `hint`), `None` when it must be measured; `Err` when either
-/// is acceptable (ublk before `blockctl attach --ublk` exists).
-fn kernel_expectation(system: &str) -> Result<Option<&'static str>, ()> {
+/// (the reason must mention `hint`), `None` when it must be measured.
+fn kernel_expectation(system: &str) -> Option<&'static str> {
     let root = blockd_tests::is_root();
     match system {
         "loop" => {
             if !root {
-                Ok(Some("root"))
+                Some("root")
             } else if !Path::new("/dev/loop-control").exists() {
-                Ok(Some("/dev/loop-control"))
+                Some("/dev/loop-control")
             } else {
-                Ok(None)
+                None
             }
         }
         "blockd-kernel-nbd" => {
             if !has_nbd_devices() {
-                Ok(Some("/dev/nbd"))
+                Some("/dev/nbd")
             } else if !root {
-                Ok(Some("root"))
+                Some("root")
             } else {
                 // nbd-client is installed by tools/test.sh: no excuse left.
-                Ok(None)
+                None
             }
         }
         "blockd-ublk" => {
             if !Path::new("/dev/ublk-control").exists() {
-                Ok(Some("/dev/ublk-control"))
-            } else if blockctl_has_ublk_attach() {
-                Ok(None)
+                Some("/dev/ublk-control")
+            } else if !root {
+                Some("root")
             } else {
-                Err(())
+                None
             }
         }
         _ => unreachable!("{system} is not a kernel system"),
@@ -105,14 +103,6 @@ fn has_nbd_devices() -> bool {
                 .is_some_and(|rest| !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_digit()))
         })
     })
-}
-
-/// Whether this blockctl has `attach --ublk` (the ublk attacher, built in parallel).
-fn blockctl_has_ublk_attach() -> bool {
-    Command::new(blockd_tests::binary("blockctl"))
-        .args(["attach", "--help"])
-        .output()
-        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("--ublk"))
 }
 
 /// Whether this machine's CPU is emulated (QEMU TCG), as run.sh decides it.
@@ -306,16 +296,16 @@ fn quick_run_reports_every_system_and_workload() {
     for system in ["loop", "blockd-kernel-nbd", "blockd-ublk"] {
         let state = reported_state(&report, system);
         match (kernel_expectation(system), &state) {
-            (Ok(Some(hint)), Some(reason)) => assert!(
+            (Some(hint), Some(reason)) => assert!(
                 reason.contains(hint),
                 "{system} skipped for '{reason}', expected a reason naming {hint}"
             ),
-            (Ok(Some(hint)), None) => panic!("{system} measured, but this machine lacks {hint}"),
-            (Ok(None), Some(reason)) => panic!(
+            (Some(hint), None) => panic!("{system} measured, but this machine lacks {hint}"),
+            (None, Some(reason)) => panic!(
                 "{system} skipped ({reason}) where it can run; log:\n{}",
                 log_text()
             ),
-            (Ok(None), None) | (Err(()), _) => {}
+            (None, None) => {}
         }
         eprintln!(
             "{system}: {}",

@@ -16,7 +16,13 @@
 #     blockd itself, SIGKILL of blockd under a mounted, written volume included (the
 #     device is recovered in place, fio verifies with 0 errors, no I/O error in dmesg);
 #   - tests/tests/ublk.rs: blockctl attach/detach --ublk, read-only snapshots, discard
-#     and write-zeroes, QoS, and recovery after SIGTERM and SIGKILL.
+#     and write-zeroes, QoS, and recovery after SIGTERM and SIGKILL;
+#   - tests/tests/bench_smoke.rs: benches/run.sh as a smoke test with the kernel devices
+#     (loop, blockd on /dev/nbdN through csi-nbd-proxy, blockd on /dev/ublkbN) and their
+#     restart stalls; the guest's CPU is emulated, so its report says the figures mean
+#     nothing;
+#   - tests/tests/kbench.rs with BLOCKD_TEST_ATTACH=ublk: the kbench example's fio job
+#     file on a volume csi-shim staged on /dev/ublkbN.
 #
 # The variable BLOCKD_KERNEL_ATTACH (default "nbd ublk") chooses the attachers the node
 # suites run with.
@@ -46,7 +52,7 @@ command -v qemu-system-x86_64 >/dev/null || skip_or_fail "QEMU is not installed"
 
 # Host-side builds: the binaries and the test executables, with the package set and
 # features of `cargo test --workspace` (a narrower `-p` build would compile RocksDB again).
-suites=(csi_node csi_static_ephemeral ublk)
+suites=(csi_node csi_static_ephemeral ublk bench_smoke kbench)
 mapfile -t exes < <(cargo build --quiet --workspace --bins --tests --message-format=json |
   python3 -c 'import json,sys
 want = sys.argv[1:]
@@ -64,12 +70,13 @@ done
 bin="$CARGO_TARGET_DIR/debug"
 export BLOCKD_BIN="$bin/blockd" BLOCKCTL_BIN="$bin/blockctl" CSI_SHIM_BIN="$bin/csi-shim"
 read -r -a attachers <<<"${BLOCKD_KERNEL_ATTACH:-nbd ublk}"
-# The node suites once per attacher, then the ublk frontend's own tests.
+# The node suites once per attacher, then the ublk frontend's own tests, the benchmark
+# smoke test and kbench.
 runs=()
 for mode in "${attachers[@]}"; do
   runs+=("$mode=${exes[0]}" "$mode=${exes[1]}")
 done
-runs+=("${exes[2]}")
+runs+=("${exes[2]}" "${exes[3]}" "ublk=${exes[4]}")
 export RUST_BACKTRACE=1
 # tests/tests/ublk.rs must find ublk in the guest (on the host it checks the refusal).
 export BLOCKD_TEST_UBLK=1
@@ -85,7 +92,7 @@ trap 'rm -f "$log"' EXIT
 # (a clone under /tmp is hidden by the guest's own /tmp), but it sees those.
 runner="$CARGO_TARGET_DIR/blockd-run-suites.sh"
 cp tests/vm/run-suites.sh "$runner"
-tests/vm/run.sh --timeout 3000 -- "$runner" "${runs[@]}" -- "$@" 2>&1 | tee "$log"
+tests/vm/run.sh --timeout 3600 -- "$runner" "${runs[@]}" -- "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 echo "kernel suite: guest part took $(($(date +%s) - started)) s, exit status $status"
