@@ -16,11 +16,12 @@
 //!   pins go. Writes that need fresh chunks or copy-on-write, and FUA writes, take the
 //!   synchronous path.
 
-use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
+
+use rustc_hash::FxHashMap;
 
 use crate::device::uring::{AsyncRing, RingDir, RingDone, RingSpan};
 use crate::engine::{DeviceIo, Engine, EngineError, ImageHandle, ReadPin, WritePin};
@@ -229,7 +230,7 @@ impl ExportTarget for EngineTarget {
             .ok()?;
         Some(Box::new(EngineIoQueue {
             ring,
-            ops: HashMap::new(),
+            ops: FxHashMap::default(),
             done: Vec::new(),
             engine: self.engine.clone(),
             handle: self.handle.clone(),
@@ -270,7 +271,8 @@ struct InFlight {
 /// here, and [`Drop`] waits for the ring's I/O before they are released.
 struct EngineIoQueue {
     ring: AsyncRing,
-    ops: HashMap<u64, InFlight>,
+    /// By tag: sequential numbers, hashed cheaply (this is every request's path).
+    ops: FxHashMap<u64, InFlight>,
     done: Vec<RingDone>,
     engine: Engine,
     handle: ImageHandle,
@@ -448,7 +450,7 @@ mod tests {
     use std::sync::Arc;
 
     use rand::{Rng, SeedableRng};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
     use super::EngineExports;
     use crate::device::{open_path, EngineChoice, IoEngine};
@@ -456,7 +458,7 @@ mod tests {
     use crate::meta::mem::MemStore;
     use crate::metrics::Metrics;
     use crate::nbd::codec::*;
-    use crate::nbd::{ExportRegistry, Server};
+    use crate::nbd::{ExportRegistry, Server, ServerConfig};
 
     const SIZE: u64 = 8 << 20;
     const SLOT: u64 = 64 << 10;
@@ -486,10 +488,50 @@ mod tests {
         engine
     }
 
-    async fn connect(server: &Server, structured: bool) -> DuplexStream {
-        let (mut c, s) = tokio::io::duplex(4 << 20);
-        let server = server.clone();
-        tokio::spawn(async move { server.serve_stream(s).await });
+    /// A client's end of a connection.
+    trait Client: AsyncRead + AsyncWrite + Unpin + Send {}
+    impl<T: AsyncRead + AsyncWrite + Unpin + Send> Client for T {}
+
+    /// How the test client reaches the server.
+    enum Transport {
+        /// An in-memory stream (no socket: the server never busy-polls it).
+        Duplex,
+        /// A unix socket in `dir`: the server busy-polls its descriptor.
+        Unix(std::path::PathBuf),
+    }
+
+    async fn connect(server: &Server, structured: bool, transport: &Transport) -> Box<dyn Client> {
+        let mut c: Box<dyn Client> = match transport {
+            Transport::Duplex => {
+                let (c, s) = tokio::io::duplex(4 << 20);
+                let server = server.clone();
+                tokio::spawn(async move { server.serve_stream(s).await });
+                Box::new(c)
+            }
+            Transport::Unix(dir) => {
+                let path = dir.join("nbd.sock");
+                let server = server.clone();
+                let listening = path.clone();
+                tokio::spawn(async move {
+                    server
+                        .serve_unix(&listening, std::future::pending())
+                        .await
+                        .unwrap()
+                });
+                let mut tries = 0;
+                loop {
+                    match tokio::net::UnixStream::connect(&path).await {
+                        Ok(c) => break Box::new(c),
+                        Err(e) if tries < 500 => {
+                            tries += 1;
+                            let _ = e;
+                            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                        }
+                        Err(e) => panic!("cannot connect to {}: {e}", path.display()),
+                    }
+                }
+            }
+        };
         let mut g = [0u8; GREETING_LEN];
         c.read_exact(&mut g).await.unwrap();
         c.write_all(&ClientFlags(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES).encode())
@@ -523,7 +565,7 @@ mod tests {
 
     /// Reads one reply; returns (cookie, error, data) with the data of a read reassembled
     /// (holes as zeros) from `len` bytes at `offset`.
-    async fn reply(c: &mut DuplexStream, reads: &HashMap<u64, (u64, u32)>) -> (u64, u32, Vec<u8>) {
+    async fn reply(c: &mut dyn Client, reads: &HashMap<u64, (u64, u32)>) -> (u64, u32, Vec<u8>) {
         let mut magic = [0u8; 4];
         c.read_exact(&mut magic).await.unwrap();
         if u32::from_be_bytes(magic) == SIMPLE_REPLY_MAGIC {
@@ -581,7 +623,7 @@ mod tests {
         }
     }
 
-    async fn many_in_flight_requests_match_a_model(structured: bool) {
+    async fn many_in_flight_requests_match_a_model(structured: bool, busy_poll: bool) {
         let dir = tempfile::tempdir().unwrap();
         let engine = engine(dir.path());
         let registry = Arc::new(EngineExports::new(engine.clone(), Metrics::new()));
@@ -591,8 +633,19 @@ mod tests {
             .unwrap();
         let uring = engine.pools()[0].io_engine == IoEngine::Uring;
         assert_eq!(queued, uring, "reads are asynchronous exactly on io_uring");
-        let server = Server::new(registry);
-        let mut c = connect(&server, structured).await;
+        let (server, transport) = if busy_poll {
+            // A long window, so that the connection polls through most waits: requests
+            // are read straight from the socket and completions reaped without a wakeup.
+            let config = ServerConfig {
+                busy_poll: std::time::Duration::from_millis(10),
+                ..ServerConfig::default()
+            };
+            let server = Server::with_config(registry, config);
+            (server, Transport::Unix(dir.path().to_path_buf()))
+        } else {
+            (Server::new(registry), Transport::Duplex)
+        };
+        let mut c = connect(&server, structured, &transport).await;
         let mut model = vec![0u8; SIZE as usize];
         let mut rng = rand::rngs::StdRng::seed_from_u64(if structured { 7 } else { 8 });
         let mut cookie = 0u64;
@@ -671,7 +724,7 @@ mod tests {
             }
             c.write_all(&wire).await.unwrap();
             for _ in 0..count {
-                let (got, error, data) = reply(&mut c, &reads).await;
+                let (got, error, data) = reply(&mut *c, &reads).await;
                 assert_eq!(error, 0, "round {round} cookie {got}");
                 let want = expected.remove(&got).expect("one reply per cookie");
                 if let Some(want) = want {
@@ -706,7 +759,7 @@ mod tests {
         }
         c.write_all(&wire).await.unwrap();
         for _ in 0..reads.len() {
-            let (got, error, data) = reply(&mut c, &reads).await;
+            let (got, error, data) = reply(&mut *c, &reads).await;
             assert_eq!(error, 0);
             let at = reads[&got].0 as usize;
             assert!(data == model[at..at + (1 << 20)], "final read at {at}");
@@ -764,11 +817,19 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn many_in_flight_structured_requests_match_a_model() {
-        many_in_flight_requests_match_a_model(true).await;
+        many_in_flight_requests_match_a_model(true, false).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn many_in_flight_simple_requests_match_a_model() {
-        many_in_flight_requests_match_a_model(false).await;
+        many_in_flight_requests_match_a_model(false, false).await;
+    }
+
+    /// The same over a unix socket that the connection busy-polls: requests read behind
+    /// the reactor's back, completions reaped before their eventfd is seen.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn busy_polled_requests_match_a_model() {
+        many_in_flight_requests_match_a_model(true, true).await;
+        many_in_flight_requests_match_a_model(false, true).await;
     }
 }

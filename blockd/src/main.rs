@@ -339,7 +339,13 @@ async fn serve(
             engine.clone(),
             metrics.clone(),
         ));
-        let nbd = blockd::nbd::Server::new(registry);
+        let nbd = blockd::nbd::Server::with_config(
+            registry,
+            blockd::nbd::ServerConfig {
+                busy_poll: config.nbd_busy_poll(),
+                ..Default::default()
+            },
+        );
         ctx = ctx.with_nbd(nbd.clone());
         if let Some(path) = nbd_socket.clone() {
             let stop = shutdown.wait();

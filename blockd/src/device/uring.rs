@@ -609,10 +609,25 @@ impl IoRing {
         }
     }
 
-    /// Hands queued transfers to the kernel without waiting for any.
+    /// Hands queued transfers to the kernel without waiting for any. Makes no system
+    /// call when there is nothing to hand over (it runs after every reap).
     pub fn submit(&mut self) -> io::Result<()> {
         self.fill()?;
+        let idle = {
+            let sq = self.ring.submission();
+            // An overflowed completion queue is only flushed by an enter: make one then.
+            sq.is_empty() && !sq.cq_overflow()
+        };
+        if idle {
+            return Ok(());
+        }
         self.enter_submit().map(|_| ())
+    }
+
+    /// Whether completions wait in the completion queue (a memory read, no system call):
+    /// for a caller that polls the ring instead of waiting for its eventfd.
+    pub fn has_completions(&mut self) -> bool {
+        !self.ring.completion().is_empty()
     }
 
     /// Clears the eventfd counter (before reaping, so that later completions signal again).
@@ -771,20 +786,9 @@ impl AsyncRing {
     pub fn poll_complete(&mut self, cx: &mut Context<'_>, out: &mut Vec<RingDone>) -> Poll<()> {
         let before = out.len();
         loop {
-            if !self.unpolled {
-                match self.fd.poll_read_ready_mut(cx) {
-                    // Clear readiness and the counter before reaping: a completion that
-                    // lands after this point signals the eventfd again.
-                    Poll::Ready(Ok(mut ready)) => ready.clear_ready(),
-                    Poll::Ready(Err(e)) => {
-                        tracing::warn!(error = %e, "Polling an io_uring ring failed; reaping it by polling");
-                        self.unpolled = true;
-                    }
-                    Poll::Pending => return Poll::Pending,
-                }
-            }
+            // Reap first: a caller that busy-polls sees completions before the reactor
+            // has delivered the eventfd's readiness.
             let ring = self.fd.get_mut();
-            ring.clear_eventfd();
             if let Err(e) = ring.reap(out) {
                 tracing::warn!(error = %e, "io_uring submission failed");
             }
@@ -795,6 +799,20 @@ impl AsyncRing {
                 // No reactor will wake this task: ask to be polled again.
                 cx.waker().wake_by_ref();
                 return Poll::Pending;
+            }
+            match self.fd.poll_read_ready_mut(cx) {
+                // Clear readiness and the counter, then reap again: a completion that
+                // lands after this point signals the eventfd again, and one that landed
+                // before it is in the queue.
+                Poll::Ready(Ok(mut ready)) => {
+                    ready.clear_ready();
+                    self.fd.get_mut().clear_eventfd();
+                }
+                Poll::Ready(Err(e)) => {
+                    tracing::warn!(error = %e, "Polling an io_uring ring failed; reaping it by polling");
+                    self.unpolled = true;
+                }
+                Poll::Pending => return Poll::Pending,
             }
         }
     }

@@ -234,9 +234,12 @@ impl Lineage {
 
     /// The entry visible at `epoch` for `chunk` within this lineage only.
     pub fn visible(&self, chunk: u64, epoch: u64) -> Option<(u64, u64)> {
+        // One descent for the greatest key at or below (chunk, epoch), rather than a
+        // bounded range's two: this runs for every chunk of every read.
         self.map
-            .range((chunk, 0)..=(chunk, epoch))
+            .range(..=(chunk, epoch))
             .next_back()
+            .filter(|(&(c, _), _)| c == chunk)
             .map(|(&(_, e), &p)| (e, p))
     }
 

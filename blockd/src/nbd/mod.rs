@@ -60,7 +60,7 @@ use std::task::{Context, Poll};
 
 pub use crate::qos::Qos;
 pub use buffers::IoBuf;
-pub use server::{Server, ServerConfig, ServerError};
+pub use server::{Server, ServerConfig, ServerError, DEFAULT_BUSY_POLL};
 pub use tls::{TlsConfig, TlsError};
 
 /// A libc errno reported by a target for a failed I/O.

@@ -15,6 +15,7 @@
 //!   opened, so an unexport racing with `NBD_OPT_GO` either sees the connection or makes
 //!   the GO fail.
 
+use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -65,15 +66,20 @@ pub(super) async fn run_tls(
     .await
     .map_err(|_| ConnError::HandshakeTimeout(timeout))??;
     match negotiated {
-        Some((session, tls_stream)) => transmit(&guard.shared, session, tls_stream, stop).await,
+        Some((session, tls_stream)) => {
+            transmit(&guard.shared, session, tls_stream, stop, None).await
+        }
         None => Ok(()),
     }
 }
 
+/// `socket`: the stream's descriptor when it is a socket whose bytes are the protocol's
+/// (not TLS), which lets the transmission busy-poll it (see `transmit`).
 pub(super) async fn run_plain<S>(
     guard: ConnGuard,
     mut stream: S,
     stop: watch::Receiver<Stop>,
+    socket: Option<RawFd>,
 ) -> Result<(), ConnError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -87,7 +93,7 @@ where
     .await
     .map_err(|_| ConnError::HandshakeTimeout(timeout))??;
     match step {
-        Step::Transmit(session) => transmit(&guard.shared, session, stream, stop).await,
+        Step::Transmit(session) => transmit(&guard.shared, session, stream, stop, socket).await,
         Step::Close | Step::StartTls => Ok(()),
     }
 }

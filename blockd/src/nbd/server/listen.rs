@@ -15,6 +15,7 @@
 
 use std::future::Future;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -133,7 +134,10 @@ impl Server {
             async move {
                 debug!("client connected");
                 let result = match stream {
-                    Accepted::Unix(s) => run_plain(guard, s, stop_rx).await,
+                    Accepted::Unix(s) => {
+                        let fd = s.as_raw_fd();
+                        run_plain(guard, s, stop_rx, Some(fd)).await
+                    }
                     Accepted::Tls(s, tls) => run_tls(guard, s, stop_rx, tls).await,
                 };
                 match result {
@@ -221,7 +225,7 @@ impl Server {
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let (_, guard, stop_rx) = self.register_connection(0);
-        if let Err(err) = run_plain(guard, stream, stop_rx).await {
+        if let Err(err) = run_plain(guard, stream, stop_rx, None).await {
             debug!(error = %err, "connection closed");
         }
     }
