@@ -30,7 +30,8 @@
 #
 # --quick: 512 MiB data files, 4 s per time-based run (BLOCKD_BENCH_SECONDS overrides the
 # seconds, BLOCKD_BENCH_DATA_MIB the data size; the smoke test uses both). Full: 2 GiB,
-# 18 s per run after 2 s of ramp. Every workload runs on every system back to back, so
+# 18 s per run after 2 s of ramp, and the 4 KiB random reads in 3 rounds (each system's
+# median run counts; BLOCKD_BENCH_ROUNDS overrides, --quick runs 1). Every workload runs on every system back to back, so
 # load drifts little within a comparison.
 # Both modes end with the engine figures (metadata bytes per TiB, RSS with 1 TiB of thin
 # volumes, startup time with 1 M mapped chunks, snapshot creation time against volume
@@ -44,8 +45,8 @@
 # the report says its figures mean nothing.
 #
 # Environment: CARGO_TARGET_DIR (default $HOME/.cache/blockd-target),
-# BLOCKD_BENCH_SECONDS, BLOCKD_BENCH_DATA_MIB, BLOCKD_BENCH_SCRATCH (parent of the scratch
-# directory; default DIR).
+# BLOCKD_BENCH_SECONDS, BLOCKD_BENCH_DATA_MIB, BLOCKD_BENCH_ROUNDS,
+# BLOCKD_BENCH_SCRATCH (parent of the scratch directory; default DIR).
 set -euo pipefail
 
 script_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -117,6 +118,14 @@ else
   cow_ios=8192
 fi
 seconds="${BLOCKD_BENCH_SECONDS:-$seconds}"
+# The 4 KiB random reads (the targets' workloads) run this many times, every system once
+# per round, and each system's median run is its result: a shared machine's load swings
+# between runs more than the differences the targets ask about.
+if [ "$quick" = 1 ]; then rounds=1; else rounds=3; fi
+rounds="${BLOCKD_BENCH_ROUNDS:-$rounds}"
+case "$rounds" in
+  '' | *[!0-9]* | 0) die "BLOCKD_BENCH_ROUNDS must be a positive integer, got '$rounds'" ;;
+esac
 case "$seconds" in
   '' | *[!0-9]* | 0) die "BLOCKD_BENCH_SECONDS must be a positive integer, got '$seconds'" ;;
 esac
@@ -348,7 +357,7 @@ run_fio() {
   local -a wl
   read -r -a wl <<<"$(workload_args "$workload")"
   local -a cmd=(fio "--name=$workload" "${common[@]}" "${wl[@]}" "$@")
-  local base="$out/fio/${system}__${workload}"
+  local base="$out/fio/${system}__${workload}${round_suffix:-}"
   if [ "$workload" != prefill ]; then
     run_no=$((run_no + 1))
     log "[$run_no/$total_runs] $system $workload"
@@ -373,7 +382,7 @@ run_fio() {
   rm -f "$base.out"
   [ -s "$base.json" ] || die "fio printed no JSON for $system $workload (see $base.err)"
   [ -s "$base.err" ] || rm -f "$base.err"
-  printf '%s\t%s\t%s\t%s\n' "$system" "$workload" "${system}__${workload}.json" "${cmd[*]}" >>"$runs"
+  printf '%s\t%s\t%s\t%s\n' "$system" "$workload" "${base##*/}.json" "${cmd[*]}" >>"$runs"
   if [ "$workload" != prefill ]; then
     "$report_bin" summary "$base.json" | sed 's/^/run.sh:     /' >&2 || true
   fi
@@ -678,7 +687,7 @@ log "set-up: kernel devices (loop, kernel NBD, ublk) where this kernel has them"
 setup_loop
 setup_knbd
 setup_ublk
-total_runs=$((total_runs + (${#systems[@]} - 5) * ${#data_workloads[@]}))
+total_runs=$((total_runs + (${#systems[@]} - 5) * ${#data_workloads[@]} + ${#systems[@]} * 2 * (rounds - 1)))
 # Report order, so that each device runs right next to what it is compared with.
 ordered=()
 for s in raw loop blockd blockd-ublk blockd-kernel-nbd qemu-nbd qemu-nbd-qcow2 nbdkit; do
@@ -690,10 +699,17 @@ systems=("${ordered[@]}")
 
 # --- the data workloads, each on every system -------------------------------------------
 for w in "${data_workloads[@]}"; do
-  for system in "${systems[@]}"; do
-    target_of "$system"
-    run_fio "$system" "$w" "${tgt[@]}"
+  n=1
+  case "$w" in randread-4k-*) n=$rounds ;; esac
+  for r in $(seq "$n"); do
+    round_suffix=""
+    [ "$r" = 1 ] || round_suffix="-r$r"
+    for system in "${systems[@]}"; do
+      target_of "$system"
+      run_fio "$system" "$w" "${tgt[@]}"
+    done
   done
+  round_suffix=""
 done
 # The loop device is done (raw's file goes below).
 if [ -n "$loop_dev" ]; then

@@ -95,6 +95,10 @@ pub struct Record {
     pub ios: u64,
     /// Length of the measured window.
     pub runtime_s: f64,
+    /// IOPS of every round this system ran the workload, in run order; the figures above
+    /// are those of the median round. One entry for a workload run once.
+    #[serde(default)]
+    pub round_iops: Vec<f64>,
 }
 
 /// What one fio run measured (both directions added up; latencies from the busier one).
@@ -616,16 +620,18 @@ pub fn stall_summary(st: &Stall) -> String {
     }
 }
 
-/// Builds the records from the runs (prefill runs are not results).
+/// Builds the records from the runs (prefill runs are not results). A system that ran a
+/// workload in several rounds gets the figures of its median round (by IOPS; of an even
+/// count, the lower of the two middle ones), with every round's IOPS in `round_iops`.
 pub fn records(runs: &[Run], fio_dir: &Path) -> Result<Vec<Record>> {
-    let mut out = Vec::new();
+    let mut rounds: Vec<Record> = Vec::new();
     for run in runs.iter().filter(|r| r.workload != "prefill") {
         let path = fio_dir.join(&run.file);
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("reading {}", path.display()))?;
         let f = parse_fio(&text)
             .with_context(|| format!("{} {} ({})", run.system, run.workload, path.display()))?;
-        out.push(Record {
+        rounds.push(Record {
             system: run.system.clone(),
             workload: run.workload.clone(),
             iops: f.iops,
@@ -635,7 +641,23 @@ pub fn records(runs: &[Run], fio_dir: &Path) -> Result<Vec<Record>> {
             lat_mean_us: f.lat_mean_us,
             ios: f.ios,
             runtime_s: f.runtime_s,
+            round_iops: vec![f.iops],
         });
+    }
+    let mut out: Vec<Record> = Vec::new();
+    for r in &rounds {
+        if find(&out, &r.system, &r.workload).is_some() {
+            continue;
+        }
+        let mut same: Vec<&Record> = rounds
+            .iter()
+            .filter(|o| o.system == r.system && o.workload == r.workload)
+            .collect();
+        let round_iops: Vec<f64> = same.iter().map(|o| o.iops).collect();
+        same.sort_by(|a, b| a.iops.total_cmp(&b.iops));
+        let mut median = same[(same.len() - 1) / 2].clone();
+        median.round_iops = round_iops;
+        out.push(median);
     }
     out.sort_by_key(|r| {
         (
@@ -853,6 +875,22 @@ pub fn render_markdown(input: &ReportInput<'_>) -> String {
                 "\nblockd vs qemu-nbd-qcow2: {}",
                 ratio_cell(ratio(records, w, "blockd", "qemu-nbd-qcow2"))
             );
+        }
+        let rounds: Vec<&Record> = records
+            .iter()
+            .filter(|r| r.workload == w && r.round_iops.len() > 1)
+            .collect();
+        if !rounds.is_empty() {
+            let _ = writeln!(
+                md,
+                "\nRun in {} rounds, every system once per round; each row is the system's \
+                 median round. IOPS of every round:",
+                rounds[0].round_iops.len()
+            );
+            for r in rounds {
+                let all: Vec<String> = r.round_iops.iter().map(|i| format!("{i:.0}")).collect();
+                let _ = writeln!(md, "- {}: {}", r.system, all.join(", "));
+            }
         }
         let _ = writeln!(md);
     }
@@ -1193,6 +1231,7 @@ mod tests {
             lat_mean_us: 11.0,
             ios: 100,
             runtime_s: 1.0,
+            round_iops: vec![iops],
         }
     }
 
@@ -1207,6 +1246,37 @@ mod tests {
         assert_eq!(f.runtime_s, 2.0);
         assert!(parse_fio("fio: nothing").is_err());
         assert!(parse_fio(&FIO.replace("\"total_ios\" : 100", "\"total_ios\" : 0")).is_err());
+    }
+
+    #[test]
+    fn rounds_count_their_median_and_keep_every_figure() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut tsv = String::new();
+        for (i, (system, iops)) in [("blockd", 70.0), ("blockd", 30.0), ("blockd", 50.0)]
+            .into_iter()
+            .chain([("qemu-nbd", 40.0), ("qemu-nbd", 20.0)])
+            .enumerate()
+        {
+            let file = format!("{system}-{i}.json");
+            let text = FIO
+                .replace("\"iops\" : 50.0", &format!("\"iops\" : {iops:.1}"))
+                .replace("\"total_ios\" : 100", &format!("\"total_ios\" : {}", i + 1));
+            std::fs::write(dir.path().join(&file), text).unwrap();
+            tsv += &format!("{system}\trandread-4k-qd32\t{file}\tfio ...\n");
+        }
+        let recs = records(&parse_runs(&tsv).unwrap(), dir.path()).unwrap();
+        assert_eq!(recs.len(), 2);
+        let b = find(&recs, "blockd", "randread-4k-qd32").unwrap();
+        assert_eq!(b.iops, 50.0);
+        assert_eq!(b.ios, 3, "every figure comes from the median round");
+        assert_eq!(b.round_iops, vec![70.0, 30.0, 50.0]);
+        // Of two rounds, the lower middle one.
+        let q = find(&recs, "qemu-nbd", "randread-4k-qd32").unwrap();
+        assert_eq!((q.iops, q.round_iops.len()), (20.0, 2));
+        assert_eq!(
+            ratio(&recs, "randread-4k-qd32", "blockd", "qemu-nbd"),
+            Some(2.5)
+        );
     }
 
     #[test]
