@@ -522,9 +522,8 @@ mod tests {
                 loop {
                     match tokio::net::UnixStream::connect(&path).await {
                         Ok(c) => break Box::new(c),
-                        Err(e) if tries < 500 => {
+                        Err(_) if tries < 500 => {
                             tries += 1;
-                            let _ = e;
                             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                         }
                         Err(e) => panic!("cannot connect to {}: {e}", path.display()),

@@ -624,12 +624,6 @@ impl IoRing {
         self.enter_submit().map(|_| ())
     }
 
-    /// Whether completions wait in the completion queue (a memory read, no system call):
-    /// for a caller that polls the ring instead of waiting for its eventfd.
-    pub fn has_completions(&mut self) -> bool {
-        !self.ring.completion().is_empty()
-    }
-
     /// Clears the eventfd counter (before reaping, so that later completions signal again).
     pub fn clear_eventfd(&self) {
         let mut value = [0u8; 8];

@@ -439,9 +439,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Transmission<S> {
     }
 
     /// Whether to poll on instead of sleeping when there is nothing to do: with a budget,
-    /// while requests are in flight or their replies may be answered by a new request
-    /// soon (a client at queue depth one), and only where polling needs no reactor (a
-    /// plain socket, an io_uring queue or nothing on the blocking pool).
+    /// on a plain socket (whose descriptor can be read without the reactor), while the
+    /// client is still there. How long is [`Transmission::poll_window`]'s business.
     ///
     /// Sleeping costs two wakeups per request (the device's completion, the client's
     /// next request); on a virtual machine, waking an idle vCPU costs tens of
@@ -619,15 +618,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Transmission<S> {
                 .is_some_and(|(inc, filled)| inc.payload.len() - filled >= self.rbuf.len() / 2);
         let polled = if direct {
             let (inc, filled) = self.partial.as_mut().expect("checked");
-            let mut rb = ReadBuf::new(&mut inc.payload[*filled..]);
-            let polled = match Pin::new(&mut self.stream).poll_read(cx, &mut rb) {
-                Poll::Ready(Ok(())) => Poll::Ready(Ok(rb.filled().len())),
-                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-                Poll::Pending => match (self.spinning, self.socket) {
-                    (true, Some(fd)) => read_socket(fd, &mut inc.payload[*filled..]),
-                    _ => Poll::Pending,
-                },
-            };
+            let socket = self.socket.filter(|_| self.spinning);
+            let polled = read_some(&mut self.stream, cx, socket, &mut inc.payload[*filled..]);
             if let Poll::Ready(Ok(n)) = polled {
                 *filled += n;
             }
@@ -641,15 +633,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Transmission<S> {
                 self.rend -= self.rpos;
                 self.rpos = 0;
             }
-            let mut rb = ReadBuf::new(&mut self.rbuf[self.rend..]);
-            let polled = match Pin::new(&mut self.stream).poll_read(cx, &mut rb) {
-                Poll::Ready(Ok(())) => Poll::Ready(Ok(rb.filled().len())),
-                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-                Poll::Pending => match (self.spinning, self.socket) {
-                    (true, Some(fd)) => read_socket(fd, &mut self.rbuf[self.rend..]),
-                    _ => Poll::Pending,
-                },
-            };
+            let socket = self.socket.filter(|_| self.spinning);
+            let polled = read_some(&mut self.stream, cx, socket, &mut self.rbuf[self.rend..]);
             if let Poll::Ready(Ok(n)) = polled {
                 self.rend += n;
             }
@@ -932,6 +917,25 @@ where
         }
         End::ClientGone => Ok(()),
         End::Failed(err) => Err(err),
+    }
+}
+
+/// Reads into `buf` through the stream; when the reactor has no readiness and `socket`
+/// is given (busy-polling), straight from the descriptor (see [`read_socket`]).
+fn read_some<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    cx: &mut Context<'_>,
+    socket: Option<RawFd>,
+    buf: &mut [u8],
+) -> Poll<io::Result<usize>> {
+    let mut rb = ReadBuf::new(buf);
+    match Pin::new(stream).poll_read(cx, &mut rb) {
+        Poll::Ready(Ok(())) => Poll::Ready(Ok(rb.filled().len())),
+        Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+        Poll::Pending => match socket {
+            Some(fd) => read_socket(fd, buf),
+            None => Poll::Pending,
+        },
     }
 }
 
