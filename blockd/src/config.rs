@@ -18,6 +18,7 @@
 //! io-engine = "auto"
 //! log-format = "json"
 //! nbd-busy-poll-us = 100     # 0: NBD connections never busy-poll
+//! ublk-zero-copy = "auto"    # "off": ublk devices always copy request data
 //! max-overprovision = 20.0   # or 0 / "none": unlimited
 //!
 //! [[pool]]
@@ -151,6 +152,13 @@ pub struct Args {
     #[arg(long, value_name = "US")]
     pub nbd_busy_poll_us: Option<u64>,
 
+    /// Whether new ublk devices move request data without copying it (automatic buffer
+    /// registration, Linux 6.16+): "auto" uses it where the kernel offers it, "off"
+    /// always copies. A device keeps the data path it was created with across restarts
+    /// [default: auto].
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub ublk_zero_copy: Option<UblkZeroCopy>,
+
     /// Over-provisioning limit of every pool: creating, cloning or growing a volume is
     /// refused (RESOURCE_EXHAUSTED) when the sizes of the pool's volumes would add up to
     /// more than RATIO times its capacity. 0 or "none" means unlimited [default: 20].
@@ -227,6 +235,17 @@ impl<'de> Deserialize<'de> for MaxOverprovision {
         }
         .map_err(serde::de::Error::custom)
     }
+}
+
+/// The ublk data path new devices ask for ([`Args::ublk_zero_copy`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UblkZeroCopy {
+    /// Zero copy where the kernel offers automatic buffer registration.
+    #[default]
+    Auto,
+    /// Always copy.
+    Off,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum, Deserialize)]
@@ -371,6 +390,7 @@ pub struct Config {
     pub log_format: LogFormat,
     pub commit_interval_ms: u64,
     pub nbd_busy_poll_us: u64,
+    pub ublk_zero_copy: UblkZeroCopy,
     pub nbd_listen: Option<SocketAddr>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -390,6 +410,7 @@ impl Default for Config {
             log_format: LogFormat::Text,
             commit_interval_ms: DEFAULT_COMMIT_INTERVAL_MS,
             nbd_busy_poll_us: DEFAULT_NBD_BUSY_POLL_US,
+            ublk_zero_copy: UblkZeroCopy::Auto,
             nbd_listen: None,
             tls_cert: None,
             tls_key: None,
@@ -458,6 +479,9 @@ impl Config {
         }
         if let Some(us) = args.nbd_busy_poll_us {
             self.nbd_busy_poll_us = us;
+        }
+        if let Some(zc) = args.ublk_zero_copy {
+            self.ublk_zero_copy = zc;
         }
         if args.nbd_listen.is_some() {
             self.nbd_listen = args.nbd_listen;
@@ -862,6 +886,29 @@ mod tests {
         assert_eq!(c.io_engine, IoEngineChoice::Sync);
         assert_eq!(c.log_format, LogFormat::Json);
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn ublk_zero_copy_defaults_to_auto_and_can_be_turned_off() {
+        assert_eq!(
+            Config::load(args(&[])).unwrap().ublk_zero_copy,
+            UblkZeroCopy::Auto
+        );
+        let c = Config::load(args(&["--ublk-zero-copy", "off"])).unwrap();
+        assert_eq!(c.ublk_zero_copy, UblkZeroCopy::Off);
+        let c = Config::from_toml(Path::new("b.toml"), "ublk-zero-copy = \"off\"").unwrap();
+        assert_eq!(c.ublk_zero_copy, UblkZeroCopy::Off);
+        let err = Config::from_toml(Path::new("b.toml"), "ublk-zero-copy = \"always\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("ublk-zero-copy") || err.contains("always"),
+            "{err}"
+        );
+        let err = Args::try_parse_from(["blockd", "--ublk-zero-copy", "on"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("'on'") && err.contains("auto"), "{err}");
     }
 
     #[test]

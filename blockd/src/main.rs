@@ -235,8 +235,12 @@ fn run(mut config: Config) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     let metrics = Metrics::new();
-    let ublk =
-        blockd::ublk::UblkFrontend::new(engine.clone(), metrics.clone(), runtime.handle().clone());
+    let ublk = blockd::ublk::UblkFrontend::new(
+        engine.clone(),
+        metrics.clone(),
+        runtime.handle().clone(),
+        config.ublk_zero_copy == blockd::config::UblkZeroCopy::Auto,
+    );
     let served = runtime.block_on(serve(
         &config,
         engine.clone(),

@@ -69,7 +69,7 @@ impl DaemonService for DaemonApi {
                         .ctx
                         .ublk
                         .as_ref()
-                        .map(|u| u.support().describe())
+                        .map(|u| u.describe())
                         .unwrap_or_else(|| "unavailable: not served by this daemon".into()),
                     health,
                 }))

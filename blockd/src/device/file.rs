@@ -222,6 +222,14 @@ impl Target {
         self.direct.as_ref()
     }
 
+    /// Both descriptors, raw.
+    pub fn raw_fds(&self) -> super::RawFds {
+        super::RawFds {
+            buffered: self.buffered.as_raw_fd(),
+            direct: self.direct.as_ref().map(|f| f.as_raw_fd()),
+        }
+    }
+
     /// Whether an I/O of `len` bytes at `offset` from/to memory at `addr` may use the
     /// O_DIRECT descriptor.
     pub fn direct_eligible(&self, offset: u64, addr: *const u8, len: usize) -> bool {

@@ -157,6 +157,13 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
         None
     }
 
+    /// The descriptors behind the device, for frontends that submit their own I/O with
+    /// buffers the kernel owns (ublk zero copy); None for backends without a file
+    /// (memory, fault injection).
+    fn raw_fds(&self) -> Option<RawFds> {
+        None
+    }
+
     /// Reads exactly `buf.len()` bytes at `offset`.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.submit(&mut [IoOp::Read { offset, buf }])
@@ -166,6 +173,17 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
     fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
         self.submit(&mut [IoOp::Write { offset, buf }])
     }
+}
+
+/// The descriptors of a file-backed device ([`BlockDevice::raw_fds`]). They stay open as
+/// long as the device does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawFds {
+    /// Takes any I/O (page cache).
+    pub buffered: std::os::fd::RawFd,
+    /// O_DIRECT, when the file system accepted it: offsets, lengths and memory aligned
+    /// to [`IO_ALIGN`] only.
+    pub direct: Option<std::os::fd::RawFd>,
 }
 
 /// Checks that `[offset, offset+len)` lies within a device of `size` bytes.

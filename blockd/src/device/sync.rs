@@ -38,6 +38,10 @@ impl BlockDevice for SyncDevice {
         IoEngine::Sync
     }
 
+    fn raw_fds(&self) -> Option<super::RawFds> {
+        Some(self.target.raw_fds())
+    }
+
     fn punch_zeroes(&self) -> bool {
         self.target.punch_zeroes()
     }

@@ -316,6 +316,10 @@ impl BlockDevice for UringDevice {
         }
     }
 
+    fn raw_fds(&self) -> Option<super::RawFds> {
+        Some(self.target.raw_fds())
+    }
+
     fn io_ring(&self) -> Option<IoRing> {
         match UringDevice::io_ring(self) {
             Ok(ring) => Some(ring),

@@ -59,6 +59,18 @@ impl Engine {
         self.commit()
     }
 
+    /// Whether [`Engine::commit_pending`] would return at once: no commit running, no
+    /// mapping waiting for one, the engine not failed. Never blocks, so a frontend can
+    /// ask it on its I/O thread and hand the commit to a blocking thread only when needed.
+    pub fn commit_idle(&self) -> bool {
+        let inner = self.inner();
+        let Some(_one) = inner.commit_lock.try_lock() else {
+            return false;
+        };
+        let st = inner.state.lock();
+        st.failed.is_none() && st.pending.is_empty() && st.pending_frees.is_empty()
+    }
+
     /// One group commit (see the module docs). After a failure the engine is failed,
     /// except when the metadata file system is full: then the engine keeps the batch and
     /// runs degraded until a later commit succeeds (`meta_space`).

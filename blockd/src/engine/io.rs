@@ -30,6 +30,18 @@ pub struct DeviceIo {
     pub offset: u64,
 }
 
+/// Appends a device I/O of `len` bytes at device `offset` for the caller's buffer at
+/// `pos`, merged into the last one when both are contiguous in the buffer and on the
+/// device.
+fn push_coalesced(ops: &mut Vec<DeviceIo>, pos: usize, len: usize, offset: u64) {
+    match ops.last_mut() {
+        Some(last) if last.pos + last.len == pos && last.offset + last.len as u64 == offset => {
+            last.len += len;
+        }
+        _ => ops.push(DeviceIo { pos, len, offset }),
+    }
+}
+
 /// Holds a lineage's writer gate and its pool's `reclaim` lock shared, as a synchronous
 /// write does for its whole duration. May move between threads.
 pub struct WritePin {
@@ -235,18 +247,7 @@ impl Engine {
                     if data_len == 0 {
                         continue;
                     }
-                    let offset = pool.offset(phys) + p.at;
-                    if let Some(last) = ops.last_mut() {
-                        if last.pos + last.len == pos && last.offset + last.len as u64 == offset {
-                            last.len += data_len;
-                            continue;
-                        }
-                    }
-                    ops.push(DeviceIo {
-                        pos,
-                        len: data_len,
-                        offset,
-                    });
+                    push_coalesced(&mut ops, pos, data_len, pool.offset(phys) + p.at);
                 }
             }
         }
@@ -276,19 +277,61 @@ impl Engine {
         offset: u64,
         buf: &mut [u8],
     ) -> Result<(Vec<DeviceIo>, Vec<std::ops::Range<usize>>)> {
+        let plan = self.read_plan(pin, h, offset, buf.len() as u64)?;
+        let pool = &self.inner.pools[h.pool];
+        Ok((
+            Self::device_reads(pool, &plan, buf),
+            Self::zero_ranges(&plan),
+        ))
+    }
+
+    /// [`Engine::plan_read`] for a buffer the caller cannot touch (a ublk request's,
+    /// which only the kernel can write): the device reads, and the ranges the caller
+    /// must zero itself, both in order.
+    pub fn plan_read_ranges(
+        &self,
+        pin: &ReadPin,
+        h: &ImageHandle,
+        offset: u64,
+        len: usize,
+    ) -> Result<(Vec<DeviceIo>, Vec<std::ops::Range<usize>>)> {
+        let plan = self.read_plan(pin, h, offset, len as u64)?;
+        let pool = &self.inner.pools[h.pool];
+        let mut ops: Vec<DeviceIo> = Vec::new();
+        for (p, r) in &plan {
+            if let Resolved::Data { phys, valid } = *r {
+                let data_len = valid.saturating_sub(p.at).min(p.len) as usize;
+                if data_len > 0 {
+                    push_coalesced(&mut ops, p.pos, data_len, pool.offset(phys) + p.at);
+                }
+            }
+        }
+        Ok((ops, Self::zero_ranges(&plan)))
+    }
+
+    /// Where each piece of a read of `len` bytes at `offset` lives, under `pin`.
+    fn read_plan(
+        &self,
+        pin: &ReadPin,
+        h: &ImageHandle,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<(Piece, Resolved)>> {
         let pool = &self.inner.pools[h.pool];
         debug_assert!(Arc::ptr_eq(pool, &pin.pool), "pin of another pool");
         let cs = pool.chunk_size;
-        let plan: Vec<(Piece, Resolved)> = {
-            let st = self.inner.state.lock();
-            Self::check_range(&st, h, offset, buf.len() as u64)?;
-            let epoch = Self::head_epoch(&st, h);
-            pieces(offset, buf.len() as u64, cs)
-                .map(|p| (p, st.resolve(h.lineage, epoch, p.chunk, cs)))
-                .collect()
-        };
+        let st = self.inner.state.lock();
+        Self::check_range(&st, h, offset, len)?;
+        let epoch = Self::head_epoch(&st, h);
+        Ok(pieces(offset, len, cs)
+            .map(|p| (p, st.resolve(h.lineage, epoch, p.chunk, cs)))
+            .collect())
+    }
+
+    /// The byte ranges of a planned read that read as zeros, adjacent ones merged.
+    fn zero_ranges(plan: &[(Piece, Resolved)]) -> Vec<std::ops::Range<usize>> {
         let mut zeros: Vec<std::ops::Range<usize>> = Vec::new();
-        for (p, r) in &plan {
+        for (p, r) in plan {
             let start = match *r {
                 Resolved::Zero => p.pos,
                 Resolved::Data { valid, .. } => {
@@ -303,7 +346,13 @@ impl Engine {
                 }
             }
         }
-        Ok((Self::device_reads(pool, &plan, buf), zeros))
+        zeros
+    }
+
+    /// The descriptors of the image's pool device, for I/O the caller submits itself
+    /// under a [`ReadPin`] or [`WritePin`] (None for pools without a file).
+    pub fn pool_fds(&self, h: &ImageHandle) -> Option<crate::device::RawFds> {
+        self.inner.pools[h.pool].device.raw_fds()
     }
 
     /// Pins a volume head for overwrites planned with [`Engine::plan_overwrite`], without
@@ -356,19 +405,7 @@ impl Engine {
                     Some(&phys) if phys != ZERO => phys,
                     _ => return Ok(None),
                 };
-                let at = pool.offset(phys) + p.at;
-                match ops.last_mut() {
-                    Some(last)
-                        if last.pos + last.len == p.pos && last.offset + last.len as u64 == at =>
-                    {
-                        last.len += p.len as usize;
-                    }
-                    _ => ops.push(DeviceIo {
-                        pos: p.pos,
-                        len: p.len as usize,
-                        offset: at,
-                    }),
-                }
+                push_coalesced(&mut ops, p.pos, p.len as usize, pool.offset(phys) + p.at);
             }
         }
         pool.dirty.store(true, std::sync::atomic::Ordering::SeqCst);

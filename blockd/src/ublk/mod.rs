@@ -3,7 +3,8 @@
 //!
 //! ```text
 //!  file system ─▶ /dev/ublkbN ─▶ ublk_drv ══ io_uring (one ring per queue) ══▶ blockd
-//!                                                    queue thread ─▶ engine (blocking pool)
+//!                                   queue thread ─▶ pool file (zero copy, same ring)
+//!                                                ─▶ engine (blocking pool)
 //! ```
 //!
 //! This module owns every ublk device blockd serves ([`UblkFrontend`]): which image each
@@ -37,11 +38,15 @@
 //!   once (libublk would otherwise delete the device when it is dropped); only
 //!   [`UblkFrontend::detach`] stops and deletes a device, and it refuses while the device
 //!   is open (mounted).
-//! - **Zero copy is chosen at run time.** The driver's feature bits say whether it can
-//!   register request buffers automatically (`UBLK_F_AUTO_BUF_REG`, Linux 6.16+) or do
-//!   zero copy at all; blockd logs which data path it uses. Requests go through the
-//!   engine's copy-based API today, so the data path is "copy" on every kernel (the log
-//!   line and `blockctl status` say so, with what the kernel would allow).
+//! - **Zero copy is chosen at run time.** When the driver can register request buffers
+//!   automatically (`UBLK_F_AUTO_BUF_REG`, Linux 6.16+) new devices are created with it
+//!   (unless `ublk-zero-copy = "off"`), and their queues move reads and in-place
+//!   overwrites between the request's own pages and the pool file without a copy
+//!   ([`queue`]); elsewhere the data path is "copy". A device keeps the data path it was
+//!   created with (recovery cannot change a device's flags); `blockctl status` shows
+//!   each device's. Zero copy through `UBLK_F_SUPPORT_ZERO_COPY` alone (6.15, explicit
+//!   register commands per request) is not used: it costs two more commands per
+//!   request for what 6.16 does by itself.
 //! - **Online resize** uses `UBLK_U_CMD_UPDATE_SIZE` (`UBLK_F_UPDATE_SIZE`, Linux 6.16+).
 //!   On older kernels the device keeps its size until it is detached and attached again,
 //!   and blockd logs that.
@@ -136,18 +141,19 @@ impl Support {
         matches!(self, Support::Available { features } if features & bit != 0)
     }
 
-    /// Whether the kernel could register request buffers for zero copy.
+    /// Whether the kernel registers request buffers by itself, which blockd's zero-copy
+    /// data path needs.
     pub fn zero_copy_possible(&self) -> bool {
-        self.has(sys::UBLK_F_AUTO_BUF_REG as u64) || self.has(sys::UBLK_F_SUPPORT_ZERO_COPY as u64)
+        self.has(sys::UBLK_F_AUTO_BUF_REG as u64)
     }
 
-    /// The data path blockd uses on this kernel: "copy" (see the module docs).
-    pub fn data_path(&self) -> &'static str {
-        "copy"
+    /// The data path of devices created now, with zero copy `wanted` or not.
+    pub fn data_path(&self, wanted: bool) -> &'static str {
+        data_path(wanted && self.zero_copy_possible())
     }
 
     /// One line for `blockctl status` and the log.
-    pub fn describe(&self) -> String {
+    pub fn describe(&self, zero_copy_wanted: bool) -> String {
         match self {
             Support::Unavailable(reason) => format!("unavailable: {reason}"),
             Support::Available { .. } => {
@@ -159,7 +165,11 @@ impl Support {
                     "no user recovery"
                 };
                 let zc = if self.has(sys::UBLK_F_AUTO_BUF_REG as u64) {
-                    "kernel offers auto buffer registration"
+                    if zero_copy_wanted {
+                        "kernel offers auto buffer registration"
+                    } else {
+                        "kernel offers auto buffer registration, turned off by ublk-zero-copy"
+                    }
                 } else if self.has(sys::UBLK_F_SUPPORT_ZERO_COPY as u64) {
                     "kernel offers zero copy, not auto buffer registration"
                 } else {
@@ -172,10 +182,19 @@ impl Support {
                 };
                 format!(
                     "available: {recovery}, {resize}, data path {} ({zc})",
-                    self.data_path()
+                    self.data_path(zero_copy_wanted)
                 )
             }
         }
+    }
+}
+
+/// The name of a data path: see the module docs.
+fn data_path(zero_copy: bool) -> &'static str {
+    if zero_copy {
+        "zero-copy"
+    } else {
+        "copy"
     }
 }
 
@@ -217,17 +236,19 @@ struct Device {
     state: Mutex<DevState>,
     /// The control thread; it returns when the device has stopped.
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Whether the device serves with zero copy; known once it serves.
+    zero_copy: AtomicBool,
 }
 
 impl Device {
-    fn info(&self, support: &Support) -> UblkDeviceInfo {
+    fn info(&self) -> UblkDeviceInfo {
         UblkDeviceInfo {
             image: self.image.clone(),
             dev_id: self.dev_id,
             device: bdev_path(self.dev_id),
             read_only: self.read_only,
             state: self.state.lock().describe(),
-            data_path: support.data_path().to_string(),
+            data_path: data_path(self.zero_copy.load(Ordering::SeqCst)).to_string(),
         }
     }
 }
@@ -250,6 +271,8 @@ struct Inner {
     metrics: Metrics,
     runtime: tokio::runtime::Handle,
     support: Support,
+    /// Whether new devices use zero copy where the kernel offers it.
+    zero_copy_wanted: bool,
     /// Image name → device.
     devices: Mutex<BTreeMap<String, Arc<Device>>>,
     /// Serialises attach and detach.
@@ -274,8 +297,14 @@ impl std::fmt::Debug for UblkFrontend {
 }
 
 impl UblkFrontend {
-    /// A frontend for `engine`; detects what the kernel supports and logs it.
-    pub fn new(engine: Engine, metrics: Metrics, runtime: tokio::runtime::Handle) -> Self {
+    /// A frontend for `engine`; detects what the kernel supports and logs it. New devices
+    /// use zero copy where the kernel offers it if `zero_copy_wanted`.
+    pub fn new(
+        engine: Engine,
+        metrics: Metrics,
+        runtime: tokio::runtime::Handle,
+        zero_copy_wanted: bool,
+    ) -> Self {
         let support = Support::detect();
         match &support {
             Support::Unavailable(reason) => {
@@ -284,9 +313,9 @@ impl UblkFrontend {
             Support::Available { features } => tracing::info!(
                 features = format_args!("{features:#x}"),
                 zero_copy_possible = support.zero_copy_possible(),
-                data_path = support.data_path(),
+                data_path = support.data_path(zero_copy_wanted),
                 "ublk frontend ready: {}",
-                support.describe()
+                support.describe(zero_copy_wanted)
             ),
         }
         UblkFrontend {
@@ -295,6 +324,7 @@ impl UblkFrontend {
                 metrics,
                 runtime,
                 support,
+                zero_copy_wanted,
                 devices: Mutex::new(BTreeMap::new()),
                 ops: Mutex::new(()),
                 frozen: Arc::new(AtomicBool::new(false)),
@@ -304,6 +334,11 @@ impl UblkFrontend {
 
     pub fn support(&self) -> &Support {
         &self.inner.support
+    }
+
+    /// What the driver offers and the data path new devices get, in one line.
+    pub fn describe(&self) -> String {
+        self.inner.support.describe(self.inner.zero_copy_wanted)
     }
 
     fn check_available(&self) -> Result<(), UblkError> {
@@ -318,10 +353,7 @@ impl UblkFrontend {
     /// The devices, sorted by image.
     pub fn list(&self) -> Vec<UblkDeviceInfo> {
         let devices = self.inner.devices.lock();
-        devices
-            .values()
-            .map(|d| d.info(&self.inner.support))
-            .collect()
+        devices.values().map(|d| d.info()).collect()
     }
 
     /// The device path of `image`, when attached.
@@ -353,7 +385,7 @@ impl UblkFrontend {
         if let Some(dev) = self.inner.devices.lock().get(image).cloned() {
             let failed = matches!(*dev.state.lock(), DevState::Failed(_));
             if !failed {
-                return Ok((dev.info(&self.inner.support), false));
+                return Ok((dev.info(), false));
             }
             // A device that failed: take it down and make it again.
             self.remove(&dev)?;
@@ -380,7 +412,7 @@ impl UblkFrontend {
         match self.start(image, id, Start::Add) {
             Ok(dev) => {
                 tracing::info!(image, device = %bdev_path(id), "attached ublk device");
-                Ok((dev.info(&self.inner.support), true))
+                Ok((dev.info(), true))
             }
             Err(e) => {
                 let _ = self.inner.engine.set_ublk_device(image, None);
@@ -472,6 +504,7 @@ impl UblkFrontend {
                         read_only,
                         state: Mutex::new(DevState::Failed(e.to_string())),
                         thread: Mutex::new(None),
+                        zero_copy: AtomicBool::new(false),
                     }),
                 );
             }
@@ -558,6 +591,7 @@ impl UblkFrontend {
                 Start::Recover => DevState::Recovering,
             }),
             thread: Mutex::new(None),
+            zero_copy: AtomicBool::new(false),
         });
         self.inner
             .devices
@@ -572,15 +606,15 @@ impl UblkFrontend {
             runtime: self.inner.runtime.clone(),
         });
         let flags = self.ctrl_flags();
-        let (tx, rx) = std::sync::mpsc::channel::<Result<(), String>>();
+        let (tx, rx) = std::sync::mpsc::channel::<Result<bool, String>>();
         let thread_dev = dev.clone();
         let metrics = self.inner.metrics.clone();
         let thread = std::thread::Builder::new()
             .name(format!("ublk-{id}"))
             .spawn(move || {
                 let started = tx.clone();
-                let result = run_device(id, mode, size, read_only, flags, serve, move || {
-                    let _ = started.send(Ok(()));
+                let result = run_device(id, mode, size, read_only, flags, serve, move |zc| {
+                    let _ = started.send(Ok(zc));
                 });
                 let why = match result {
                     Ok(()) => "the device stopped".to_string(),
@@ -594,7 +628,9 @@ impl UblkFrontend {
             .map_err(|e| err(format!("cannot start its control thread: {e}")))?;
         *dev.thread.lock() = Some(thread);
         match rx.recv_timeout(START_TIMEOUT) {
-            Ok(Ok(())) => {
+            Ok(Ok(zero_copy)) => {
+                dev.zero_copy.store(zero_copy, Ordering::SeqCst);
+                tracing::info!(image, device = %bdev_path(id), data_path = data_path(zero_copy), "ublk device serving");
                 *dev.state.lock() = DevState::Live;
                 self.inner
                     .metrics
@@ -626,7 +662,12 @@ impl UblkFrontend {
         let wanted = (sys::UBLK_F_USER_RECOVERY
             | sys::UBLK_F_USER_RECOVERY_REISSUE
             | sys::UBLK_F_CMD_IOCTL_ENCODE
-            | sys::UBLK_F_UPDATE_SIZE) as u64;
+            | sys::UBLK_F_UPDATE_SIZE
+            | if self.inner.zero_copy_wanted {
+                sys::UBLK_F_AUTO_BUF_REG
+            } else {
+                0
+            }) as u64;
         match self.inner.support {
             Support::Available { features } => wanted & features,
             Support::Unavailable(_) => 0,
@@ -635,7 +676,8 @@ impl UblkFrontend {
 }
 
 /// The control thread of one device: adds (or recovers) it, serves it until it stops.
-/// `started` runs once the device serves I/O. Errors are one line.
+/// `started` runs once the device serves I/O, told whether it serves with zero copy.
+/// Errors are one line.
 fn run_device(
     id: u32,
     mode: Start,
@@ -643,7 +685,7 @@ fn run_device(
     read_only: bool,
     flags: u64,
     serve: Arc<Serve>,
-    started: impl FnOnce() + Send + Sync + 'static,
+    started: impl FnOnce(bool) + Send + Sync + 'static,
 ) -> Result<(), String> {
     if mode == Start::Recover {
         let ctrl = UblkCtrl::new_simple(id as i32).map_err(|e| format!("cannot open it: {e}"))?;
@@ -678,11 +720,9 @@ fn run_device(
         set_params(dev, size, read_only);
         Ok::<(), libublk::UblkError>(())
     };
-    let name = serve.handle.name().to_string();
     let q_fn = move |qid: u16, dev: &UblkDev| queue::serve_queue(qid, dev, serve.clone());
     let result = ctrl.run_target(tgt_init, q_fn, move |ctrl: &UblkCtrl| {
-        tracing::debug!(image = %name, device = %ctrl.get_bdev_path(), "ublk device serving");
-        started();
+        started(ctrl.dev_info().flags & sys::UBLK_F_AUTO_BUF_REG as u64 != 0);
     });
     result
         .map(|_| ())
@@ -695,11 +735,18 @@ fn run_device(
 fn set_params(dev: &mut UblkDev, size: u64, read_only: bool) {
     let depth = dev.dev_info.queue_depth;
     let max_sectors = dev.dev_info.max_io_buf_bytes >> 9;
+    // Room in the ring for the wake-up read beside every tag's command, and with zero
+    // copy for the pool-file transfers of every tag (a request spanning chunks and holes
+    // takes several).
+    let per_tag = if dev.dev_info.flags & sys::UBLK_F_AUTO_BUF_REG as u64 != 0 {
+        8
+    } else {
+        2
+    };
     let tgt = &mut dev.tgt;
     tgt.dev_size = size;
-    // Room in the ring for the wake-up read beside every tag's command.
-    tgt.sq_depth = depth.saturating_mul(2);
-    tgt.cq_depth = depth.saturating_mul(2);
+    tgt.sq_depth = depth.saturating_mul(per_tag);
+    tgt.cq_depth = depth.saturating_mul(per_tag);
     let mut attrs = sys::UBLK_ATTR_VOLATILE_CACHE | sys::UBLK_ATTR_FUA;
     let mut types = sys::UBLK_PARAM_TYPE_BASIC;
     if read_only {
