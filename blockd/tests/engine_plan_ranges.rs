@@ -75,7 +75,7 @@ fn planned_ranges_read_what_the_engine_reads() {
     engine.create_volume(&spec("v", SIZE)).expect("volume");
     let h = engine.open_image("v").expect("open");
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    let mut write_some = |engine: &Engine, seed: u8, rng: &mut Rng| {
+    let write_some = |engine: &Engine, seed: u8, rng: &mut Rng| {
         for i in 0..40u64 {
             let offset = rng.below(SIZE / 512) * 512;
             let len = (1 + rng.below(((SIZE - offset) / 512).min(64))) * 512;

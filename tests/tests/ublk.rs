@@ -438,7 +438,7 @@ fn first_difference(got: &[u8], want: &[u8]) -> Option<usize> {
 /// The zero-copy data path (and the copy path where the kernel lacks it) against a
 /// model of the volume's bytes: random reads and writes at 512-byte granularity that
 /// cross chunk boundaries and holes, writes into fresh chunks and over owned ones, FUA
-/// writes, discards, a snapshot (after it, overwrites copy on write and the snapshot's
+/// writes, write-zeroes and discards, a snapshot (after it, overwrites copy on write and the snapshot's
 /// own device reads the shared chunks), then SIGKILL of blockd with writes acknowledged
 /// but never flushed: the recovered device still reads exactly the model.
 ///
@@ -503,20 +503,30 @@ fn the_data_path_matches_a_model_across_snapshots_and_sigkill() {
                 model[range].copy_from_slice(&data);
             }
             4 => {
-                // Discard in whole 4 KiB blocks (the discard granularity).
-                let start = offset / 4096 * 4096;
-                let end = ((offset + len).div_ceil(4096) * 4096).min(SIZE);
-                run(
-                    "blkdiscard",
-                    &[
-                        "-o",
-                        &start.to_string(),
-                        "-l",
-                        &(end - start).to_string(),
-                        &device.display().to_string(),
-                    ],
-                );
-                model[start as usize..end as usize].fill(0);
+                // Write-zeroes reads back zeros exactly; a discard only where it covers
+                // whole chunks (on partial ones it is advisory and changes nothing).
+                const CHUNK: u64 = 64 << 10;
+                let (start, end, zeroes) = if rng.below(2) == 0 {
+                    (offset, offset + len, true)
+                } else {
+                    let start = offset.div_ceil(CHUNK) * CHUNK;
+                    (start, ((offset + len) / CHUNK * CHUNK).max(start), false)
+                };
+                if end > start {
+                    let mut args = vec![
+                        "-o".to_string(),
+                        start.to_string(),
+                        "-l".to_string(),
+                        (end - start).to_string(),
+                        device.display().to_string(),
+                    ];
+                    if zeroes {
+                        args.insert(0, "-z".into());
+                    }
+                    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                    run("blkdiscard", &args);
+                    model[start as usize..end as usize].fill(0);
+                }
             }
             _ => {
                 let got = dev.read(offset, len as usize);
