@@ -449,10 +449,25 @@ impl IoRing {
     }
 
     fn with_sizes(fds: [RawFd; 2], direct: bool, sq: u32, cq: u32) -> io::Result<IoRing> {
-        let ring = IoUring::builder()
+        // Cooperative task running (Linux 5.19+): a completion does not interrupt the
+        // owner with an IPI while it runs (on a virtual machine an IPI is a VM exit); it
+        // is posted at the owner's next system call, which `submit` makes when the
+        // kernel flags work waiting (`IORING_SQ_TASKRUN`). A sleeping owner is still
+        // woken. Older kernels refuse the flags: plain setup then.
+        let ring = match IoUring::builder()
             .setup_clamp()
             .setup_cqsize(cq)
-            .build(sq)?;
+            .setup_coop_taskrun()
+            .setup_taskrun_flag()
+            .build(sq)
+        {
+            Ok(ring) => ring,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => IoUring::builder()
+                .setup_clamp()
+                .setup_cqsize(cq)
+                .build(sq)?,
+            Err(e) => return Err(e),
+        };
         ring.submitter().register_files(&fds)?;
         // SAFETY: eventfd has no memory arguments; the result is checked.
         let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
@@ -619,8 +634,10 @@ impl IoRing {
         self.fill()?;
         let idle = {
             let sq = self.ring.submission();
-            // An overflowed completion queue is only flushed by an enter: make one then.
-            sq.is_empty() && !sq.cq_overflow()
+            // An overflowed completion queue is only flushed by an enter, and completions
+            // the kernel holds for us (cooperative task running) are posted by one: make
+            // one then.
+            sq.is_empty() && !sq.cq_overflow() && !sq.taskrun()
         };
         if idle {
             return Ok(());
