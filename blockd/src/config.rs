@@ -147,8 +147,10 @@ pub struct Args {
     pub commit_interval_ms: Option<u64>,
 
     /// Microseconds an NBD connection on the unix socket keeps polling for its next
-    /// request or completion before it sleeps: spends CPU while a volume is busy to save
-    /// two wakeups per request (small-block latency and IOPS). 0 never polls [default: 100].
+    /// request or completion before it sleeps (ten times that while its device I/O is in
+    /// flight): spends CPU while a volume is busy, up to a core per busy connection, to
+    /// save two wakeups per request (small-block latency and IOPS). 0 never polls
+    /// [default: 100].
     #[arg(long, value_name = "US")]
     pub nbd_busy_poll_us: Option<u64>,
 

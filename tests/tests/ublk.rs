@@ -599,3 +599,42 @@ fn the_data_path_matches_a_model_across_snapshots_and_sigkill() {
     daemon.ctl_ok(&["detach", "zc@zs"]);
     daemon.ctl_ok(&["detach", "zc"]);
 }
+
+/// `n` single 4 KiB O_DIRECT reads at scattered offsets (no two adjacent, so the block
+/// layer merges none); how long they took.
+fn timed_reads(device: &Path, n: u64) -> Duration {
+    let mut dev = Direct::open(device, libc::O_RDONLY);
+    let start = Instant::now();
+    for i in 0..n {
+        dev.read((i * 37 % 1000) * 8192, 4096);
+    }
+    start.elapsed()
+}
+
+/// The volume's QoS holds on its ublk device, on both data paths, and a change applies
+/// to the attached device at once. Only lower bounds are checked: a slow machine can
+/// only make the reads take longer.
+#[test]
+fn qos_limits_hold_on_the_device_and_change_live() {
+    let daemon = Daemon::start();
+    daemon.ctl_ok(&["volume", "create", "q", "--size", "64M", "--max-iops", "40"]);
+    if !ublk_here() {
+        assert_refused_without_ublk(&daemon, "q");
+        return;
+    }
+    let device = attach(&daemon, "q");
+    // 60 reads at 40 IOPS, less the 100 ms burst (4 requests): at least 1.4 s.
+    let took = timed_reads(&device, 60);
+    assert!(
+        took >= Duration::from_millis(1300),
+        "60 reads at 40 IOPS took {took:?}"
+    );
+    daemon.ctl_ok(&["volume", "set-qos", "q", "--max-iops", "20"]);
+    // 40 reads at 20 IOPS, less a 2-request burst: at least 1.9 s.
+    let took = timed_reads(&device, 40);
+    assert!(
+        took >= Duration::from_millis(1800),
+        "40 reads at 20 IOPS took {took:?}"
+    );
+    daemon.ctl_ok(&["detach", "q"]);
+}

@@ -463,9 +463,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Transmission<S> {
     }
 
     /// The most the connection polls now: [`Transmission::busy_poll`] while it waits for
-    /// its client, [`INFLIGHT_POLL_FACTOR`] times that while device I/O is in flight.
+    /// its client, [`INFLIGHT_POLL_FACTOR`] times that while device I/O is in flight, and
+    /// nothing while replies wait for room in the socket: only the client reading them
+    /// makes progress then, and a spinning thread would take the CPU it needs (large
+    /// reads on a small machine).
     fn poll_cap(&self) -> Duration {
-        if self.queued.is_empty() {
+        if !self.out.is_empty() {
+            Duration::ZERO
+        } else if self.queued.is_empty() {
             self.busy_poll
         } else {
             self.busy_poll * INFLIGHT_POLL_FACTOR
@@ -478,7 +483,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Transmission<S> {
     /// would poll halves it. So a connection polls while its client and device answer
     /// quickly, and stops spending CPU on one that is idle or waits on a slow device.
     fn adapt(&mut self, idle: Duration, cap: Duration) {
-        if idle <= self.poll_window.min(cap) {
+        // A wait for the client to read our replies says nothing about polling.
+        if cap.is_zero() || idle <= self.poll_window.min(cap) {
             return;
         }
         if idle > cap {
