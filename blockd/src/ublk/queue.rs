@@ -515,15 +515,7 @@ impl Tag<'_> {
                 if res != req.len as i32 {
                     return res;
                 }
-                let slot = zc.bounce.slot_offset(self.tag);
-                let copied = fixed_io(
-                    self.q,
-                    self.tag,
-                    Dir::IntoRequest,
-                    [(zc.bounce.fd.as_raw_fd(), 0, req.len, slot)],
-                )
-                .await;
-                if copied {
+                if self.bounce(zc, Dir::IntoRequest, req.len).await {
                     res
                 } else {
                     -libc::EIO
@@ -533,15 +525,7 @@ impl Tag<'_> {
                 if let Some(res) = self.write_in_place(zc, req).await {
                     return res;
                 }
-                let slot = zc.bounce.slot_offset(self.tag);
-                let copied = fixed_io(
-                    self.q,
-                    self.tag,
-                    Dir::OutOfRequest,
-                    [(zc.bounce.fd.as_raw_fd(), 0, req.len, slot)],
-                )
-                .await;
-                if !copied {
+                if !self.bounce(zc, Dir::OutOfRequest, req.len).await {
                     return -libc::EIO;
                 }
                 self.offload(move |s, b| s.execute(req, b)).await
@@ -549,6 +533,14 @@ impl Tag<'_> {
             // No data: nothing to gain on the ring, and they may wait for a commit.
             _ => self.offload(move |s, b| s.execute(req, b)).await,
         }
+    }
+
+    /// Copies `len` bytes between the request and this tag's bounce slot; true when all
+    /// of them moved.
+    async fn bounce(&self, zc: &ZeroCopy, dir: Dir, len: usize) -> bool {
+        let slot = zc.bounce.slot_offset(self.tag);
+        let fd = zc.bounce.fd.as_raw_fd();
+        fixed_io(self.q, self.tag, dir, [(fd, 0, len, slot)]).await
     }
 
     /// A read straight from the pool file into the request; None when it must take the
