@@ -189,6 +189,7 @@ fn extent_rpcs_page_and_check_their_arguments() {
                 offset: i * 64 * K,
                 data: vec![i as u8 + 1; 64 * K as usize],
                 zero_length: 0,
+                force: false,
             });
         }
         let resp = data
@@ -305,6 +306,7 @@ fn extent_rpcs_page_and_check_their_arguments() {
                 offset: 0,
                 data: vec![1],
                 zero_length: 0,
+                force: false,
             }]))
             .await,
             Code::InvalidArgument,

@@ -2,7 +2,8 @@
 //! through the real `blockd` and `blockctl`:
 //! - volumes and snapshots have ids, and a name reused after a delete never inherits
 //!   another object's history (`vol1 (deleted)`, `snapshot snap1 (deleted)`);
-//! - deleting or unexporting an image with connected NBD clients needs --force;
+//! - deleting or unexporting an image with connected NBD clients needs --force, and so
+//!   does writing its data behind their backs (`import-diff`, WriteImage);
 //! - pools refuse volume sizes past `--max-overprovision`;
 //! - a size without a unit below 4096 bytes draws a warning;
 //! - every creation and deletion is logged once.
@@ -247,6 +248,78 @@ fn delete_and_unexport_refuse_while_clients_are_connected() {
         "the forced delete closed the connection: {said}"
     );
     d.ctl_err(&["volume", "show", "busy"]);
+}
+
+#[test]
+fn import_diff_refuses_a_volume_with_connected_clients_and_changes_nothing() {
+    if !blockd_tests::have_tool("qemu-io") {
+        blockd_tests::skip("qemu-io is not installed (tools/test.sh installs it)");
+        return;
+    }
+    let d = Daemon::start();
+    let path = |name: &str| d.dir().join(name).to_str().unwrap().to_string();
+    d.ctl_ok(&["volume", "create", "v", "--size", "4M"]);
+    let v = d.ctl_ok(&["export", "v"]).trim().to_string();
+    blockd_tests::qemu_io(&v, &["write -P 0x11 0 1M"]);
+    d.ctl_ok(&["snapshot", "create", "v", "s1"]);
+    blockd_tests::qemu_io(&v, &["write -P 0x22 0 64k"]);
+    d.ctl_ok(&["snapshot", "create", "v", "s2"]);
+    d.ctl_ok(&["export-diff", "v@s1", "-o", &path("full")]);
+    d.ctl_ok(&["export-diff", "v@s2", "--from", "s1", "-o", &path("inc")]);
+    // Snapshot names are the daemon's: the copies take their own.
+    d.ctl_ok(&["import-diff", &path("full"), "r", "--snapshot", "r1"]);
+    let uri = d.ctl_ok(&["export", "r"]).trim().to_string();
+    let mut client = Client::connect(&uri);
+
+    let err = d.ctl_err(&["import-diff", &path("inc"), "r", "--snapshot", "r2"]);
+    assert!(
+        err.contains("1 NBD client")
+            && err.contains("nothing was changed")
+            && err.contains("--force"),
+        "{err}"
+    );
+    let snaps = d.ctl_json(&["snapshot", "list", "r"]);
+    assert_eq!(
+        snaps.as_array().map(Vec::len),
+        Some(1),
+        "no snapshot taken: {snaps}"
+    );
+    // The daemon refuses the raw API too, not only blockctl.
+    runtime().block_on(async {
+        let api = d.grpc().await;
+        let mut data =
+            v1::image_data_service_client::ImageDataServiceClient::new(api.channel.clone());
+        expect_status(
+            "WriteImage under a connected client",
+            data.write_image(tokio_stream::iter(vec![v1::WriteImageRequest {
+                volume: "r".into(),
+                offset: 0,
+                data: vec![0x33; 4096],
+                zero_length: 0,
+                force: false,
+            }]))
+            .await,
+            Code::FailedPrecondition,
+            "NBD client",
+        );
+    });
+    assert!(client.read(), "the client is left alone");
+
+    // --force applies it anyway, under the client.
+    d.ctl_ok(&[
+        "import-diff",
+        &path("inc"),
+        "r",
+        "--snapshot",
+        "r2",
+        "--force",
+    ]);
+    let said = client.read_and_quit();
+    assert!(said.contains("read 4096/4096 bytes"), "{said}");
+    let snaps = d.ctl_json(&["snapshot", "list", "r"]);
+    assert_eq!(snaps.as_array().map(Vec::len), Some(2), "{snaps}");
+    // The stream's data is there: s2's bytes over s1's.
+    blockd_tests::qemu_io(&uri, &["read -P 0x22 0 64k", "read -P 0x11 64k 960k"]);
 }
 
 #[test]

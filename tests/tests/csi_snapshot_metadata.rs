@@ -134,6 +134,7 @@ async fn write(data: &mut ImageDataServiceClient<Channel>, at: &[(i64, i64, u8)]
                 vec![byte; len as usize]
             },
             zero_length: if byte == 0 { len as u64 } else { 0 },
+            force: false,
         })
         .collect();
     data.write_image(tokio_stream::iter(msgs))

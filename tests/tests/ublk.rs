@@ -162,6 +162,18 @@ fn attach_serves_a_file_system_and_detach_removes_the_device() {
     // Deleting an attached volume is refused, naming the way out.
     let err = daemon.ctl_err(&["volume", "delete", "fs"]);
     assert!(err.contains("blockctl detach fs"), "{err}");
+    // So is writing its data behind the device's back (import-diff, WriteImage).
+    daemon.ctl_ok(&["snapshot", "create", "fs", "fs-a"]);
+    daemon.ctl_ok(&["snapshot", "create", "fs", "fs-b"]);
+    let stream = daemon.dir().join("inc.bdiff");
+    let stream = stream.to_str().expect("utf-8 path");
+    daemon.ctl_ok(&["export-diff", "fs@fs-b", "--from", "fs-a", "-o", stream]);
+    let err = daemon.ctl_err(&["import-diff", stream, "fs", "--snapshot", "fs-c"]);
+    assert!(
+        err.contains(&format!("attached as {}", device.display()))
+            && err.contains("nothing was changed"),
+        "{err}"
+    );
 
     // A raw fio verify pass on the device itself (O_DIRECT, queue depth 16).
     run(

@@ -296,6 +296,7 @@ impl ImageDataService for ImageDataApi {
                             let name = VolumeName::parse("volume", msg.volume.clone())?;
                             volume = name.as_str().to_string();
                             tracing::Span::current().record("volume", volume.as_str());
+                            ctx.refuse_if_in_use(&volume, msg.force).await?;
                             let h = ctx.run(move |e| e.open_image(name.as_str())).await?;
                             handle = Some(h);
                         }

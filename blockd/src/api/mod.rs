@@ -231,7 +231,7 @@ impl ApiContext {
         action: &str,
         forced: impl FnOnce() -> String,
     ) -> Result<(), Status> {
-        let mut clients = self.nbd_clients(image);
+        let clients = self.nbd_clients(image);
         if clients == 0 {
             return Ok(());
         }
@@ -239,11 +239,7 @@ impl ApiContext {
             tracing::warn!(image, clients, "forced: closing connected NBD clients");
             return Ok(());
         }
-        let deadline = Instant::now() + CLOSING_GRACE;
-        while clients > 0 && Instant::now() < deadline {
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-            clients = self.nbd_clients(image);
-        }
+        let clients = self.nbd_clients_after_grace(image).await;
         if clients == 0 {
             return Ok(());
         }
@@ -259,6 +255,58 @@ impl ApiContext {
              mounted on {them} then fails)",
             forced()
         )))
+    }
+
+    /// The NBD clients connected to `image` once those that have just hung up are gone:
+    /// each connection is given [`CLOSING_GRACE`] to close.
+    async fn nbd_clients_after_grace(&self, image: &str) -> usize {
+        let mut clients = self.nbd_clients(image);
+        let deadline = Instant::now() + CLOSING_GRACE;
+        while clients > 0 && Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            clients = self.nbd_clients(image);
+        }
+        clients
+    }
+
+    /// Refuses to write `volume`'s data behind its users' backs (WriteImage) while it is
+    /// attached as a ublk device or NBD clients are connected to it, unless `force`: a
+    /// file system mounted on it caches what it read and would be corrupted by data
+    /// changing under it.
+    pub(crate) async fn refuse_if_in_use(&self, volume: &str, force: bool) -> Result<(), Status> {
+        if force {
+            return Ok(());
+        }
+        let engine = self.engine.clone();
+        let name = volume.to_string();
+        let ublk = tokio::task::spawn_blocking(move || {
+            engine
+                .ublk_devices()
+                .into_iter()
+                .find(|(image, _)| *image == name)
+                .map(|(_, id)| id)
+        })
+        .await
+        .map_err(|_| Status::internal("looking up ublk attachments panicked"))?;
+        if let Some(id) = ublk {
+            return Err(Status::failed_precondition(format!(
+                "volume {volume:?} is attached as /dev/ublkb{id}: writing its data under it \
+                 would change what its users (a mounted file system) already read; detach \
+                 it first (`blockctl detach {volume}`), or force the write (a file system \
+                 mounted on it may then be corrupted)"
+            )));
+        }
+        let clients = self.nbd_clients_after_grace(volume).await;
+        if clients > 0 {
+            return Err(Status::failed_precondition(format!(
+                "volume {volume:?} has {clients} NBD client(s) connected: writing its data \
+                 under them would change what they already read (a mounted file system); \
+                 disconnect them first (unmount and detach the device; with csi-shim, \
+                 unstage the volume), or force the write (a file system mounted on it may \
+                 then be corrupted)"
+            )));
+        }
+        Ok(())
     }
 
     /// Runs a blocking engine call on the blocking pool, inside the current span.

@@ -623,6 +623,7 @@ pub async fn import_diff(channel: &Channel, args: ImportDiffArgs) -> anyhow::Res
             base.volume
         ),
         (Some(base), Some(vol)) => {
+            check_not_in_use(&mut data, &volume, args.force).await?;
             let epochs = data
                 .list_snapshot_epochs(v1::ListSnapshotEpochsRequest {
                     volume: volume.clone(),
@@ -715,6 +716,7 @@ pub async fn import_diff(channel: &Channel, args: ImportDiffArgs) -> anyhow::Res
     let (tx, rx) = tokio::sync::mpsc::channel::<v1::WriteImageRequest>(4);
     let reader_volume = volume.clone();
     let reader_bar = bar.clone();
+    let force = args.force;
     let producer = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
         let mut reader = Reader::new(BufReader::with_capacity(1 << 20, input))?;
         let mut first = true;
@@ -733,6 +735,7 @@ pub async fn import_diff(channel: &Channel, args: ImportDiffArgs) -> anyhow::Res
                         offset,
                         data,
                         zero_length: 0,
+                        force,
                     }
                 }
                 Record::Zero { offset, len } => {
@@ -742,6 +745,7 @@ pub async fn import_diff(channel: &Channel, args: ImportDiffArgs) -> anyhow::Res
                         offset,
                         data: Vec::new(),
                         zero_length: len,
+                        force,
                     }
                 }
             };
@@ -756,6 +760,7 @@ pub async fn import_diff(channel: &Channel, args: ImportDiffArgs) -> anyhow::Res
                 offset: 0,
                 data: Vec::new(),
                 zero_length: 0,
+                force,
             });
         }
         Ok(())
@@ -792,6 +797,32 @@ pub async fn import_diff(channel: &Channel, args: ImportDiffArgs) -> anyhow::Res
         format_size(written.bytes_written),
         format_size(written.bytes_zeroed),
     );
+    Ok(())
+}
+
+/// Asks the daemon whether `volume` may be written now, before anything is changed: an
+/// empty WriteImage stream writes nothing, and the daemon refuses it, as it would the
+/// real one, while the volume is in use (a ublk device, connected NBD clients).
+async fn check_not_in_use(
+    data: &mut ImageDataServiceClient<Channel>,
+    volume: &str,
+    force: bool,
+) -> anyhow::Result<()> {
+    let probe = v1::WriteImageRequest {
+        volume: volume.to_string(),
+        offset: 0,
+        data: Vec::new(),
+        zero_length: 0,
+        force,
+    };
+    data.write_image(tokio_stream::iter([probe]))
+        .await
+        .map_err(|status| {
+            anyhow!(
+                "{}; nothing was changed (--force applies the stream anyway)",
+                status.message()
+            )
+        })?;
     Ok(())
 }
 

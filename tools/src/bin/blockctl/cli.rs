@@ -168,7 +168,10 @@ pub enum Command {
     #[command(after_help = "Examples:
   blockctl import-diff vol1-mon.bdiff restored
   blockctl import-diff vol1-tue.bdiff restored
-  ssh backup 'cat vol1-tue.bdiff' | blockctl import-diff - restored")]
+  ssh backup 'cat vol1-tue.bdiff' | blockctl import-diff - restored
+
+A volume in use (attached with `blockctl attach --ublk`, or with NBD clients connected,
+e.g. staged by csi-shim) is refused: unmount and detach it first.")]
     ImportDiff(ImportDiffArgs),
 }
 
@@ -194,6 +197,11 @@ pub struct ImportDiffArgs {
     /// Name of the snapshot taken after applying (default: the stream's target snapshot).
     #[arg(long, value_name = "NAME")]
     pub snapshot: Option<String>,
+    /// Apply even while VOLUME is attached as a ublk device or NBD clients are connected
+    /// to it. They see its data change under them, and a file system mounted on it may be
+    /// corrupted. Without it, such a volume is refused and nothing is changed.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Subcommand)]
