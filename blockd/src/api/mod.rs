@@ -277,17 +277,17 @@ impl ApiContext {
         if force {
             return Ok(());
         }
-        let engine = self.engine.clone();
+        // The engine's record, not the frontend's live devices: an attachment still being
+        // recovered after a restart has a kernel device (and perhaps a mount) already.
         let name = volume.to_string();
-        let ublk = tokio::task::spawn_blocking(move || {
-            engine
-                .ublk_devices()
-                .into_iter()
-                .find(|(image, _)| *image == name)
-                .map(|(_, id)| id)
-        })
-        .await
-        .map_err(|_| Status::internal("looking up ublk attachments panicked"))?;
+        let ublk = self
+            .run(move |e| {
+                Ok(e.ublk_devices()
+                    .into_iter()
+                    .find(|(image, _)| *image == name)
+                    .map(|(_, id)| id))
+            })
+            .await?;
         if let Some(id) = ublk {
             return Err(Status::failed_precondition(format!(
                 "volume {volume:?} is attached as /dev/ublkb{id}: writing its data under it \
